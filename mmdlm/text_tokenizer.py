@@ -134,3 +134,50 @@ def load_text_tokenizer(path: str | Path) -> TextTokenizer:
     if path.is_dir() and meta.is_file() and json.loads(meta.read_text()).get("kind") == "open_clip":
         return CLIPTokenizer()
     return BPETokenizer.from_file(path)
+
+
+def texts_of_record(record: dict) -> list[str]:
+    """Every string a record holds that the model reads or writes: captions, questions, answers."""
+    texts = list(record.get("captions", []))
+    for qa in record.get("qa", []):
+        texts += [qa["question"], qa["answer"]]
+    return texts
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Train a byte-level BPE on the captions and QA of webdataset shards and save it as a folder.
+
+    python -m mmdlm.text_tokenizer --shards 'data/shards/shapes/train/*.tar' --out runs/tok --vocab-size 512
+    """
+    import argparse
+
+    from mmdlm.data import expand_shards, record_pipeline
+
+    parser = argparse.ArgumentParser(prog="python -m mmdlm.text_tokenizer", description=main.__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shards", required=True, help="glob / brace pattern of the training shards")
+    parser.add_argument("--out", required=True, help="folder to write tokenizer.json into")
+    parser.add_argument("--vocab-size", type=int, default=1024,
+                        help="BPE vocab size (small: fast tiny models)")
+    parser.add_argument("--max-records", type=int, default=50_000, help="read at most this many records")
+    args = parser.parse_args(argv)
+    if args.vocab_size < 257:
+        parser.error(f"--vocab-size must be at least 257 (256 byte symbols + merges), got {args.vocab_size}")
+    try:
+        urls = expand_shards(args.shards)
+    except FileNotFoundError as err:
+        parser.exit(2, f"error: {err}\n")
+
+    def texts() -> Iterable[str]:
+        for i, record in enumerate(record_pipeline(urls, load_images=False, load_codes=False)):
+            if i >= args.max_records:
+                break
+            yield from texts_of_record(record)
+
+    tok = BPETokenizer.train(texts(), vocab_size=args.vocab_size)
+    tok.save(args.out)
+    print(f"trained a byte-level BPE with {tok.vocab_size} ids on {args.shards} -> {args.out}/tokenizer.json")
+
+
+if __name__ == "__main__":
+    main()

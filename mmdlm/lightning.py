@@ -1,0 +1,322 @@
+"""Lightning glue for the masked-diffusion model and its autoregressive twin (thin: logic lives elsewhere).
+
+- `MDMDataModule`: shards -> records (mmdlm.data) -> task sequences (mmdlm.sequence) -> `Batch`.
+  It owns the tokenizers, so the values known only at run time (vocab size, sequence length, image
+  grid, VQ codebook) are read from it by the model in `configure_model`, never typed twice.
+- `LitMDM`: AdamW with warmup + cosine, EMA weights swapped in for validation and export, per-task loss,
+  ELBO NLL and tokens/s logged to TensorBoard, a few samples shown at each validation, and an export of
+  a self-contained model folder (`MMDLMPipeline.from_pretrained`) at the end of fit.
+
+    python train.py fit --config configs/mdm-shapes.yaml
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule
+
+from mmdlm.data import ShardDataModule
+from mmdlm.diffusion import ImageSchedule, LossOutput, ar_loss, cond_dropout, masked_diffusion_loss
+from mmdlm.model import ModelConfig, Transformer
+from mmdlm.sequence import Batch, Layout, SequenceBuilder, Task, collate
+from mmdlm.text_tokenizer import TextTokenizer, load_text_tokenizer
+from mmdlm.vocab import Vocab
+
+
+class MDMDataModule(ShardDataModule):
+    """Webdataset shards of (image or VQ codes, captions, QA) laid out as mixed-task sequences.
+
+    Args:
+        train_shards: glob / brace pattern of the training shards (pre-tokenized `npy` codes or images).
+        val_shards: the same for validation.
+        text_tokenizer: a saved text tokenizer folder, a HF `tokenizer.json`, or `open_clip`.
+        vq: a VQ tokenizer folder (diffusers `VQModel` format) from `train.py fit --config vq-*.yaml`.
+        task_weights: how often each task is drawn, by `Task` name (lower case).
+        layout: fixed lengths of the text regions.
+    """
+
+    def __init__(
+        self,
+        train_shards: str,
+        val_shards: str | None = None,
+        text_tokenizer: str = "runs/quickstart/text_tokenizer",
+        vq: str = "runs/quickstart/vq",
+        task_weights: dict[str, float] | None = None,
+        layout: Layout | None = None,
+        image_size: int = 32,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        shuffle_buffer: int = 1000,
+        resampled: bool = False,
+        epoch_length: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(train_shards=train_shards, val_shards=val_shards, image_size=image_size,
+                         batch_size=batch_size, num_workers=num_workers, shuffle_buffer=shuffle_buffer,
+                         resampled=resampled, epoch_length=epoch_length, seed=seed)
+        from vision.tokenizer import VQTokenizer
+
+        self.text_tokenizer_path = text_tokenizer
+        self.vq_path = vq
+        self.tokenizer: TextTokenizer = load_text_tokenizer(text_tokenizer)
+        self.vq = VQTokenizer.from_pretrained(vq).eval()
+        self.vocab = Vocab(self.tokenizer.vocab_size, self.vq.codebook_size)
+        self.layout = layout or Layout()
+        weights = task_weights or {"t2i": 1.0, "vqa": 1.0, "caption": 0.5, "joint": 0.25}
+        self.task_weights = {Task[name.upper()]: w for name, w in weights.items()}
+        self.builder = SequenceBuilder(self.vocab, self.tokenizer, self.layout, self.task_weights, seed=seed)
+
+    # values the model reads at run time
+    @property
+    def image_grid(self) -> tuple[int, int]:
+        return tuple(self.vq.grid)
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.builder.max_len(self.vq.tokens_per_image)
+
+    def codebook_vectors(self) -> torch.Tensor:
+        return self.vq.codebook_vectors().detach().float()
+
+    def transform(self, record: dict) -> Any:
+        if "codes" not in record:  # raw images: run the VQ encoder here (pre-tokenize to skip this)
+            with torch.no_grad():
+                record["codes"] = self.vq.encode(record["image"][None])[0]  # (h, w)
+        return self.builder.build(record)
+
+    def collate(self, samples: list) -> Batch:
+        return collate(samples, self.vocab)
+
+
+class EMA:
+    """Exponential moving average of a module's floating-point parameters (swapped in for eval/export)."""
+
+    def __init__(self, module: torch.nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.shadow = {k: v.detach().clone() for k, v in module.state_dict().items() if v.dtype.is_floating_point}
+
+    @torch.no_grad()
+    def update(self, module: torch.nn.Module) -> None:
+        for k, v in module.state_dict().items():
+            if k in self.shadow:
+                self.shadow[k].lerp_(v.detach(), 1.0 - self.decay)
+
+    @torch.no_grad()
+    def swap(self, module: torch.nn.Module) -> None:
+        """Exchange the module's weights with the EMA ones (call twice to restore)."""
+        state = module.state_dict()
+        for k, v in self.shadow.items():
+            tmp = state[k].detach().clone()
+            state[k].copy_(v)
+            v.copy_(tmp)
+
+
+class LitMDM(LightningModule):
+    """The masked-diffusion transformer (or, with `causal=True`, the autoregressive baseline).
+
+    Args:
+        n_layer: transformer blocks.
+        n_head: attention heads.
+        n_embd: model width.
+        causal: False = masked diffusion (bidirectional); True = the AR baseline, same parameters.
+        qk_norm: RMS-normalise queries and keys (stabler at higher learning rates).
+        tie_head: tie the output head to the token embeddings.
+        dropout: dropout in attention and MLP.
+        codebook_embeddings: add a projection of the VQ codebook vector to each image token's embedding.
+        lr: peak AdamW learning rate.
+        min_lr_ratio: final learning rate as a fraction of `lr` (cosine decay).
+        weight_decay: AdamW weight decay on matrices (not on norms, biases and embeddings).
+        warmup_steps: linear warmup steps.
+        p_uncond: probability of dropping the caption for classifier-free guidance.
+        image_schedule: `elbo` (1/t-weighted CE, MDLM) or `maskgit` (cosine ratio, unweighted CE) for images.
+        ema_decay: EMA of the weights for validation and export; 0 disables it.
+        export_dir: write a self-contained model folder here at the end of fit.
+        samples_at_val: how many val sequences to decode and log as text at each validation.
+        seed: seeds the masking noise, per step, so a resumed run repeats an uninterrupted one.
+    """
+
+    def __init__(
+        self,
+        n_layer: int = 4,
+        n_head: int = 4,
+        n_embd: int = 128,
+        causal: bool = False,
+        qk_norm: bool = True,
+        tie_head: bool = False,
+        dropout: float = 0.0,
+        codebook_embeddings: bool = True,
+        lr: float = 2e-3,
+        min_lr_ratio: float = 0.1,
+        weight_decay: float = 0.05,
+        warmup_steps: int = 100,
+        p_uncond: float = 0.1,
+        image_schedule: str = "elbo",
+        ema_decay: float = 0.995,
+        export_dir: str | None = None,
+        samples_at_val: int = 4,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.model: Transformer | None = None
+        self.ema: EMA | None = None
+        self._tokens_seen = 0
+        self._t_last: float | None = None
+
+    # ---- building from the data's run-time values --------------------------------------------------
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        dm = self.trainer.datamodule
+        hp = self.hparams
+        vocab: Vocab = dm.vocab
+        codebook = dm.codebook_vectors() if hp.codebook_embeddings else None
+        config = ModelConfig(
+            vocab_size=vocab.size, n_layer=hp.n_layer, n_head=hp.n_head, n_embd=hp.n_embd,
+            max_seq_len=dm.max_seq_len, causal=hp.causal, qk_norm=hp.qk_norm, tie_head=hp.tie_head,
+            dropout=hp.dropout, image_grid=dm.image_grid,
+            codebook_size=vocab.codebook_size, image_offset=vocab.image_offset,
+            codebook_dim=0 if codebook is None else codebook.shape[1],
+        )
+        self.build(config, vocab, codebook)
+
+    def build(self, config: ModelConfig, vocab: Vocab, codebook: torch.Tensor | None = None) -> None:
+        self.config, self.vocab = config, vocab
+        self.model = Transformer(config)
+        if codebook is not None:
+            self.model.set_codebook(codebook)
+        self.objective = (ar_loss if config.causal else partial(
+            masked_diffusion_loss, vocab=vocab, image_schedule=ImageSchedule[self.hparams.image_schedule.upper()]))
+        if self.hparams.ema_decay > 0:
+            self.ema = EMA(self.model, self.hparams.ema_decay)
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        return self.model(batch.ids, pad=batch.pad, image_index=batch.image_index)
+
+    # ---- training ----------------------------------------------------------------------------------
+    def _generator(self, salt: int) -> torch.Generator:
+        g = torch.Generator(device=self.device)
+        g.manual_seed(self.hparams.seed * 1_000_003 + self.global_step * 7919 + salt)
+        return g
+
+    def _loss(self, batch: Batch, generator: torch.Generator) -> LossOutput:
+        return (self.objective(self.model, batch) if self.config.causal
+                else self.objective(self.model, batch, generator=generator))
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        g = self._generator(salt=0)
+        if self.hparams.p_uncond > 0:
+            batch = cond_dropout(batch, self.hparams.p_uncond, generator=g)
+        out = self._loss(batch, g)
+        bs = len(batch)
+        self.log("train/loss", out.loss, prog_bar=True, batch_size=bs)
+        self.log("train/nll", out.nll, batch_size=bs)
+        for task, value in out.per_task.items():
+            self.log(f"train/loss_{Task(task).name.lower()}", value, batch_size=bs)
+        self._log_throughput(batch)
+        return out.loss
+
+    def _log_throughput(self, batch: Batch) -> None:
+        self._tokens_seen += int((~batch.pad).sum())
+        now = time.perf_counter()
+        if self._t_last is not None and self.global_step % 20 == 0 and now > self._t_last:
+            self.log("train/tokens_per_s", self._tokens_seen / (now - self._t_last), prog_bar=True)
+            self._tokens_seen, self._t_last = 0, now
+        elif self._t_last is None:
+            self._tokens_seen, self._t_last = 0, now
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.ema is not None:
+            self.ema.update(self.model)
+
+    # ---- validation (EMA weights) ------------------------------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        if self.ema is not None:
+            self.ema.swap(self.model)
+        self._val_shown = False
+
+    def on_validation_epoch_end(self) -> None:
+        if self.ema is not None:
+            self.ema.swap(self.model)
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        g = torch.Generator(device=self.device).manual_seed(batch_idx)  # fixed noise: comparable across vals
+        out = self._loss(batch, g)
+        bs = len(batch)
+        self.log("val/loss", out.loss, prog_bar=True, batch_size=bs)
+        self.log("val/nll", out.nll, batch_size=bs)
+        for task, value in out.per_task.items():
+            self.log(f"val/loss_{Task(task).name.lower()}", value, batch_size=bs)
+        if not self._val_shown and self.hparams.samples_at_val > 0:
+            self._val_shown = True
+            self._log_samples(batch)
+
+    def _log_samples(self, batch: Batch) -> None:
+        """Decode a few understanding/text targets of the val batch and log them next to the truth."""
+        from mmdlm.pipeline import decode_targets, fill_targets
+
+        n = self.hparams.samples_at_val
+        sub = batch.select(slice(0, n))
+        pred = fill_targets(self.model, sub, self.vocab, steps=8)
+        lines = decode_targets(sub, pred, self.vocab, self.trainer.datamodule.tokenizer)
+        experiment = getattr(self.logger, "experiment", None)
+        if hasattr(experiment, "add_text"):
+            experiment.add_text("val/samples", "\n\n".join(lines), self.global_step)
+
+    # ---- optimisation ------------------------------------------------------------------------------
+    def configure_optimizers(self) -> dict:
+        hp = self.hparams
+        decay = [p for n, p in self.model.named_parameters() if p.dim() >= 2 and "emb" not in n]
+        no_decay = [p for n, p in self.model.named_parameters() if not (p.dim() >= 2 and "emb" not in n)]
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=hp.lr, betas=(0.9, 0.95), fused=False,
+        )
+        total = max(self.trainer.max_steps, hp.warmup_steps + 1)
+
+        def schedule(step: int) -> float:
+            if step < hp.warmup_steps:
+                return (step + 1) / hp.warmup_steps
+            progress = min(1.0, (step - hp.warmup_steps) / max(1, total - hp.warmup_steps))
+            return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---- checkpoints and export --------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["mmdlm"] = {"model_config": asdict(self.config), "vocab": self.vocab.to_dict()}
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is not None:
+            checkpoint["mmdlm"].update(text_tokenizer=str(dm.text_tokenizer_path), vq=str(dm.vq_path),
+                                       layout=asdict(dm.layout))
+        if self.ema is not None:
+            checkpoint["ema"] = self.ema.shadow
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.model is None:  # loading outside of fit: rebuild from the stored config
+            meta = checkpoint["mmdlm"]
+            self.build(ModelConfig(**meta["model_config"]), Vocab(**meta["vocab"]))
+        if self.ema is not None and "ema" in checkpoint:
+            self.ema.shadow = {k: v.clone() for k, v in checkpoint["ema"].items()}
+
+    def on_fit_end(self) -> None:
+        if self.hparams.export_dir and self.trainer.is_global_zero:
+            from mmdlm.export import export_model
+
+            dm = self.trainer.datamodule
+            if self.ema is not None:
+                self.ema.swap(self.model)
+            try:
+                export_model(self.model, self.vocab, dm.layout, dm.text_tokenizer_path, dm.vq_path,
+                             self.hparams.export_dir)
+            finally:
+                if self.ema is not None:
+                    self.ema.swap(self.model)

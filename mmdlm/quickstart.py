@@ -1,0 +1,114 @@
+"""The main job, end to end on one CPU: data -> text BPE -> VQ tokenizer -> pre-tokenize -> MDM -> evaluation.
+
+    make quickstart                                   # = python -m mmdlm.quickstart --out runs/quickstart
+    python -m mmdlm.quickstart --out runs/quickstart --train 20000 --mdm-steps 3000
+
+Every step is an ordinary command a user could type (printed before it runs); a step whose output already
+exists is skipped, so a killed quickstart picks up where it stopped (the MDM resumes from `last.ckpt`).
+Writes `OUT/metrics.json`, `OUT/report.md` and `OUT/samples.png`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class Step:
+    """One stage of the quickstart: a command and the file whose existence means it is done."""
+
+    name: str
+    command: list[str]
+    done_when: Path
+
+    def run(self) -> float:
+        if self.done_when.exists():
+            print(f"[quickstart] {self.name}: done already ({self.done_when}), skipping", flush=True)
+            return 0.0
+        print(f"\n[quickstart] {self.name}\n$ {shlex.join(self.command)}", flush=True)
+        start = time.perf_counter()
+        result = subprocess.run(self.command)
+        if result.returncode != 0:
+            sys.exit(f"[quickstart] step '{self.name}' failed (exit {result.returncode}); "
+                     f"re-run `make quickstart` to resume after fixing it")
+        if not self.done_when.exists():
+            sys.exit(f"[quickstart] step '{self.name}' finished but did not write {self.done_when}")
+        return time.perf_counter() - start
+
+
+def steps(args: argparse.Namespace) -> list[Step]:
+    py = sys.executable
+    out = Path(args.out)
+    shards = Path(args.data)
+    codes = Path(str(shards) + "-codes")
+    train_glob, val_glob = f"{shards}/train/*.tar", f"{shards}/val/*.tar"
+    return [
+        Step("make the shapes shards",
+             [py, "-m", "data.shapes", "--out", str(shards), "--train", str(args.train), "--val", str(args.val),
+              "--seed", str(args.seed)],
+             shards / "stats.json"),
+        Step("train the text BPE",
+             [py, "-m", "mmdlm.text_tokenizer", "--shards", train_glob, "--out", str(out / "text_tokenizer"),
+              "--vocab-size", str(args.text_vocab)],
+             out / "text_tokenizer" / "tokenizer.json"),
+        Step("train the VQ image tokenizer",
+             [py, "train.py", "fit", "--config", "configs/vq-shapes.yaml",
+              "--data.train_shards", train_glob, "--data.val_shards", val_glob,
+              "--model.export_dir", str(out / "vq"), "--trainer.max_steps", str(args.vq_steps),
+              "--trainer.default_root_dir", str(out / "vq-run")],
+             out / "vq" / "config.json"),
+        Step("pre-tokenize the train shards",
+             [py, "-m", "vision.pretokenize", "--vq", str(out / "vq"), "--shards", train_glob,
+              "--out", str(codes / "train")],
+             codes / "train" / "DONE"),
+        Step("pre-tokenize the val shards",
+             [py, "-m", "vision.pretokenize", "--vq", str(out / "vq"), "--shards", val_glob,
+              "--out", str(codes / "val")],
+             codes / "val" / "DONE"),
+        Step("train the masked-diffusion model",
+             [py, "train.py", "fit", "--config", "configs/mdm-shapes.yaml",
+              "--data.train_shards", f"{codes}/train/*.tar", "--data.val_shards", f"{codes}/val/*.tar",
+              "--data.text_tokenizer", str(out / "text_tokenizer"), "--data.vq", str(out / "vq"),
+              "--model.export_dir", str(out / "model"), "--trainer.max_steps", str(args.mdm_steps),
+              "--trainer.default_root_dir", str(out / "mdm-run")]
+             + (["--ckpt_path", "last"] if (out / "mdm-run").exists() else []),
+             out / "model" / "config.json"),
+        Step("evaluate",
+             [py, "-m", "mmdlm.evaluate", "--model", str(out / "model"), "--shards", f"{codes}/val/*.tar",
+              "--out", str(out / "metrics.json"), "--report", str(out / "report.md"),
+              "--samples", str(out / "samples.png"), "--limit", str(args.eval_limit)],
+             out / "metrics.json"),
+    ]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the whole mmdlm pipeline on the shapes world and write metrics, a report and samples."""
+    parser = argparse.ArgumentParser(prog="python -m mmdlm.quickstart", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="runs/quickstart", help="output folder")
+    parser.add_argument("--data", default="data/shards/shapes", help="where the shapes shards go")
+    parser.add_argument("--train", type=int, default=20_000, help="training scenes")
+    parser.add_argument("--val", type=int, default=1_000, help="held-out scenes")
+    parser.add_argument("--seed", type=int, default=0, help="data seed")
+    parser.add_argument("--text-vocab", type=int, default=512, help="BPE vocab size")
+    parser.add_argument("--vq-steps", type=int, default=1500, help="VQ tokenizer training steps")
+    parser.add_argument("--mdm-steps", type=int, default=3000, help="MDM training steps")
+    parser.add_argument("--eval-limit", type=int, default=300, help="val samples per evaluated task")
+    args = parser.parse_args(argv)
+
+    start = time.perf_counter()
+    timings = {step.name: step.run() for step in steps(args)}
+    print("\n[quickstart] finished in {:.1f} min".format((time.perf_counter() - start) / 60))
+    for name, seconds in timings.items():
+        print(f"  {name:<36s} {seconds / 60:6.1f} min")
+    print(f"  -> {args.out}/metrics.json, {args.out}/report.md, {args.out}/samples.png")
+
+
+if __name__ == "__main__":
+    main()
