@@ -16,11 +16,11 @@ import math
 import time
 from dataclasses import asdict
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule
+from torch.utils.data import DataLoader
 
 from mmdlm.data import ShardDataModule
 from mmdlm.diffusion import ImageSchedule, LossOutput, ar_loss, cond_dropout, masked_diffusion_loss
@@ -60,7 +60,8 @@ class MDMDataModule(ShardDataModule):
     ) -> None:
         super().__init__(train_shards=train_shards, val_shards=val_shards, image_size=image_size,
                          batch_size=batch_size, num_workers=num_workers, shuffle_buffer=shuffle_buffer,
-                         resampled=resampled, epoch_length=epoch_length, seed=seed)
+                         resampled=resampled, epoch_length=epoch_length, seed=seed,
+                         load_images=False, load_codes=True)  # images are decoded only where codes are missing
         from vision.tokenizer import VQTokenizer
 
         self.text_tokenizer_path = text_tokenizer
@@ -93,6 +94,41 @@ class MDMDataModule(ShardDataModule):
 
     def collate(self, samples: list) -> Batch:
         return collate(samples, self.vocab)
+
+    def train_dataloader(self) -> ResumableLoader:
+        return ResumableLoader(self.dataset(self.train_shards, train=True), batch_size=self.batch_size,
+                               num_workers=self.num_workers, collate_fn=self.collate,
+                               persistent_workers=self.num_workers > 0)
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader that Lightning checkpoints: it records how many batches it has yielded and, restored,
+    skips that many on its next pass. Over a seeded stream (`resampled=True`, one endless epoch) a resumed
+    run therefore sees exactly the batches an uninterrupted one would have."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._yielded = 0
+        self._skip = 0
+
+    def __iter__(self):  # noqa: ANN204
+        it = super().__iter__()
+        self._yielded = 0
+        for _ in range(self._skip):  # fast-forward: decoding is cheap next to a training step
+            next(it, None)
+            self._yielded += 1
+        self._skip = 0
+        for batch in it:
+            self._yielded += 1
+            yield batch
+
+    ahead = 1  # Lightning's data fetcher holds one batch beyond the step being trained (prefetch_batches=1)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"batches": max(0, self._yielded - self.ahead)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._skip = int(state.get("batches", 0))
 
 
 class EMA:
@@ -260,10 +296,10 @@ class LitMDM(LightningModule):
 
     def _log_samples(self, batch: Batch) -> None:
         """Decode a few understanding/text targets of the val batch and log them next to the truth."""
-        from mmdlm.pipeline import decode_targets, fill_targets
+        from mmdlm.pipeline import decode_targets, fill_targets, select_rows
 
         n = self.hparams.samples_at_val
-        sub = batch.select(slice(0, n))
+        sub = select_rows(batch, slice(0, n))
         pred = fill_targets(self.model, sub, self.vocab, steps=8)
         lines = decode_targets(sub, pred, self.vocab, self.trainer.datamodule.tokenizer)
         experiment = getattr(self.logger, "experiment", None)

@@ -1,0 +1,370 @@
+"""`MMDLMPipeline`: text tokenizer + VQ tokenizer + transformer, with one method per task.
+
+diffusers-style: the pipeline holds its components, `from_pretrained(DIR)` loads a folder written by
+`mmdlm.export` (or `save_pretrained`), and every task lays out a sequence with a masked target region
+(`mmdlm.sequence`) and hands it to a sampler (`mmdlm.sampling`): masked diffusion for the bidirectional
+model, left-to-right with a KV cache for the causal baseline.
+
+    pipe = MMDLMPipeline.from_pretrained("runs/quickstart/model")
+    pipe.answer([image], ["what color is the circle?"]).texts      # ['red']
+    pipe.text_to_image(["a large red circle at the top left"], guidance_scale=3.0).images
+    pipe.infill(["a large [MASK] circle at the top left"]).texts
+
+All methods are batched, deterministic given `seed`, and return the number of forward passes (`nfe`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from mmdlm.model import ModelConfig, Transformer
+from mmdlm.sampling import ARSampling, MaskedSampling, SampleResult, sample_ar, sample_masked
+from mmdlm.sequence import (
+    Batch,
+    Layout,
+    Sample,
+    caption_prompt,
+    collate,
+    joint_prompt,
+    mask_target,
+    t2i_prompt,
+    t2i_sample,
+    text_prompt,
+    vqa_prompt,
+)
+from mmdlm.text_tokenizer import TextTokenizer, load_text_tokenizer
+from mmdlm.vocab import Vocab
+
+BLANK = "[MASK]"  # marks a span to fill in `infill`
+
+
+@dataclass
+class TextOutput:
+    texts: list[str]
+    nfe: int
+    ids: torch.Tensor | None = field(default=None, repr=False)  # Long[B, T] the final canvas
+
+
+@dataclass
+class ImageOutput:
+    images: torch.Tensor  # Float[B, 3, H, W] in [0, 1]
+    codes: torch.Tensor  # Long[B, h, w]
+    nfe: int
+    history: list[torch.Tensor] | None = None  # Long[B, h, w] codes after each step (mask = -1)
+
+
+@dataclass
+class JointOutput:
+    images: torch.Tensor  # Float[B, 3, H, W]
+    codes: torch.Tensor  # Long[B, h, w]
+    captions: list[str]
+    nfe: int
+
+
+@dataclass
+class SamplingOptions:
+    """What a user tunes per call; mapped onto the sampler options of `mmdlm.sampling`."""
+
+    steps: int = 16  # denoising steps (MDM); ignored by the AR baseline (one step per token)
+    temperature: float = 0.0  # 0 = argmax (text); images look better with ~1.0
+    guidance_scale: float = 0.0  # classifier-free guidance w (conditional tasks)
+    threshold: float | None = None  # Fast-dLLM parallel decoding instead of a fixed step count
+    block_length: int | None = None  # semi-AR blocks for long text
+    extra: dict = field(default_factory=dict)  # any other MaskedSampling field (self_correction, ...)
+
+
+class MMDLMPipeline:
+    """A trained mmdlm model with its tokenizers; see the module docstring for usage."""
+
+    def __init__(self, model: Transformer, vocab: Vocab, layout: Layout, text_tokenizer: TextTokenizer,
+                 vq, device: str | torch.device = "cpu") -> None:  # vq: vision.tokenizer.VQTokenizer
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.vocab, self.layout, self.tokenizer = vocab, layout, text_tokenizer
+        self.vq = vq.to(self.device).eval()
+
+    # ---- loading / saving -------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None) -> MMDLMPipeline:
+        """Load a model folder written by `mmdlm.export` / `save_pretrained`."""
+        from vision.tokenizer import VQTokenizer
+
+        path = Path(path)
+        config_file = path / "config.json"
+        if not config_file.is_file():
+            raise FileNotFoundError(f"{str(path)!r} is not an mmdlm model folder (no config.json)")
+        config = json.loads(config_file.read_text())
+        if "model" not in config or "vocab" not in config:
+            raise ValueError(f"{str(config_file)!r} is not an mmdlm model config (no 'model'/'vocab' keys)")
+        mc = config["model"]
+        if isinstance(mc.get("image_grid"), list):
+            mc["image_grid"] = tuple(mc["image_grid"])
+        model = Transformer(ModelConfig(**mc))
+        model.load_state_dict(load_file(str(path / "model.safetensors")))
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        return cls(model, Vocab(**config["vocab"]), Layout(**config["layout"]),
+                   load_text_tokenizer(path / "text_tokenizer"), VQTokenizer.from_pretrained(path / "vq"),
+                   device)
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Write the pipeline as a self-contained folder (config.json, safetensors, tokenizers)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save(path / "text_tokenizer")
+        self.vq.save_pretrained(path / "vq")
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()},
+                  str(path / "model.safetensors"))
+        config = {"model": asdict(self.model.config), "vocab": self.vocab.to_dict(),
+                  "layout": asdict(self.layout), "format": "mmdlm-1"}
+        (path / "config.json").write_text(json.dumps(config, indent=2))
+        return path
+
+    @property
+    def is_autoregressive(self) -> bool:
+        return bool(self.model.config.causal)
+
+    # ---- inputs -----------------------------------------------------------------------------------
+    def image_tensor(self, images) -> torch.Tensor:
+        """PIL images / paths / Float[B,3,H,W] in [0,1] -> Float[B,3,S,S] at the VQ's image size."""
+        from torchvision.transforms import v2
+
+        if isinstance(images, torch.Tensor):
+            x = images if images.dim() == 4 else images[None]
+        else:
+            size = self.vq.image_size
+            tf = v2.Compose([v2.Resize(size), v2.CenterCrop(size)])
+            tensors = []
+            for im in images:
+                if isinstance(im, str | Path):
+                    try:
+                        im = Image.open(im)
+                        im.load()
+                    except (OSError, ValueError) as err:
+                        raise ValueError(f"cannot read image {str(im)!r}: {err}") from err
+                rgb = im.convert("RGB")
+                t = torch.from_numpy(__import__("numpy").asarray(rgb).copy()).permute(2, 0, 1)  # (3, H, W)
+                tensors.append(tf(t).float() / 255.0)
+            x = torch.stack(tensors)
+        size = self.vq.image_size
+        if x.shape[-1] != size or x.shape[-2] != size:
+            from torchvision.transforms import v2
+
+            x = v2.Compose([v2.Resize(size, antialias=True), v2.CenterCrop(size)])(x)
+        return x.to(self.device)
+
+    @torch.no_grad()
+    def encode_images(self, images) -> torch.Tensor:
+        """Images -> VQ codes Long[B, h, w]."""
+        return self.vq.encode(self.image_tensor(images))
+
+    def _encode_text(self, text: str, limit: int, what: str) -> list[int]:
+        ids = self.tokenizer.encode(text)
+        if len(ids) > limit:
+            raise ValueError(f"{what} is {len(ids)} tokens, longer than the model's limit of {limit}: {text!r}")
+        return ids
+
+    # ---- running a sampler ------------------------------------------------------------------------
+    def _generate(self, samples: list[Sample], options: SamplingOptions, seed: int,
+                  history: bool = False) -> SampleResult:
+        batch = collate(samples, self.vocab).to(self.device)
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        if self.is_autoregressive:
+            return sample_ar(self.model, batch, self.vocab, ARSampling(temperature=options.temperature),
+                             generator=generator, history=history)
+        o = MaskedSampling(text_steps=options.steps, image_steps=options.steps, temperature=options.temperature,
+                           cfg_scale=options.guidance_scale, threshold=options.threshold,
+                           block_length=options.block_length, **options.extra)
+        return sample_masked(self.model, batch, self.vocab, o, generator=generator, history=history)
+
+    def _texts(self, ids: torch.Tensor, samples: list[Sample]) -> list[list[str]]:
+        """The text target regions of each row, decoded (a row may hold several: VQA answers)."""
+        out = []
+        for row, s in zip(ids.cpu(), samples):
+            out.append([self.tokenizer.decode(self.vocab.text_ids_only(row[region]))
+                        for region in target_regions(s.target & (s.image_index < 0))])
+        return out
+
+    def _codes(self, ids: torch.Tensor, samples: list[Sample]) -> torch.Tensor:
+        h, w = self.vq.grid
+        rows = []
+        for row, s in zip(ids, samples):
+            img = row[: len(s)][s.image_index.to(ids.device) >= 0]  # (N,)
+            rows.append(self.vocab.token_to_image(img).view(h, w))
+        return torch.stack(rows)
+
+    # ---- tasks ------------------------------------------------------------------------------------
+    def caption(self, images, steps: int = 16, seed: int = 0, **kw) -> TextOutput:
+        """Describe each image."""
+        codes = self.encode_images(images).cpu()
+        samples = [caption_prompt(c, self.vocab, self.layout) for c in codes]
+        res = self._generate(samples, SamplingOptions(steps=steps, **kw), seed)
+        return TextOutput([t[0] for t in self._texts(res.ids, samples)], res.nfe, res.ids)
+
+    def answer(self, images, questions: list[str], steps: int = 8, seed: int = 0, **kw) -> TextOutput:
+        """Answer one question per image (`questions[i]` about `images[i]`)."""
+        codes = self.encode_images(images).cpu()
+        if len(questions) != len(codes):
+            raise ValueError(f"got {len(codes)} images but {len(questions)} questions")
+        samples = []
+        for c, q in zip(codes, questions):
+            if not q.strip():
+                raise ValueError("empty question")
+            ids = self._encode_text(q, self.layout.question_len, "question")
+            samples.append(vqa_prompt(c, ids, self.vocab, self.layout))
+        res = self._generate(samples, SamplingOptions(steps=steps, **kw), seed)
+        return TextOutput([t[0] for t in self._texts(res.ids, samples)], res.nfe, res.ids)
+
+    def text_to_image(self, prompts: list[str], guidance_scale: float = 2.0, steps: int = 16,
+                      temperature: float = 1.0, seed: int = 0, history: bool = False, **kw) -> ImageOutput:
+        """Draw one image per prompt."""
+        n = self.vq.tokens_per_image
+        samples = [t2i_prompt(self._encode_text(p, self.layout.caption_len, "prompt"), self.vocab, self.layout, n)
+                   for p in prompts]
+        opts = SamplingOptions(steps=steps, temperature=temperature, guidance_scale=guidance_scale, **kw)
+        res = self._generate(samples, opts, seed, history)
+        return self._image_output(res, samples)
+
+    def _image_output(self, res: SampleResult, samples: list[Sample]) -> ImageOutput:
+        codes = self._codes(res.ids, samples)
+        with torch.no_grad():
+            images = self.vq.decode(codes)
+        frames = None
+        if res.history is not None:
+            frames = [self._canvas_codes(f, samples) for f in res.history]
+        return ImageOutput(images.cpu(), codes.cpu(), res.nfe, frames)
+
+    def _canvas_codes(self, ids: torch.Tensor, samples: list[Sample]) -> torch.Tensor:
+        """A partly denoised canvas -> Long[B, h, w] codes with -1 where still masked."""
+        h, w = self.vq.grid
+        out = []
+        for row, s in zip(ids, samples):
+            img = row[: len(s)][s.image_index.to(ids.device) >= 0]
+            out.append(torch.where(self.vocab.is_image(img), img - self.vocab.image_offset, -1).view(h, w))
+        return torch.stack(out).cpu()
+
+    def generate_joint(self, n: int, steps: int = 16, temperature: float = 1.0, seed: int = 0,
+                       **kw) -> JointOutput:
+        """Generate `n` images together with their captions, from nothing."""
+        samples = [joint_prompt(self.vocab, self.layout, self.vq.tokens_per_image) for _ in range(n)]
+        res = self._generate(samples, SamplingOptions(steps=steps, temperature=temperature, **kw), seed)
+        codes = self._codes(res.ids, samples)
+        with torch.no_grad():
+            images = self.vq.decode(codes)
+        return JointOutput(images.cpu(), codes.cpu(), [t[0] for t in self._texts(res.ids, samples)], res.nfe)
+
+    def inpaint(self, images, region_mask: torch.Tensor, prompt: list[str] | None = None, steps: int = 16,
+                temperature: float = 1.0, guidance_scale: float = 0.0, seed: int = 0, **kw) -> ImageOutput:
+        """Regenerate the image tokens under `region_mask` and keep the rest.
+
+        `region_mask`: Bool[B, h, w] on the token grid, or Bool[B, H, W] in pixels (a token is
+        regenerated when any of its pixels is masked). `prompt`: optional captions to guide it.
+        """
+        if self.is_autoregressive:
+            raise ValueError("inpainting needs the masked-diffusion model; the AR baseline only continues")
+        codes = self.encode_images(images).cpu()
+        token_mask = self.token_mask(region_mask).cpu()
+        if token_mask.shape != codes.shape:
+            raise ValueError(f"region_mask covers {tuple(token_mask.shape)} tokens, images have {tuple(codes.shape)}")
+        prompts = prompt or [""] * len(codes)
+        samples = []
+        for c, m, p in zip(codes, token_mask, prompts):
+            s = t2i_sample(self._encode_text(p, self.layout.caption_len, "prompt"), c, self.vocab, self.layout)
+            where = torch.zeros(len(s), dtype=torch.bool)
+            where[s.image_index >= 0] = m.flatten()
+            if not p:  # no prompt: the empty (unconditional) caption, as trained with p_uncond
+                s = replace(s, pad=s.pad | s.cond)
+            samples.append(mask_target(s, self.vocab, where))
+        opts = SamplingOptions(steps=steps, temperature=temperature, guidance_scale=guidance_scale, **kw)
+        res = self._generate(samples, opts, seed)
+        return self._image_output(res, samples)
+
+    def token_mask(self, region_mask: torch.Tensor) -> torch.Tensor:
+        """Pixel mask Bool[B, H, W] -> token mask Bool[B, h, w] (max-pool); token masks pass through."""
+        h, w = self.vq.grid
+        m = region_mask.bool()
+        if m.dim() == 2:
+            m = m[None]
+        if m.shape[-2:] == (h, w):
+            return m
+        f = m.shape[-1] // w
+        return torch.nn.functional.max_pool2d(m.float()[:, None], f)[:, 0].bool()
+
+    def infill(self, texts: list[str], tokens_per_blank: int = 1, steps: int | None = None, seed: int = 0,
+               **kw) -> TextOutput:
+        """Fill every `[MASK]` in each text with `tokens_per_blank` tokens; returns the completed texts."""
+        if self.is_autoregressive:
+            raise ValueError("infilling needs the masked-diffusion model; the AR baseline only continues")
+        samples = []
+        for text in texts:
+            if BLANK not in text:
+                raise ValueError(f"no {BLANK} in {text!r}")
+            parts = text.split(BLANK)
+            ids: list[int] = []
+            for i, part in enumerate(parts):
+                part = part.rstrip() if i < len(parts) - 1 else part  # the blank brings its own space
+                ids += self.tokenizer.encode(part) if part else []
+                if i < len(parts) - 1:
+                    ids += [self.vocab.mask] * tokens_per_blank
+            if len(ids) >= self.layout.text_len:
+                raise ValueError(f"text is longer than the model's limit of {self.layout.text_len} tokens")
+            samples.append(text_prompt(ids, self.vocab, self.layout))
+        n_masked = max(int(s.target.sum()) for s in samples)
+        res = self._generate(samples, SamplingOptions(steps=steps or n_masked, **kw), seed)
+        out = []
+        for row, s in zip(res.ids.cpu(), samples):
+            region = row[: len(s)][(s.image_index < 0) & ~s.pad & (row[: len(s)] != self.vocab.text_task)]
+            out.append(self.tokenizer.decode(self.vocab.text_ids_only(region)))
+        return TextOutput(out, res.nfe, res.ids)
+
+
+def select_rows(batch: Batch, rows: slice) -> Batch:
+    """A sub-batch of the given rows."""
+    return Batch(**{f.name: getattr(batch, f.name)[rows] for f in fields(batch)})
+
+
+def target_regions(target: torch.Tensor) -> list[torch.Tensor]:
+    """Bool[T] -> index tensors of each maximal run of True (the separate target regions of a row)."""
+    idx = target.nonzero().squeeze(1)
+    if idx.numel() == 0:
+        return []
+    breaks = (idx[1:] != idx[:-1] + 1).nonzero().squeeze(1) + 1
+    return list(torch.tensor_split(idx, breaks.tolist()))
+
+
+@torch.no_grad()
+def fill_targets(model: Transformer, batch: Batch, vocab: Vocab, steps: int = 8) -> torch.Tensor:
+    """Mask a batch's targets and decode them again (greedy); used to show samples during training."""
+    masked = replace(batch, ids=torch.where(batch.target, vocab.mask, batch.ids))
+    was_training = model.training
+    model.eval()
+    try:
+        if model.config.causal:
+            rows = [sample_ar(model, select_rows(masked, slice(i, i + 1)), vocab).ids for i in range(len(batch))]
+            return torch.cat(rows)
+        return sample_masked(model, masked, vocab, MaskedSampling(text_steps=steps, image_steps=steps)).ids
+    finally:
+        model.train(was_training)
+
+
+def decode_targets(batch: Batch, pred: torch.Tensor, vocab: Vocab, tokenizer: TextTokenizer) -> list[str]:
+    """Human-readable 'truth -> prediction' lines for the text targets of a batch."""
+    lines = []
+    for i in range(len(batch)):
+        text = batch.target[i] & (batch.image_index[i] < 0)
+        for region in target_regions(text.cpu()):
+            truth = tokenizer.decode(vocab.text_ids_only(batch.ids[i, region]))
+            guess = tokenizer.decode(vocab.text_ids_only(pred[i, region]))
+            lines.append(f"`{truth}` -> `{guess}`")
+        if bool((batch.target[i] & (batch.image_index[i] >= 0)).any()):
+            img = batch.target[i] & (batch.image_index[i] >= 0)
+            acc = (pred[i][img] == batch.ids[i][img]).float().mean().item()
+            lines.append(f"image tokens recovered: {acc:.0%}")
+    return lines
