@@ -1,0 +1,605 @@
+"""Reading webdataset shards into Records, and the Lightning DataModules built on them.
+
+A Record (docs/INTERFACES.md) is a dict: `__key__`, `image` FloatTensor[3,H,W] in [0,1] (resized and
+centre-cropped to `image_size`), `codes` LongTensor[h,w] (pre-computed VQ codes from an `npy` member),
+`captions` list[str], `qa` list[{question, answer, type}], `meta` (the json member).
+
+Shards may be ours (`png` + `json`, from data/shapes.py or data/digits.py, + `npy` once pre-tokenized)
+or in the img2dataset layout (`jpg`/`png` + `txt` caption + optional `json`), any image size or mode.
+
+Data pipeline (webdataset's DataPipeline; the usual recipe for multi-worker / multi-GPU reading):
+
+    shard list (or ResampledShards) -> [shard shuffle] -> split_by_node -> split_by_worker
+      -> tar members grouped by key -> [sample shuffle buffer] -> decode -> transform -> [epoch length]
+
+Bad input never kills a run: a corrupt or truncated tar member, an unreadable image, a non-UTF-8
+text or a sample without a caption is skipped with a (rate-limited) warning and counted by reason
+in a `BadSampleCounter`, webdataset `handler=` style. Programming errors are not swallowed: only
+`BadSample` exceptions are handled; anything else propagates.
+
+    from mmdlm.data import record_pipeline
+    record = next(iter(record_pipeline("data/shards/shapes/train/*.tar")))
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import logging
+import math
+import os
+import tarfile
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import webdataset as wds
+from braceexpand import braceexpand
+from PIL import Image
+from torch.utils.data import DataLoader, get_worker_info
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "bmp")  # tried in this order
+ALPHA_BACKGROUND = (0, 0, 0)  # transparent pixels become black: the shapes and digits worlds' background
+# why a sample was skipped
+REASONS = ("open", "tar", "image", "text", "caption", "json", "codes", "transform")
+
+
+# ---------------------------------------------------------------------------------------------
+# shard lists
+
+
+def _split_top_level(pattern: str, sep: str = ",") -> list[str]:
+    """Split on `sep` outside braces: 'a-{0,1}.tar,b.tar' -> ['a-{0,1}.tar', 'b.tar']."""
+    parts, depth, start = [], 0, 0
+    for i, char in enumerate(pattern):
+        depth += (char == "{") - (char == "}")
+        if char == sep and depth == 0:
+            parts.append(pattern[start:i])
+            start = i + 1
+    parts.append(pattern[start:])
+    return [p.strip() for p in parts if p.strip()]
+
+
+def _expand_one(url: str) -> list[str]:
+    """One brace-expanded item: a remote url as is, a glob's matches, a folder's *.tar, or a file."""
+    if "://" in url or url.startswith("pipe:"):
+        return [url]
+    path = os.path.expanduser(url)
+    if glob.has_magic(path):
+        return sorted(glob.glob(path))
+    if os.path.isdir(path):
+        return sorted(glob.glob(os.path.join(path, "*.tar")))
+    return [path] if os.path.exists(path) else []
+
+
+def expand_shards(pattern: str | Iterable[str]) -> list[str]:
+    """Shard paths from a glob (`data/x/*.tar`), a brace pattern (`shards-{000000..000009}.tar`), a
+    folder (its *.tar), or a comma-separated list of these (a list of strings works too).
+
+    Raises FileNotFoundError naming the pattern when a part of it matches nothing, or names a file
+    that does not exist (a missing shard in a brace range is a broken dataset, not a smaller one).
+    """
+    parts = _split_top_level(pattern) if isinstance(pattern, str) else [str(p) for p in pattern]
+    if not parts:
+        raise FileNotFoundError(f"empty shard pattern {pattern!r}")
+    urls: list[str] = []
+    for part in parts:
+        found: list[str] = []
+        for item in braceexpand(part):
+            matches = _expand_one(item)
+            if not matches:
+                what = "matches no files" if item == part else f"names a missing shard {item!r}"
+                raise FileNotFoundError(f"shard pattern {part!r} {what}")
+            found += matches
+        urls += found
+    return list(dict.fromkeys(urls))  # de-duplicated, order kept
+
+
+# ---------------------------------------------------------------------------------------------
+# bad samples
+
+
+class BadSample(Exception):
+    """A sample that cannot be used; `reason` is one of REASONS. Raise it (e.g. from a DataModule's
+    `transform`, with reason "transform") to skip a sample: the pipeline counts it and goes on."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        if reason not in REASONS:
+            raise ValueError(f"unknown bad-sample reason {reason!r}; one of {REASONS}")
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+
+
+class BadSampleCounter:
+    """Counts skipped samples by reason (and good ones); a webdataset `handler=`.
+
+    Counts are per process (per rank), summed over the DataLoader workers of that process: the table
+    lives in shared memory with one row per worker, so a worker's counts are visible to the main
+    process (where the LightningModule logs them) without messages or locks.
+
+    Args:
+        max_workers: rows for DataLoader workers (more workers share rows; counts stay right but may race).
+        log_first: warnings logged per reason per process before they are thinned to one in 1000.
+    """
+
+    def __init__(self, max_workers: int = 64, log_first: int = 10) -> None:
+        # (rows, reasons + 1): row 0 = main process, row 1 + i = worker i; last column = good samples
+        self._table = torch.zeros(max_workers + 1, len(REASONS) + 1, dtype=torch.int64).share_memory_()
+        self.log_first = log_first
+        self._logged: dict[str, int] = {}
+
+    def _row(self) -> int:
+        info = get_worker_info()
+        return 0 if info is None else 1 + info.id % (self._table.shape[0] - 1)
+
+    def add(self, reason: str, n: int = 1) -> None:
+        """Count `n` skipped samples of `reason`."""
+        self._table[self._row(), REASONS.index(reason)] += n
+
+    def add_good(self, n: int = 1) -> None:
+        """Count `n` samples decoded fine."""
+        self._table[self._row(), -1] += n
+
+    def __call__(self, exn: Exception) -> bool:
+        """The webdataset handler: count a `BadSample`, warn, continue; re-raise anything else."""
+        if not isinstance(exn, BadSample):
+            raise exn
+        self.add(exn.reason)
+        seen = self._logged[exn.reason] = self._logged.get(exn.reason, 0) + 1
+        if seen <= self.log_first or seen % 1000 == 0:
+            log.warning("skipping a bad sample (%s; %d of this kind in this process)", exn, seen)
+        return True
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Skipped samples by reason (every reason present, zeros included)."""
+        sums = self._table[:, :-1].sum(0).tolist()
+        return dict(zip(REASONS, sums))
+
+    @property
+    def total(self) -> int:
+        """All skipped samples."""
+        return int(self._table[:, :-1].sum())
+
+    @property
+    def good(self) -> int:
+        """Samples decoded fine."""
+        return int(self._table[:, -1].sum())
+
+    def reset(self) -> None:
+        self._table.zero_()
+        self._logged.clear()
+
+    def __repr__(self) -> str:
+        bad = {k: v for k, v in self.counts.items() if v}
+        return f"BadSampleCounter(good={self.good}, bad={self.total} {bad})"
+
+
+# ---------------------------------------------------------------------------------------------
+# tar -> samples
+
+
+def _split_name(name: str) -> tuple[str | None, str]:
+    """'dir/shapes-000001.png' -> ('dir/shapes-000001', 'png'); the key ends at the first dot of the
+    basename (webdataset's convention: 'x.seg.png' has key 'x' and extension 'seg.png')."""
+    folder, _, base = name.rpartition("/")
+    key, dot, ext = base.partition(".")
+    if not dot or not key or key.startswith("__"):
+        return None, ""
+    return (f"{folder}/{key}" if folder else key), ext.lower()
+
+
+_TAR_ERRORS = (tarfile.TarError, OSError, EOFError)
+
+
+@dataclass
+class TarSamples:
+    """Pipeline stage: shard urls -> samples {__key__, __url__, <ext>: bytes, ...}, one shard at a time.
+
+    Damage is contained to the samples it touches:
+    - a shard that cannot be opened (or is not a tar) counts once as "open";
+    - a member whose data cannot be read (truncated shard, bad bytes) drops its sample, counted as
+      "tar", and ends the shard (a tar stream cannot go past it);
+    - garbage between members is skipped with a warning (tarfile `ignore_zeros` resyncs on the next
+      valid header) and the rest of the shard is still read; the sample that lost a member to it is
+      then judged by the decoder (no image / no caption);
+    - a header that cannot be read, or a shard cut inside a header, ends the shard with a warning;
+      the sample being read is passed on for the decoder to judge (it may be complete).
+    """
+
+    handler: Callable[[Exception], bool]
+
+    def __call__(self, shards: Iterable[dict]) -> Iterator[dict]:
+        for shard in shards:
+            url = shard["url"]
+            try:
+                stream = wds.gopen(url, "rb")
+                tar = tarfile.open(fileobj=stream, mode="r|*", ignore_zeros=True)
+            except Exception as err:  # noqa: BLE001 (any opener failure: missing file, pipe, not a tar)
+                self.handler(BadSample("open", f"cannot read shard {url}: {err!r}"))
+                continue
+            with stream, tar:
+                yield from self._samples(tar, url)
+
+    def _samples(self, tar: tarfile.TarFile, url: str) -> Iterator[dict]:
+        current: dict | None = None
+        dropped: str | None = None  # key of a sample dropped mid-way: its later members are ignored
+        members, expected_offset = iter(tar), 0
+        while True:
+            try:
+                member = next(members)
+            except StopIteration:
+                break
+            except _TAR_ERRORS as err:
+                log.warning("shard %s ends early at an unreadable header (%r)", url, err)
+                break
+            if member.offset > expected_offset:
+                log.warning("skipped %d corrupt bytes in %s before %s",
+                            member.offset - expected_offset, url, member.name)
+            blocks = math.ceil(member.size / tarfile.BLOCKSIZE)
+            expected_offset = member.offset_data + blocks * tarfile.BLOCKSIZE
+            key, ext = _split_name(member.name)
+            if not member.isreg() or key is None or key == dropped:
+                continue
+            if current is not None and current["__key__"] != key:
+                yield current  # complete: a member of the next sample begins
+                current = None
+            if current is None:
+                current = {"__key__": key, "__url__": url}
+            try:
+                data = tar.extractfile(member).read()
+            except _TAR_ERRORS as err:
+                self.handler(BadSample("tar", f"{url}: sample {key} lost: {member.name} unreadable "
+                                              f"({err!r}); the shard ends here"))
+                return
+            if ext in current:  # ambiguous: which one is the sample's? drop it
+                self.handler(BadSample("tar", f"{url}: sample {key} has two {ext!r} members"))
+                current, dropped = None, key
+                continue
+            current[ext] = data
+        if tar.offset < expected_offset + 2 * tarfile.BLOCKSIZE:  # no end-of-archive marker was read
+            log.warning("shard %s ends without an end-of-archive marker: truncated? (samples after "
+                        "%s may be lost uncounted)", url, current["__key__"] if current else "its start")
+        if current is not None:
+            yield current
+
+
+# ---------------------------------------------------------------------------------------------
+# decoding
+
+
+@lru_cache(maxsize=8)
+def _resize_crop(image_size: int):
+    from torchvision import transforms
+
+    return transforms.Compose([
+        transforms.Resize(image_size, interpolation=transforms.InterpolationMode.BICUBIC, antialias=True),
+        transforms.CenterCrop(image_size),
+    ])
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB; transparency is composited onto ALPHA_BACKGROUND."""
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (*ALPHA_BACKGROUND, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_image(data: bytes, image_size: int) -> torch.Tensor:
+    """Encoded image bytes -> FloatTensor[3, image_size, image_size] in [0,1].
+
+    Shorter side resized to image_size (bicubic, antialiased), then centre-cropped; an image that
+    already has the size is left untouched, so palette colours stay exact.
+    """
+    from torchvision.transforms.functional import pil_to_tensor
+
+    with Image.open(io.BytesIO(data)) as image:
+        image.load()  # decode now: garbage or truncated bytes fail here, not later
+        rgb = to_rgb(image)
+    if rgb.size != (image_size, image_size):
+        rgb = _resize_crop(image_size)(rgb)
+    return pil_to_tensor(rgb).float().div_(255)  # (3, H, W)
+
+
+def _text(data: bytes) -> str:
+    try:
+        return data.decode("utf-8").strip()
+    except UnicodeDecodeError as err:
+        raise BadSample("text", f"txt is not UTF-8 ({err})") from None
+
+
+def _captions(meta: dict, txt: str | None) -> list[str]:
+    """json `captions` (ours) or `caption` (img2dataset), then `txt` if it adds one; no empties."""
+    found = meta.get("captions") or []
+    if isinstance(found, str) or not all(isinstance(c, str) for c in found):
+        raise BadSample("json", f"'captions' must be a list of strings, got {found!r:.80}")
+    if isinstance(meta.get("caption"), str):
+        found = [*found, meta["caption"]]
+    if txt:
+        found = [*found, txt]
+    return list(dict.fromkeys(c.strip() for c in found if c.strip()))
+
+
+def _qa(meta: dict) -> list[dict]:
+    qa = meta.get("qa") or []
+    ok = isinstance(qa, list) and all(
+        isinstance(q, dict) and isinstance(q.get("question"), str) and isinstance(q.get("answer"), str)
+        for q in qa)
+    if not ok:
+        raise BadSample("json", f"'qa' must be a list of {{question, answer}} strings, got {qa!r:.80}")
+    return qa
+
+
+def _codes(data: bytes) -> torch.Tensor:
+    try:
+        array = np.load(io.BytesIO(data), allow_pickle=False)
+    except Exception as err:  # noqa: BLE001 (numpy raises many kinds on bad bytes)
+        raise BadSample("codes", f"unreadable npy ({err!r})") from None
+    if array.ndim != 2 or not np.issubdtype(array.dtype, np.integer):
+        raise BadSample("codes", f"codes must be a 2-D integer array, got {array.dtype} {array.shape}")
+    return torch.from_numpy(array.astype(np.int64))  # (h, w)
+
+
+@dataclass
+class RecordDecoder:
+    """Pipeline map: raw tar sample -> Record (raises BadSample with the reason otherwise).
+
+    Images are decoded when `load_images`, or when `load_codes` but the sample has no `npy`
+    (so a consumer of codes still gets something to encode itself).
+    """
+
+    image_size: int = 32
+    load_images: bool = True
+    load_codes: bool = True
+    require_captions: bool = True  # records promise >= 1 caption; image-only readers (VQ) need none
+    counter: BadSampleCounter | None = None
+
+    def __call__(self, sample: dict) -> dict:
+        record: dict[str, Any] = {"__key__": sample["__key__"], "__url__": sample.get("__url__")}
+        meta: dict = {}
+        if "json" in sample:
+            try:
+                meta = json.loads(sample["json"].decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                raise BadSample("json", f"{sample['__key__']}: unreadable json ({err})") from None
+            if not isinstance(meta, dict):
+                raise BadSample("json", f"{sample['__key__']}: json must be an object, "
+                                        f"got {type(meta).__name__}")
+        txt = _text(sample["txt"]) if "txt" in sample else None
+        record["captions"] = _captions(meta, txt)
+        if self.require_captions and not record["captions"]:
+            raise BadSample("caption", f"{sample['__key__']}: no caption (no txt, no json captions)")
+        record["qa"] = _qa(meta)
+        record["meta"] = meta
+        if self.load_codes and "npy" in sample:
+            record["codes"] = _codes(sample["npy"])
+        if self.load_images or (self.load_codes and "codes" not in record):
+            ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
+            if ext is None:
+                raise BadSample("image", f"{sample['__key__']}: no image member (has {sorted(sample)})")
+            try:
+                record["image"] = load_image(sample[ext], self.image_size)
+            except Exception as err:  # noqa: BLE001 (PIL raises OSError, SyntaxError, ValueError, ...)
+                raise BadSample("image", f"{sample['__key__']}: unreadable {ext} ({err!r})") from None
+        if self.counter is not None:
+            self.counter.add_good()
+        return record
+
+
+@dataclass
+class EpochLength:
+    """Pipeline stage: end each pass after `n` samples per process, split over the DataLoader workers
+    (webdataset's `with_epoch` counts per worker; this counts per process, i.e. per rank)."""
+
+    n: int
+
+    def __call__(self, src: Iterable) -> Iterator:
+        info = get_worker_info()
+        workers = 1 if info is None else info.num_workers
+        share = self.n // workers + (info is not None and info.id < self.n % workers)
+        for i, sample in enumerate(src):
+            if i >= share:
+                return
+            yield sample
+
+
+def record_pipeline(
+    urls: str | list[str],
+    image_size: int = 32,
+    shuffle: int = 0,
+    resampled: bool = False,
+    epoch_length: int | None = None,
+    load_images: bool = True,
+    load_codes: bool = True,
+    seed: int = 0,
+    *,
+    require_captions: bool = True,
+    transform: Callable[[dict], Any] | None = None,
+    counter: BadSampleCounter | None = None,
+) -> wds.DataPipeline:
+    """A webdataset pipeline of Records (an IterableDataset; give it to a DataLoader).
+
+    Args:
+        urls: shard paths, or a pattern for `expand_shards`.
+        image_size: side images are resized / centre-cropped to.
+        shuffle: sample shuffle buffer (0 = read in shard order, deterministic); > 0 also shuffles
+            the shard order (the same order on every rank, then split).
+        resampled: draw shards with replacement forever (each worker and rank its own stream): the
+            multi-GPU recipe, where ranks must see the same number of batches; pair with epoch_length.
+        epoch_length: records per pass per process (rank), split over its workers; None = one pass.
+        load_images: decode images into `image` (else only where `codes` are wanted but missing).
+        load_codes: read `npy` members into `codes`.
+        seed: seeds the shard order, the shuffle buffer and the resampling (deterministic runs).
+        require_captions: skip (and count) samples without a caption.
+        transform: applied to each Record last (raise BadSample to skip one; return None to drop).
+        counter: where skipped samples are counted (a new one if None); also at `.bad_samples`.
+    """
+    urls = expand_shards(urls) if isinstance(urls, str) else list(urls)
+    counter = counter if counter is not None else BadSampleCounter()
+    if resampled:
+        stages: list = [wds.ResampledShards(urls, seed=seed, deterministic=True)]
+    else:
+        stages = [wds.SimpleShardList(urls)]
+        if shuffle > 0:  # before the split, with one seed: every rank and worker agrees on the order
+            stages.append(wds.detshuffle(len(urls), initial=len(urls), seed=seed))
+        stages += [wds.split_by_node, wds.split_by_worker]
+    stages.append(TarSamples(handler=counter))
+    if shuffle > 0:
+        stages.append(wds.detshuffle(shuffle, initial=min(shuffle, 100), seed=seed + 1))
+    decoder = RecordDecoder(image_size, load_images, load_codes, require_captions, counter)
+    stages.append(wds.map(decoder, handler=counter))
+    if transform is not None:
+        stages.append(wds.map(transform, handler=counter))
+    if epoch_length is not None:
+        stages.append(EpochLength(epoch_length))
+    pipeline = wds.DataPipeline(*stages)
+    pipeline.bad_samples = counter
+    return pipeline
+
+
+def collate_records(records: list[dict]) -> dict:
+    """Default batch of Records: `image` (B,3,H,W) / `codes` (B,h,w) stacked when every record has
+    them, everything else as lists."""
+    batch: dict[str, Any] = {k: [r.get(k) for r in records] for k in ("__key__", "captions", "qa", "meta")}
+    for name in ("image", "codes"):
+        if records and all(name in r for r in records):
+            batch[name] = torch.stack([r[name] for r in records])
+    return batch
+
+
+# ---------------------------------------------------------------------------------------------
+# Lightning
+
+
+class ShardDataModule(L.LightningDataModule):
+    """Webdataset shards -> Records -> `transform` -> batches by `collate`.
+
+    Subclasses override `transform(record)` (runs in the DataLoader workers; raise
+    `BadSample("transform", ...)` to skip a record) and `collate(samples)`.
+
+    Args:
+        train_shards: glob / brace pattern / comma list of training shards (see `expand_shards`).
+        val_shards: the same for validation; None = no validation.
+        image_size: images are resized / centre-cropped to this side.
+        batch_size: samples per batch (per rank).
+        num_workers: DataLoader worker processes; shards are split between them (and between ranks),
+            so keep shards >= ranks x workers.
+        shuffle_buffer: training shuffle buffer in samples (0 = shard order).
+        resampled: draw training shards with replacement (multi-GPU: every rank gets the same number
+            of batches); set `epoch_length` with it.
+        epoch_length: training records per epoch per rank (None = one pass over the shards).
+        seed: shard order, shuffle buffer and resampling seed.
+        load_images: decode images (False: only `codes` from pre-tokenized shards, images only where
+            those are missing).
+        load_codes: read pre-computed VQ codes (`npy`) when the shards have them.
+    """
+
+    require_captions = True  # records promise >= 1 caption; ImageDataModule reads image-only shards
+
+    def __init__(
+        self,
+        train_shards: str,
+        val_shards: str | None = None,
+        image_size: int = 32,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        shuffle_buffer: int = 1000,
+        resampled: bool = False,
+        epoch_length: int | None = None,
+        seed: int = 0,
+        load_images: bool = True,
+        load_codes: bool = True,
+    ) -> None:
+        super().__init__()
+        self.train_shards = train_shards
+        self.val_shards = val_shards
+        self.image_size = image_size
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.shuffle_buffer = shuffle_buffer
+        self.resampled = resampled
+        self.epoch_length = epoch_length
+        self.seed = seed
+        self.load_images = load_images
+        self.load_codes = load_codes
+        self._bad_samples = BadSampleCounter()
+
+    @property
+    def bad_samples(self) -> BadSampleCounter:
+        """Skipped samples of this process (all its workers), by reason: `.counts`, `.total`, `.good`."""
+        return self._bad_samples
+
+    def transform(self, record: dict) -> Any:
+        """Record -> model sample (identity here)."""
+        return record
+
+    def collate(self, samples: list) -> Any:
+        """Model samples -> batch (`collate_records` here)."""
+        return collate_records(samples)
+
+    def dataset(self, shards: str, train: bool) -> wds.DataPipeline:
+        """The pipeline of transformed samples over `shards` (training: shuffled, maybe resampled)."""
+        urls = expand_shards(shards)
+        if not self.resampled and self.num_workers > len(urls):
+            log.warning("%d shards for %d workers: %d workers will idle (write smaller shards)",
+                        len(urls), self.num_workers, self.num_workers - len(urls))
+        return record_pipeline(
+            urls, self.image_size,
+            shuffle=self.shuffle_buffer if train else 0,
+            resampled=self.resampled and train,
+            epoch_length=self.epoch_length if train else None,
+            load_images=self.load_images, load_codes=self.load_codes, seed=self.seed,
+            require_captions=self.require_captions, transform=self.transform, counter=self._bad_samples)
+
+    def _loader(self, shards: str, train: bool) -> DataLoader:
+        return DataLoader(self.dataset(shards, train), batch_size=self.batch_size,
+                          num_workers=self.num_workers, collate_fn=self.collate,
+                          persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_shards, train=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._loader(self.val_shards, train=False) if self.val_shards else []
+
+
+class ImageDataModule(ShardDataModule):
+    """Batches of images only, FloatTensor[B,3,H,W] in [0,1]: for training the VQ tokenizer.
+
+    Captions are not needed (image-only shards are fine); pre-computed codes are not read.
+    Arguments as `ShardDataModule`.
+    """
+
+    require_captions = False
+
+    def __init__(
+        self,
+        train_shards: str,
+        val_shards: str | None = None,
+        image_size: int = 32,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        shuffle_buffer: int = 1000,
+        resampled: bool = False,
+        epoch_length: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(train_shards=train_shards, val_shards=val_shards, image_size=image_size,
+                         batch_size=batch_size, num_workers=num_workers, shuffle_buffer=shuffle_buffer,
+                         resampled=resampled, epoch_length=epoch_length, seed=seed,
+                         load_images=True, load_codes=False)
+
+    def transform(self, record: dict) -> torch.Tensor:
+        return record["image"]  # (3, H, W)
+
+    def collate(self, samples: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack(samples)  # (B, 3, H, W)
