@@ -1,0 +1,254 @@
+"""Visual question answering from the command line: one question, or a JSONL file of them in batches.
+
+    python -m mmdlm.vqa --model runs/quickstart/model --image scene.png --question "what color is the circle?"
+    python -m mmdlm.vqa --model runs/quickstart/model --questions qa.jsonl --out answers.jsonl --batch-size 64
+    python -m mmdlm.vqa --model runs/quickstart/model --device cpu --image scene.png --question "how many squares?" -v
+    mmdlm-vqa --model DIR --image scene.png --question "is there a cross?" --threshold 0.9   # parallel decoding
+
+Single mode prints the answer on stdout (with --verbose, the NFE and time on stderr).
+Batch mode reads one JSON object a line, {"image": PATH, "question": STR} (a relative PATH is resolved
+against the JSONL file's folder; other fields are kept), and writes the same object plus "answer" and
+"nfe" (forward passes of its batch), one a line, in input order. A bad line (malformed JSON, not an
+object, a missing key, a missing or unreadable image, an empty or too-long question) is reported on
+stderr as FILE:LINE: reason and skipped; every good line is still answered. Blank lines are ignored.
+
+Exit status:
+    0  every question answered
+    1  an unexpected failure (a bug: Python prints the traceback)
+    2  usage error, nothing answered: bad arguments, model folder, --questions or --out file; in single
+       mode also a missing/unreadable image or an empty/too-long question
+    3  batch mode: the good lines were answered, but some lines were skipped (see stderr)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, TextIO
+
+from PIL import Image
+
+if TYPE_CHECKING:  # torch and the pipeline load lazily so `--help` and argument errors answer at once
+    from mmdlm.pipeline import MMDLMPipeline
+
+EXIT_OK, EXIT_USAGE, EXIT_SKIPPED = 0, 2, 3
+
+
+class InputError(ValueError):
+    """A bad input, reported in one sentence (never with a traceback)."""
+
+
+# ---- shared by the command-line tools (mmdlm.generate and mmdlm.demo import these) -------------------
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def probability(text: str) -> float:
+    """argparse type: a float in (0, 1] (a confidence threshold)."""
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type: a float >= 0 (temperature, guidance)."""
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def load_pipeline(model: str, device: str | None = None) -> MMDLMPipeline:
+    """`MMDLMPipeline.from_pretrained`, with any failure turned into one `InputError` sentence."""
+    from mmdlm.pipeline import MMDLMPipeline
+
+    if not Path(model).is_dir():
+        raise InputError(f"model folder {model!r} does not exist")
+    try:
+        return MMDLMPipeline.from_pretrained(model, device=device)
+    except Exception as err:  # a loading boundary: missing files, bad config, mismatched weights, ...
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise InputError(f"cannot load the model from {model!r}: {first_line}") from err
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """An RGB image from a file, or an `InputError` saying why not."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"image {str(path)!r} does not exist")
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise InputError(f"cannot read image {str(path)!r}: {err}") from err
+
+
+def check_question(question: object) -> str:
+    if not isinstance(question, str):
+        raise InputError(f"the question must be a string, got {type(question).__name__}")
+    if not question.strip():
+        raise InputError("the question is empty")
+    return question
+
+
+# ---- batch mode ----------------------------------------------------------------------------------------
+@dataclass
+class Query:
+    line: int  # 1-based line number in the JSONL file (0 in single mode)
+    record: dict  # the input fields, echoed in the output
+    image: Image.Image
+    question: str
+
+
+Report = Callable[[int, str], None]  # (line number, reason): a skipped line
+
+
+def parse_line(text: str, line: int, root: Path) -> Query:
+    """One JSONL line -> a `Query` with its image loaded; `InputError` if the line is bad."""
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise InputError(f"malformed JSON ({err.msg} at column {err.colno})") from err
+    if not isinstance(record, dict):
+        raise InputError(f"expected a JSON object, got {type(record).__name__}")
+    missing = [key for key in ("image", "question") if key not in record]
+    if missing:
+        raise InputError(f"missing key {' and '.join(map(repr, missing))}")
+    if not isinstance(record["image"], str) or not record["image"]:
+        raise InputError("'image' must be a non-empty path string")
+    question = check_question(record["question"])
+    path = Path(record["image"]).expanduser()
+    return Query(line, record, load_image(path if path.is_absolute() else root / path), question)
+
+
+def read_queries(lines: Iterable[str], root: Path, report: Report) -> Iterator[Query]:
+    """The good lines as `Query`s; the bad ones go to `report` and are skipped."""
+    for number, text in enumerate(lines, start=1):
+        if not text.strip():
+            continue
+        try:
+            yield parse_line(text.strip(), number, root)
+        except InputError as err:
+            report(number, str(err))
+
+
+def batched(items: Iterable[Query], size: int) -> Iterator[list[Query]]:
+    batch: list[Query] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def answer_batch(pipe: MMDLMPipeline, queries: list[Query], options: dict,
+                 report: Report) -> list[tuple[Query, str, int]]:
+    """Answer a batch in one call; if the pipeline rejects it (a too-long question), answer the queries
+    one by one so that only the offending ones are reported and skipped."""
+    try:
+        out = pipe.answer([q.image for q in queries], [q.question for q in queries], **options)
+        return [(q, text, out.nfe) for q, text in zip(queries, out.texts)]
+    except ValueError as err:
+        if len(queries) == 1:
+            report(queries[0].line, str(err))
+            return []
+    return [result for q in queries for result in answer_batch(pipe, [q], options, report)]
+
+
+def answer_file(pipe: MMDLMPipeline, path: Path, out: TextIO, batch_size: int, options: dict,
+                verbose: bool = False) -> int:
+    """Answer every good line of a JSONL file into `out`; returns the exit status (0 or 3)."""
+    skipped: list[int] = []
+
+    def report(line: int, reason: str) -> None:
+        skipped.append(line)
+        print(f"{path}:{line}: skipped: {reason}", file=sys.stderr)
+
+    start, answered = time.perf_counter(), 0
+    with path.open(encoding="utf-8", errors="replace") as f:
+        for batch in batched(read_queries(f, path.parent, report), batch_size):
+            for query, answer, nfe in answer_batch(pipe, batch, options, report):
+                out.write(json.dumps({**query.record, "answer": answer, "nfe": nfe}, ensure_ascii=False) + "\n")
+                answered += 1
+            out.flush()
+    if verbose or skipped:
+        print(f"answered {answered} question(s), skipped {len(skipped)} line(s) "
+              f"in {time.perf_counter() - start:.1f}s", file=sys.stderr)
+    return EXIT_SKIPPED if skipped else EXIT_OK
+
+
+def answer_one(pipe: MMDLMPipeline, image: Image.Image, question: str, options: dict,
+               verbose: bool = False) -> str:
+    """Answer a single question (an `InputError` if the pipeline rejects it)."""
+    start = time.perf_counter()
+    try:
+        out = pipe.answer([image], [question], **options)
+    except ValueError as err:
+        raise InputError(str(err)) from err
+    if verbose:
+        print(f"NFE {out.nfe}, {time.perf_counter() - start:.2f}s", file=sys.stderr)
+    return out.texts[0]
+
+
+# ---- command line ---------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m mmdlm.vqa", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="model folder (written by mmdlm.export)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--image", help="the image to ask about (single mode; needs --question)")
+    source.add_argument("--questions", type=Path, help="JSONL file of {'image', 'question'} lines (batch mode)")
+    parser.add_argument("--question", help="the question (single mode)")
+    parser.add_argument("--out", type=Path, help="batch mode: the output JSONL (default: stdout)")
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="questions per forward batch")
+    parser.add_argument("--steps", type=positive_int, default=8, help="denoising steps (default 8)")
+    parser.add_argument("--threshold", type=probability, default=None,
+                        help="parallel decoding: commit every token above this confidence (replaces --steps)")
+    parser.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 = argmax (default)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="print NFE and time on stderr")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the VQA command; returns (and, as a script, exits with) the status documented above."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.image is not None and args.question is None:
+        parser.error("--image needs --question")
+    if args.questions is not None and args.question is not None:
+        parser.error("--question goes with --image; batch questions come from the --questions file")
+    if args.image is None and not args.questions.is_file():
+        parser.error(f"questions file '{args.questions}' does not exist")
+    options = {"steps": args.steps, "threshold": args.threshold, "temperature": args.temperature,
+               "seed": args.seed}
+    try:
+        if args.image is not None:  # check the cheap inputs before loading the model
+            image, question = load_image(args.image), check_question(args.question)
+            print(answer_one(load_pipeline(args.model, args.device), image, question, options, args.verbose))
+            return EXIT_OK
+        pipe = load_pipeline(args.model, args.device)
+        if args.out is None:
+            return answer_file(pipe, args.questions, sys.stdout, args.batch_size, options, args.verbose)
+        with args.out.open("w", encoding="utf-8") as out:
+            return answer_file(pipe, args.questions, out, args.batch_size, options, args.verbose)
+    except (InputError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,320 @@
+"""The user-facing scripts on the real tiny model: `mmdlm.vqa` (single and batch mode, errors, exit codes),
+`mmdlm.generate` (grids, joint captions, inpainting, progress frames), and the `mmdlm.demo` HTTP server.
+
+    OMP_NUM_THREADS=1 python -m pytest -q tests/test_scripts.py
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import random
+import subprocess
+import sys
+import threading
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from data.shapes import render, sample_scene
+from mmdlm import demo, generate, vqa
+from mmdlm.pipeline import MMDLMPipeline
+
+REPO = Path(__file__).resolve().parents[1]
+PAD = generate.PADDING
+LONG_QUESTION = " ".join(["what color is the circle"] * 6)  # far beyond Layout.question_len tokens
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_model_dir: str) -> MMDLMPipeline:
+    return MMDLMPipeline.from_pretrained(tiny_model_dir, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def scene(tmp_path_factory) -> Path:
+    """A 32x32 shapes scene as PNG (the model's image size, so no resizing happens)."""
+    path = tmp_path_factory.mktemp("scene") / "scene.png"
+    render(sample_scene(random.Random(3), 2, 2), image_size=32).save(path)
+    return path
+
+
+def png_base64(image: Image.Image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+TINY_PNG = png_base64(Image.new("RGB", (8, 8), "red"))
+
+
+def grid_size(rows: int, cols: int, side: int) -> tuple[int, int]:
+    """(width, height) of a torchvision grid of `side`-pixel tiles."""
+    return cols * (side + PAD) + PAD, rows * (side + PAD) + PAD
+
+
+# ---- vqa -------------------------------------------------------------------------------------------------
+def test_vqa_single_prints_the_pipeline_answer(tiny_model_dir, pipe, scene, capsys):
+    question = "what color is the circle?"
+    status = vqa.main(["--model", tiny_model_dir, "--device", "cpu", "--image", str(scene), "--question", question,
+                       "--steps", "3", "--verbose"])
+    out, err = capsys.readouterr()
+    expected = pipe.answer([Image.open(scene)], [question], steps=3)
+    assert status == vqa.EXIT_OK
+    assert out == expected.texts[0] + "\n"  # exactly one line: the answer
+    assert f"NFE {expected.nfe}" in err
+
+
+@pytest.mark.parametrize("case", ["missing image", "unreadable image", "empty question", "too long", "bad model"])
+def test_vqa_single_errors_are_one_sentence_and_exit_2(case, tiny_model_dir, scene, tmp_path, capsys):
+    junk = tmp_path / "junk.png"
+    junk.write_text("not an image")
+    image, question, model = str(scene), "what color is the circle?", tiny_model_dir
+    image = {"missing image": str(tmp_path / "nope.png"), "unreadable image": str(junk)}.get(case, image)
+    question = {"empty question": "  ", "too long": LONG_QUESTION}.get(case, question)
+    model = str(tmp_path) if case == "bad model" else model  # a folder, but not a model folder
+    status = vqa.main(["--model", model, "--device", "cpu", "--image", image, "--question", question])
+    out, err = capsys.readouterr()
+    assert status == vqa.EXIT_USAGE
+    assert out == ""
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error: ")
+
+
+def write_jsonl(path: Path, lines: list[str]) -> Path:
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_vqa_batch_answers_good_lines_and_reports_bad_ones(tiny_model_dir, scene, tmp_path, capsys):
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "rel.png").write_bytes(scene.read_bytes())
+    lines = [
+        json.dumps({"image": "img/rel.png", "question": "what color is the circle?", "id": "a"}),  # 1 relative
+        json.dumps({"image": "img/missing.png", "question": "what shape?"}),  # 2 missing image
+        json.dumps({"image": str(scene), "question": "   "}),  # 3 empty question
+        "",  # 4 blank: ignored, not an error
+        json.dumps({"image": str(scene), "question": LONG_QUESTION}),  # 5 too long (batched with line 6)
+        json.dumps({"image": str(scene), "question": "how many squares are there?", "id": "b"}),  # 6 absolute
+        '{"image": "img/rel.png", "question": ',  # 7 malformed JSON
+        json.dumps({"question": "is there a cross?"}),  # 8 missing key
+        json.dumps(["img/rel.png", "what?"]),  # 9 not an object
+        json.dumps({"image": "img/rel.png", "question": "is there a red square?", "id": "c"}),  # 10
+    ]
+    questions = write_jsonl(tmp_path / "q.jsonl", lines)
+    out_file = tmp_path / "answers.jsonl"
+    status = vqa.main(["--model", tiny_model_dir, "--device", "cpu", "--questions", str(questions),
+                       "--out", str(out_file), "--batch-size", "2", "--steps", "3"])
+    err = capsys.readouterr().err
+    assert status == vqa.EXIT_SKIPPED
+    rows = [json.loads(line) for line in out_file.read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["a", "b", "c"]  # every good line, in input order
+    for row, source in zip(rows, [lines[0], lines[5], lines[9]]):
+        assert {k: row[k] for k in json.loads(source)} == json.loads(source)  # the input fields, unchanged
+        assert isinstance(row["answer"], str) and row["nfe"] == 3
+    reported = sorted(int(line.split(":")[1]) for line in err.splitlines() if "skipped:" in line)
+    assert reported == [2, 3, 5, 7, 8, 9]
+    assert "longer than the model's limit" in err and "malformed JSON" in err and "missing key 'image'" in err
+
+
+def test_vqa_batch_all_good_exits_0_on_stdout(tiny_model_dir, scene, tmp_path, capsys):
+    questions = write_jsonl(tmp_path / "q.jsonl", [
+        json.dumps({"image": str(scene), "question": q}) for q in ("what shape?", "what color?", "how many?")])
+    status = vqa.main(["--model", tiny_model_dir, "--device", "cpu", "--questions", str(questions),
+                       "--threshold", "0.9"])
+    out = capsys.readouterr().out
+    assert status == vqa.EXIT_OK
+    assert [json.loads(line)["question"] for line in out.splitlines()] == ["what shape?", "what color?", "how many?"]
+
+
+def test_vqa_process_help_and_exit_codes(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = [sys.executable, "-m", "mmdlm.vqa"]
+    helped = subprocess.run(run + ["--help"], capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+    assert helped.returncode == 0 and "Exit status" in helped.stdout and "--questions" in helped.stdout
+    missing = subprocess.run(run + ["--model", str(tmp_path), "--image", str(tmp_path / "nope.png"), "--question",
+                                    "what?"], capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+    assert missing.returncode == 2
+    assert missing.stderr.strip() == f"error: image '{tmp_path / 'nope.png'}' does not exist"
+    usage = subprocess.run(run + ["--model", str(tmp_path), "--image", "x.png"], capture_output=True, text=True,
+                           cwd=REPO, env=env, timeout=120)
+    assert usage.returncode == 2 and "--image needs --question" in usage.stderr
+
+
+# ---- generate ---------------------------------------------------------------------------------------------
+def test_generate_grid_has_a_row_per_prompt(tiny_model_dir, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle at the top left\n\na blue square in the middle\n")
+    out = tmp_path / "grid.png"
+    status = generate.main(["--model", tiny_model_dir, "--device", "cpu", "--prompts", str(prompts), "--num", "3",
+                            "--steps", "3", "--guidance", "3", "--scale", "2", "--out", str(out)])
+    assert status == 0
+    assert Image.open(out).size == grid_size(rows=2, cols=3, side=64)
+    assert "NFE 3" in capsys.readouterr().out
+
+
+def test_generate_progress_writes_a_frame_per_step_and_a_gif(tiny_model_dir, tmp_path):
+    frames_dir, steps = tmp_path / "frames", 4
+    status = generate.main(["--model", tiny_model_dir, "--device", "cpu", "--prompt", "a green cross", "--num", "2",
+                            "--steps", str(steps), "--scale", "1", "--out", str(tmp_path / "s.png"),
+                            "--progress", str(frames_dir)])
+    assert status == 0
+    frames = sorted(frames_dir.glob("step_*.png"))
+    assert [f.name for f in frames] == [f"step_{i:03d}.png" for i in range(steps)]
+    gif = Image.open(frames_dir / "progress.gif")
+    assert gif.n_frames == steps and gif.size == grid_size(1, 2, 32)
+    grey = [int((torch.tensor(list(Image.open(f).getdata())) == 127).all(1).sum()) for f in frames]
+    assert grey[0] > 0 and grey[-1] == 0  # masked cells are grey until the last step fills them
+    assert grey == sorted(grey, reverse=True)
+
+
+def test_decode_canvas_paints_exactly_the_masked_cells_grey(pipe):
+    codes = torch.randint(0, pipe.vq.codebook_size, (1, *pipe.vq.grid))
+    codes[0, 1, 2] = -1
+    images = generate.decode_canvas(pipe, codes)
+    cell = images[0, :, 4:8, 8:12]  # token (1, 2) of a 4-pixel-per-token grid
+    assert torch.all(cell == generate.GREY)
+    full = pipe.vq.decode(codes.clamp(min=0))
+    outside = torch.ones_like(images, dtype=torch.bool)
+    outside[..., 4:8, 8:12] = False
+    assert torch.equal(images[outside], full[outside])
+
+
+def test_generate_joint_draws_and_prints_captions(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "joint.png"
+    status = generate.main(["--model", tiny_model_dir, "--device", "cpu", "--joint", "--num", "3", "--steps", "3",
+                            "--scale", "2", "--out", str(out)])
+    printed = capsys.readouterr().out.splitlines()
+    assert status == 0
+    assert [line.split(":")[0] for line in printed[:3]] == ["0", "1", "2"] and "NFE 3" in printed[3]
+    width, height = Image.open(out).size
+    assert width == grid_size(1, 3, 64)[0] and height > grid_size(1, 3, 64)[1]  # a text band under the images
+
+
+def test_inpaint_keeps_the_codes_outside_the_box(pipe, scene):
+    box = (0, 0, 12, 20)  # pixels -> token columns 0..2, rows 0..4 (4 pixels per token)
+    result = generate.inpaint(pipe, Image.open(scene), box, num=2, steps=3)
+    expected_mask = torch.zeros(1, 8, 8, dtype=torch.bool)
+    expected_mask[0, :5, :3] = True
+    assert torch.equal(result.token_mask, expected_mask)
+    before = pipe.encode_images([Image.open(scene)]).cpu().expand(2, -1, -1)  # (2, h, w)
+    outside = ~expected_mask.expand(2, -1, -1)
+    assert torch.equal(result.output.codes[outside], before[outside])
+    assert result.output.codes.shape == before.shape
+
+
+def test_generate_inpaint_writes_original_masked_results(tiny_model_dir, scene, tmp_path):
+    out = tmp_path / "inpaint.png"
+    status = generate.main(["--model", tiny_model_dir, "--device", "cpu", "--inpaint", str(scene), "--box", "0,0,12,20",
+                            "--prompt", "a red circle at the top left", "--num", "2", "--steps", "3", "--scale", "1",
+                            "--out", str(out)])
+    assert status == 0
+    sheet = torch.tensor(list(Image.open(out).getdata())).view(*grid_size(1, 4, 32)[::-1], 3)  # (H, W, 3)
+    original = torch.tensor(list(Image.open(scene).getdata())).view(32, 32, 3)
+    first = sheet[PAD:PAD + 32, PAD:PAD + 32]
+    masked = sheet[PAD:PAD + 32, 2 * PAD + 32:2 * PAD + 64]
+    assert torch.equal(first, original)
+    assert torch.all(masked[:20, :12] == 128)  # the regenerated token cells, grey
+    keep = torch.ones(32, 32, dtype=torch.bool)
+    keep[:20, :12] = False
+    assert torch.equal(masked[keep], original[keep])
+
+
+@pytest.mark.parametrize("box", ["0,0,40,8", "8,0,8,16", "10,0,4,8", "-1,0,4,4"])
+def test_generate_rejects_a_box_outside_or_empty(box, tiny_model_dir, scene, tmp_path, capsys):
+    status = generate.main(["--model", tiny_model_dir, "--device", "cpu", "--inpaint", str(scene), f"--box={box}",
+                            "--out", str(tmp_path / "x.png")])
+    err = capsys.readouterr().err
+    assert status == 2 and err.startswith("error: box") and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("argv", [
+    ["--inpaint", "SCENE", "--box", "1,2,3"],  # not four numbers
+    ["--inpaint", "SCENE"],  # no box
+    ["--prompt", "x", "--num", "0"],
+    ["--joint", "--prompt", "x"],
+    ["--joint", "--progress", "frames"],
+    [],  # text-to-image without a prompt
+])
+def test_generate_usage_errors_exit_2(argv, tiny_model_dir, scene):
+    with pytest.raises(SystemExit) as exc:
+        generate.main(["--model", tiny_model_dir] + [str(scene) if a == "SCENE" else a for a in argv])
+    assert exc.value.code == 2
+
+
+@pytest.mark.parametrize("case", ["missing image", "bad model", "too long prompt"])
+def test_generate_input_errors_exit_2(case, tiny_model_dir, scene, tmp_path, capsys):
+    argv = {"missing image": ["--model", tiny_model_dir, "--inpaint", str(tmp_path / "no.png"), "--box", "0,0,4,4"],
+            "bad model": ["--model", str(tmp_path / "no-model"), "--prompt", "a red circle"],
+            "too long prompt": ["--model", tiny_model_dir, "--prompt", " ".join(["a red circle"] * 30)]}[case]
+    status = generate.main(argv + ["--device", "cpu", "--out", str(tmp_path / "x.png")])
+    err = capsys.readouterr().err
+    assert status == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1
+
+
+# ---- demo -------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def server(pipe):
+    srv = demo.make_server(pipe, "127.0.0.1", 0)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}"
+    srv.shutdown()
+    srv.server_close()
+
+
+def request(url: str, body: bytes | dict | None = None) -> tuple[int, bytes]:
+    data = json.dumps(body).encode() if isinstance(body, dict) else body
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data=data), timeout=60) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+
+
+def test_demo_page_and_generate(server):
+    status, page = request(server + "/")
+    assert status == 200 and b"/api/generate" in page and b"/api/answer" in page
+    status, body = request(server + "/api/generate", {"prompt": "a red circle at the top left", "num": 2, "steps": 3})
+    assert status == 200
+    reply = json.loads(body)
+    assert reply["nfe"] == 3
+    assert Image.open(io.BytesIO(base64.b64decode(reply["grid"]))).size == grid_size(1, 2, 128)
+    gif = Image.open(io.BytesIO(base64.b64decode(reply["gif"])))
+    assert gif.format == "GIF" and gif.n_frames == 3
+
+
+def test_demo_answer_matches_the_pipeline(server, pipe, scene):
+    data_url = "data:image/png;base64," + base64.b64encode(scene.read_bytes()).decode()
+    status, body = request(server + "/api/answer", {"image": data_url, "question": "what shape?", "steps": 2})
+    assert status == 200
+    assert json.loads(body) == {"answer": pipe.answer([Image.open(scene)], ["what shape?"], steps=2).texts[0],
+                                "nfe": 2}
+
+
+@pytest.mark.parametrize("path, body, message", [
+    ("/api/generate", b"{not json", "not valid JSON"),
+    ("/api/generate", {"num": 2}, "missing field 'prompt'"),
+    ("/api/generate", {"prompt": "x", "num": 0}, "'num' must be between"),
+    ("/api/generate", {"prompt": "x", "steps": "many"}, "'steps' must be of type int"),
+    ("/api/generate", {"prompt": " ".join(["a red circle"] * 30)}, "longer than the model's limit"),
+    ("/api/answer", {"image": "%%%", "question": "what?"}, "not valid base64"),
+    ("/api/answer", {"image": base64.b64encode(b"junk").decode(), "question": "what?"}, "not a readable image"),
+    ("/api/answer", {"image": TINY_PNG, "question": " "}, "the question is empty"),
+    ("/api/answer", {"image": TINY_PNG}, "missing field 'question'"),
+    ("/api/answer", [1, 2], "must be a JSON object"),
+])
+def test_demo_bad_requests_get_400(server, path, body, message):
+    status, reply = request(server + path, json.dumps(body).encode() if isinstance(body, list) else body)
+    assert status == 400
+    assert message in json.loads(reply)["error"]
+
+
+def test_demo_unknown_endpoint_is_404(server):
+    assert request(server + "/api/nothing", {"x": 1})[0] == 404
+    assert request(server + "/nothing")[0] == 404
