@@ -12,8 +12,6 @@ or its autoregressive baseline. The config's `model.class_path` chooses which.
 
 from __future__ import annotations
 
-import sys
-
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 
@@ -32,4 +30,4 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
 
 
 if __name__ == "__main__":
-    cli_main(sys.argv[1:] or None)
+    cli_main()

@@ -25,7 +25,18 @@ from torch.utils.data import DataLoader
 from mmdlm.data import ShardDataModule
 from mmdlm.diffusion import ImageSchedule, LossOutput, ar_loss, cond_dropout, masked_diffusion_loss
 from mmdlm.model import ModelConfig, Transformer
-from mmdlm.sequence import Batch, Layout, SequenceBuilder, Task, collate
+from mmdlm.sequence import (
+    Batch,
+    Layout,
+    SequenceBuilder,
+    Task,
+    caption_prompt,
+    collate,
+    joint_prompt,
+    t2i_prompt,
+    text_prompt,
+    vqa_prompt,
+)
 from mmdlm.text_tokenizer import TextTokenizer, load_text_tokenizer
 from mmdlm.vocab import Vocab
 
@@ -81,7 +92,14 @@ class MDMDataModule(ShardDataModule):
 
     @property
     def max_seq_len(self) -> int:
-        return self.builder.max_len(self.vq.tokens_per_image)
+        """Longest template under this layout (VQA with `qa_per_sample` pairs, usually)."""
+        n, layout, vocab = self.vq.tokens_per_image, self.layout, self.vocab
+        codes = torch.zeros(self.vq.grid, dtype=torch.long)
+        templates = [
+            t2i_prompt([], vocab, layout, n), caption_prompt(codes, vocab, layout), joint_prompt(vocab, layout, n),
+            vqa_prompt(codes, [[0]] * layout.qa_per_sample, vocab, layout), text_prompt([], vocab, layout),
+        ]
+        return max(len(t) for t in templates)
 
     def codebook_vectors(self) -> torch.Tensor:
         return self.vq.codebook_vectors().detach().float()
