@@ -1,0 +1,233 @@
+"""Absorbing-state masked diffusion: noise schedules, forward masking, the ELBO loss; the AR loss beside it.
+
+Follows MDLM (Sahoo et al. 2024, "Simple and Effective Masked Diffusion Language Models") and LLaDA
+(Nie et al. 2025): a sequence is noised by replacing each target token with `<mask>` with probability
+1 - alpha_t, t ~ U(eps, 1) per sequence (stratified across the batch: MDLM's low-discrepancy sampler),
+and the model (not conditioned on t) predicts the originals. The continuous-time ELBO is
+
+    -log p(x) <= E_t [ w(t) * sum_{masked i} -log p(x_i | x_t) ],   w(t) = -alpha'_t / (1 - alpha_t)
+
+which for the linear schedule alpha_t = 1 - t is the familiar `CE / t`. We normalise it per target
+token, so `nll` compares with the AR baseline's exact NLL per target token (`ar_loss`).
+
+Images may instead follow MaskGIT (Chang et al. 2022): a cosine mask ratio (more heavily masked
+steps, as the sampler sees them) and an unweighted CE over the masked image tokens
+(`ImageSchedule.MASKGIT`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from enum import StrEnum
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from mmdlm.sequence import Batch, Task
+from mmdlm.vocab import Vocab
+
+
+# ---- noise schedules ----------------------------------------------------------------------------------
+class Schedule(Protocol):
+    """A masking schedule: the probability that a token is masked at time t, and its ELBO weight."""
+
+    def mask_prob(self, t: torch.Tensor) -> torch.Tensor:
+        """1 - alpha_t: 0 at t = 0 (clean), 1 at t = 1 (all masked)."""
+        ...
+
+    def weight(self, t: torch.Tensor) -> torch.Tensor:
+        """-alpha'_t / (1 - alpha_t): the weight of a masked token's CE in the continuous-time ELBO."""
+        ...
+
+
+class LinearSchedule:
+    """alpha_t = 1 - t (MDLM/LLaDA): mask with probability t, ELBO weight 1/t."""
+
+    def mask_prob(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def weight(self, t: torch.Tensor) -> torch.Tensor:
+        return 1.0 / t
+
+
+class CosineSchedule:
+    """MaskGIT's cosine mask ratio gamma(r) = cos(pi r / 2) with r = 1 - t: mask with probability
+    sin(pi t / 2) (ratios near 1 are drawn more often); ELBO weight (pi/2) cot(pi t / 2)."""
+
+    def mask_prob(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.sin(0.5 * math.pi * t)
+
+    def weight(self, t: torch.Tensor) -> torch.Tensor:
+        return 0.5 * math.pi / torch.tan(0.5 * math.pi * t)
+
+
+LINEAR = LinearSchedule()
+COSINE = CosineSchedule()
+
+
+class ImageSchedule(StrEnum):
+    """How image regions are noised and weighted."""
+
+    ELBO = "elbo"  # like text: linear schedule, CE / t (a true bound, comparable across modalities)
+    MASKGIT = "maskgit"  # cosine mask ratio, unweighted CE averaged over the masked image tokens
+
+
+IMAGE_SCHEDULE: dict[ImageSchedule, Schedule] = {ImageSchedule.ELBO: LINEAR, ImageSchedule.MASKGIT: COSINE}
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor  # the scalar to backpropagate
+    nll: torch.Tensor  # detached NLL bound (diffusion) or exact NLL (AR) per target token
+    per_task: dict[int, torch.Tensor]  # Task -> detached nll per target token of that task's sequences
+    num_tokens: int  # target tokens in the batch (the normaliser)
+
+
+# ---- sampling t and masking -----------------------------------------------------------------------------
+def _rand(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device | str | None
+          ) -> torch.Tensor:
+    """U(0, 1) on `device`, drawn from `generator` (on its own device) when one is given."""
+    if generator is None:
+        return torch.rand(shape, device=device)
+    return torch.rand(shape, generator=generator, device=generator.device).to(device)
+
+
+def sample_t(batch_size: int, eps: float = 1e-3, generator: torch.Generator | None = None,
+             device: torch.device | str | None = None) -> torch.Tensor:
+    """t ~ U(eps, 1), Float[B], stratified: one draw in each of the B strata of width 1/B (MDLM's
+    low-discrepancy sampler: lower-variance loss than i.i.d. t), in a random order so that t does not
+    follow the batch order (collate keeps samples, hence tasks, in order)."""
+    offset = _rand((1,), generator, device)  # (1,)
+    u = (torch.arange(batch_size, device=offset.device) / batch_size + offset) % 1.0  # (B,)
+    perm = torch.randperm(batch_size, generator=generator,
+                          device=generator.device if generator is not None else "cpu").to(u.device)
+    return eps + (1.0 - eps) * u[perm]  # (B,)
+
+
+def _mask(batch: Batch, t: torch.Tensor, vocab: Vocab, generator: torch.Generator | None,
+          image_schedule: Schedule, text_schedule: Schedule
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """forward_mask, also returning `forced` Bool[B, T]: the positions masked only by the guarantee."""
+    ids = batch.ids
+    B, T = ids.shape
+    is_image = batch.image_index >= 0  # (B, T)
+    p_image, p_text = image_schedule.mask_prob(t)[:, None], text_schedule.mask_prob(t)[:, None]  # (B, 1)
+    p = torch.where(is_image, p_image, p_text)  # (B, T)
+    target = batch.target & ~batch.pad  # (B, T)
+    u = _rand((B, T), generator, ids.device)  # (B, T)
+    masked = (u < p) & target  # (B, T)
+    # force one masked target where none was drawn: the target with the largest fresh uniform
+    score = torch.where(target, _rand((B, T), generator, ids.device), -1.0)  # (B, T)
+    pick = torch.zeros_like(masked).scatter_(1, score.argmax(dim=1, keepdim=True), True)  # (B, T)
+    needs = target.any(dim=1) & ~masked.any(dim=1)  # (B,)
+    forced = pick & needs[:, None]  # (B, T)
+    masked = masked | forced
+    noisy = torch.where(masked, torch.full_like(ids, vocab.mask), ids)  # (B, T)
+    return noisy, masked, forced
+
+
+def forward_mask(batch: Batch, t: torch.Tensor, vocab: Vocab, generator: torch.Generator | None = None,
+                 image_schedule: Schedule = LINEAR, text_schedule: Schedule = LINEAR
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noise a batch to time t (Float[B]): each target token becomes `<mask>` with probability
+    `schedule.mask_prob(t)` (the image schedule at image positions); pads and non-targets never.
+
+    Every sequence with a target gets at least one masked token: where the draw masked none, one
+    random target position is masked anyway, so no sequence is wasted. (The loss gives such a forced
+    token weight 1, not w(t): see `masked_diffusion_loss`.)
+
+    Returns (noisy_ids Long[B, T], masked Bool[B, T]).
+    """
+    noisy, masked, _ = _mask(batch, t, vocab, generator, image_schedule, text_schedule)
+    return noisy, masked
+
+
+def cond_dropout(batch: Batch, p_uncond: float = 0.1, generator: torch.Generator | None = None) -> Batch:
+    """Classifier-free guidance training: for a fraction p_uncond of the sequences, hide the condition
+    (the caption of text-to-image) by `pad |= cond`: the empty prompt, same layout (INTERFACES.md)."""
+    drop = _rand((len(batch),), generator, batch.ids.device) < p_uncond  # (B,)
+    return replace(batch, pad=batch.pad | (batch.cond & drop[:, None]))
+
+
+# ---- losses -----------------------------------------------------------------------------------------------
+def _per_task(contrib: torch.Tensor, target: torch.Tensor, task: torch.Tensor) -> dict[int, torch.Tensor]:
+    """Task -> sum of `contrib` (Float[B, T]) over that task's sequences / their target tokens."""
+    n = len(Task)
+    sums = torch.zeros(n, device=contrib.device).index_add_(0, task, contrib.detach().float().sum(dim=1))
+    counts = torch.zeros(n, device=contrib.device).index_add_(0, task, target.sum(dim=1).float())
+    return {k: sums[k] / counts[k] for k in range(n) if counts[k] > 0}
+
+
+def _zero_loss(logits: torch.Tensor) -> torch.Tensor:
+    """A zero that is still connected to the graph (every rank must backpropagate under DDP)."""
+    return logits.sum() * 0.0
+
+
+def masked_diffusion_loss(model: torch.nn.Module, batch: Batch, vocab: Vocab, *, eps: float = 1e-3,
+                          image_schedule: ImageSchedule | str = ImageSchedule.ELBO,
+                          generator: torch.Generator | None = None,
+                          t: torch.Tensor | None = None) -> LossOutput:
+    """The masked-diffusion training loss of one batch.
+
+    `loss` = sum over masked target tokens of w(t) * CE, divided by the number of target tokens (the
+    ELBO per target token, MDLM/LLaDA). With `image_schedule="maskgit"`, image targets are masked with the
+    cosine ratio and contribute the unweighted mean CE of the masked image tokens (times their share
+    of target tokens). `nll` is always the ELBO bound per target token. `t` (Float[B]) fixes the times
+    (evaluation on a grid); default: stratified `sample_t`.
+
+    A token masked only by forward_mask's at-least-one guarantee gets weight 1 instead of w(t): the
+    guarantee fires when t < ~1/#targets, where w(t) = 1/t reaches 1/eps = 1000 and a single token
+    would dominate the batch (measured: a tiny model then failed to memorise 8 sequences). With weight
+    1 the extra term is >= 0, so `nll` stays an upper bound, looser by about CE / (#targets + 1) per
+    sequence in expectation (integral of (1 - t)^n dt): negligible next to the bound itself.
+    """
+    kind = ImageSchedule(image_schedule)
+    schedule = IMAGE_SCHEDULE[kind]
+    B = len(batch)
+    if t is None:
+        t = sample_t(B, eps, generator, batch.ids.device)
+    noisy, masked, forced = _mask(batch, t, vocab, generator, schedule, LINEAR)
+    logits = model(noisy, batch.pad, batch.image_index)  # (B, T, V)
+
+    ce = torch.zeros(masked.shape, device=logits.device)  # (B, T), 0 where not masked
+    ce[masked] = F.cross_entropy(logits[masked].float(), batch.ids[masked], reduction="none")  # (M,)
+    is_image = batch.image_index >= 0  # (B, T)
+    w = torch.where(is_image, schedule.weight(t)[:, None], LINEAR.weight(t)[:, None])  # (B, T)
+    w = torch.where(forced, 1.0, w)  # see the docstring: a forced token is not weighted by w(t)
+    elbo = ce * w  # (B, T) each position's term of the bound
+    target = batch.target & ~batch.pad  # (B, T)
+    n_target = int(target.sum())
+    if n_target == 0:
+        zero = _zero_loss(logits)
+        return LossOutput(zero, zero.detach(), {}, 0)
+    nll = elbo.sum() / n_target
+    if kind == ImageSchedule.ELBO:
+        loss = nll
+    else:
+        image_masked = masked & is_image  # (B, T)
+        image_mean = (ce * image_masked).sum() / image_masked.sum().clamp_min(1)  # MaskGIT: mean CE
+        text_sum = (elbo * ~is_image).sum()
+        loss = (text_sum + (target & is_image).sum() * image_mean) / n_target
+    return LossOutput(loss, nll.detach(), _per_task(elbo, target, batch.task), n_target)
+
+
+def ar_loss(model: torch.nn.Module, batch: Batch) -> LossOutput:
+    """Next-token CE of the causal baseline on the same target regions: position i predicts token
+    i + 1, counted only where i + 1 is a target. Exact NLL per target token (a target at position 0,
+    which no template makes, would have nothing to be predicted from and is not counted)."""
+    config = getattr(model, "config", None)
+    if config is not None and not getattr(config, "causal", True):
+        raise ValueError("ar_loss needs a causal model (ModelConfig(causal=True)): a bidirectional one "
+                         "sees the token it predicts")
+    logits = model(batch.ids, batch.pad, batch.image_index)  # (B, T, V)
+    target = batch.target[:, 1:] & ~batch.pad[:, 1:]  # (B, T-1): token i+1 is a target
+    n_target = int(target.sum())
+    if n_target == 0:
+        zero = _zero_loss(logits)
+        return LossOutput(zero, zero.detach(), {}, 0)
+    ce = torch.zeros(target.shape, device=logits.device)  # (B, T-1)
+    ce[target] = F.cross_entropy(logits[:, :-1][target].float(), batch.ids[:, 1:][target], reduction="none")
+    loss = ce.sum() / n_target
+    return LossOutput(loss, loss.detach(), _per_task(ce, target, batch.task), n_target)

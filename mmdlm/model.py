@@ -1,0 +1,385 @@
+"""The mmdlm transformer: one network over text and VQ image tokens.
+
+A pre-norm decoder-style stack in the LLaMA recipe (RMSNorm, rotary positions, SwiGLU MLP, optional
+QK-norm), written in the spirit of nanoGPT (Karpathy) and litgpt. With `causal=False` it is the
+bidirectional denoiser of masked diffusion (MDLM, Sahoo et al. 2024; LLaDA, Nie et al. 2025; MaskGIT,
+Chang et al. 2022 for images); with `causal=True` the same parameters make the autoregressive baseline,
+which decodes with a KV cache.
+
+What the tiny-model findings (shared/FINDINGS.md) asked for, on top of the plain recipe:
+- a learned 2D position embedding (row + column) added at image positions (`image_index >= 0`), so a
+  token knows where it sits in the image grid and not only in the 1D sequence (RoPE);
+- a modality embedding (text vs image position);
+- codebook-projected image embeddings (`set_codebook`): the embedding of image id `i` is
+  `tok_emb[i] + code_proj(codebook[i - image_offset])`, so a code's colour is visible from step 1
+  instead of learned from hundreds of sightings. With a tied head the same table scores the output,
+  so codes that look alike also get alike logits.
+
+The model is not conditioned on the diffusion time t (MDLM/LLaDA show it is not needed).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class ModelConfig:
+    """Transformer hyper-parameters. Defaults are the tiny CPU model of the shapes world."""
+
+    vocab_size: int  # Vocab.size: text ids + image codes + specials
+    n_layer: int = 4  # FINDINGS: a small model runs 3-4x more steps in a CPU budget
+    n_head: int = 4  # head dim 32 at d=128: enough for RoPE, cheap on CPU
+    n_embd: int = 128  # FINDINGS: d=128 runs 3-4x more steps than d=256 in the same CPU time
+    max_seq_len: int = 256  # longest template (VQA with 3 QA pairs at 64 image tokens) is ~142
+    causal: bool = False  # False: masked-diffusion denoiser; True: the AR baseline with the same parameters
+    qk_norm: bool = True  # RMS-normalised q/k keep attention logits bounded: tolerates higher learning rates
+    tie_head: bool = True  # output = embedding table: fewer parameters, and codebook structure in the logits
+    dropout: float = 0.0  # tiny models on synthetic data underfit: no regulariser needed
+    mlp_ratio: float = 4.0  # SwiGLU hidden = 2/3 * mlp_ratio * d: the parameter count of a 4x GELU MLP
+    rope_base: float = 10000.0  # the usual RoPE base; sequences are short
+    image_tokens: int = 0  # N = h*w image tokens; > 0 turns on the learned 2D image-position embedding
+    image_grid: tuple[int, int] = (0, 0)  # (h, w) of the VQ grid; (0, 0) = square; either field is enough
+    codebook_size: int = 0  # K: number of VQ codes (Vocab.codebook_size); used by the codebook projection
+    image_offset: int = 0  # token id of image code 0 (Vocab.image_offset)
+    codebook_dim: int = 0  # e: VQ code vector size; 0 turns the codebook projection off
+    norm_eps: float = 1e-5  # RMSNorm epsilon (LLaMA)
+    init_std: float = 0.02  # nanoGPT / GPT-2 initialisation
+
+    def __post_init__(self) -> None:
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+        if (self.n_embd // self.n_head) % 2:
+            raise ValueError("RoPE needs an even head dimension")
+        self.image_grid = tuple(self.image_grid)  # YAML / json give lists
+        if self.image_tokens == 0 and self.image_grid != (0, 0):
+            self.image_tokens = self.image_grid[0] * self.image_grid[1]
+        if self.image_tokens > 0:
+            h, w = self.image_grid
+            if h == 0 and w == 0:
+                side = math.isqrt(self.image_tokens)
+                if side * side != self.image_tokens:
+                    raise ValueError(f"image_tokens={self.image_tokens} is not a square: give image_grid")
+                self.image_grid = (side, side)
+            elif h * w != self.image_tokens:
+                raise ValueError(f"image_grid {self.image_grid} does not hold "
+                                 f"image_tokens={self.image_tokens}")
+        if self.codebook_dim > 0:
+            if self.codebook_size <= 0 or self.image_offset <= 0:
+                raise ValueError("codebook_dim > 0 needs codebook_size and image_offset (from the Vocab)")
+            if self.image_offset + self.codebook_size > self.vocab_size:
+                raise ValueError("image ids [image_offset, image_offset + codebook_size) exceed vocab_size")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def mlp_hidden(self) -> int:
+        hidden = int(2 * self.mlp_ratio * self.n_embd / 3)
+        return 32 * math.ceil(hidden / 32)  # a multiple of 32 for matmul efficiency
+
+
+@dataclass
+class KVCache:
+    """Keys and values of the positions decoded so far, for AR decoding.
+
+    `k[i]`, `v[i]`: Float[B, H, max_len, D] of layer i; `pad`: Bool[B, max_len] (True = that cached
+    position is not attended to); `length`: how many positions are filled.
+    """
+
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+    pad: torch.Tensor
+    length: int = 0
+
+    @property
+    def max_len(self) -> int:
+        return self.pad.shape[1]
+
+    def reset(self) -> None:
+        self.length = 0
+        self.pad.zero_()
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def rope_tables(max_len: int, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin: Float[max_len, head_dim / 2] for rotary embeddings (Su et al. 2021)."""
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2).float() / head_dim)  # (D/2,)
+    angles = torch.outer(torch.arange(max_len).float(), inv_freq)  # (L, D/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    """Rotate x: (B, H, T, D) by rot: complex (B|1, 1, T, D/2), pairing dims (2i, 2i+1) as Meta's LLaMA
+    reference: one complex multiply (measured ~8x faster on CPU than rotate-half with real cos/sin)."""
+    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))  # (B, H, T, D/2) complex
+    return torch.view_as_real(xc * rot).flatten(-2).type_as(x)  # (B, H, T, D)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_head, self.head_dim = cfg.n_head, cfg.head_dim
+        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=False)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+        self.proj.residual = True  # scaled init (GPT-2): see Transformer._init_weights
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
+        self.dropout = cfg.dropout
+
+    def forward(self, x: torch.Tensor, rot: torch.Tensor, mask: torch.Tensor | None,
+                is_causal: bool, kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+                start: int = 0) -> torch.Tensor:
+        B, T, C = x.shape
+        H, D = self.n_head, self.head_dim
+        q, k, v = self.qkv(x).split(C, dim=-1)  # (B, T, C) each
+        q = self.q_norm(q.view(B, T, H, D)).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_norm(k.view(B, T, H, D)).transpose(1, 2)  # (B, H, T, D)
+        v = v.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        q, k = apply_rope(q, rot), apply_rope(k, rot)
+        if kv is not None:  # append to the cache, attend to everything cached so far
+            k_cache, v_cache = kv  # (B, H, max_len, D)
+            k_cache[:, :, start : start + T] = k
+            v_cache[:, :, start : start + T] = v
+            k, v = k_cache[:, :, : start + T], v_cache[:, :, : start + T]  # (B, H, S, D)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                           dropout_p=self.dropout if self.training else 0.0)  # (B, H, T, D)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        return self.proj(y)
+
+
+class SwiGLU(nn.Module):
+    """SwiGLU MLP (Shazeer 2020), as in LLaMA."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.fc = nn.Linear(cfg.n_embd, 2 * cfg.mlp_hidden, bias=False)  # gate and up in one matmul
+        self.proj = nn.Linear(cfg.mlp_hidden, cfg.n_embd, bias=False)
+        self.proj.residual = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.fc(x).chunk(2, dim=-1)  # (B, T, hidden) each
+        return self.proj(F.silu(gate) * up)  # (B, T, C)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.norm1 = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.norm2 = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.mlp = SwiGLU(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, rot: torch.Tensor, mask: torch.Tensor | None,
+                is_causal: bool, kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+                start: int = 0) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.norm1(x), rot, mask, is_causal, kv, start))
+        return x + self.drop(self.mlp(self.norm2(x)))
+
+
+class Transformer(nn.Module):
+    """Bidirectional (masked diffusion) or causal (AR baseline) transformer over the joint vocabulary."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        cfg = self.config = config
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.modality_emb = nn.Embedding(2, cfg.n_embd)  # 0: text position, 1: image position
+        if cfg.image_tokens > 0:  # the last row of each is a zero "not an image position" entry
+            h, w = cfg.image_grid
+            self.row_emb = nn.Embedding(h + 1, cfg.n_embd, padding_idx=h)
+            self.col_emb = nn.Embedding(w + 1, cfg.n_embd, padding_idx=w)
+        else:
+            self.row_emb = self.col_emb = None
+        if cfg.codebook_dim > 0:
+            self.code_proj = nn.Linear(cfg.codebook_dim, cfg.n_embd, bias=False)
+            # zeros until set_codebook: the projection then adds nothing. Saved with the weights.
+            self.register_buffer("codebook", torch.zeros(cfg.codebook_size, cfg.codebook_dim))
+        else:
+            self.code_proj = None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.lm_head = None if cfg.tie_head else nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        cos, sin = rope_tables(cfg.max_seq_len, cfg.head_dim, cfg.rope_base)
+        self.register_buffer("rope_cos", cos, persistent=False)  # (L, D/2)
+        self.register_buffer("rope_sin", sin, persistent=False)  # (L, D/2)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """nanoGPT: N(0, 0.02) everywhere, residual projections scaled by 1/sqrt(2 * n_layer)."""
+        std = self.config.init_std
+        if isinstance(module, nn.Linear):
+            if getattr(module, "residual", False):
+                std = std / math.sqrt(2 * self.config.n_layer)
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.padding_idx is not None:
+                nn.init.zeros_(module.weight[module.padding_idx])
+
+    # ---- codebook-projected image embeddings ---------------------------------------------------
+    @torch.no_grad()
+    def set_codebook(self, vectors: torch.Tensor) -> None:
+        """Store the VQ codebook (Float[K, e]) that image-token embeddings are projected from.
+
+        The vectors are standardised per dimension (zero mean, unit variance) so the projection's
+        initial scale does not depend on the VQ latent scale: with N(0, 0.02) weights its output has
+        std 0.02 * sqrt(e), a little above the random token embedding it is added to.
+        """
+        if self.code_proj is None:
+            raise ValueError("set_codebook needs ModelConfig.codebook_dim > 0")
+        expected = (self.config.codebook_size, self.config.codebook_dim)
+        if tuple(vectors.shape) != expected:
+            raise ValueError(f"codebook must be {expected} (codebook_size, codebook_dim), "
+                             f"got {tuple(vectors.shape)}")
+        vectors = vectors.float()
+        std = vectors.std(dim=0, keepdim=True).clamp_min(1e-6) if vectors.shape[0] > 1 else 1.0
+        self.codebook.copy_((vectors - vectors.mean(dim=0, keepdim=True)) / std)
+
+    def embedding_table(self) -> torch.Tensor:
+        """Float[V, C]: the input embedding of every id (and the output head when tied)."""
+        table = self.tok_emb.weight  # (V, C)
+        if self.code_proj is None:
+            return table
+        lo, hi = self.config.image_offset, self.config.image_offset + self.config.codebook_size
+        codes = self.code_proj(self.codebook.to(table.dtype))  # (K, C)
+        return torch.cat([table[:lo], table[lo:hi] + codes, table[hi:]], dim=0)  # (V, C)
+
+    # ---- KV cache ----------------------------------------------------------------------------------
+    def new_cache(self, batch_size: int, max_len: int | None = None, device: torch.device | str | None = None,
+                  dtype: torch.dtype | None = None) -> KVCache:
+        """An empty KV cache for AR decoding of up to `max_len` positions (default: max_seq_len)."""
+        cfg = self.config
+        max_len = max_len or cfg.max_seq_len
+        if max_len > cfg.max_seq_len:
+            raise ValueError(f"cache max_len={max_len} exceeds max_seq_len={cfg.max_seq_len}")
+        ref = self.tok_emb.weight
+        device, dtype = device or ref.device, dtype or ref.dtype
+        shape = (batch_size, cfg.n_head, max_len, cfg.head_dim)
+        return KVCache(
+            k=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)],
+            v=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)],
+            pad=torch.zeros(batch_size, max_len, dtype=torch.bool, device=device),
+        )
+
+    # ---- forward -------------------------------------------------------------------------------------
+    def _attention_mask(self, key_pad: torch.Tensor | None, start: int, T: int,
+                        device: torch.device) -> tuple[torch.Tensor | None, bool]:
+        """(mask Bool[B|1, 1, T, S] with True = may attend, or None; is_causal) for SDPA.
+
+        Queries are positions start..start+T-1, keys 0..S-1 with S = start + T. Pad keys are hidden;
+        causal hides the future. A query always sees itself, so no row is all-masked (which would make
+        SDPA return NaN): this only matters for pad queries, whose outputs nobody reads.
+        """
+        causal = self.config.causal
+        if key_pad is None and start == 0:
+            return None, causal  # the fast paths: full or plain causal attention
+        S = start + T
+        q_pos = torch.arange(start, S, device=device)  # (T,)
+        k_pos = torch.arange(S, device=device)  # (S,)
+        allowed = torch.ones(1, T, S, dtype=torch.bool, device=device)  # (1, T, S)
+        if key_pad is not None:
+            allowed = allowed & ~key_pad[:, None, :]  # (B, T, S)
+        if causal:
+            allowed = allowed & (k_pos[None, :] <= q_pos[:, None])  # (B, T, S)
+        allowed = allowed | (k_pos[None, :] == q_pos[:, None])  # every query sees itself
+        return allowed.unsqueeze(1), False  # (B, 1, T, S)
+
+    def forward(self, ids: torch.Tensor, pad: torch.Tensor | None = None,
+                image_index: torch.Tensor | None = None, cache: KVCache | None = None, *,
+                pos: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits Float[B, T, V] for ids Long[B, T].
+
+        Args:
+            ids: token ids (masked positions hold `vocab.mask`).
+            pad: Bool[B, T], True = this position is not attended to by any query (pads may sit
+                anywhere). None = no pads.
+            image_index: Long[B, T], -1 at text positions, else the raster index in the image grid.
+            cache: a `KVCache` from `new_cache`: the T new positions continue at `cache.length`
+                (RoPE positions included), are appended, and attend to everything cached (causal
+                model: to the past only). Equals the no-cache forward.
+            pos: Long[B, T] RoPE positions; default `arange(T)` (+ `cache.length`). Keyword only.
+        """
+        cfg = self.config
+        B, T = ids.shape
+        start = cache.length if cache is not None else 0
+        if start + T > cfg.max_seq_len:
+            raise ValueError(f"sequence of {start + T} positions exceeds max_seq_len={cfg.max_seq_len}")
+        if pos is None:
+            pos = torch.arange(start, start + T, device=ids.device)[None]  # (1, T): same for every row
+        table = self.embedding_table()  # (V, C)
+        x = F.embedding(ids, table)  # (B, T, C)
+        if image_index is not None:
+            is_image = image_index >= 0  # (B, T)
+            x = x + self.modality_emb(is_image.long())  # (B, T, C)
+            if self.row_emb is not None:
+                h, w = cfg.image_grid
+                row = torch.where(is_image, image_index // w, h)  # (B, T), h = the zero entry
+                col = torch.where(is_image, image_index % w, w)  # (B, T)
+                x = x + self.row_emb(row) + self.col_emb(col)  # (B, T, C)
+        else:
+            x = x + self.modality_emb.weight[0]  # all text
+        x = self.drop(x)
+        # real buffers (a complex one would lose its imaginary part under model.to(bfloat16))
+        rot = torch.complex(self.rope_cos.float(), self.rope_sin.float())[pos].unsqueeze(1)  # (B|1, 1, T, D/2)
+
+        if cache is not None:
+            if start + T > cache.max_len:
+                raise ValueError(f"KV cache holds {cache.max_len} positions, needs {start + T}")
+            cache.pad[:, start : start + T] = pad if pad is not None else False
+            key_pad = cache.pad[:, : start + T]  # (B, S)
+        else:
+            key_pad = pad
+        mask, is_causal = self._attention_mask(key_pad, start, T, ids.device)
+        for i, block in enumerate(self.blocks):
+            kv = (cache.k[i], cache.v[i]) if cache is not None else None
+            x = block(x, rot, mask, is_causal, kv, start)
+        x = self.norm(x)  # (B, T, C)
+        logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, table)  # (B, T, V)
+        if cache is not None:
+            cache.length = start + T
+        return logits
+
+    # ---- accounting ----------------------------------------------------------------------------------
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Trainable parameters; `non_embedding` leaves out the lookup tables (token, modality, 2D
+        position embeddings and the codebook projection), but keeps an untied head."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            lookups = [self.tok_emb, self.modality_emb, self.row_emb, self.col_emb, self.code_proj]
+            n -= sum(p.numel() for m in lookups if m is not None for p in m.parameters())
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token (forward + backward), for MFU, as in PaLM (Chowdhery et al. 2022,
+        appendix B) and nanoGPT: 6 * N + 12 * n_layer * n_embd * T.
+
+        N counts the parameters that do a matmul per token: the blocks and the output head (V x d,
+        tied or not); embedding lookups do no FLOPs. The second term is attention scores and
+        weighted values (2 matmuls of T x d per layer, x3 for backward, x2 for multiply-add) over
+        all T keys; the bidirectional model attends to all of them, and we count the causal model the
+        same way (PaLM's convention), so the two compare.
+        """
+        cfg = self.config
+        T = seq_len or cfg.max_seq_len
+        n = sum(p.numel() for p in self.blocks.parameters()) + cfg.vocab_size * cfg.n_embd
+        return 6.0 * n + 12.0 * cfg.n_layer * cfg.n_embd * T

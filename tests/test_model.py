@@ -1,0 +1,162 @@
+"""The transformer: causality, pads anywhere, KV cache == full forward, codebook-projected embeddings."""
+
+import pytest
+import torch
+
+from mmdlm.model import ModelConfig, Transformer
+from mmdlm.vocab import Vocab
+
+VOCAB = Vocab(text_size=40, codebook_size=16)
+GRID = (2, 3)  # 6 image tokens, not square: exercises row = i // w, col = i % w
+
+
+def make(causal: bool = False, seed: int = 0, **kw) -> Transformer:
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vocab_size=VOCAB.size, n_layer=2, n_head=2, n_embd=32, max_seq_len=64, causal=causal,
+                      image_tokens=6, image_grid=GRID, codebook_size=VOCAB.codebook_size,
+                      image_offset=VOCAB.image_offset, codebook_dim=4, **kw)
+    return Transformer(cfg).eval()
+
+
+def example(B: int = 3, T: int = 16, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ids with an image at positions 4..9 and a few pads in the middle of each row."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB.text_size, (B, T), generator=g)
+    image_index = torch.full((B, T), -1)
+    image_index[:, 4:10] = torch.arange(6)
+    ids[:, 4:10] = VOCAB.image_to_token(torch.randint(0, 16, (B, 6), generator=g))
+    pad = torch.zeros(B, T, dtype=torch.bool)
+    pad[0, 2:4] = True
+    pad[1:, 12:14] = True
+    ids[pad] = VOCAB.pad
+    return ids, pad, image_index
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_forward_shape_finite_and_backward(causal: bool) -> None:
+    model = make(causal).train()
+    ids, pad, image_index = example()
+    logits = model(ids, pad, image_index)
+    assert logits.shape == (3, 16, VOCAB.size)
+    assert torch.isfinite(logits).all()
+    logits.logsumexp(-1).mean().backward()
+    assert all(p.grad is not None for p in model.parameters())  # every parameter is used
+
+
+def test_causal_cannot_see_the_future_bidirectional_can() -> None:
+    ids, pad, image_index = example(B=1)
+    changed = ids.clone()
+    changed[0, 11] = (ids[0, 11] + 1) % VOCAB.text_size
+    for causal in (True, False):
+        model = make(causal)
+        a, b = model(ids, pad, image_index), model(changed, pad, image_index)
+        same_before = torch.allclose(a[0, :11], b[0, :11], atol=1e-6)
+        assert same_before == causal
+        assert not torch.allclose(a[0, 11:], b[0, 11:], atol=1e-6)  # the position itself and after change
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_pads_in_the_middle_equal_removing_them(causal: bool) -> None:
+    model = make(causal)
+    ids, pad, image_index = example(B=1)
+    logits = model(ids, pad, image_index)[0]
+    keep = ~pad[0]
+    pos = torch.arange(16)[keep][None]  # RoPE positions kept
+    removed = model(ids[:, keep], None, image_index[:, keep], pos=pos)[0]
+    torch.testing.assert_close(logits[keep], removed, atol=1e-5, rtol=1e-5)
+    # whatever sits at a pad position is invisible to the others
+    other = ids.clone()
+    other[pad] = 3
+    torch.testing.assert_close(model(other, pad, image_index)[0][keep], logits[keep])
+
+
+def test_fully_padded_rows_do_not_produce_nan() -> None:
+    for causal in (False, True):
+        model = make(causal)
+        ids, _, image_index = example(B=2)
+        pad = torch.zeros(2, 16, dtype=torch.bool)
+        pad[0] = True  # a whole row of pads
+        pad[1, 0] = True  # causal: the first query has no non-pad key but itself
+        assert torch.isfinite(model(ids, pad, image_index)).all()
+        # recent torch returns 0 for an all-masked SDPA row, older releases and some kernels NaN:
+        # the mask itself must give every query a key
+        mask, _ = model._attention_mask(pad, 0, 16, ids.device)
+        assert bool(mask.any(dim=-1).all())
+
+
+def test_kv_cache_decoding_equals_full_forward() -> None:
+    model = make(causal=True)
+    ids, pad, image_index = example(B=3, T=16)
+    full = model(ids, pad, image_index)
+    cache = model.new_cache(3, 20)
+    chunks = [(0, 5), (5, 6), (6, 10), *[(i, i + 1) for i in range(10, 16)]]  # a prompt, then token by token
+    out = []
+    with torch.no_grad():
+        for a, b in chunks:
+            out.append(model(ids[:, a:b], pad[:, a:b], image_index[:, a:b], cache=cache))
+    assert cache.length == 16
+    torch.testing.assert_close(torch.cat(out, dim=1), full, atol=1e-5, rtol=1e-5)
+    cache.reset()
+    assert cache.length == 0
+    with pytest.raises(ValueError, match="KV cache"):
+        model(ids, pad, image_index, cache=model.new_cache(3, 8))
+
+
+def test_codebook_projected_embeddings_follow_the_codebook() -> None:
+    model = make()
+    text_ids = torch.arange(0, VOCAB.text_size)
+    image_ids = torch.arange(VOCAB.image_offset, VOCAB.special_offset)
+    before = model.embedding_table().detach().clone()
+    torch.testing.assert_close(before, model.tok_emb.weight.detach())  # zero codebook: nothing added yet
+    codebook = torch.randn(16, 4)
+    model.set_codebook(codebook)
+    after = model.embedding_table().detach()
+    torch.testing.assert_close(after[text_ids], before[text_ids])  # text untouched
+    assert (after[image_ids] - before[image_ids]).abs().amax(dim=1).min() > 0  # every image code moved
+    # similar codes -> similar embeddings: the code's look is visible from step 1
+    model.set_codebook(torch.cat([codebook[:1].repeat(2, 1), codebook[2:]]))
+    emb = model.embedding_table().detach()[image_ids] - model.tok_emb.weight.detach()[image_ids]
+    torch.testing.assert_close(emb[0], emb[1])
+    # a different codebook changes the logits of an image sequence
+    ids, pad, image_index = example(B=1)
+    a = model(ids, pad, image_index)
+    model.set_codebook(torch.randn(16, 4))
+    assert not torch.allclose(a, model(ids, pad, image_index))
+    # saved with the weights, not trainable
+    state = model.state_dict()
+    assert "codebook" in state and all(n != "codebook" for n, _ in model.named_parameters())
+    fresh = make(seed=5)
+    fresh.load_state_dict(state)
+    torch.testing.assert_close(fresh(ids, pad, image_index), model(ids, pad, image_index))
+    with pytest.raises(ValueError, match="codebook must be"):
+        model.set_codebook(torch.randn(15, 4))
+
+
+def test_image_positions_and_modality_matter() -> None:
+    model = make()
+    ids, pad, image_index = example(B=1)
+    a = model(ids, pad, image_index)
+    shuffled = image_index.clone()
+    shuffled[0, 4:10] = torch.tensor([5, 4, 3, 2, 1, 0])
+    assert not torch.allclose(a, model(ids, pad, shuffled), atol=1e-6)  # 2D positions are used
+    assert not torch.allclose(a, model(ids, pad, None), atol=1e-6)  # the modality embedding is used
+    no_image = torch.full_like(image_index, -1)
+    torch.testing.assert_close(model(ids, pad, no_image), model(ids, pad, None))
+
+
+def test_config_checks_and_accounting() -> None:
+    with pytest.raises(ValueError, match="image_grid"):
+        ModelConfig(vocab_size=10, image_tokens=6, image_grid=(2, 2))
+    with pytest.raises(ValueError, match="square"):
+        ModelConfig(vocab_size=10, image_tokens=6)
+    assert ModelConfig(vocab_size=10, image_tokens=16).image_grid == (4, 4)
+    assert ModelConfig(vocab_size=10, image_grid=[2, 5]).image_tokens == 10  # either one is enough
+    tied, untied = make(), make(tie_head=False)
+    V, d = VOCAB.size, 32
+    assert untied.num_params() - tied.num_params() == V * d
+    n_blocks = sum(p.numel() for p in tied.blocks.parameters())
+    assert tied.flops_per_token(50) == 6 * (n_blocks + V * d) + 12 * 2 * d * 50
+    assert tied.flops_per_token(50) == untied.flops_per_token(50)  # tied or not, the head is one matmul
+    assert tied.num_params(non_embedding=True) < tied.num_params()
+    with pytest.raises(ValueError, match="max_seq_len"):
+        tied(torch.zeros(1, 65, dtype=torch.long))
