@@ -286,8 +286,9 @@ class LitMDM(LightningModule):
         elif self._t_last is None:
             self._tokens_seen, self._t_last = 0, now
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.ema is not None:
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        if self.ema is not None:  # here, not in on_train_batch_end: checkpoint callbacks run before that hook
             self.ema.update(self.model)
 
     # ---- validation (EMA weights) ------------------------------------------------------------------

@@ -48,3 +48,13 @@ def tiny_model_dir(tmp_path_factory) -> str:
     model = Transformer(cfg)
     model.set_codebook(vq.codebook_vectors().detach())
     return str(export_model(model, vocab, layout, root / "tok", root / "vq", root / "model"))
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory) -> str:
+    """A few small shapes shards (train 96 / val 24 scenes) with png + json; no pre-computed codes."""
+    from data.shapes import ShapesConfig, write_shapes
+
+    root = tmp_path_factory.mktemp("shapes")
+    write_shapes(root, ShapesConfig(train=96, val=24, seed=1, shard_size=32), progress=False)
+    return str(root)

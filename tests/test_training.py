@@ -1,0 +1,140 @@
+"""Lightning training of the MDM / AR model: CLI, export -> from_pretrained, exact resume, DDP on CPU."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+from mmdlm.lightning import LitMDM, MDMDataModule
+from mmdlm.pipeline import MMDLMPipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(n_layer=2, n_head=2, n_embd=32, warmup_steps=2, samples_at_val=0)
+
+
+def datamodule(model_dir: str, shards: str, **kw) -> MDMDataModule:
+    args = dict(train_shards=f"{shards}/train/*.tar", val_shards=f"{shards}/val/*.tar",
+                text_tokenizer=f"{model_dir}/text_tokenizer", vq=f"{model_dir}/vq", batch_size=4,
+                num_workers=0, resampled=True, shuffle_buffer=16, seed=3)
+    return MDMDataModule(**(args | kw))
+
+
+def trainer(root: Path, max_steps: int, callbacks: list | None = None) -> L.Trainer:
+    return L.Trainer(max_steps=max_steps, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                     enable_model_summary=False, limit_val_batches=0, default_root_dir=root,
+                     callbacks=callbacks or [], deterministic=True)
+
+
+class Crash(Callback):
+    """Kill the run (an exception) when it reaches a step."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        if trainer.global_step == self.at:
+            raise RuntimeError("simulated crash")
+
+
+def test_resume_after_crash_matches_uninterrupted(tiny_model_dir, tiny_shards, tmp_path) -> None:
+    L.seed_everything(0)
+    full = LitMDM(**TINY)
+    trainer(tmp_path / "a", 8).fit(full, datamodule=datamodule(tiny_model_dir, tiny_shards))
+
+    L.seed_everything(0)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "b", every_n_train_steps=4, save_last=True)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        trainer(tmp_path / "b", 8, [ckpt, Crash(at=6)]).fit(LitMDM(**TINY),
+                                                             datamodule=datamodule(tiny_model_dir, tiny_shards))
+    assert (tmp_path / "b" / "last.ckpt").is_file()
+    L.seed_everything(123)  # a different global seed: the resumed run must not depend on it
+    resumed = LitMDM(**TINY)
+    trainer(tmp_path / "b", 8).fit(resumed, datamodule=datamodule(tiny_model_dir, tiny_shards),
+                                   ckpt_path=str(tmp_path / "b" / "last.ckpt"))
+    assert resumed.global_step == full.global_step == 8
+    for (name, a), (_, b) in zip(full.model.state_dict().items(), resumed.model.state_dict().items()):
+        assert torch.allclose(a, b, atol=1e-6), name
+    for name, a in full.ema.shadow.items():
+        assert torch.allclose(a, resumed.ema.shadow[name], atol=1e-6), name
+
+
+def test_loss_falls_and_export_gives_identical_logits(tiny_model_dir, tiny_shards, tmp_path) -> None:
+    L.seed_everything(0)
+    module = LitMDM(**(TINY | dict(lr=3e-3, export_dir=str(tmp_path / "export"), ema_decay=0.0)))
+    dm = datamodule(tiny_model_dir, tiny_shards)
+    losses: list[float] = []
+
+    class Record(Callback):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+            losses.append(float(outputs["loss"]))
+
+    trainer(tmp_path, 40, [Record()]).fit(module, datamodule=dm)
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert sum(losses[-8:]) / 8 < 0.8 * sum(losses[:8]) / 8
+
+    pipe = MMDLMPipeline.from_pretrained(tmp_path / "export", device="cpu")
+    batch = next(iter(dm.val_dataloader()))
+    module.model.eval()
+    with torch.no_grad():
+        expected = module.model(batch.ids, pad=batch.pad, image_index=batch.image_index)
+        got = pipe.model(batch.ids, pad=batch.pad, image_index=batch.image_index)
+    assert torch.equal(expected, got)
+
+
+def test_export_from_checkpoint_cli(tiny_model_dir, tiny_shards, tmp_path) -> None:
+    L.seed_everything(0)
+    module = LitMDM(**TINY)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True)
+    trainer(tmp_path, 3, [ckpt]).fit(module, datamodule=datamodule(tiny_model_dir, tiny_shards))
+    out = tmp_path / "exported"
+    result = subprocess.run([sys.executable, "-m", "mmdlm.export", "--ckpt", str(tmp_path / "ck" / "last.ckpt"),
+                             "--out", str(out)], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    pipe = MMDLMPipeline.from_pretrained(out, device="cpu")
+    module.ema.swap(module.model)  # the export holds the EMA weights
+    for name, value in module.model.state_dict().items():
+        assert torch.equal(value, pipe.model.state_dict()[name]), name
+    bad = subprocess.run([sys.executable, "-m", "mmdlm.export", "--ckpt", str(tmp_path / "nope.ckpt"),
+                          "--out", str(out)], capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode == 2 and "nope.ckpt" in bad.stderr
+
+
+def _cli(model_dir: str, shards: str, root: Path, *extra: str) -> list[str]:
+    return [sys.executable, "train.py", "fit", "--config", "configs/mdm-shapes.yaml",
+            "--data.train_shards", f"{shards}/train/*.tar", "--data.val_shards", f"{shards}/val/*.tar",
+            "--data.text_tokenizer", f"{model_dir}/text_tokenizer", "--data.vq", f"{model_dir}/vq",
+            "--data.batch_size", "4", "--data.num_workers", "0", "--model.n_layer", "1", "--model.n_embd", "32",
+            "--model.n_head", "2", "--model.export_dir", str(root / "model"), "--trainer.default_root_dir",
+            str(root), "--trainer.logger.init_args.save_dir", str(root), "--trainer.enable_progress_bar", "false",
+            *extra]
+
+
+@pytest.mark.slow
+def test_cli_fit_and_ddp_on_two_cpu_processes(tiny_model_dir, tiny_shards, tmp_path) -> None:
+    run = subprocess.run(_cli(tiny_model_dir, tiny_shards, tmp_path / "one", "--trainer.max_steps", "4",
+                              "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1"),
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert (tmp_path / "one" / "model" / "config.json").is_file()
+    assert list((tmp_path / "one").rglob("last.ckpt"))
+    assert list((tmp_path / "one").rglob("events.out.tfevents*"))  # TensorBoard logs
+
+    ddp = subprocess.run(_cli(tiny_model_dir, tiny_shards, tmp_path / "ddp", "--trainer.max_steps", "3",
+                              "--trainer.limit_val_batches", "0", "--trainer.strategy", "ddp",
+                              "--trainer.devices", "2", "--trainer.accelerator", "cpu"),
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert (tmp_path / "ddp" / "model" / "config.json").is_file()
+
+
+def test_bad_cli_argument_exits_nonzero_with_a_sentence(tmp_path) -> None:
+    run = subprocess.run([sys.executable, "train.py", "fit", "--config", "configs/mdm-shapes.yaml",
+                          "--model.n_layer", "four"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert run.returncode != 0
+    assert "n_layer" in run.stderr
