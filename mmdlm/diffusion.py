@@ -74,6 +74,14 @@ class ImageSchedule(StrEnum):
     MASKGIT = "maskgit"  # cosine mask ratio, unweighted CE averaged over the masked image tokens
 
 
+class Weighting(StrEnum):
+    """What the training loss averages (the reported `nll` is always the ELBO bound)."""
+
+    ELBO = "elbo"  # sum of CE / t over masked tokens per target token: the bound itself (MDLM, LLaDA)
+    MASKED_MEAN = "masked_mean"  # mean CE over the masked tokens: no 1/t, so far lower variance; the same
+    #   minimiser (the model predicts every masked token from the same context either way)
+
+
 IMAGE_SCHEDULE: dict[ImageSchedule, Schedule] = {ImageSchedule.ELBO: LINEAR, ImageSchedule.MASKGIT: COSINE}
 
 
@@ -160,6 +168,18 @@ def _per_task(contrib: torch.Tensor, target: torch.Tensor, task: torch.Tensor) -
     return {k: sums[k] / counts[k] for k in range(n) if counts[k] > 0}
 
 
+def _pooled(values: torch.Tensor, count: torch.Tensor, task: torch.Tensor, balanced: bool) -> torch.Tensor:
+    """sum(values) / sum(count) over the batch; with `balanced`, that ratio per task, then averaged over
+    the tasks present. values Float[B, T] (differentiable), count Bool[B, T]."""
+    if not balanced:
+        return values.sum() / count.sum().clamp_min(1)
+    n = len(Task)
+    sums = torch.zeros(n, device=values.device).index_add(0, task, values.sum(dim=1))  # (n,)
+    counts = torch.zeros(n, device=values.device).index_add_(0, task, count.sum(dim=1).float())  # (n,)
+    present = counts > 0
+    return (sums[present] / counts[present]).mean()
+
+
 def _zero_loss(logits: torch.Tensor) -> torch.Tensor:
     """A zero that is still connected to the graph (every rank must backpropagate under DDP)."""
     return logits.sum() * 0.0
@@ -168,7 +188,8 @@ def _zero_loss(logits: torch.Tensor) -> torch.Tensor:
 def masked_diffusion_loss(model: torch.nn.Module, batch: Batch, vocab: Vocab, *, eps: float = 1e-3,
                           image_schedule: ImageSchedule | str = ImageSchedule.ELBO,
                           generator: torch.Generator | None = None,
-                          t: torch.Tensor | None = None) -> LossOutput:
+                          t: torch.Tensor | None = None, weighting: Weighting | str = Weighting.ELBO,
+                          task_balanced: bool = False) -> LossOutput:
     """The masked-diffusion training loss of one batch.
 
     `loss` = sum over masked target tokens of w(t) * CE, divided by the number of target tokens (the
@@ -176,6 +197,11 @@ def masked_diffusion_loss(model: torch.nn.Module, batch: Batch, vocab: Vocab, *,
     cosine ratio and contribute the unweighted mean CE of the masked image tokens (times their share
     of target tokens). `nll` is always the ELBO bound per target token. `t` (Float[B]) fixes the times
     (evaluation on a grid); default: stratified `sample_t`.
+
+    `weighting="masked_mean"` trains on the mean CE of the masked tokens instead of the 1/t-weighted sum
+    (lower variance: at t = 0.01 one token would otherwise weigh 100x). `task_balanced=True` averages the
+    per-task losses instead of pooling tokens, so a task with small target regions (VQA answers: a few
+    tokens against 64 image tokens of text-to-image) gets an equal share of the gradient.
 
     A token masked only by forward_mask's at-least-one guarantee gets weight 1 instead of w(t): the
     guarantee fires when t < ~1/#targets, where w(t) = 1/t reaches 1/eps = 1000 and a single token
@@ -203,7 +229,11 @@ def masked_diffusion_loss(model: torch.nn.Module, batch: Batch, vocab: Vocab, *,
         zero = _zero_loss(logits)
         return LossOutput(zero, zero.detach(), {}, 0)
     nll = elbo.sum() / n_target
-    if kind == ImageSchedule.ELBO:
+    if Weighting(weighting) == Weighting.MASKED_MEAN:
+        loss = _pooled(ce, masked & target, batch.task, task_balanced)
+    elif task_balanced:
+        loss = _pooled(elbo, target, batch.task, True)
+    elif kind == ImageSchedule.ELBO:
         loss = nll
     else:
         image_masked = masked & is_image  # (B, T)

@@ -23,7 +23,7 @@ from lightning.pytorch import LightningModule
 from torch.utils.data import DataLoader
 
 from mmdlm.data import ShardDataModule
-from mmdlm.diffusion import ImageSchedule, LossOutput, ar_loss, cond_dropout, masked_diffusion_loss
+from mmdlm.diffusion import ImageSchedule, LossOutput, Weighting, ar_loss, cond_dropout, masked_diffusion_loss
 from mmdlm.model import ModelConfig, Transformer
 from mmdlm.sequence import (
     Batch,
@@ -190,6 +190,10 @@ class LitMDM(LightningModule):
         warmup_steps: linear warmup steps.
         p_uncond: probability of dropping the caption for classifier-free guidance.
         image_schedule: `elbo` (1/t-weighted CE, MDLM) or `maskgit` (cosine ratio, unweighted CE) for images.
+        weighting: training loss `elbo` (1/t-weighted, the bound) or `masked_mean` (mean CE of masked tokens:
+            lower variance); the logged NLL is the ELBO either way.
+        task_balanced: average the per-task losses, so small target regions (VQA answers) weigh as much
+            as large ones (images).
         ema_decay: EMA of the weights for validation and export; 0 disables it.
         export_dir: write a self-contained model folder here at the end of fit.
         samples_at_val: how many val sequences to decode and log as text at each validation.
@@ -212,6 +216,8 @@ class LitMDM(LightningModule):
         warmup_steps: int = 100,
         p_uncond: float = 0.1,
         image_schedule: str = "elbo",
+        weighting: str = "elbo",
+        task_balanced: bool = False,
         ema_decay: float = 0.995,
         export_dir: str | None = None,
         samples_at_val: int = 4,
@@ -246,8 +252,10 @@ class LitMDM(LightningModule):
         self.model = Transformer(config)
         if codebook is not None:
             self.model.set_codebook(codebook)
+        hp = self.hparams
         self.objective = (ar_loss if config.causal else partial(
-            masked_diffusion_loss, vocab=vocab, image_schedule=ImageSchedule[self.hparams.image_schedule.upper()]))
+            masked_diffusion_loss, vocab=vocab, image_schedule=ImageSchedule(hp.image_schedule),
+            weighting=Weighting(hp.weighting), task_balanced=hp.task_balanced))
         if self.hparams.ema_decay > 0:
             self.ema = EMA(self.model, self.hparams.ema_decay)
 

@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
 
     start = time.perf_counter()
     timings = {step.name: step.run() for step in steps(args)}
-    print("\n[quickstart] finished in {:.1f} min".format((time.perf_counter() - start) / 60))
+    print(f"\n[quickstart] finished in {(time.perf_counter() - start) / 60:.1f} min")
     for name, seconds in timings.items():
         print(f"  {name:<36s} {seconds / 60:6.1f} min")
     print(f"  -> {args.out}/metrics.json, {args.out}/report.md, {args.out}/samples.png")

@@ -360,7 +360,9 @@ class SequenceBuilder:
         codes = torch.as_tensor(record["codes"]) if record.get("codes") is not None else None
         layout, counter = self.layout, self.truncated
         if task == Task.VQA:
-            pairs = rng.sample(list(record["qa"]), min(layout.qa_per_sample, len(record["qa"])))
+            # 1..qa_per_sample pairs: inference asks one question, so training must see that layout too
+            k = rng.randint(1, min(layout.qa_per_sample, len(record["qa"])))
+            pairs = rng.sample(list(record["qa"]), k)
             qa = [(self._encode(p["question"]), self._encode(p["answer"])) for p in pairs]
             sample = vqa_sample(codes, qa, self.vocab, layout, counter)
         else:

@@ -254,3 +254,29 @@ def memorise(causal: bool, steps: int) -> float:
 def test_overfit_memorises_eight_sequences(causal: bool) -> None:
     final = memorise(causal, steps=200 if causal else 300)  # at 200 steps the MDM is at ~0.03: too close
     assert final < 0.05, f"did not memorise: nll {final:.3f} (chance is {math.log(8):.2f})"
+
+
+def test_masked_mean_and_task_balanced_weighting_by_hand() -> None:
+    """masked_mean = mean CE of masked tokens; task_balanced = mean over tasks of each task's mean."""
+    from mmdlm.diffusion import Weighting, masked_diffusion_loss
+    from mmdlm.sequence import Batch, Task
+    from mmdlm.vocab import Vocab
+
+    vocab = Vocab(10, 4)
+    V = vocab.size
+    ids = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
+    batch = Batch(ids=ids, target=torch.tensor([[0, 1, 1, 1], [0, 1, 0, 0]], dtype=torch.bool),
+                  pad=torch.zeros(2, 4, dtype=torch.bool), image_index=torch.full((2, 4), -1),
+                  cond=torch.zeros(2, 4, dtype=torch.bool), task=torch.tensor([int(Task.T2I), int(Task.VQA)]))
+    logits = torch.randn(2, 4, V)
+
+    def model(noisy, pad, image_index):
+        return logits
+
+    t = torch.tensor([1.0, 1.0])  # everything in the target is masked
+    ce = torch.nn.functional.cross_entropy(logits.view(-1, V), ids.view(-1), reduction="none").view(2, 4)
+    mean = masked_diffusion_loss(model, batch, vocab, t=t, weighting=Weighting.MASKED_MEAN)
+    assert torch.allclose(mean.loss, (ce[0, 1:].sum() + ce[1, 1]) / 4)
+    balanced = masked_diffusion_loss(model, batch, vocab, t=t, weighting="masked_mean", task_balanced=True)
+    assert torch.allclose(balanced.loss, (ce[0, 1:].mean() + ce[1, 1]) / 2)
+    assert torch.allclose(mean.nll, balanced.nll)  # the reported NLL is the ELBO either way
