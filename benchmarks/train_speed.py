@@ -1,0 +1,355 @@
+"""Training throughput of the recipes' model sizes here: tokens/s of the real training step, and MFU on a GPU.
+
+    OMP_NUM_THREADS=2 python -m benchmarks.train_speed --config configs/mdm-shapes.yaml \\
+        --config configs/ar-shapes.yaml --steps 30 --out benchmarks/results
+    python -m benchmarks.train_speed --config configs/mdm-shapes-gpu.yaml --device cuda --precision bf16-mixed \\
+        --steps 50 --out /tmp/train_speed
+
+Each `--config` is a LightningCLI recipe (`train.py fit --config ...`); its model (`LitMDM` init args),
+layout, batch size, task weights, precision and gradient clipping are used as they are. The step is
+the real one: `LitMDM` in a Lightning `Trainer` (condition dropout, masked-diffusion or AR loss,
+backward, clipping, AdamW, EMA update), fed synthetic batches of the real layout: sequences laid out by
+the `mmdlm.sequence` templates (tasks drawn by the recipe's weights, 1..qa_per_sample QA pairs as in
+training) with random VQ codes and random text ids (captions half to all of their region, answers
+1..answer_len-1 tokens), so no data and no trained VQ are needed. Vocabulary sizes come from the
+recipe's text tokenizer / VQ folders when they exist, else from --text-vocab / --codebook-size /
+--grid / --codebook-dim (the shapes recipes' values).
+
+Each step is timed from `on_train_batch_start` to `on_train_batch_end` (CUDA synchronised; the batch is
+already on the device); the first --warmup steps are left out and the median of the rest reported with
+min and max. tokens/s counts attended (non-pad) tokens, as the training log's `train/tokens_per_s`;
+positions/s all B x T positions computed. Achieved FLOP/s = `Transformer.flops_per_token(T)` x B x T /
+step time (6N + 12 L d T per position: PaLM / nanoGPT accounting); on a GPU found in the table of
+dense bf16 peaks (or given --peak-flops) MFU = achieved / peak. MFU against the bf16 peak is only
+meaningful for a bf16 run (--precision bf16-mixed).
+
+Writes train_speed.json and train_speed.md under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.speed import command_line, load_text, machine_info, md_table, positive, stats, sync
+
+# Dense (no sparsity) bf16 tensor-core peaks in FLOP/s, from the vendors' data sheets; first match wins.
+PEAK_BF16: tuple[tuple[str, float], ...] = (
+    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12),
+    ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12),
+)
+SHAPES_SIZES = {"text_vocab": 512, "codebook_size": 256, "grid": 8, "codebook_dim": 8}  # the shapes recipes'
+
+
+def peak_flops(device_name: str) -> float | None:
+    """The dense bf16 peak of a GPU by name (None when it is not in the table)."""
+    for key, value in PEAK_BF16:
+        if key.lower() in device_name.lower():
+            return value
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# the recipe
+
+
+@dataclass
+class Recipe:
+    path: str
+    model: dict[str, Any]  # LitMDM init args
+    data: dict[str, Any]  # MDMDataModule init args
+    trainer: dict[str, Any]
+
+
+def load_recipe(path: str) -> Recipe:
+    """A LightningCLI YAML recipe of `LitMDM` + `MDMDataModule`."""
+    import yaml
+
+    cfg = yaml.safe_load(Path(path).read_text())
+    model, data = cfg.get("model", {}), cfg.get("data", {})
+    if not str(model.get("class_path", "")).endswith("LitMDM"):
+        raise ValueError(f"{path}: model.class_path is not mmdlm.lightning.LitMDM")
+    return Recipe(path, dict(model.get("init_args", {})), dict(data.get("init_args", {})), cfg.get("trainer", {}))
+
+
+@dataclass
+class Sizes:
+    text_vocab: int
+    codebook_size: int
+    grid: tuple[int, int]
+    codebook_dim: int
+    source: str  # where they came from
+
+
+def vocab_sizes(recipe: Recipe, args: argparse.Namespace) -> Sizes:
+    """Text vocabulary, codebook size, VQ grid and code-vector size: flags, else the recipe's folders, else
+    the shapes recipes' values."""
+    from mmdlm.text_tokenizer import load_text_tokenizer
+
+    found = dict(SHAPES_SIZES)
+    source = ["shapes defaults"]
+    tok, vq = recipe.data.get("text_tokenizer"), recipe.data.get("vq")
+    if tok and Path(tok).exists():
+        found["text_vocab"] = load_text_tokenizer(tok).vocab_size
+        source.append(f"tokenizer {tok}")
+    if vq and (Path(vq) / "config.json").exists():
+        from vision.tokenizer import VQTokenizer
+
+        v = VQTokenizer.from_pretrained(vq)
+        found.update(codebook_size=v.codebook_size, grid=v.grid[0], codebook_dim=v.embed_dim)
+        source.append(f"vq {vq}")
+    for key in SHAPES_SIZES:
+        if getattr(args, key) is not None:
+            found[key] = getattr(args, key)
+            source.append(f"--{key.replace('_', '-')}")
+    g = found["grid"]
+    return Sizes(found["text_vocab"], found["codebook_size"], (g, g) if isinstance(g, int) else tuple(g),
+                 found["codebook_dim"], ", ".join(source))
+
+
+# ---------------------------------------------------------------------------------------------
+# synthetic batches of the real layout
+
+
+def synthetic_sample(task, rng: random.Random, vocab, layout, grid: tuple[int, int]):
+    """One training sequence of `task` with random codes and random text ids, laid out by mmdlm.sequence."""
+    from mmdlm.sequence import Task, caption_sample, joint_sample, t2i_sample, text_sample, vqa_sample
+
+    def text(lo: int, hi: int) -> list[int]:
+        return [rng.randrange(vocab.text_size) for _ in range(rng.randint(max(1, lo), max(1, hi)))]
+
+    codes = torch.tensor([[rng.randrange(vocab.codebook_size) for _ in range(grid[1])] for _ in range(grid[0])])
+    caption = text(layout.caption_len // 2, layout.caption_len - 1)
+    if task == Task.VQA:
+        qa = [(text(layout.question_len // 2, layout.question_len), text(1, layout.answer_len - 1))
+              for _ in range(rng.randint(1, layout.qa_per_sample))]
+        return vqa_sample(codes, qa, vocab, layout)
+    if task == Task.TEXT:
+        return text_sample(text(layout.text_len // 4, layout.text_len // 2), vocab, layout)
+    if task == Task.T2I:
+        return t2i_sample(caption, codes, vocab, layout)
+    if task == Task.JOINT:
+        return joint_sample(codes, caption, vocab, layout)
+    return caption_sample(codes, caption, vocab, layout)
+
+
+def synthetic_batches(recipe: Recipe, vocab, layout, grid: tuple[int, int], n: int, seed: int) -> list:
+    """`n` collated batches of the recipe's batch size, tasks drawn by its task weights."""
+    from mmdlm.sequence import Task, collate
+
+    weights = recipe.data.get("task_weights") or {"t2i": 1.0, "vqa": 1.0, "caption": 0.5, "joint": 0.25}
+    tasks = [Task[k.upper()] for k, w in weights.items() if w > 0]
+    probs = [weights[t.name.lower()] for t in tasks]
+    rng = random.Random(seed)
+    size = int(recipe.data.get("batch_size", 32))
+    return [collate([synthetic_sample(rng.choices(tasks, probs)[0], rng, vocab, layout, grid) for _ in range(size)],
+                    vocab) for _ in range(n)]
+
+
+def _identity(batch):
+    return batch
+
+
+def synthetic_datamodule(recipe: Recipe, sizes: Sizes, n_batches: int, seed: int):
+    """A DataModule with what `LitMDM.configure_model` reads (vocab, layout, grid, max_seq_len, codebook)."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from mmdlm.sequence import Layout, caption_prompt, joint_prompt, t2i_prompt, text_prompt, vqa_prompt
+    from mmdlm.vocab import Vocab
+
+    class SyntheticData(L.LightningDataModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.vocab = Vocab(sizes.text_vocab, sizes.codebook_size)
+            self.layout = Layout(**recipe.data.get("layout", {}))
+            self.image_grid = sizes.grid
+            self.batches = synthetic_batches(recipe, self.vocab, self.layout, sizes.grid, n_batches, seed)
+
+        @property
+        def max_seq_len(self) -> int:  # as MDMDataModule.max_seq_len: the longest template
+            n, lay, v = sizes.grid[0] * sizes.grid[1], self.layout, self.vocab
+            codes = torch.zeros(sizes.grid, dtype=torch.long)
+            return max(len(t) for t in (t2i_prompt([], v, lay, n), caption_prompt(codes, v, lay),
+                                        joint_prompt(v, lay, n), text_prompt([], v, lay),
+                                        vqa_prompt(codes, [[0]] * lay.qa_per_sample, v, lay)))
+
+        def codebook_vectors(self) -> torch.Tensor:
+            g = torch.Generator().manual_seed(seed)
+            return torch.randn(sizes.codebook_size, sizes.codebook_dim, generator=g)
+
+        def train_dataloader(self) -> DataLoader:
+            return DataLoader(self.batches, batch_size=None, shuffle=False, collate_fn=_identity)
+
+    return SyntheticData()
+
+
+# ---------------------------------------------------------------------------------------------
+# timing
+
+
+def step_timer(device_type: str):
+    """A Callback recording each training step's seconds, attended tokens and B x T positions."""
+    from lightning.pytorch.callbacks import Callback
+
+    class StepTimer(Callback):
+        def __init__(self) -> None:
+            self.seconds: list[float] = []
+            self.tokens: list[int] = []
+            self.positions: list[int] = []
+            self.seq_len: list[int] = []
+            self._start = 0.0
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            sync(torch.device(device_type))
+            self._start = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            sync(torch.device(device_type))
+            self.seconds.append(time.perf_counter() - self._start)
+            self.tokens.append(int((~batch.pad).sum()))
+            self.positions.append(batch.pad.numel())
+            self.seq_len.append(batch.pad.shape[1])
+
+    return StepTimer()
+
+
+def run_recipe(recipe: Recipe, args: argparse.Namespace) -> dict[str, Any]:
+    """Train `args.steps` real steps of one recipe on synthetic batches; its throughput."""
+    import lightning as L
+
+    from mmdlm.lightning import LitMDM
+
+    sizes = vocab_sizes(recipe, args)
+    precision = args.precision or recipe.trainer.get("precision", "32-true")
+    device_type = args.device
+    L.seed_everything(args.seed, verbose=False)
+    dm = synthetic_datamodule(recipe, sizes, min(args.steps, 8), args.seed)
+    lit = LitMDM(**{**recipe.model, "export_dir": None, "samples_at_val": 0})
+    timer = step_timer(device_type)
+    with tempfile.TemporaryDirectory() as root:
+        trainer = L.Trainer(accelerator="gpu" if device_type == "cuda" else "cpu", devices=1, precision=precision,
+                            max_steps=args.steps, gradient_clip_val=recipe.trainer.get("gradient_clip_val"),
+                            logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+                            callbacks=[timer], default_root_dir=root)
+        if device_type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        trainer.fit(lit, datamodule=dm)
+    kept = slice(min(args.warmup, len(timer.seconds) - 1), None)
+    secs, toks, pos, seq = timer.seconds[kept], timer.tokens[kept], timer.positions[kept], timer.seq_len[kept]
+    model = lit.model
+    flops = [model.flops_per_token(t) * p / s for t, p, s in zip(seq, pos, secs)]
+    out: dict[str, Any] = {
+        "config": recipe.path, "causal": bool(model.config.causal), "parameters": model.num_params(),
+        "non_embedding_parameters": model.num_params(non_embedding=True),
+        "n_layer": model.config.n_layer, "n_embd": model.config.n_embd, "vocab_size": model.config.vocab_size,
+        "sizes_from": sizes.source, "batch_size": len(dm.batches[0]), "seq_len_mean": statistics.fmean(seq),
+        "precision": str(precision), "device": device_type, "steps_timed": len(secs), "warmup": args.warmup,
+        "seconds_per_step": stats(secs),
+        "tokens_per_s": stats([t / s for t, s in zip(toks, secs)]),
+        "positions_per_s": stats([p / s for p, s in zip(pos, secs)]),
+        "flops_per_token": model.flops_per_token(round(statistics.fmean(seq))),
+        "achieved_flops": stats(flops),
+    }
+    if device_type == "cuda":
+        peak = args.peak_flops or peak_flops(torch.cuda.get_device_name())
+        out["gpu"] = torch.cuda.get_device_name()
+        out["peak_bf16_flops"] = peak
+        out["mfu"] = out["achieved_flops"]["median"] / peak if peak else None
+        out["max_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# outputs
+
+
+def render_markdown(result: dict[str, Any]) -> str:
+    m = result["machine"]
+    lines = ["# Training throughput", "", f"`{result['command']}`", "",
+             f"Machine: {m['processor']}, {m['cpu_count']} CPUs, torch {m['torch']} with {m['torch_threads']} threads"
+             f"{', GPU ' + m['gpu'] if m.get('gpu') else ''}, load average {load_text(m)}. "
+             f"Real `LitMDM` training steps on synthetic batches of "
+             f"the recipes' layout; median over the steps after {result['warmup']} warm-up step(s), [min - max].", ""]
+    header = ["config", "kind", "params (non-emb.)", "batch x T", "precision", "device", "s/step [min - max]",
+              "tokens/s", "positions/s", "TFLOP/s", "MFU"]
+    rows = []
+    for r in result["runs"]:
+        s = r["seconds_per_step"]
+        mfu = r.get("mfu")
+        rows.append([Path(r["config"]).name, "AR" if r["causal"] else "MDM",
+                     f"{r['parameters'] / 1e6:.2f}M ({r['non_embedding_parameters'] / 1e6:.2f}M)",
+                     f"{r['batch_size']} x {r['seq_len_mean']:.0f}", r["precision"], r.get("gpu", r["device"]),
+                     f"{s['median']:.3g} [{s['min']:.3g} - {s['max']:.3g}]", f"{r['tokens_per_s']['median']:.4g}",
+                     f"{r['positions_per_s']['median']:.4g}", f"{r['achieved_flops']['median'] / 1e12:.3g}",
+                     "-" if mfu is None else f"{100 * mfu:.1f}%"])
+    lines += md_table(header, rows)
+    lines += ["", "tokens/s: attended (non-pad) tokens; positions/s: all B x T; FLOP/s from "
+              "`Transformer.flops_per_token` (6N + 12 L d T per position); MFU against the GPU's dense bf16 peak."]
+    return "\n".join(lines) + "\n"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.train_speed", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", action="append", required=True, help="a LitMDM recipe (repeatable)")
+    parser.add_argument("--out", required=True, help="folder for train_speed.json and train_speed.md")
+    parser.add_argument("--steps", type=positive, default=30, help="training steps per recipe, warm-up included")
+    parser.add_argument("--warmup", type=int, default=5, help="first steps left out of the statistics")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="auto = cuda if available")
+    parser.add_argument("--precision", help="override the recipe's trainer.precision (e.g. bf16-mixed on a GPU)")
+    parser.add_argument("--peak-flops", type=float, help="peak FLOP/s for MFU (default: the table, by GPU name)")
+    parser.add_argument("--text-vocab", type=positive, help="text ids (default: the recipe's tokenizer, else 512)")
+    parser.add_argument("--codebook-size", type=positive, help="VQ codes (default: the recipe's VQ, else 256)")
+    parser.add_argument("--grid", type=positive, help="VQ grid side (default: the recipe's VQ, else 8)")
+    parser.add_argument("--codebook-dim", type=positive, help="VQ code vector size (default: the recipe's VQ, else 8)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quiet", action="store_true", help="silence Lightning's info lines")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Measure each recipe; write train_speed.json and train_speed.md; returns the result."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not 0 <= args.warmup < args.steps:
+        parser.error(f"--warmup must lie in [0, --steps), got {args.warmup} with --steps {args.steps}")
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here")
+    recipes = []
+    for path in args.config:
+        try:
+            recipes.append(load_recipe(path))
+        except (OSError, ValueError, AttributeError) as err:  # AttributeError: YAML that is not a mapping
+            parser.error(f"--config {path!r}: {err}")
+    if args.quiet:
+        import lightning.pytorch  # noqa: F401  (it sets its logger's level when imported: import first)
+
+        logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    runs = [run_recipe(recipe, args) for recipe in recipes]
+    result = {"command": command_line("benchmarks.train_speed", argv), "machine": machine_info(args.device),
+              "warmup": args.warmup, "steps": args.steps, "runs": runs}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train_speed.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "train_speed.md").write_text(render_markdown(result))
+    print(f"wrote {out / 'train_speed.json'} and {out / 'train_speed.md'}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,297 @@
+"""The MDM-vs-AR benchmark scripts (benchmarks/compare.py, speed.py, train_speed.py), run in-process on the
+tiny random model and its causal twin, plus the scoring pieces they are built from.
+
+    OMP_NUM_THREADS=1 python -m pytest -q tests/test_benchmarks.py
+
+Tiny limits and repeats: these check the outputs (files, keys, plausible values, valid PNGs) and the
+bookkeeping (which positions are blanked and read back), not the numbers of a trained model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from benchmarks import compare, speed, train_speed
+from data.shapes import caption, make_object, render
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+TWO = [make_object("red", "circle", "large", 0), make_object("blue", "square", "small", 4)]
+
+
+# ---- fixtures ----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def pair(tiny_model_dir, tmp_path_factory) -> tuple[str, str]:
+    """The tiny MDM and its causal twin (same weights), with text regions roomy enough for the tiny BPE
+    (its 300 ids spell a two-object caption in ~50 tokens), so no caption or question is too long."""
+    root = tmp_path_factory.mktemp("pair")
+    dirs = []
+    for name, causal in (("mdm", False), ("ar", True)):
+        out = root / name
+        shutil.copytree(tiny_model_dir, out)
+        config = json.loads((out / "config.json").read_text())
+        config["model"]["causal"] = causal
+        config["layout"].update(caption_len=64, question_len=32, text_len=64)
+        (out / "config.json").write_text(json.dumps(config))
+        dirs.append(str(out))
+    return dirs[0], dirs[1]
+
+
+@pytest.fixture(scope="module")
+def pipes(pair):
+    from mmdlm.pipeline import MMDLMPipeline
+
+    return tuple(MMDLMPipeline.from_pretrained(d, device="cpu") for d in pair)
+
+
+@pytest.fixture(scope="module")
+def val_shards(tmp_path_factory) -> str:
+    from data.shapes import ShapesConfig, write_shapes
+
+    out = tmp_path_factory.mktemp("shapes")
+    write_shapes(out, ShapesConfig(train=0, val=6, shard_size=3), progress=False)
+    return str(out / "val" / "*.tar")
+
+
+def _record(objects: list[dict], key: str = "r0") -> dict:
+    image = torch.from_numpy(__import__("numpy").asarray(render(objects)).copy()).permute(2, 0, 1).float() / 255
+    return {"__key__": key, "image": image, "captions": [caption(objects)], "qa": [],
+            "meta": {"source": "shapes", "objects": objects}}
+
+
+def _valid_png(path: Path) -> None:
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    with Image.open(path) as im:
+        im.verify()
+    with Image.open(path) as im:
+        assert im.size[0] > 300 and im.size[1] > 200
+
+
+def _is_rate(x) -> bool:
+    return isinstance(x, float | int) and 0.0 <= x <= 1.0
+
+
+# ---- pieces -------------------------------------------------------------------------------------------
+def test_cap_steps_and_peaks():
+    assert speed.cap_steps([4, 8, 16, 32, 64], 4) == {4: [4, 8, 16, 32, 64]}
+    assert speed.cap_steps([64, 4, 100], 64) == {4: [4], 64: [64, 100]}
+    assert train_speed.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert train_speed.peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert train_speed.peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
+    assert train_speed.peak_flops("NVIDIA L40S") == 362e12 and train_speed.peak_flops("NVIDIA L4") == 121e12
+    assert train_speed.peak_flops("Some Other GPU") is None
+
+
+def test_blanks_split_the_caption_at_the_word(pipes):
+    mdm, _ = pipes
+    records = [_record(TWO, f"r{i}") for i in range(8)]
+    blanks = compare.attribute_blanks(mdm, records, seed=0)
+    assert [b.kind for b in blanks] == list(compare.BLANK_KINDS) * 2  # each kind in turn
+    for b in blanks:
+        assert b.prefix + b.word + b.rest == mdm.tokenizer.encode(b.text)
+        assert b.masked().replace("[MASK]", b.answer) == b.text and b.masked().count("[MASK]") == 1
+        obj = next(o for o in TWO if b.answer in o.values() or b.answer in o["position"].split())
+        assert b.answer in obj["position"].split() if b.kind == "position" else b.answer == obj[b.kind]
+    (first,) = compare.first_object_blanks(mdm, records[:1])
+    assert first.answer == "a large red circle at the top left" and first.start == 0 and first.prefix == []
+
+
+def test_reversal_and_object_scores():
+    b = compare.Blank(0, caption(TWO), 0, 34, "first_object", [], [], [])
+    assert compare.reversal_scores([b], [caption(TWO)]) == {"valid": 1.0, "consistent": 1.0, "exact": 1.0, "n": 1}
+    swapped = "a small blue square in the middle and a large red circle at the top left"  # parses, wrong order
+    same_cell = "a small green cross in the middle and a small blue square in the middle"
+    s = compare.reversal_scores([b, b, b], [swapped, same_cell, "a large red"])
+    assert s["valid"] == pytest.approx(1 / 3) and s["consistent"] == 0.0 and s["exact"] == 0.0
+    record = _record(TWO)
+    truth = compare.object_scores(record["image"][None], [record], [TWO[1]])[0]
+    assert truth == {"object": 1.0, "color": 1.0, "shape": 1.0, "size": 1.0, "scene": 1.0}
+    wiped = record["image"].clone()
+    wiped[:, compare.cell_mask(4, 32)] = 0.0  # the square's cell blanked to background
+    assert compare.object_scores(wiped[None], [record], [TWO[1]])[0] == dict.fromkeys(truth, 0.0)
+    assert compare.object_scores(wiped[None], [record], [TWO[0]])[0]["object"] == 1.0
+
+
+def test_fills_are_read_at_the_blanked_positions(pipes, monkeypatch):
+    """With a fake sampler that writes FILL into every masked target, the probes read FILL back, and
+    only the word (MDM) or the word and all after it (AR) were masked."""
+    from mmdlm.sampling import SampleResult
+    from mmdlm.sequence import collate
+
+    mdm, ar = pipes
+    seen = []
+
+    def fake_generate(pipe, samples, seed, temperature=0.0):
+        seen.append((pipe, samples))
+        batch = collate(list(samples), pipe.vocab)
+        return SampleResult(torch.where(batch.target & (batch.ids == pipe.vocab.mask), FILL, batch.ids), 1)
+
+    FILL = 7
+    monkeypatch.setattr(compare, "generate", fake_generate)
+    records = [_record(TWO, f"r{i}") for i in range(4)]
+    blanks = compare.attribute_blanks(mdm, records, seed=1)
+    args = argparse.Namespace(batch_size=3, seed=0)
+    codes = mdm.encode_images(compare.stack_images(records)).cpu()
+    for pipe in (mdm, ar):
+        seen.clear()
+        assert compare.caption_fill(pipe, blanks, codes, args) == [[FILL] * len(b.word) for b in blanks]
+        masked = sorted(int(s.target.sum()) for _, chunk in seen for s in chunk)
+        if pipe is mdm:  # the word alone
+            assert masked == sorted(len(b.word) for b in blanks)
+        else:  # the word and the rest of the caption region
+            assert masked == sorted(pipe.layout.caption_len - len(b.prefix) for b in blanks)
+        assert compare.continue_left(pipe, blanks, args) == [[FILL] * len(b.word) for b in blanks]
+
+
+# ---- the scripts ------------------------------------------------------------------------------------
+def test_compare(pair, pipes, val_shards, tmp_path, capsys):
+    mdm_dir, ar_dir = pair
+    mdm, _ = pipes
+    out = tmp_path / "cmp"
+    result = compare.main(["--mdm", mdm_dir, "--ar", ar_dir, "--shards", val_shards, "--out", str(out),
+                           "--limit", "4", "--steps", "2,100", "--thresholds", "0.5", "--batch-size", "4",
+                           "--nll-draws", "1", "--device", "cpu", "--quiet"])
+    for name in ("compare.json", "compare.md", "accuracy_vs_nfe.png", "accuracy_vs_time.png"):
+        assert (out / name).is_file(), name
+    for name in ("accuracy_vs_nfe.png", "accuracy_vs_time.png"):
+        _valid_png(out / name)
+    md = (out / "compare.md").read_text()
+    assert md.splitlines()[2].startswith("`python -m benchmarks.compare --mdm ")
+    for section in ("## Quality", "## Speed / quality trade-off", "## What only diffusion does", "Reversal"):
+        assert section in md
+    saved = json.loads((out / "compare.json").read_text())
+    assert saved["records"] == 4 and saved["quality"]["mdm"]["summary"] == result["quality"]["mdm"]["summary"]
+
+    q = saved["quality"]
+    for kind in ("mdm", "ar"):
+        s = q[kind]["summary"]
+        for key in ("vqa_accuracy", "caption_exact_match", "caption_attribute_f1", "t2i_all_correct"):
+            assert _is_rate(s[key]), (kind, key)
+        assert s["nll"] > 0 and s["vqa_n"] > 0
+    assert _is_rate(q["mdm"]["summary"]["t2i_all_correct_unguided"])
+    assert q["mdm"]["summary"]["nll_bound"].startswith("ELBO") and q["ar"]["summary"]["nll_bound"].startswith("exact")
+
+    region = {"vqa": mdm.layout.answer_len, "t2i": mdm.vq.tokens_per_image}
+    points = saved["tradeoff"]
+    assert {p["family"] for p in points} == set(compare.FAMILY_STYLE)
+    for p in points:
+        assert p["nfe"] > 0 and p["seconds_per_sample"] > 0 and _is_rate(p["accuracy"])
+        if p["family"] == "MDM, fixed steps":
+            assert p["nfe"] <= p["steps"] <= region[p["task"]]
+        elif p["family"] == "AR, KV cache":
+            assert p["nfe"] == region[p["task"]]  # one forward per target token
+        else:
+            assert p["nfe"] <= region[p["task"]]
+    capped = {(p["task"], p["steps"]): p["requested_steps"] for p in points if p["family"] == "MDM, fixed steps"}
+    assert capped == {("vqa", 2): [2], ("vqa", region["vqa"]): [100], ("t2i", 2): [2], ("t2i", 64): [100]}
+
+    probes = saved["probes"]
+    for name in ("text_infill", "caption_infill"):
+        for kind in ("mdm", "ar_left_only"):
+            r = probes[name][kind]
+            assert r["n"] == 4 and _is_rate(r["accuracy"])
+            assert all(_is_rate(v["accuracy"]) for v in r["per_kind"].values())
+    assert _is_rate(probes["text_infill"]["mdm_left_only"]["accuracy"])
+    assert probes["text_infill"]["chance"]["color"] == pytest.approx(1 / 8)
+    for name in ("mdm", "mdm_no_prompt", "ar_suffix", "vq_reconstruction"):
+        r = probes["inpaint"][name]
+        assert r["n"] == 4 and all(_is_rate(r[k]) for k in ("object", "color", "shape", "size", "scene"))
+    t = probes["inpaint"]["tokens_regenerated"]
+    assert 0 < t["mdm"] <= t["ar_suffix"] <= region["t2i"]  # the AR regenerates the whole suffix
+    for kind in ("mdm", "mdm_left_only", "ar_left_only"):
+        r = probes["reversal"][kind]
+        assert all(_is_rate(r[k]) for k in ("valid", "consistent", "exact"))
+        assert r["consistent"] <= r["valid"]
+
+
+def test_speed(pair, pipes, tmp_path):
+    mdm_dir, ar_dir = pair
+    mdm, _ = pipes
+    out = tmp_path / "speed"
+    result = speed.main(["--mdm", mdm_dir, "--ar", ar_dir, "--out", str(out), "--repeats", "2", "--warmup", "1",
+                         "--steps", "2,100", "--batch-sizes", "1,3", "--device", "cpu", "--quiet"])
+    saved = json.loads((out / "speed.json").read_text())
+    assert saved["rows"] == json.loads(json.dumps(result["rows"]))
+    assert {"cpu_count", "torch_threads", "torch"} <= set(saved["machine"])
+    md = (out / "speed.md").read_text()
+    assert "python -m benchmarks.speed" in md and "KV cache" in md and "no cache" in md
+    region = {"vqa": mdm.layout.answer_len, "t2i": mdm.vq.tokens_per_image}
+    seen = set()
+    for row in saved["rows"]:
+        seen.add((row["model"], row["task"], row["batch_size"], row["sampler"]))
+        assert row["nfe"] > 0 and row["samples_per_s"] > 0
+        s = row["seconds_per_sample"]
+        assert 0 < s["min"] <= s["median"] <= s["max"] and s["n"] == 2
+        if row["model"] == "mdm":
+            assert row["nfe"] <= row["steps"] <= region[row["task"]]
+            assert row["rows_per_call"] == (2 if row["task"] == "t2i" else 1)  # guidance rows ride along
+        else:
+            assert row["nfe"] == row["target_tokens"] == region[row["task"]]
+    expected = {(m, t, b, s) for b in (1, 3) for t in ("vqa", "t2i") for m, s in
+                [("ar", "KV cache"), ("ar", "no cache"), ("mdm", "steps=2"), ("mdm", f"steps={region[t]}")]}
+    assert seen == expected  # 100 steps are capped at the region: the answer (8 tokens) and the image (64)
+    capped = [r for r in saved["rows"] if r["model"] == "mdm" and r["steps"] == region[r["task"]]]
+    assert all(r["requested_steps"] == [100] for r in capped)
+
+
+def test_train_speed(pair, tmp_path):
+    mdm_dir, _ = pair
+    config = tmp_path / "tiny.yaml"
+    config.write_text(f"""
+trainer:
+  precision: 32-true
+  gradient_clip_val: 1.0
+model:
+  class_path: mmdlm.lightning.LitMDM
+  init_args: {{n_layer: 1, n_head: 2, n_embd: 32, causal: true, weighting: masked_mean,
+              export_dir: {tmp_path / 'must_not_be_written'}}}
+data:
+  class_path: mmdlm.lightning.MDMDataModule
+  init_args:
+    train_shards: no/such/shards/*.tar
+    text_tokenizer: {mdm_dir}/text_tokenizer
+    vq: {tmp_path / 'no_vq'}
+    task_weights: {{t2i: 1.0, vqa: 1.0, caption: 0.5, joint: 0.25, text: 0.25}}
+    layout: {{caption_len: 20, question_len: 12, answer_len: 4, text_len: 24, qa_per_sample: 3}}
+    batch_size: 4
+""")
+    out = tmp_path / "ts"
+    result = train_speed.main(["--config", str(config), "--steps", "4", "--warmup", "1", "--device", "cpu",
+                               "--codebook-size", "32", "--out", str(out), "--quiet"])
+    assert not (tmp_path / "must_not_be_written").exists()
+    saved = json.loads((out / "train_speed.json").read_text())
+    assert saved == json.loads(json.dumps(result))
+    (run,) = saved["runs"]
+    assert run["causal"] is True and run["steps_timed"] == 3 and run["batch_size"] == 4
+    assert run["vocab_size"] == 300 + 32 + 11  # the tokenizer's ids, --codebook-size, the specials
+    assert "tokenizer" in run["sizes_from"] and "--codebook-size" in run["sizes_from"]
+    assert run["tokens_per_s"]["median"] > 0 and run["positions_per_s"]["median"] >= run["tokens_per_s"]["median"]
+    assert run["achieved_flops"]["median"] > 0 and "mfu" not in run  # no GPU: no MFU
+    assert {"cpu_count", "torch_threads", "torch"} <= set(saved["machine"])
+    assert "tiny.yaml" in (out / "train_speed.md").read_text()
+
+
+@pytest.mark.parametrize("module", [compare, speed, train_speed])
+def test_help_is_the_docstring(module, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--help"])
+    assert exit_info.value.code == 0
+    assert module.__doc__.splitlines()[0][:60] in capsys.readouterr().out
+
+
+def test_bad_arguments(pair, tmp_path, capsys):
+    mdm_dir, ar_dir = pair
+    with pytest.raises(SystemExit):  # the twins swapped
+        speed.main(["--mdm", ar_dir, "--ar", mdm_dir, "--out", str(tmp_path)])
+    assert "causal" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train_speed.main(["--config", str(tmp_path / "missing.yaml"), "--out", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        compare.main(["--mdm", mdm_dir, "--ar", ar_dir, "--shards", str(tmp_path / "none*.tar"),
+                      "--out", str(tmp_path), "--thresholds", "1.5"])
