@@ -16,8 +16,9 @@ of `mmdlm.evaluate`, at the same batch size and seeds.
 2. Speed/quality trade-off of the MDM: fixed steps `--steps` (capped at the target region: a 4-token
    answer takes at most 4 steps, a 64-token image 64; capped duplicates are run once) and Fast-dLLM
    threshold decoding at `--thresholds`; VQA accuracy and text-to-image all-correct against NFE (forward
-   calls per sampler call) and against wall-clock seconds per sample (model time at `--batch-size`,
-   after a warm-up), with the AR point(s) on the same axes.
+   calls per sampler call) and against wall-clock seconds per sample (the pipeline call at
+   `--batch-size`, VQ encoding / decoding included, scoring not; after a warm-up), with the AR point(s)
+   on the same axes.
 3. What only diffusion does (the AR baseline given what a left-to-right decoder can use):
    - text infilling: a val caption with one attribute word blanked (colour, shape, size or a position
      word, in turn), filled by `pipe.infill` with as many tokens as the word has. AR: left context only
