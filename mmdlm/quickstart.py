@@ -97,9 +97,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--val", type=int, default=1_000, help="held-out scenes")
     parser.add_argument("--seed", type=int, default=0, help="data seed")
     parser.add_argument("--text-vocab", type=int, default=512, help="BPE vocab size")
-    parser.add_argument("--vq-steps", type=int, default=1500, help="VQ tokenizer training steps")
-    parser.add_argument("--mdm-steps", type=int, default=3000, help="MDM training steps")
-    parser.add_argument("--eval-limit", type=int, default=300, help="val samples per evaluated task")
+    parser.add_argument("--vq-steps", type=int, default=500, help="VQ tokenizer training steps")
+    parser.add_argument("--mdm-steps", type=int, default=2000, help="MDM training steps")
+    parser.add_argument("--eval-limit", type=int, default=200, help="val samples per evaluated task")
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
