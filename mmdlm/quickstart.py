@@ -61,7 +61,8 @@ def steps(args: argparse.Namespace) -> list[Step]:
              [py, "train.py", "fit", "--config", "configs/vq-shapes.yaml",
               "--data.train_shards", train_glob, "--data.val_shards", val_glob,
               "--model.export_dir", str(out / "vq"), "--trainer.max_steps", str(args.vq_steps),
-              "--trainer.default_root_dir", str(out / "vq-run")],
+              "--trainer.default_root_dir", str(out / "vq-run"),
+              "--trainer.logger.init_args.save_dir", str(out / "vq-run")],
              out / "vq" / "config.json"),
         Step("pre-tokenize the train shards",
              [py, "-m", "vision.pretokenize", "--vq", str(out / "vq"), "--shards", train_glob,
@@ -76,7 +77,8 @@ def steps(args: argparse.Namespace) -> list[Step]:
               "--data.train_shards", f"{codes}/train/*.tar", "--data.val_shards", f"{codes}/val/*.tar",
               "--data.text_tokenizer", str(out / "text_tokenizer"), "--data.vq", str(out / "vq"),
               "--model.export_dir", str(out / "model"), "--trainer.max_steps", str(args.mdm_steps),
-              "--trainer.default_root_dir", str(out / "mdm-run")]
+              "--trainer.default_root_dir", str(out / "mdm-run"),
+              "--trainer.logger.init_args.save_dir", str(out / "mdm-run")]
              + (["--ckpt_path", "last"] if (out / "mdm-run").exists() else []),
              out / "model" / "config.json"),
         Step("evaluate",
