@@ -1,0 +1,160 @@
+"""Pre-tokenize webdataset shards: add each image's VQ codes as an `npy` member beside the original ones.
+
+Model training then reads the codes instead of running the VQ encoder at every step (as aMUSEd / MaskGIT
+pipelines pre-extract tokens). One output shard per input shard, with the same name and the same keys; the
+folder structure under the shards' common parent is kept, so one call can cover both splits
+(`--shards 'data/shards/shapes/*/*.tar' --out X` writes X/train/*.tar and X/val/*.tar), but the simplest is
+one call per split. A sample whose image cannot be read is skipped and counted (as the readers skip them),
+never fatal. A `DONE` file (with the counts) is written last, so a finished run can be recognised.
+
+    python -m vision.pretokenize --vq runs/quickstart/vq --shards 'data/shards/shapes/train/*.tar' \\
+        --out data/shards/shapes-codes/train
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import io
+import json
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from tqdm import tqdm
+
+from vision.tokenizer import VQTokenizer
+
+IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")  # the members a sample's image may be stored in
+
+
+def expand(pattern: str) -> list[str]:
+    """Shard paths of a glob and/or brace pattern (`a/{000..009}.tar`), sorted."""
+    try:
+        from mmdlm.data import expand_shards  # the readers' own expansion, when it exists
+    except ImportError:
+        expand_shards = None
+    if expand_shards is not None:
+        return sorted(str(p) for p in expand_shards(pattern))
+    paths = [p for part in wds.shardlists.expand_urls(pattern) for p in sorted(glob.glob(part))]
+    return sorted(set(paths))
+
+
+def load_image(data: bytes, image_size: int) -> torch.Tensor:
+    """Image bytes -> (3, S, S) float in [0, 1]: RGB, shorter side resized to S, centre crop."""
+    with Image.open(io.BytesIO(data)) as im:
+        im = im.convert("RGB")
+        if im.size != (image_size, image_size):
+            scale = image_size / min(im.size)
+            w, h = max(image_size, round(im.width * scale)), max(image_size, round(im.height * scale))
+            im = im.resize((w, h), Image.BICUBIC)
+            left, top = (w - image_size) // 2, (h - image_size) // 2
+            im = im.crop((left, top, left + image_size, top + image_size))
+        arr = np.asarray(im, dtype=np.uint8).copy()  # (S, S, 3)
+    return torch.from_numpy(arr).permute(2, 0, 1).float() / 255  # (3, S, S)
+
+
+def npy_bytes(codes: np.ndarray) -> bytes:
+    """An array as the bytes of an `.npy` file (what webdataset's `npy` decoder reads back)."""
+    buf = io.BytesIO()
+    np.save(buf, codes, allow_pickle=False)
+    return buf.getvalue()
+
+
+def raw_samples(shard: str, counts: dict[str, int]) -> Iterator[dict]:
+    """The samples of one shard as {member: bytes} plus `__key__`; unreadable tar entries are counted."""
+
+    def handler(exn: Exception) -> bool:
+        counts["unreadable"] += 1
+        print(f"[pretokenize] skipped in {shard}: {exn!r}", file=sys.stderr)
+        return True
+
+    dataset = wds.WebDataset(shard, shardshuffle=False, handler=handler, empty_check=False)
+    for sample in dataset:
+        yield {k: v for k, v in sample.items() if k == "__key__" or not k.startswith("__")}
+
+
+class ShardTokenizer:
+    """Encodes the images of shards in batches and writes them back with their codes."""
+
+    def __init__(self, vq: VQTokenizer, batch_size: int = 256) -> None:
+        self.vq = vq.eval()
+        self.batch_size = batch_size
+        self.dtype = np.int16 if vq.codebook_size <= np.iinfo(np.int16).max + 1 else np.int32
+
+    def _flush(self, writer: wds.TarWriter, samples: list[dict], images: list[torch.Tensor]) -> None:
+        if not samples:
+            return
+        codes = self.vq.encode(torch.stack(images)).cpu().numpy().astype(self.dtype)  # (B, h, w)
+        for sample, c in zip(samples, codes):
+            writer.write({**sample, "npy": npy_bytes(c)})
+        samples.clear()
+        images.clear()
+
+    def shard(self, src: str, dst: Path, counts: dict[str, int], progress: tqdm) -> None:
+        """Write `dst` with every readable sample of `src` plus its codes; `counts` gets written/skipped."""
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_name(dst.name + ".tmp")
+        samples: list[dict] = []
+        images: list[torch.Tensor] = []
+        with wds.TarWriter(str(tmp)) as writer:
+            for sample in raw_samples(src, counts):
+                ext = next((e for e in IMAGE_EXTS if e in sample), None)
+                try:
+                    if ext is None:
+                        raise ValueError(f"no image member among {sorted(sample)}")
+                    images.append(load_image(sample[ext], self.vq.image_size))
+                except Exception as e:  # a broken image never kills the run: skip and count it
+                    counts["skipped"] += 1
+                    print(f"[pretokenize] skipped {sample.get('__key__')} in {src}: {e!r}", file=sys.stderr)
+                    continue
+                samples.append(sample)
+                counts["written"] += 1
+                progress.update(1)
+                if len(samples) >= self.batch_size:
+                    self._flush(writer, samples, images)
+            self._flush(writer, samples, images)
+        os.replace(tmp, dst)  # a shard appears only when complete
+
+
+def pretokenize(vq: str, shards: str, out: str, batch_size: int = 256, device: str = "cpu") -> dict[str, int]:
+    """Pre-tokenize the shards matching `shards` into `out`; returns {"written", "skipped", "unreadable", ...}."""
+    paths = expand(shards)
+    if not paths:
+        raise FileNotFoundError(f"no shards match {shards!r}")
+    tokenizer = VQTokenizer.from_pretrained(vq).to(device)
+    worker = ShardTokenizer(tokenizer, batch_size=batch_size)
+    root = Path(os.path.commonpath([str(Path(p).resolve().parent) for p in paths]))
+    out_dir = Path(out)
+    counts = {"written": 0, "skipped": 0, "unreadable": 0}
+    with torch.inference_mode(), tqdm(desc="pretokenize", unit="img", file=sys.stderr) as progress:
+        for path in paths:
+            worker.shard(path, out_dir / Path(path).resolve().relative_to(root), counts, progress)
+    summary = {**counts, "shards": len(paths), "grid": list(tokenizer.grid), "codebook_size": tokenizer.codebook_size,
+               "dtype": np.dtype(worker.dtype).name, "vq": str(vq), "source": shards}
+    (out_dir / "DONE").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Add VQ codes (`npy`, [h, w] int16/int32) to every sample of webdataset shards."""
+    parser = argparse.ArgumentParser(prog="python -m vision.pretokenize", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--vq", required=True, help="VQ tokenizer folder (diffusers VQModel format)")
+    parser.add_argument("--shards", required=True, help="input shards: a glob or brace pattern (quote it)")
+    parser.add_argument("--out", required=True, help="output folder; shards keep their names and sub-folders")
+    parser.add_argument("--batch-size", type=int, default=256, help="images encoded per forward")
+    parser.add_argument("--device", default="cpu", help="torch device of the encoder")
+    args = parser.parse_args(argv)
+    summary = pretokenize(args.vq, args.shards, args.out, batch_size=args.batch_size, device=args.device)
+    print(f"[pretokenize] {summary['written']} samples in {summary['shards']} shards -> {args.out} "
+          f"({summary['skipped']} skipped, {summary['unreadable']} unreadable)")
+
+
+if __name__ == "__main__":
+    main()
