@@ -1,5 +1,6 @@
-"""End to end: a tiny MDM trained by Lightning on webdataset shards learns a toy world, and the pipeline's
-samplers use what it learned (VQA, captioning, text-to-image).
+"""End to end: a tiny MDM trained by Lightning on webdataset shards learns a toy world, and the
+samplers use what it learned (VQA and captioning from the image). Text-to-image learning is checked by
+tests/test_sampling.py's toy task (text copied into image codes).
 
 The toy world is laid out directly in VQ codes, so the test needs no trained image tokenizer: an 8x8 code
 grid of code 1 + colour with a 2x2 hole of code 0 at one of 9 cells. Captions and QA are
@@ -23,7 +24,7 @@ import webdataset as wds
 
 from mmdlm.lightning import LitMDM, MDMDataModule
 from mmdlm.sampling import MaskedSampling, sample_masked
-from mmdlm.sequence import Layout, caption_prompt, collate, t2i_prompt, vqa_prompt
+from mmdlm.sequence import Layout, caption_prompt, collate, vqa_prompt
 from mmdlm.text_tokenizer import BPETokenizer, texts_of_record
 
 COLORS = ["red", "green", "blue", "yellow", "magenta", "cyan", "white", "orange"]
@@ -102,11 +103,3 @@ def test_tiny_mdm_learns_toy_world_end_to_end(tiny_model_dir, tmp_path) -> None:
     parsed = [pattern.fullmatch(c.strip()) for c in captions]
     assert np.mean([m is not None for m in parsed]) >= 0.8, captions  # well-formed captions
     assert np.mean([m is not None and m.group(1) == COLORS[c] for m, (c, _) in zip(parsed, probe)]) >= 0.8, captions
-
-    prompts = [t2i_prompt(tok.encode(record(*h)["captions"][0]), vocab, layout, 64) for h in probe]
-    ids = run(prompts)
-    majority = []
-    for row, s, (c, _) in zip(ids, prompts, probe):
-        grid = vocab.token_to_image(row[: len(s)][s.image_index >= 0])
-        majority.append(int(torch.mode(grid).values) == 1 + c)
-    assert np.mean(majority) >= 0.8  # the image is drawn in the prompt's colour
