@@ -4,6 +4,8 @@
         --config configs/ar-shapes.yaml --steps 30 --out benchmarks/results
     python -m benchmarks.train_speed --config configs/mdm-shapes-gpu.yaml --device cuda --precision bf16-mixed \\
         --steps 50 --out /tmp/train_speed
+    python -m benchmarks.train_speed --config configs/mdm-shapes-gpu.yaml --config configs/ar-shapes-gpu.yaml \\
+        --device cuda --precision bf16-mixed --batch-size 128 --batch-size 512 --compile --out /tmp/ts
 
 Each `--config` is a LightningCLI recipe (`train.py fit --config ...`); its model (`LitMDM` init args),
 layout, batch size, task weights, precision and gradient clipping are used as they are. The step is
@@ -13,7 +15,10 @@ the `mmdlm.sequence` templates (tasks drawn by the recipe's weights, 1..qa_per_s
 training) with random VQ codes and random text ids (captions half to all of their region, answers
 1..answer_len-1 tokens), so no data and no trained VQ are needed. Vocabulary sizes come from the
 recipe's text tokenizer / VQ folders when they exist, else from --text-vocab / --codebook-size /
---grid / --codebook-dim (the shapes recipes' values).
+--grid / --codebook-dim (the shapes recipes' values). --batch-size (repeatable) replaces the recipe's batch
+size: each recipe runs once per size given. --compile wraps the transformer in `torch.compile`
+(`nn.Module.compile`, in place, once the model is built), so its compile time falls in the warm-up
+steps: give --warmup enough of them (a new sequence length can recompile).
 
 Each step is timed from `on_train_batch_start` to `on_train_batch_end` (CUDA synchronised; the batch is
 already on the device); the first --warmup steps are left out and the median of the rest reported with
@@ -179,14 +184,15 @@ def synthetic_datamodule(recipe: Recipe, sizes: Sizes, n_batches: int, seed: int
         @property
         def max_seq_len(self) -> int:  # as MDMDataModule.max_seq_len: the longest template
             n, lay, v = sizes.grid[0] * sizes.grid[1], self.layout, self.vocab
-            codes = torch.zeros(sizes.grid, dtype=torch.long)
+            codes = torch.zeros(sizes.grid, dtype=torch.long, device="cpu")  # not the GPU's init context
             return max(len(t) for t in (t2i_prompt([], v, lay, n), caption_prompt(codes, v, lay),
                                         joint_prompt(v, lay, n), text_prompt([], v, lay),
                                         vqa_prompt(codes, [[0]] * lay.qa_per_sample, v, lay)))
 
         def codebook_vectors(self) -> torch.Tensor:
             g = torch.Generator().manual_seed(seed)
-            return torch.randn(sizes.codebook_size, sizes.codebook_dim, generator=g)
+            # on the CPU, as the generator: configure_model runs under the trainer's device context
+            return torch.randn(sizes.codebook_size, sizes.codebook_dim, generator=g, device="cpu")
 
         def train_dataloader(self) -> DataLoader:
             return DataLoader(self.batches, batch_size=None, shuffle=False, collate_fn=_identity)
@@ -224,11 +230,25 @@ def step_timer(device_type: str):
     return StepTimer()
 
 
-def run_recipe(recipe: Recipe, args: argparse.Namespace) -> dict[str, Any]:
+def compiler():
+    """A Callback compiling the built transformer in place (after `configure_model`, before step 1)."""
+    from lightning.pytorch.callbacks import Callback
+
+    class Compile(Callback):
+        def on_fit_start(self, trainer, pl_module) -> None:
+            pl_module.model.compile()
+
+    return Compile()
+
+
+def run_recipe(recipe: Recipe, args: argparse.Namespace, batch_size: int | None = None) -> dict[str, Any]:
     """Train `args.steps` real steps of one recipe on synthetic batches; its throughput."""
     import lightning as L
 
     from mmdlm.lightning import LitMDM
+
+    if batch_size is not None:
+        recipe = Recipe(recipe.path, recipe.model, {**recipe.data, "batch_size": batch_size}, recipe.trainer)
 
     sizes = vocab_sizes(recipe, args)
     precision = args.precision or recipe.trainer.get("precision", "32-true")
@@ -242,7 +262,7 @@ def run_recipe(recipe: Recipe, args: argparse.Namespace) -> dict[str, Any]:
                             max_steps=args.steps, gradient_clip_val=recipe.trainer.get("gradient_clip_val"),
                             logger=False, enable_checkpointing=False, enable_progress_bar=False,
                             enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
-                            callbacks=[timer], default_root_dir=root)
+                            callbacks=[timer, *([compiler()] if args.compile else [])], default_root_dir=root)
         if device_type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         trainer.fit(lit, datamodule=dm)
@@ -255,7 +275,8 @@ def run_recipe(recipe: Recipe, args: argparse.Namespace) -> dict[str, Any]:
         "non_embedding_parameters": model.num_params(non_embedding=True),
         "n_layer": model.config.n_layer, "n_embd": model.config.n_embd, "vocab_size": model.config.vocab_size,
         "sizes_from": sizes.source, "batch_size": len(dm.batches[0]), "seq_len_mean": statistics.fmean(seq),
-        "precision": str(precision), "device": device_type, "steps_timed": len(secs), "warmup": args.warmup,
+        "precision": str(precision), "compile": bool(args.compile), "device": device_type,
+        "steps_timed": len(secs), "warmup": args.warmup,
         "seconds_per_step": stats(secs),
         "tokens_per_s": stats([t / s for t, s in zip(toks, secs)]),
         "positions_per_s": stats([p / s for p, s in zip(pos, secs)]),
@@ -288,7 +309,8 @@ def render_markdown(result: dict[str, Any]) -> str:
     for r in result["runs"]:
         s = r["seconds_per_step"]
         mfu = r.get("mfu")
-        rows.append([Path(r["config"]).name, "AR" if r["causal"] else "MDM",
+        kind = ("AR" if r["causal"] else "MDM") + (" compiled" if r.get("compile") else "")
+        rows.append([Path(r["config"]).name, kind,
                      f"{r['parameters'] / 1e6:.2f}M ({r['non_embedding_parameters'] / 1e6:.2f}M)",
                      f"{r['batch_size']} x {r['seq_len_mean']:.0f}", r["precision"], r.get("gpu", r["device"]),
                      f"{s['median']:.3g} [{s['min']:.3g} - {s['max']:.3g}]", f"{r['tokens_per_s']['median']:.4g}",
@@ -310,6 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                         help="auto = cuda if available")
     parser.add_argument("--precision", help="override the recipe's trainer.precision (e.g. bf16-mixed on a GPU)")
+    parser.add_argument("--batch-size", type=positive, action="append",
+                        help="replace the recipe's batch size (repeatable: one run per size)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the transformer (in place)")
     parser.add_argument("--peak-flops", type=float, help="peak FLOP/s for MFU (default: the table, by GPU name)")
     parser.add_argument("--text-vocab", type=positive, help="text ids (default: the recipe's tokenizer, else 512)")
     parser.add_argument("--codebook-size", type=positive, help="VQ codes (default: the recipe's VQ, else 256)")
@@ -340,7 +365,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         import lightning.pytorch  # noqa: F401  (it sets its logger's level when imported: import first)
 
         logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    runs = [run_recipe(recipe, args) for recipe in recipes]
+    runs = [run_recipe(recipe, args, size) for recipe in recipes for size in (args.batch_size or [None])]
     result = {"command": command_line("benchmarks.train_speed", argv), "machine": machine_info(args.device),
               "warmup": args.warmup, "steps": args.steps, "runs": runs}
     out = Path(args.out)

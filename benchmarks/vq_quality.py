@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from vision.lightning import perplexity, psnr
-from vision.tokenizer import VQTokenizer
+from vision.load import load_image_tokenizer
 
 
 def object_centre(obj: dict, image_size: int) -> tuple[int, int]:
@@ -52,7 +52,7 @@ def colour_survival(recon: torch.Tensor, objects: list[list[dict]]) -> tuple[int
 
 
 @torch.no_grad()
-def evaluate(vq: VQTokenizer, images: torch.Tensor, objects: list[list[dict]] | None = None,
+def evaluate(vq: torch.nn.Module, images: torch.Tensor, objects: list[list[dict]] | None = None,
              batch_size: int = 250) -> dict:
     """Round-trip metrics of `vq` on images (N, 3, H, W) in [0, 1], with their scene graphs if known."""
     try:
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--limit", type=int, default=None, help="at most this many images")
     parser.add_argument("--json", default=None, help="also write the metrics here")
     args = parser.parse_args(argv)
-    vq = VQTokenizer.from_pretrained(args.vq)
+    vq = load_image_tokenizer(args.vq)
     images, objects = load_val(args.shards, vq.image_size, args.limit)
     result = {"vq": args.vq, "shards": args.shards, **evaluate(vq, images, objects)}
     text = json.dumps(result, indent=2)

@@ -73,12 +73,12 @@ class MDMDataModule(ShardDataModule):
                          batch_size=batch_size, num_workers=num_workers, shuffle_buffer=shuffle_buffer,
                          resampled=resampled, epoch_length=epoch_length, seed=seed,
                          load_images=False, load_codes=True)  # images are decoded only where codes are missing
-        from vision.tokenizer import VQTokenizer
+        from vision.load import load_image_tokenizer
 
         self.text_tokenizer_path = text_tokenizer
         self.vq_path = vq
         self.tokenizer: TextTokenizer = load_text_tokenizer(text_tokenizer)
-        self.vq = VQTokenizer.from_pretrained(vq).eval()
+        self.vq = load_image_tokenizer(vq).eval()
         self.vocab = Vocab(self.tokenizer.vocab_size, self.vq.codebook_size)
         self.layout = layout or Layout()
         weights = task_weights or {"t2i": 1.0, "vqa": 1.0, "caption": 0.5, "joint": 0.25}

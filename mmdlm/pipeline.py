@@ -83,7 +83,7 @@ class MMDLMPipeline:
     """A trained mmdlm model with its tokenizers; see the module docstring for usage."""
 
     def __init__(self, model: Transformer, vocab: Vocab, layout: Layout, text_tokenizer: TextTokenizer,
-                 vq, device: str | torch.device = "cpu") -> None:  # vq: vision.tokenizer.VQTokenizer
+                 vq, device: str | torch.device = "cpu") -> None:  # vq: a vision.load image tokenizer
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.vocab, self.layout, self.tokenizer = vocab, layout, text_tokenizer
@@ -93,7 +93,7 @@ class MMDLMPipeline:
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None) -> MMDLMPipeline:
         """Load a model folder written by `mmdlm.export` / `save_pretrained`."""
-        from vision.tokenizer import VQTokenizer
+        from vision.load import load_image_tokenizer
 
         path = Path(path)
         config_file = path / "config.json"
@@ -109,7 +109,7 @@ class MMDLMPipeline:
         model.load_state_dict(load_file(str(path / "model.safetensors")))
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         return cls(model, Vocab(**config["vocab"]), Layout(**config["layout"]),
-                   load_text_tokenizer(path / "text_tokenizer"), VQTokenizer.from_pretrained(path / "vq"),
+                   load_text_tokenizer(path / "text_tokenizer"), load_image_tokenizer(path / "vq"),
                    device)
 
     def save_pretrained(self, path: str | Path) -> Path:

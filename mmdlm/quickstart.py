@@ -1,4 +1,4 @@
-"""The main job, end to end on one CPU: data -> text BPE -> VQ tokenizer -> pre-tokenize -> MDM -> evaluation.
+"""The main job, end to end on one CPU: data -> text BPE -> image tokenizer -> pre-tokenize -> MDM -> evaluation.
 
     make quickstart                                   # = python -m mmdlm.quickstart --out runs/quickstart
     python -m mmdlm.quickstart --out runs/quickstart --train 20000 --mdm-steps 3000
@@ -42,6 +42,28 @@ class Step:
         return time.perf_counter() - start
 
 
+def patch_tokenizer_step(args: argparse.Namespace, out: Path, train_glob: str, val_glob: str) -> Step:
+    """Fit the patch-dictionary tokenizer (seconds; exact for 99% of shapes patches, BENCHMARKS.md)."""
+    return Step("fit the patch image tokenizer",
+                [sys.executable, "-m", "vision.patch_tokenizer", "--shards", train_glob, "--out", str(out / "vq"),
+                 "--codebook-size", str(args.codebook_size)],
+                out / "vq" / "config.json")
+
+
+def vq_tokenizer_step(args: argparse.Namespace, out: Path, train_glob: str, val_glob: str) -> Step:
+    """Train the diffusers VQ-VAE with Lightning (minutes; blurrier on a CPU budget, BENCHMARKS.md)."""
+    return Step("train the VQ image tokenizer",
+                [sys.executable, "train.py", "fit", "--config", "configs/vq-shapes.yaml",
+                 "--data.train_shards", train_glob, "--data.val_shards", val_glob,
+                 "--model.export_dir", str(out / "vq"), "--model.vq.codebook_size", str(args.codebook_size),
+                 "--trainer.max_steps", str(args.vq_steps), "--trainer.default_root_dir", str(out / "vq-run"),
+                 "--trainer.logger.init_args.save_dir", str(out / "vq-run")],
+                out / "vq" / "config.json")
+
+
+TOKENIZER_STEPS = {"patch": patch_tokenizer_step, "vq": vq_tokenizer_step}
+
+
 def steps(args: argparse.Namespace) -> list[Step]:
     py = sys.executable
     out = Path(args.out)
@@ -57,13 +79,7 @@ def steps(args: argparse.Namespace) -> list[Step]:
              [py, "-m", "mmdlm.text_tokenizer", "--shards", train_glob, "--out", str(out / "text_tokenizer"),
               "--vocab-size", str(args.text_vocab)],
              out / "text_tokenizer" / "tokenizer.json"),
-        Step("train the VQ image tokenizer",
-             [py, "train.py", "fit", "--config", "configs/vq-shapes.yaml",
-              "--data.train_shards", train_glob, "--data.val_shards", val_glob,
-              "--model.export_dir", str(out / "vq"), "--trainer.max_steps", str(args.vq_steps),
-              "--trainer.default_root_dir", str(out / "vq-run"),
-              "--trainer.logger.init_args.save_dir", str(out / "vq-run")],
-             out / "vq" / "config.json"),
+        TOKENIZER_STEPS[args.tokenizer](args, out, train_glob, val_glob),
         Step("pre-tokenize the train shards",
              [py, "-m", "vision.pretokenize", "--vq", str(out / "vq"), "--shards", train_glob,
               "--out", str(codes / "train")],
@@ -79,6 +95,7 @@ def steps(args: argparse.Namespace) -> list[Step]:
               "--model.export_dir", str(out / "model"), "--trainer.max_steps", str(args.mdm_steps),
               "--trainer.default_root_dir", str(out / "mdm-run"),
               "--trainer.logger.init_args.save_dir", str(out / "mdm-run")]
+             + shlex.split(args.mdm_args)
              + (["--ckpt_path", "last"] if (out / "mdm-run").exists() else []),
              out / "model" / "config.json"),
         Step("evaluate",
@@ -99,8 +116,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--val", type=int, default=1_000, help="held-out scenes")
     parser.add_argument("--seed", type=int, default=0, help="data seed")
     parser.add_argument("--text-vocab", type=int, default=512, help="BPE vocab size")
-    parser.add_argument("--vq-steps", type=int, default=500, help="VQ tokenizer training steps")
+    parser.add_argument("--tokenizer", choices=sorted(TOKENIZER_STEPS), default="patch",
+                        help="image tokenizer: a fitted patch dictionary, or the diffusers VQ-VAE (Lightning)")
+    parser.add_argument("--codebook-size", type=int, default=1024, help="image codes")
+    parser.add_argument("--vq-steps", type=int, default=500, help="VQ-VAE training steps (--tokenizer vq)")
     parser.add_argument("--mdm-steps", type=int, default=2000, help="MDM training steps")
+    parser.add_argument("--mdm-args", default="",
+                        help="more train.py arguments for the MDM, e.g. '--trainer.accelerator gpu'")
     parser.add_argument("--eval-limit", type=int, default=200, help="val samples per evaluated task")
     args = parser.parse_args(argv)
 

@@ -28,7 +28,7 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
-from vision.tokenizer import VQTokenizer
+from vision.load import load_image_tokenizer
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")  # the members a sample's image may be stored in
 
@@ -82,7 +82,7 @@ def raw_samples(shard: str, counts: dict[str, int]) -> Iterator[dict]:
 class ShardTokenizer:
     """Encodes the images of shards in batches and writes them back with their codes."""
 
-    def __init__(self, vq: VQTokenizer, batch_size: int = 256) -> None:
+    def __init__(self, vq: torch.nn.Module, batch_size: int = 256) -> None:
         self.vq = vq.eval()
         self.batch_size = batch_size
         self.dtype = np.int16 if vq.codebook_size <= np.iinfo(np.int16).max + 1 else np.int32
@@ -127,7 +127,7 @@ def pretokenize(vq: str, shards: str, out: str, batch_size: int = 256, device: s
     paths = expand(shards)
     if not paths:
         raise FileNotFoundError(f"no shards match {shards!r}")
-    tokenizer = VQTokenizer.from_pretrained(vq).to(device)
+    tokenizer = load_image_tokenizer(vq).to(device)
     worker = ShardTokenizer(tokenizer, batch_size=batch_size)
     root = Path(os.path.commonpath([str(Path(p).resolve().parent) for p in paths]))
     out_dir = Path(out)

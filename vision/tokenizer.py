@@ -125,7 +125,7 @@ class VQTokenizer(nn.Module):
         if class_name != VQModel.__name__:
             raise ValueError(f"{str(path)!r} holds a {class_name!r}, not a diffusers VQModel")
         try:
-            model = VQModel.from_pretrained(folder)
+            model = VQModel.from_pretrained(folder, low_cpu_mem_usage=False)  # no `accelerate` nag
         except (OSError, ValueError, RuntimeError) as e:
             raise OSError(f"could not load the VQModel in {str(path)!r}: {e}") from e
         extra_path = folder / EXTRA_FILE
