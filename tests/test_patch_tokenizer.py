@@ -146,3 +146,17 @@ def test_cli_names_shards_that_match_nothing(tmp_path: Path, capsys) -> None:
         main(["--shards", str(tmp_path / "none-*.tar"), "--out", str(tmp_path / "tok")])
     assert exit_info.value.code == 2 and "none-*.tar" in capsys.readouterr().err
     assert not (tmp_path / "tok").exists()
+
+
+def test_the_binding_probe_reads_each_codes_palette_colour() -> None:
+    from benchmarks.binding_probe import code_colours
+    from data.shapes import COLORS
+
+    tok = PatchTokenizer(image_size=8, patch_size=4, codebook_size=4)
+    patches = torch.zeros(4, 3, 4, 4)
+    patches[1, 0] = 1.0  # a red patch
+    patches[2, 1, :2] = 1.0  # half green
+    patches[3, :2, 1:3, 1:3] = torch.tensor([1.0, 0.5])[:, None, None]  # an orange square in black
+    tok.codebook.data.copy_(patches.reshape(4, -1))
+    names = list(COLORS)
+    assert code_colours(tok).tolist() == [-1, names.index("red"), names.index("green"), names.index("orange")]

@@ -1,0 +1,47 @@
+"""The quickstart's plan: which commands it runs for each image tokenizer, and its argument errors.
+(The whole quickstart is timed in BENCHMARKS.md; its stages are tested end to end in their own files.)"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from mmdlm.quickstart import main, steps
+
+
+def plan(tmp_path: Path, **overrides) -> list:
+    args = dict(out=str(tmp_path / "qs"), data=str(tmp_path / "shapes"), train=100, val=10, seed=0, text_vocab=300,
+                tokenizer="patch", codebook_size=1024, vq_steps=5, mdm_steps=7, mdm_args="", eval_limit=3)
+    return steps(argparse.Namespace(**{**args, **overrides}))
+
+
+def test_the_default_plan_fits_the_patch_tokenizer_and_feeds_its_folder_to_every_later_stage(tmp_path: Path) -> None:
+    plan_ = plan(tmp_path)
+    names = [s.name for s in plan_]
+    assert names == ["make the shapes shards", "train the text BPE", "fit the patch image tokenizer",
+                     "pre-tokenize the train shards", "pre-tokenize the val shards",
+                     "train the masked-diffusion model", "evaluate"]
+    fit = plan_[2].command
+    assert fit[1:3] == ["-m", "vision.patch_tokenizer"] and fit[fit.index("--codebook-size") + 1] == "1024"
+    vq = str(tmp_path / "qs" / "vq")
+    assert plan_[3].command[plan_[3].command.index("--vq") + 1] == vq
+    mdm = plan_[5].command
+    assert mdm[mdm.index("--data.vq") + 1] == vq and mdm[mdm.index("--trainer.max_steps") + 1] == "7"
+    assert "--ckpt_path" not in mdm  # nothing to resume yet
+
+
+def test_the_vq_plan_trains_the_vqvae_and_extra_mdm_arguments_are_passed_on(tmp_path: Path) -> None:
+    (tmp_path / "qs" / "mdm-run").mkdir(parents=True)  # a killed run: the MDM resumes from last.ckpt
+    plan_ = plan(tmp_path, tokenizer="vq", codebook_size=256, mdm_args="--trainer.accelerator gpu")
+    vq = plan_[2].command
+    assert vq[2:4] == ["fit", "--config"] and vq[vq.index("--model.vq.codebook_size") + 1] == "256"
+    mdm = plan_[5].command
+    assert mdm[-4:] == ["--trainer.accelerator", "gpu", "--ckpt_path", "last"]
+
+
+def test_a_bad_argument_exits_with_a_sentence(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--tokenizer", "jpeg"])
+    assert exit_info.value.code == 2 and "jpeg" in capsys.readouterr().err
