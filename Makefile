@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
-## make quickstart: data -> VQ tokenizer -> MDM -> evaluation -> runs/quickstart/{metrics.json,report.md,samples.png}
+## make quickstart: data -> text BPE -> image tokenizer -> MDM -> evaluation -> runs/quickstart/{metrics.json,report.md,samples.png}
 quickstart: $(STAMP)
 	$(BIN)/python -m mmdlm.quickstart --out runs/quickstart
 
