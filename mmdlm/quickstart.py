@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="image tokenizer: a fitted patch dictionary, or the diffusers VQ-VAE (Lightning)")
     parser.add_argument("--codebook-size", type=int, default=1024, help="image codes")
     parser.add_argument("--vq-steps", type=int, default=500, help="VQ-VAE training steps (--tokenizer vq)")
-    parser.add_argument("--mdm-steps", type=int, default=1700, help="MDM training steps (0.45-0.5 s each on 2 cores)")
+    parser.add_argument("--mdm-steps", type=int, default=1300, help="MDM training steps (0.5-0.65 s each on 2 cores)")
     parser.add_argument("--mdm-args", default="",
                         help="more train.py arguments for the MDM, e.g. '--trainer.accelerator gpu'")
     parser.add_argument("--eval-limit", type=int, default=200, help="val samples per evaluated task")
