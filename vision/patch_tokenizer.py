@@ -38,9 +38,10 @@ from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from torch import nn
 
+from vision.tokenizer import EXTRA_FILE, CodeGrid, check_codes
+
 log = logging.getLogger(__name__)
 
-EXTRA_FILE = "mmdlm_vq.json"  # the same side file as vision.tokenizer writes (image size, grid, codebook size)
 LEVELS = 255  # patches are compared after rounding to 8-bit levels, so equal-looking patches are one entry
 
 
@@ -96,7 +97,7 @@ def fit_dictionary(patches: torch.Tensor, counts: torch.Tensor, codebook_size: i
     return book
 
 
-class PatchTokenizer(ModelMixin, ConfigMixin):
+class PatchTokenizer(CodeGrid, ModelMixin, ConfigMixin):
     """Images in [0, 1] <-> code grids through a dictionary of pixel patches (see the module docstring).
 
     Args:
@@ -171,18 +172,6 @@ class PatchTokenizer(ModelMixin, ConfigMixin):
         return int(self.config.patch_size)
 
     @property
-    def grid(self) -> tuple[int, int]:
-        """(h, w): the code grid of one image."""
-        side = self.image_size // self.downsample
-        return side, side
-
-    @property
-    def tokens_per_image(self) -> int:
-        """h * w."""
-        h, w = self.grid
-        return h * w
-
-    @property
     def embed_dim(self) -> int:
         """Size of a code vector: the patch's C*p*p pixel values."""
         return int(self.codebook.shape[1])
@@ -206,11 +195,7 @@ class PatchTokenizer(ModelMixin, ConfigMixin):
     @torch.no_grad()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """(B, h, w) integer codes -> (B, C, H, W) float images in [0, 1]."""
-        if codes.dim() != 3 or codes.dtype.is_floating_point:
-            raise ValueError(f"decode takes integer codes of shape (B, h, w), got {tuple(codes.shape)} {codes.dtype}")
-        lo, hi = int(codes.min()), int(codes.max())
-        if lo < 0 or hi >= self.codebook_size:
-            raise ValueError(f"codes must be in [0, {self.codebook_size}), got [{lo}, {hi}]")
+        check_codes(codes, self.codebook_size)
         patches = self.codebook[codes.long().to(self.codebook.device)]  # (B, h, w, d)
         return unpatchify(patches, self.config.channels, self.downsample).clamp(0, 1)  # (B, C, H, W)
 

@@ -29,6 +29,53 @@ EXTRA_FILE = "mmdlm_vq.json"  # mmdlm's info beside the diffusers folder (diffus
 CONFIG_FILE = "config.json"  # diffusers' config of the VQModel
 
 
+def read_tokenizer_folder(path: str | Path) -> tuple[Path, str | None]:
+    """(the folder holding a diffusers config.json, its `_class_name`), with errors that name the path.
+
+    A pipeline folder with a `vqvae/` subfolder (aMUSEd's layout) resolves to that subfolder.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image tokenizer folder {str(path)!r} does not exist")
+    if not (folder / CONFIG_FILE).is_file() and (folder / "vqvae" / CONFIG_FILE).is_file():
+        folder = folder / "vqvae"
+    config_path = folder / CONFIG_FILE
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{str(path)!r} is not an image tokenizer folder: it has no {CONFIG_FILE}")
+    try:
+        return folder, json.loads(config_path.read_text()).get("_class_name")
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise ValueError(f"{str(config_path)!r} is not a valid diffusers config: {e}") from e
+
+
+def check_codes(codes: torch.Tensor, codebook_size: int) -> None:
+    """Raise unless `codes` is an integer (B, h, w) grid of ids in [0, codebook_size)."""
+    if codes.dim() != 3 or codes.dtype.is_floating_point:
+        raise ValueError(f"decode takes integer codes of shape (B, h, w), got {tuple(codes.shape)} {codes.dtype}")
+    lo, hi = int(codes.min()), int(codes.max())
+    if lo < 0 or hi >= codebook_size:
+        raise ValueError(f"codes must be in [0, {codebook_size}), got [{lo}, {hi}]")
+
+
+class CodeGrid:
+    """The code grid of a tokenizer of square `image_size` images with `downsample` pixels per code."""
+
+    image_size: int
+    downsample: int
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """(h, w): the code grid of one image."""
+        side = self.image_size // self.downsample
+        return side, side
+
+    @property
+    def tokens_per_image(self) -> int:
+        """h * w."""
+        h, w = self.grid
+        return h * w
+
+
 @dataclass
 class VQConfig:
     """The architecture of a new tokenizer (`VQTokenizer.new`); the defaults train on 2 CPU cores in minutes."""
@@ -80,7 +127,7 @@ class VQOutput(NamedTuple):
     codes: torch.Tensor  # (B, h, w) int64 code ids
 
 
-class VQTokenizer(nn.Module):
+class VQTokenizer(CodeGrid, nn.Module):
     """Images in [0, 1] <-> code grids, wrapping a diffusers `VQModel` (kept as `.model`).
 
     Args:
@@ -110,18 +157,7 @@ class VQTokenizer(nn.Module):
 
         `image_size` overrides the one saved by mmdlm (or, for a foreign folder, the config's `sample_size`).
         """
-        folder = Path(path)
-        if not folder.is_dir():
-            raise FileNotFoundError(f"VQ tokenizer folder {str(path)!r} does not exist")
-        if not (folder / CONFIG_FILE).is_file() and (folder / "vqvae" / CONFIG_FILE).is_file():
-            folder = folder / "vqvae"
-        config_path = folder / CONFIG_FILE
-        if not config_path.is_file():
-            raise FileNotFoundError(f"{str(path)!r} is not a VQModel folder: it has no {CONFIG_FILE}")
-        try:
-            class_name = json.loads(config_path.read_text()).get("_class_name")
-        except (json.JSONDecodeError, AttributeError) as e:
-            raise ValueError(f"{str(config_path)!r} is not a valid diffusers config: {e}") from e
+        folder, class_name = read_tokenizer_folder(path)
         if class_name != VQModel.__name__:
             raise ValueError(f"{str(path)!r} holds a {class_name!r}, not a diffusers VQModel")
         try:
@@ -149,18 +185,6 @@ class VQTokenizer(nn.Module):
     def downsample(self) -> int:
         """Pixels per code along each side (diffusers halves the resolution in every stage but the last)."""
         return 2 ** (len(self.model.config.block_out_channels) - 1)
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        """(h, w): the code grid of one image."""
-        side = self.image_size // self.downsample
-        return side, side
-
-    @property
-    def tokens_per_image(self) -> int:
-        """h * w."""
-        h, w = self.grid
-        return h * w
 
     @property
     def embed_dim(self) -> int:
@@ -226,11 +250,7 @@ class VQTokenizer(nn.Module):
     @torch.no_grad()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """(B, h, w) integer codes -> (B, 3, H, W) float images in [0, 1] (on the tokenizer's device)."""
-        if codes.dim() != 3 or codes.dtype.is_floating_point:
-            raise ValueError(f"decode takes integer codes of shape (B, h, w), got {tuple(codes.shape)} {codes.dtype}")
-        lo, hi = int(codes.min()), int(codes.max())
-        if lo < 0 or hi >= self.codebook_size:
-            raise ValueError(f"codes must be in [0, {self.codebook_size}), got [{lo}, {hi}]")
+        check_codes(codes, self.codebook_size)
         return self.decode_vectors(self.lookup(codes.long())).float().clamp(0, 1)  # (B, 3, H, W)
 
     def _check_images(self, images: torch.Tensor) -> None:
