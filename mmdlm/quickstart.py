@@ -2,6 +2,7 @@
 
     make quickstart                                   # = python -m mmdlm.quickstart --out runs/quickstart
     python -m mmdlm.quickstart --out runs/quickstart --train 20000 --mdm-steps 3000
+    python -m mmdlm.quickstart --world digits --out runs/digits   # scikit-learn's real handwritten digits
 
 Every step is an ordinary command a user could type (printed before it runs); a step whose output already
 exists is skipped, so a killed quickstart picks up where it stopped (the MDM resumes from `last.ckpt`).
@@ -15,6 +16,7 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,11 +44,42 @@ class Step:
         return time.perf_counter() - start
 
 
+def shapes_data_step(args: argparse.Namespace, shards: Path) -> Step:
+    """Render the procedural shapes world (scene graphs -> images, captions, QA)."""
+    return Step("make the shapes shards",
+                [sys.executable, "-m", "data.shapes", "--out", str(shards), "--train", str(args.train),
+                 "--val", str(args.val), "--seed", str(args.seed)],
+                shards / "stats.json")
+
+
+def digits_data_step(args: argparse.Namespace, shards: Path) -> Step:
+    """Write scikit-learn's 1,797 real digit scans (a fixed set: --train/--val do not apply)."""
+    return Step("make the digits shards",
+                [sys.executable, "-m", "data.digits", "--out", str(shards), "--seed", str(args.seed)],
+                shards / "stats.json")
+
+
+@dataclass(frozen=True)
+class World:
+    """A data recipe and the defaults that suit it."""
+
+    data_step: Callable[[argparse.Namespace, Path], Step]
+    data: str  # where its shards go
+    codebook_size: int  # patch-dictionary codes: shapes needs 1,024 for 30 dB (BENCHMARKS.md); digits'
+    #   nearest-upscaled 8x8 scans are 4x4 blocks of 17 grey levels, so 32 codes are already exact
+
+
+WORLDS = {
+    "shapes": World(shapes_data_step, "data/shards/shapes", 1024),
+    "digits": World(digits_data_step, "data/shards/digits", 32),
+}
+
+
 def patch_tokenizer_step(args: argparse.Namespace, out: Path, train_glob: str, val_glob: str) -> Step:
     """Fit the patch-dictionary tokenizer (seconds; exact for 99% of shapes patches, BENCHMARKS.md)."""
     return Step("fit the patch image tokenizer",
                 [sys.executable, "-m", "vision.patch_tokenizer", "--shards", train_glob, "--out", str(out / "vq"),
-                 "--codebook-size", str(args.codebook_size)],
+                 "--codebook-size", str(codebook_size(args))],
                 out / "vq" / "config.json")
 
 
@@ -55,10 +88,15 @@ def vq_tokenizer_step(args: argparse.Namespace, out: Path, train_glob: str, val_
     return Step("train the VQ image tokenizer",
                 [sys.executable, "train.py", "fit", "--config", "configs/vq-shapes.yaml",
                  "--data.train_shards", train_glob, "--data.val_shards", val_glob,
-                 "--model.export_dir", str(out / "vq"), "--model.vq.codebook_size", str(args.codebook_size),
+                 "--model.export_dir", str(out / "vq"), "--model.vq.codebook_size", str(codebook_size(args)),
                  "--trainer.max_steps", str(args.vq_steps), "--trainer.default_root_dir", str(out / "vq-run"),
                  "--trainer.logger.init_args.save_dir", str(out / "vq-run")],
                 out / "vq" / "config.json")
+
+
+def codebook_size(args: argparse.Namespace) -> int:
+    """--codebook-size, or the world's default."""
+    return args.codebook_size or WORLDS[args.world].codebook_size
 
 
 TOKENIZER_STEPS = {"patch": patch_tokenizer_step, "vq": vq_tokenizer_step}
@@ -67,14 +105,12 @@ TOKENIZER_STEPS = {"patch": patch_tokenizer_step, "vq": vq_tokenizer_step}
 def steps(args: argparse.Namespace) -> list[Step]:
     py = sys.executable
     out = Path(args.out)
-    shards = Path(args.data)
+    world = WORLDS[args.world]
+    shards = Path(args.data or world.data)
     codes = Path(str(shards) + "-codes")
     train_glob, val_glob = f"{shards}/train/*.tar", f"{shards}/val/*.tar"
     return [
-        Step("make the shapes shards",
-             [py, "-m", "data.shapes", "--out", str(shards), "--train", str(args.train), "--val", str(args.val),
-              "--seed", str(args.seed)],
-             shards / "stats.json"),
+        world.data_step(args, shards),
         Step("train the text BPE",
              [py, "-m", "mmdlm.text_tokenizer", "--shards", train_glob, "--out", str(out / "text_tokenizer"),
               "--vocab-size", str(args.text_vocab)],
@@ -107,24 +143,30 @@ def steps(args: argparse.Namespace) -> list[Step]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run the whole mmdlm pipeline on the shapes world and write metrics, a report and samples."""
+    """Run the whole mmdlm pipeline on the shapes world (or the digits) and write metrics, a report and samples."""
     parser = argparse.ArgumentParser(prog="python -m mmdlm.quickstart", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/quickstart", help="output folder")
-    parser.add_argument("--data", default="data/shards/shapes", help="where the shapes shards go")
-    parser.add_argument("--train", type=int, default=20_000, help="training scenes")
-    parser.add_argument("--val", type=int, default=1_000, help="held-out scenes")
+    parser.add_argument("--world", choices=sorted(WORLDS), default="shapes",
+                        help="data: the procedural shapes world, or scikit-learn's real handwritten digits")
+    parser.add_argument("--data", default=None,
+                        help="where the shards go (default: data/shards/shapes or data/shards/digits)")
+    parser.add_argument("--train", type=int, default=20_000, help="training scenes (shapes)")
+    parser.add_argument("--val", type=int, default=1_000, help="held-out scenes (shapes)")
     parser.add_argument("--seed", type=int, default=0, help="data seed")
     parser.add_argument("--text-vocab", type=int, default=512, help="BPE vocab size")
     parser.add_argument("--tokenizer", choices=sorted(TOKENIZER_STEPS), default="patch",
                         help="image tokenizer: a fitted patch dictionary, or the diffusers VQ-VAE (Lightning)")
-    parser.add_argument("--codebook-size", type=int, default=1024, help="image codes")
+    parser.add_argument("--codebook-size", type=int, default=None,
+                        help="image codes (default: 1024 for shapes, 32 for digits)")
     parser.add_argument("--vq-steps", type=int, default=500, help="VQ-VAE training steps (--tokenizer vq)")
     parser.add_argument("--mdm-steps", type=int, default=1300, help="MDM training steps (0.5-0.65 s each on 2 cores)")
     parser.add_argument("--mdm-args", default="",
                         help="more train.py arguments for the MDM, e.g. '--trainer.accelerator gpu'")
     parser.add_argument("--eval-limit", type=int, default=200, help="val samples per evaluated task")
     args = parser.parse_args(argv)
+    if args.codebook_size is not None and args.codebook_size < 2:
+        parser.error(f"--codebook-size must be at least 2, got {args.codebook_size}")
 
     start = time.perf_counter()
     timings = {step.name: step.run() for step in steps(args)}

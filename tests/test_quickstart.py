@@ -12,8 +12,9 @@ from mmdlm.quickstart import main, steps
 
 
 def plan(tmp_path: Path, **overrides) -> list:
-    args = dict(out=str(tmp_path / "qs"), data=str(tmp_path / "shapes"), train=100, val=10, seed=0, text_vocab=300,
-                tokenizer="patch", codebook_size=1024, vq_steps=5, mdm_steps=7, mdm_args="", eval_limit=3)
+    args = dict(out=str(tmp_path / "qs"), world="shapes", data=str(tmp_path / "shapes"), train=100, val=10, seed=0,
+                text_vocab=300, tokenizer="patch", codebook_size=None, vq_steps=5, mdm_steps=7, mdm_args="",
+                eval_limit=3)
     return steps(argparse.Namespace(**{**args, **overrides}))
 
 
@@ -41,7 +42,28 @@ def test_the_vq_plan_trains_the_vqvae_and_extra_mdm_arguments_are_passed_on(tmp_
     assert mdm[-4:] == ["--trainer.accelerator", "gpu", "--ckpt_path", "last"]
 
 
+def test_the_digits_world_writes_its_own_shards_and_a_small_exact_codebook(tmp_path: Path) -> None:
+    plan_ = plan(tmp_path, world="digits", data=None)
+    data = plan_[0].command
+    assert plan_[0].name == "make the digits shards" and data[1:3] == ["-m", "data.digits"]
+    assert data[data.index("--out") + 1] == "data/shards/digits" and "--train" not in data
+    fit = plan_[2].command
+    assert fit[fit.index("--codebook-size") + 1] == "32"
+    codes = plan_[3].command
+    assert codes[codes.index("--out") + 1] == "data/shards/digits-codes/train"
+    assert plan(tmp_path, world="digits", codebook_size=64)[2].command[-1] == "64"  # an explicit size wins
+
+
 def test_a_bad_argument_exits_with_a_sentence(capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["--tokenizer", "jpeg"])
     assert exit_info.value.code == 2 and "jpeg" in capsys.readouterr().err
+
+
+def test_an_unknown_world_or_a_codebook_of_one_exits_with_a_sentence(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--world", "mnist"])
+    assert exit_info.value.code == 2 and "mnist" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--codebook-size", "1"])
+    assert exit_info.value.code == 2 and "--codebook-size must be at least 2" in capsys.readouterr().err
