@@ -200,7 +200,10 @@ class LitMDM(LightningModule):
         causal: False = masked diffusion (bidirectional); True = the AR baseline, same parameters.
         qk_norm: RMS-normalise queries and keys (stabler at higher learning rates).
         tie_head: score outputs with the input embedding table (codebook projection included), so codes that
-            look alike get alike logits; measured: image NLL 0.72 -> 0.31 at 1,300 CPU steps (BENCHMARKS.md).
+            look alike get alike logits; measured: image NLL 0.72 -> 0.31 at 1,300 CPU steps (BENCHMARKS.md),
+            but a tiny model's text answers learn slower (tests/test_learning.py).
+        head_codebook: with an untied head, add the codebook projection to its image rows only: the image
+            side of tying, text rows free (see BENCHMARKS.md for the three heads side by side).
         dropout: dropout in attention and MLP.
         codebook_embeddings: add a projection of the VQ codebook vector to each image token's embedding.
         lr: peak AdamW learning rate.
@@ -226,7 +229,8 @@ class LitMDM(LightningModule):
         n_embd: int = 128,
         causal: bool = False,
         qk_norm: bool = True,
-        tie_head: bool = True,
+        tie_head: bool = False,
+        head_codebook: bool = False,
         dropout: float = 0.0,
         codebook_embeddings: bool = True,
         lr: float = 2e-3,
@@ -260,6 +264,7 @@ class LitMDM(LightningModule):
         config = ModelConfig(
             vocab_size=vocab.size, n_layer=hp.n_layer, n_head=hp.n_head, n_embd=hp.n_embd,
             max_seq_len=dm.max_seq_len, causal=hp.causal, qk_norm=hp.qk_norm, tie_head=hp.tie_head,
+            head_codebook=hp.head_codebook,
             dropout=hp.dropout, image_grid=dm.image_grid,
             codebook_size=vocab.codebook_size, image_offset=vocab.image_offset,
             codebook_dim=0 if codebook is None else codebook.shape[1],

@@ -40,6 +40,9 @@ class ModelConfig:
     causal: bool = False  # False: masked-diffusion denoiser; True: the AR baseline with the same parameters
     qk_norm: bool = True  # RMS-normalised q/k keep attention logits bounded: tolerates higher learning rates
     tie_head: bool = True  # output = embedding table: fewer parameters, and codebook structure in the logits
+    head_codebook: bool = False  # untied head whose image rows also get the codebook projection: code
+    #   structure in the image logits (a code's colour shared by all codes of that colour) while text keeps
+    #   its own free rows (tying text rows slowed a tiny model's text answers: tests/test_learning.py)
     dropout: float = 0.0  # tiny models on synthetic data underfit: no regulariser needed
     mlp_ratio: float = 4.0  # SwiGLU hidden = 2/3 * mlp_ratio * d: the parameter count of a 4x GELU MLP
     rope_base: float = 10000.0  # the usual RoPE base; sequences are short
@@ -74,6 +77,9 @@ class ModelConfig:
                 raise ValueError("codebook_dim > 0 needs codebook_size and image_offset (from the Vocab)")
             if self.image_offset + self.codebook_size > self.vocab_size:
                 raise ValueError("image ids [image_offset, image_offset + codebook_size) exceed vocab_size")
+        if self.head_codebook and (self.tie_head or self.codebook_dim <= 0):
+            raise ValueError("head_codebook needs an untied head (tie_head=False) and the codebook projection "
+                             "(codebook_dim > 0); a tied head already has it")
 
     @property
     def head_dim(self) -> int:
@@ -257,14 +263,23 @@ class Transformer(nn.Module):
         std = vectors.std(dim=0, keepdim=True).clamp_min(1e-6) if vectors.shape[0] > 1 else 1.0
         self.codebook.copy_((vectors - vectors.mean(dim=0, keepdim=True)) / std)
 
-    def embedding_table(self) -> torch.Tensor:
-        """Float[V, C]: the input embedding of every id (and the output head when tied)."""
-        table = self.tok_emb.weight  # (V, C)
+    def _with_codes(self, table: torch.Tensor) -> torch.Tensor:
+        """Float[V, C]: `table` with the codebook projection added to its image rows."""
         if self.code_proj is None:
             return table
         lo, hi = self.config.image_offset, self.config.image_offset + self.config.codebook_size
         codes = self.code_proj(self.codebook.to(table.dtype))  # (K, C)
         return torch.cat([table[:lo], table[lo:hi] + codes, table[hi:]], dim=0)  # (V, C)
+
+    def embedding_table(self) -> torch.Tensor:
+        """Float[V, C]: the input embedding of every id (and the output head when tied)."""
+        return self._with_codes(self.tok_emb.weight)
+
+    def head_table(self, embedding: torch.Tensor) -> torch.Tensor:
+        """Float[V, C]: the output head's rows (`embedding`, the input table, when tied)."""
+        if self.lm_head is None:
+            return embedding
+        return self._with_codes(self.lm_head.weight) if self.config.head_codebook else self.lm_head.weight
 
     # ---- KV cache ----------------------------------------------------------------------------------
     def new_cache(self, batch_size: int, max_len: int | None = None, device: torch.device | str | None = None,
@@ -356,7 +371,7 @@ class Transformer(nn.Module):
             kv = (cache.k[i], cache.v[i]) if cache is not None else None
             x = block(x, rot, mask, is_causal, kv, start)
         x = self.norm(x)  # (B, T, C)
-        logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, table)  # (B, T, V)
+        logits = F.linear(x, self.head_table(table))  # (B, T, V)
         if cache is not None:
             cache.length = start + T
         return logits

@@ -160,3 +160,26 @@ def test_config_checks_and_accounting() -> None:
     assert tied.num_params(non_embedding=True) < tied.num_params()
     with pytest.raises(ValueError, match="max_seq_len"):
         tied(torch.zeros(1, 65, dtype=torch.long))
+
+
+def test_head_codebook_puts_the_codebook_in_the_image_logits_only() -> None:
+    model = make(tie_head=False, head_codebook=True)
+    model.set_codebook(torch.randn(VOCAB.codebook_size, 4))
+    ids, pad, image_index = example()
+    before = model(ids, pad, image_index)
+    # the same hidden states, scored by a head without the projection: only image columns differ
+    hidden = model.embedding_table()  # any (V, C) rows will do as "hidden states" for the head
+    plain = hidden @ model.lm_head.weight.T  # (V, V)
+    with_codes = hidden @ model.head_table(model.embedding_table()).T  # (V, V)
+    lo, hi = VOCAB.image_offset, VOCAB.image_offset + VOCAB.codebook_size
+    torch.testing.assert_close(with_codes[:, :lo], plain[:, :lo])
+    torch.testing.assert_close(with_codes[:, hi:], plain[:, hi:])
+    assert not torch.allclose(with_codes[:, lo:hi], plain[:, lo:hi])
+    with torch.no_grad():  # the projection is one module: zeroing it removes it from input and head alike
+        model.code_proj.weight.zero_()
+    assert not torch.allclose(before, model(ids, pad, image_index))
+    torch.testing.assert_close(model.head_table(model.embedding_table()), model.lm_head.weight)
+    with pytest.raises(ValueError, match="untied head"):
+        make(tie_head=True, head_codebook=True)
+    with pytest.raises(ValueError, match="codebook projection"):
+        ModelConfig(vocab_size=VOCAB.size, tie_head=False, head_codebook=True)
