@@ -17,7 +17,7 @@ training) with random VQ codes and random text ids (captions half to all of thei
 recipe's text tokenizer / VQ folders when they exist, else from --text-vocab / --codebook-size /
 --grid / --codebook-dim (the shapes recipes' values). --batch-size (repeatable) replaces the recipe's batch
 size: each recipe runs once per size given. --compile wraps the transformer in `torch.compile`
-(`nn.Module.compile`, in place, once the model is built), so its compile time falls in the warm-up
+(LitMDM's `compile`: `nn.Module.compile`, in place, once the model is built), so its compile time falls in the warm-up
 steps: give --warmup enough of them (a new sequence length can recompile).
 
 Each step is timed from `on_train_batch_start` to `on_train_batch_end` (CUDA synchronised; the batch is
@@ -230,17 +230,6 @@ def step_timer(device_type: str):
     return StepTimer()
 
 
-def compiler():
-    """A Callback compiling the built transformer in place (after `configure_model`, before step 1)."""
-    from lightning.pytorch.callbacks import Callback
-
-    class Compile(Callback):
-        def on_fit_start(self, trainer, pl_module) -> None:
-            pl_module.model.compile()
-
-    return Compile()
-
-
 def run_recipe(recipe: Recipe, args: argparse.Namespace, batch_size: int | None = None) -> dict[str, Any]:
     """Train `args.steps` real steps of one recipe on synthetic batches; its throughput."""
     import lightning as L
@@ -255,14 +244,14 @@ def run_recipe(recipe: Recipe, args: argparse.Namespace, batch_size: int | None 
     device_type = args.device
     L.seed_everything(args.seed, verbose=False)
     dm = synthetic_datamodule(recipe, sizes, min(args.steps, 8), args.seed)
-    lit = LitMDM(**{**recipe.model, "export_dir": None, "samples_at_val": 0})
+    lit = LitMDM(**{**recipe.model, "export_dir": None, "samples_at_val": 0, "compile": bool(args.compile)})
     timer = step_timer(device_type)
     with tempfile.TemporaryDirectory() as root:
         trainer = L.Trainer(accelerator="gpu" if device_type == "cuda" else "cpu", devices=1, precision=precision,
                             max_steps=args.steps, gradient_clip_val=recipe.trainer.get("gradient_clip_val"),
                             logger=False, enable_checkpointing=False, enable_progress_bar=False,
                             enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
-                            callbacks=[timer, *([compiler()] if args.compile else [])], default_root_dir=root)
+                            callbacks=[timer], default_root_dir=root)
         if device_type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         trainer.fit(lit, datamodule=dm)

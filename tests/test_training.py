@@ -138,3 +138,17 @@ def test_bad_cli_argument_exits_nonzero_with_a_sentence(tmp_path) -> None:
                           "--model.n_layer", "four"], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert run.returncode != 0
     assert "n_layer" in run.stderr
+
+
+def test_compile_wraps_the_transformer_in_place_and_keeps_its_parameter_names() -> None:
+    from mmdlm.model import ModelConfig
+    from mmdlm.vocab import Vocab
+
+    vocab = Vocab(text_size=40, codebook_size=16)
+    config = ModelConfig(vocab_size=vocab.size, n_layer=1, n_head=2, n_embd=16, max_seq_len=32)
+    plain, compiled = LitMDM(**TINY), LitMDM(**TINY, compile=True)
+    plain.build(config, vocab)
+    compiled.build(config, vocab)
+    assert plain.model._compiled_call_impl is None and compiled.model._compiled_call_impl is not None
+    assert type(compiled.model) is type(plain.model)  # not an OptimizedModule wrapper: checkpoints unchanged
+    assert compiled.model.state_dict().keys() == plain.model.state_dict().keys()
