@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from benchmarks import compare, speed, train_speed
+from benchmarks import compare, learning_curve, speed, train_speed
 from data.shapes import caption, make_object, render
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -277,7 +277,7 @@ data:
     assert "tiny.yaml" in (out / "train_speed.md").read_text()
 
 
-@pytest.mark.parametrize("module", [compare, speed, train_speed])
+@pytest.mark.parametrize("module", [compare, speed, train_speed, learning_curve])
 def test_help_is_the_docstring(module, capsys):
     with pytest.raises(SystemExit) as exit_info:
         module.main(["--help"])
@@ -295,3 +295,48 @@ def test_bad_arguments(pair, tmp_path, capsys):
     with pytest.raises(SystemExit):
         compare.main(["--mdm", mdm_dir, "--ar", ar_dir, "--shards", str(tmp_path / "none*.tar"),
                       "--out", str(tmp_path), "--thresholds", "1.5"])
+
+
+def test_learning_curve(tiny_model_dir, tiny_shards, tmp_path, monkeypatch, capsys):
+    """Two checkpoints of a real (tiny) run are exported and evaluated; the cache is reused on a rerun."""
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from mmdlm.lightning import LitMDM, MDMDataModule
+
+    L.seed_everything(0)
+    dm = MDMDataModule(train_shards=f"{tiny_shards}/train/*.tar", val_shards=f"{tiny_shards}/val/*.tar",
+                       text_tokenizer=f"{tiny_model_dir}/text_tokenizer", vq=f"{tiny_model_dir}/vq",
+                       batch_size=4, resampled=True, shuffle_buffer=16)
+    module = LitMDM(n_layer=1, n_head=2, n_embd=32, warmup_steps=1, samples_at_val=0)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "run" / "checkpoints", every_n_train_steps=2, save_top_k=-1)
+    L.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+              limit_val_batches=0, callbacks=[ckpt]).fit(module, datamodule=dm)
+    assert [s for s, _ in learning_curve.checkpoints(tmp_path / "run")] == [2, 4]
+
+    out = tmp_path / "lc"
+    argv = ["--run", f"tiny={tmp_path / 'run'}", "--shards", f"{tiny_shards}/val/*.tar", "--out", str(out),
+            "--limit", "3", "--tasks", "vqa,nll", "--quiet"]
+    result = learning_curve.main(argv)
+    points = result["curves"]["tiny"]
+    assert [p["step"] for p in points] == [2, 4]
+    for p in points:
+        assert _is_rate(p["headline"]["vqa"]) and p["headline"]["nll"] > 0
+        assert "t2i_all_correct" not in p["headline"]  # only the tasks asked for
+    saved = json.loads((out / "learning_curve.json").read_text())
+    assert saved["curves"] == json.loads(json.dumps(result["curves"]))
+    assert "| 4 |" in (out / "learning_curve.md").read_text()
+    _valid_png(out / "learning_curve.png")
+
+    def boom(*args, **kwargs):
+        raise AssertionError("a cached checkpoint was evaluated again")
+
+    monkeypatch.setattr(learning_curve, "evaluate_checkpoint", boom)
+    again = learning_curve.main(argv)
+    assert again["curves"] == result["curves"]
+
+    with pytest.raises(SystemExit):
+        learning_curve.main(["--run", "no-equals-sign", "--shards", "x", "--out", str(out)])
+    with pytest.raises(SystemExit):
+        learning_curve.main(["--run", f"none={tmp_path / 'empty'}", "--shards", "x", "--out", str(out)])
+    assert "no '*step=N.ckpt' checkpoints" in capsys.readouterr().err

@@ -1,0 +1,221 @@
+"""What the training budget buys: `mmdlm.evaluate` on every saved checkpoint of one or more runs.
+
+    python -m benchmarks.learning_curve --run mdm=runs/curve/mdm --run ar=runs/curve/ar \\
+        --shards 'data/shards/shapes-codes/val/*.tar' --out benchmarks/results/learning_curve --limit 200
+
+A run is a Lightning `default_root_dir` (or any folder): its `*step=N.ckpt` checkpoints are found below it
+(`ModelCheckpoint(every_n_train_steps=...)` in the configs writes one every 500 steps) and each is
+exported with its EMA weights (`mmdlm.export`) and evaluated on the same first `--limit` val records,
+at the pipeline's default samplers. A checkpoint's metrics are cached as `<run>_step<N>.json` under
+--out, so an interrupted sweep resumes where it stopped and new checkpoints can be added later.
+
+Mind the schedule: a checkpoint at step k of an N-step run was trained with the learning rate of an
+N-step cosine schedule, not decayed to its end as a k-step run's would be; the last point is the run.
+
+Writes under --out: learning_curve.json (the headline numbers per run and step, the machine, the
+command), learning_curve.md (a table per run) and learning_curve.png (VQA, caption, text-to-image and
+NLL against training steps, one line per run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.speed import command_line, machine_info, md_table, positive
+
+STEP_RE = re.compile(r"step=(\d+)\.ckpt$")
+DEFAULT_TASKS = ("vqa", "caption", "t2i", "nll")
+# (label, key of `headline`) of the markdown table and the plot panels
+COLUMNS: tuple[tuple[str, str], ...] = (
+    ("VQA", "vqa"), ("VQA colour", "vqa_color"), ("VQA position", "vqa_position"),
+    ("caption colour F1", "caption_color_f1"), ("caption cell F1", "caption_cell_f1"),
+    ("caption exact", "caption_exact_match"), ("t2i all-correct", "t2i_all_correct"),
+    ("t2i colour", "t2i_color"), ("t2i shape", "t2i_shape"), ("t2i count", "t2i_count_correct"),
+    ("NLL", "nll"),
+)
+PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("VQA accuracy", ("vqa", "vqa_position")),
+    ("caption attribute F1", ("caption_color_f1", "caption_cell_f1")),
+    ("text-to-image (oracle)", ("t2i_all_correct", "t2i_color")),
+    ("held-out NLL per target token", ("nll",)),
+)
+
+
+def checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """(step, path) of every `*step=N.ckpt` below `run_dir`, by step (one per step: the first found)."""
+    found: dict[int, Path] = {}
+    for path in sorted(Path(run_dir).rglob("*.ckpt")):
+        match = STEP_RE.search(path.name)
+        if match:
+            found.setdefault(int(match.group(1)), path)
+    return sorted(found.items())
+
+
+def headline(metrics: dict) -> dict[str, float]:
+    """The numbers a learning curve follows, from an `mmdlm.evaluate` metrics dict (absent tasks skipped)."""
+    out: dict[str, float] = {}
+    if "vqa" in metrics:
+        out["vqa"] = metrics["vqa"]["accuracy"]
+        out |= {f"vqa_{k}": v["accuracy"] for k, v in metrics["vqa"]["per_type"].items()}
+    if "caption" in metrics:
+        c = metrics["caption"]
+        out["caption_exact_match"] = c["exact_match"]
+        out |= {f"caption_{k}_f1": v["f1"] for k, v in c.get("per_attribute", {}).items()}
+    if "t2i" in metrics:
+        t = metrics["t2i"]
+        out |= {f"t2i_{k}": t[k] for k in ("all_correct", "count_correct", "cell", "color", "shape", "size",
+                                           "extra_objects") if k in t}
+    if "nll" in metrics:
+        out["nll"] = metrics["nll"]["nll"]
+    return out
+
+
+def evaluate_checkpoint(ckpt: Path, records: dict[int, list[dict]], tasks: list[str],
+                        args: argparse.Namespace) -> dict:
+    """Export `ckpt` (EMA weights) to a scratch folder, evaluate it, return the metrics dict. `records`
+    caches the val records by image size (read once, at the first checkpoint's image size)."""
+    from mmdlm.evaluate import evaluate, load_records
+    from mmdlm.export import export_checkpoint
+    from mmdlm.pipeline import MMDLMPipeline
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = export_checkpoint(ckpt, Path(tmp) / "model")
+        pipe = MMDLMPipeline.from_pretrained(folder, device=args.device)
+        size = pipe.vq.image_size
+        if size not in records:
+            records[size] = load_records(args.shards, size, args.limit)
+        started = time.perf_counter()
+        metrics = evaluate(pipe, records=records[size], tasks=tasks, batch_size=args.batch_size, seed=args.seed,
+                           progress=not args.quiet)
+        metrics["seconds"] = time.perf_counter() - started
+        metrics["model_kind"] = "ar" if pipe.is_autoregressive else "mdm"
+    return metrics
+
+
+def plot(curves: dict[str, list[dict]], path: Path) -> Path:
+    """One panel per `PANELS` entry: its keys against training steps, one colour per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(PANELS), figsize=(4.2 * len(PANELS), 3.8))
+    styles = ("o-", "s--", "^:")
+    for ax, (title, keys) in zip(axes, PANELS):
+        for color, (name, points) in zip(("C0", "C3", "C2", "C1", "C4"), curves.items()):
+            for style, key in zip(styles, keys):
+                pts = [(p["step"], p["headline"][key]) for p in points if key in p["headline"]]
+                if pts:
+                    xs, ys = zip(*pts)
+                    ax.plot(xs, ys, style, color=color, label=f"{name}: {key}", markersize=4)
+        ax.set_title(title)
+        ax.set_xlabel("training steps (batch 32)")
+        if title != PANELS[-1][0]:
+            ax.set_ylim(-0.03, 1.03)
+        ax.grid(True, alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _cell(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3g}"
+
+
+def render_markdown(result: dict[str, Any]) -> str:
+    m = result["machine"]
+    lines = ["# Learning curves", "", f"`{result['command']}`", "",
+             f"- shards `{result['shards']}`, {result['records']} val records, tasks {', '.join(result['tasks'])}; "
+             f"machine: {m['cpu_count']} CPUs, torch {m['torch']}, device {m['device']}", ""]
+    for name, points in result["curves"].items():
+        lines += [f"## {name} (`{result['runs'][name]}`)", ""]
+        lines += md_table(["step", *(label for label, _ in COLUMNS)],
+                          [[p["step"], *(_cell(p["headline"].get(key)) for _, key in COLUMNS)] for p in points])
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def parse_run(text: str) -> tuple[str, str]:
+    """NAME=DIR -> (NAME, DIR)."""
+    name, sep, folder = text.partition("=")
+    if not sep or not name or not folder:
+        raise argparse.ArgumentTypeError(f"--run takes NAME=DIR, got {text!r}")
+    return name, folder
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.learning_curve", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", type=parse_run, action="append", required=True,
+                        help="NAME=DIR: a training run's folder (its *step=N.ckpt files); repeat for more runs")
+    parser.add_argument("--shards", required=True, help="val shards: glob, brace pattern, folder or comma list")
+    parser.add_argument("--out", required=True, help="folder for the per-checkpoint cache and the outputs")
+    parser.add_argument("--limit", type=positive, default=200, help="val records (the first, in shard order)")
+    parser.add_argument("--tasks", default=",".join(DEFAULT_TASKS),
+                        help="comma-separated subset of vqa,caption,t2i,joint,nll")
+    parser.add_argument("--steps", default=None, help="only these checkpoint steps, comma-separated (default: all)")
+    parser.add_argument("--batch-size", type=positive, default=64, help="samples per model call")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda ...")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Evaluate every checkpoint of every run (cached), then write the json, markdown and plot."""
+    from mmdlm.evaluate import ALL_TASKS
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks or any(t not in ALL_TASKS for t in tasks):
+        parser.error(f"--tasks must be a subset of {','.join(ALL_TASKS)}, got {args.tasks!r}")
+    try:
+        wanted = None if args.steps is None else {int(s) for s in args.steps.split(",") if s.strip()}
+    except ValueError:
+        parser.error(f"--steps takes comma-separated integers, got {args.steps!r}")
+    runs = dict(args.run)
+    found = {name: [(s, p) for s, p in checkpoints(folder) if wanted is None or s in wanted]
+             for name, folder in runs.items()}
+    for name, ckpts in found.items():
+        if not ckpts:
+            parser.error(f"run {name!r}: no '*step=N.ckpt' checkpoints below {runs[name]!r}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    records: dict[int, list[dict]] = {}
+    curves: dict[str, list[dict]] = {}
+    for name, ckpts in found.items():
+        curves[name] = []
+        for step, ckpt in ckpts:
+            cache = out / f"{name}_step{step}.json"
+            if cache.is_file() and json.loads(cache.read_text()).get("tasks") == tasks:
+                entry = json.loads(cache.read_text())
+            else:
+                if not args.quiet:
+                    print(f"[learning_curve] {name} step {step}: {ckpt}", flush=True)
+                metrics = evaluate_checkpoint(ckpt, records, tasks, args)
+                entry = {"run": name, "step": step, "checkpoint": str(ckpt), "tasks": tasks,
+                         "records": args.limit, "headline": headline(metrics), "metrics": metrics}
+                cache.write_text(json.dumps(entry, indent=2, default=str) + "\n")
+            curves[name].append({k: entry[k] for k in ("step", "checkpoint", "headline")})
+    result = {"command": command_line("benchmarks.learning_curve", argv), "runs": runs, "shards": args.shards,
+              "records": args.limit, "tasks": tasks, "machine": machine_info(args.device), "curves": curves}
+    (out / "learning_curve.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    (out / "learning_curve.md").write_text(render_markdown(result))
+    plot(curves, out / "learning_curve.png")
+    if not args.quiet:
+        print(f"[learning_curve] wrote {out}/learning_curve.json, .md, .png")
+    return result
+
+
+if __name__ == "__main__":
+    main()
