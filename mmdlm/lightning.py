@@ -205,6 +205,9 @@ class LitMDM(LightningModule):
             but a tiny model's text answers learn slower (tests/test_learning.py).
         head_codebook: with an untied head, add the codebook projection to its image rows only: the image
             side of tying, text rows free (see BENCHMARKS.md for the three heads side by side).
+        mask_positions: give each masked text token a learned absolute position embedding, so the slots
+            of a fully masked text region (a caption, an answer) are told apart from the first layer
+            (RoPE alone is relative, and the masks are identical).
         dropout: dropout in attention and MLP.
         codebook_embeddings: add a projection of the VQ codebook vector to each image token's embedding.
         lr: peak AdamW learning rate.
@@ -235,6 +238,7 @@ class LitMDM(LightningModule):
         qk_norm: bool = True,
         tie_head: bool = False,
         head_codebook: bool = False,
+        mask_positions: bool = False,
         dropout: float = 0.0,
         codebook_embeddings: bool = True,
         lr: float = 2e-3,
@@ -269,7 +273,7 @@ class LitMDM(LightningModule):
         config = ModelConfig(
             vocab_size=vocab.size, n_layer=hp.n_layer, n_head=hp.n_head, n_embd=hp.n_embd,
             max_seq_len=dm.max_seq_len, causal=hp.causal, qk_norm=hp.qk_norm, tie_head=hp.tie_head,
-            head_codebook=hp.head_codebook,
+            head_codebook=hp.head_codebook, mask_positions=hp.get("mask_positions", False), mask_id=vocab.mask,
             dropout=hp.dropout, image_grid=dm.image_grid,
             codebook_size=vocab.codebook_size, image_offset=vocab.image_offset,
             codebook_dim=0 if codebook is None else codebook.shape[1],

@@ -46,6 +46,13 @@ class ModelConfig:
     dropout: float = 0.0  # tiny models on synthetic data underfit: no regulariser needed
     mlp_ratio: float = 4.0  # SwiGLU hidden = 2/3 * mlp_ratio * d: the parameter count of a 4x GELU MLP
     rope_base: float = 10000.0  # the usual RoPE base; sequences are short
+    mask_positions: bool = False  # a masked text token's embedding also gets a learned absolute position:
+    #   a fully masked text region is a run of identical <mask> tokens, and RoPE alone (relative) gives
+    #   a bidirectional model no cheap way to tell its slots apart ("am I the colour word?"); a causal
+    #   model reads that off its prefix. Templates fix every region's place, so the index names the
+    #   slot. Only masks get it: clean text (prompts, questions) embeds as before, and adding positions
+    #   to all text slowed text-to-image colour to chance (BENCHMARKS.md, "mask positions").
+    mask_id: int = -1  # the <mask> id (Vocab.mask); mask_positions needs it
     image_tokens: int = 0  # N = h*w image tokens; > 0 turns on the learned 2D image-position embedding
     image_grid: tuple[int, int] = (0, 0)  # (h, w) of the VQ grid; (0, 0) = square; either field is enough
     codebook_size: int = 0  # K: number of VQ codes (Vocab.codebook_size); used by the codebook projection
@@ -77,6 +84,9 @@ class ModelConfig:
                 raise ValueError("codebook_dim > 0 needs codebook_size and image_offset (from the Vocab)")
             if self.image_offset + self.codebook_size > self.vocab_size:
                 raise ValueError("image ids [image_offset, image_offset + codebook_size) exceed vocab_size")
+        if self.mask_positions and not 0 <= self.mask_id < self.vocab_size:
+            raise ValueError(f"mask_positions needs mask_id (Vocab.mask) in [0, {self.vocab_size}), "
+                             f"got {self.mask_id}")
         if self.head_codebook and (self.tie_head or self.codebook_dim <= 0):
             raise ValueError("head_codebook needs an untied head (tie_head=False) and the codebook projection "
                              "(codebook_dim > 0); a tied head already has it")
@@ -221,6 +231,7 @@ class Transformer(nn.Module):
             self.register_buffer("codebook", torch.zeros(cfg.codebook_size, cfg.codebook_dim))
         else:
             self.code_proj = None
+        self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.n_embd) if cfg.mask_positions else None
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
@@ -355,6 +366,11 @@ class Transformer(nn.Module):
                 x = x + self.row_emb(row) + self.col_emb(col)  # (B, T, C)
         else:
             x = x + self.modality_emb.weight[0]  # all text
+        if self.pos_emb is not None:
+            at = ids == cfg.mask_id  # (B, T): masked text slots (image slots have the 2D embedding)
+            if image_index is not None:
+                at = at & (image_index < 0)
+            x = x + self.pos_emb(pos) * at.unsqueeze(-1).to(x.dtype)  # (B, T, C)
         x = self.drop(x)
         # real buffers (a complex one would lose its imaginary part under model.to(bfloat16))
         rot = torch.complex(self.rope_cos.float(), self.rope_sin.float())[pos].unsqueeze(1)  # (B|1, 1, T, D/2)
@@ -378,11 +394,11 @@ class Transformer(nn.Module):
 
     # ---- accounting ----------------------------------------------------------------------------------
     def num_params(self, non_embedding: bool = False) -> int:
-        """Trainable parameters; `non_embedding` leaves out the lookup tables (token, modality, 2D
+        """Trainable parameters; `non_embedding` leaves out the lookup tables (token, modality, 1D and 2D
         position embeddings and the codebook projection), but keeps an untied head."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
-            lookups = [self.tok_emb, self.modality_emb, self.row_emb, self.col_emb, self.code_proj]
+            lookups = [self.tok_emb, self.modality_emb, self.row_emb, self.col_emb, self.pos_emb, self.code_proj]
             n -= sum(p.numel() for m in lookups if m is not None for p in m.parameters())
         return n
 

@@ -84,9 +84,11 @@ def test_fully_padded_rows_do_not_produce_nan() -> None:
         assert bool(mask.any(dim=-1).all())
 
 
-def test_kv_cache_decoding_equals_full_forward() -> None:
-    model = make(causal=True)
+@pytest.mark.parametrize("mask_positions", [False, True])
+def test_kv_cache_decoding_equals_full_forward(mask_positions: bool) -> None:
+    model = make(causal=True, mask_positions=mask_positions, mask_id=VOCAB.mask)
     ids, pad, image_index = example(B=3, T=16)
+    ids[:, [3, 10, 14]] = torch.where(pad[:, [3, 10, 14]], ids[:, [3, 10, 14]], VOCAB.mask)  # positions of masks
     full = model(ids, pad, image_index)
     cache = model.new_cache(3, 20)
     chunks = [(0, 5), (5, 6), (6, 10), *[(i, i + 1) for i in range(10, 16)]]  # a prompt, then token by token
@@ -142,6 +144,31 @@ def test_image_positions_and_modality_matter() -> None:
     assert not torch.allclose(a, model(ids, pad, None), atol=1e-6)  # the modality embedding is used
     no_image = torch.full_like(image_index, -1)
     torch.testing.assert_close(model(ids, pad, no_image), model(ids, pad, None))
+
+
+def test_mask_positions_tell_identical_masked_slots_apart() -> None:
+    """A run of identical <mask> tokens gives a bidirectional RoPE-only model identical values at every
+    position, so every slot gets the same logits; mask positions break that tie. Clean tokens and image
+    slots (which have the 2D embedding) do not see the 1D table."""
+    ids = torch.full((1, 12), VOCAB.mask)
+    same = make()(ids, None, None)  # (1, 12, V)
+    torch.testing.assert_close(same, same[:, :1].expand_as(same), atol=1e-5, rtol=1e-5)
+    model = make(mask_positions=True, mask_id=VOCAB.mask)
+    logits = model(ids, None, None)  # (1, 12, V)
+    assert (logits[0, 1:] - logits[0, :1]).abs().amax(dim=-1).min() > 1e-3  # every slot differs from slot 0
+    clean, pad, image_index = example(B=1)
+    ids = clean.clone()
+    ids[0, 4:13] = VOCAB.mask  # image slots 4..9 and text slots 10..12 masked
+    with torch.no_grad():
+        a = model(ids, pad, image_index)
+        before = model(clean, pad, image_index)
+        model.pos_emb.weight[:10].add_(1.0)  # clean text 0..3 and masked image slots 4..9: not used
+        torch.testing.assert_close(model(ids, pad, image_index), a)
+        torch.testing.assert_close(model(clean, pad, image_index), before)
+        model.pos_emb.weight[10:13].add_(1.0)  # the masked text slots: used
+        assert not torch.allclose(model(ids, pad, image_index), a, atol=1e-4)
+    with pytest.raises(ValueError, match="mask_id"):
+        make(mask_positions=True)
 
 
 def test_config_checks_and_accounting() -> None:
