@@ -78,6 +78,7 @@ class SamplerOptions:
     steps: int | None = None  # denoising steps (MDM); the AR baseline takes one step per token
     threshold: float | None = None  # Fast-dLLM parallel decoding: commit every prediction above it
     guidance: float | None = None  # classifier-free guidance scale of text-to-image
+    plausibility: float | None = None  # guidance's plausibility constraint (pipeline default 0.1; 0 = plain)
     temperature: float | None = None  # 0 = argmax; None = the pipeline's default per task
     extra: dict = field(default_factory=dict)  # any other `SamplingOptions` field (block_length, ...)
 
@@ -86,10 +87,12 @@ class SamplerOptions:
         kw = {"steps": self.steps, "threshold": self.threshold, "temperature": self.temperature}
         if guided:
             kw["guidance_scale"] = self.guidance
+            kw["guidance_plausibility"] = self.plausibility
         return {k: v for k, v in kw.items() if v is not None} | self.extra
 
     def to_dict(self) -> dict:
         return {"steps": self.steps, "threshold": self.threshold, "guidance": self.guidance,
+                "plausibility": self.plausibility,
                 "temperature": self.temperature, **self.extra}
 
 
@@ -783,6 +786,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"comma-separated subset of {','.join(ALL_TASKS)} (default: all)")
     parser.add_argument("--steps", type=_positive, help="denoising steps of every task (default: the pipeline's)")
     parser.add_argument("--guidance", type=float, help="classifier-free guidance of text-to-image (default 2.0)")
+    parser.add_argument("--plausibility", type=float,
+                        help="guidance acts only on tokens with p_cond >= this * max p_cond (default 0.1; 0 = plain "
+                             "classifier-free guidance)")
     parser.add_argument("--threshold", type=float, help="parallel decoding: commit predictions above it")
     parser.add_argument("--temperature", type=float, help="sampling temperature of every task")
     parser.add_argument("--batch-size", type=_positive, default=64, help="samples per model call")
@@ -812,7 +818,10 @@ def main(argv: list[str] | None = None) -> None:
         pipe = MMDLMPipeline.from_pretrained(args.model, device=args.device)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
         parser.error(f"cannot load --model {args.model!r}: {err}")
-    sampler = SamplerOptions(args.steps, args.threshold, args.guidance, args.temperature)
+    if args.plausibility is not None and not 0 <= args.plausibility <= 1:
+        parser.error(f"--plausibility must be in [0, 1], got {args.plausibility}")
+    sampler = SamplerOptions(args.steps, args.threshold, args.guidance, temperature=args.temperature,
+                             plausibility=args.plausibility)
     try:
         records = load_records(args.shards, pipe.vq.image_size, args.limit)
         world_for(records, pipe.vq.image_size)

@@ -34,7 +34,16 @@ from typing import TYPE_CHECKING
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from mmdlm.vqa import EXIT_OK, EXIT_USAGE, InputError, load_image, load_pipeline, non_negative_float, positive_int
+from mmdlm.vqa import (
+    EXIT_OK,
+    EXIT_USAGE,
+    InputError,
+    load_image,
+    load_pipeline,
+    non_negative_float,
+    positive_int,
+    unit_float,
+)
 
 if TYPE_CHECKING:
     from mmdlm.pipeline import ImageOutput, MMDLMPipeline
@@ -211,8 +220,8 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 def run_text_to_image(pipe: MMDLMPipeline, args: argparse.Namespace) -> None:
     prompts = read_prompts(args)
     out = pipe.text_to_image([p for p in prompts for _ in range(args.num)], guidance_scale=args.guidance,
-                             steps=args.steps, temperature=args.temperature, seed=args.seed,
-                             history=args.progress is not None)
+                             guidance_plausibility=args.plausibility, steps=args.steps,
+                             temperature=args.temperature, seed=args.seed, history=args.progress is not None)
     save_grid(make_grid(out.images, args.num, args.scale), args.out)
     print(f"wrote {args.out}: {len(prompts)} prompt(s) x {args.num} image(s), NFE {out.nfe}")
     if args.progress is not None:
@@ -231,7 +240,8 @@ def run_joint(pipe: MMDLMPipeline, args: argparse.Namespace) -> None:
 
 def run_inpaint(pipe: MMDLMPipeline, args: argparse.Namespace) -> None:
     result = inpaint(pipe, load_image(args.inpaint), args.box, args.prompt, args.num, steps=args.steps,
-                     temperature=args.temperature, guidance_scale=args.guidance, seed=args.seed)
+                     temperature=args.temperature, guidance_scale=args.guidance,
+                     guidance_plausibility=args.plausibility, seed=args.seed)
     masked = paint_masked(result.original, result.token_mask)
     row = torch.cat([result.original, masked, result.output.images])
     save_grid(make_grid(row, len(row), args.scale), args.out)
@@ -262,6 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=positive_int, default=16, help="denoising steps (default 16)")
     parser.add_argument("--guidance", type=non_negative_float, default=2.0,
                         help="classifier-free guidance scale (default 2; 0 = none)")
+    parser.add_argument("--plausibility", type=unit_float, default=0.1,
+                        help="guidance acts only on tokens with p_cond >= this * max p_cond, so it cannot paint "
+                             "the prompt's objects into the background (default 0.1; 0 = plain guidance)")
     parser.add_argument("--temperature", type=non_negative_float, default=1.0, help="sampling temperature")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument("--scale", type=positive_int, default=4, help="nearest-neighbour upscaling (default 4)")

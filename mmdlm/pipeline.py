@@ -74,6 +74,7 @@ class SamplingOptions:
     steps: int = 16  # denoising steps (MDM); ignored by the AR baseline (one step per token)
     temperature: float = 0.0  # 0 = argmax (text); images look better with ~1.0
     guidance_scale: float = 0.0  # classifier-free guidance w (conditional tasks)
+    guidance_plausibility: float = 0.1  # guide only tokens with p_cond >= this * max p_cond; 0 = plain CFG
     threshold: float | None = None  # Fast-dLLM parallel decoding instead of a fixed step count
     block_length: int | None = None  # semi-AR blocks for long text
     extra: dict = field(default_factory=dict)  # any other MaskedSampling field (self_correction, ...)
@@ -180,7 +181,8 @@ class MMDLMPipeline:
             return sample_ar(self.model, batch, self.vocab, ARSampling(temperature=options.temperature),
                              generator=generator, history=history)
         o = MaskedSampling(text_steps=options.steps, image_steps=options.steps, temperature=options.temperature,
-                           cfg_scale=options.guidance_scale, threshold=options.threshold,
+                           cfg_scale=options.guidance_scale, cfg_plausibility=options.guidance_plausibility,
+                           threshold=options.threshold,
                            block_length=options.block_length, **options.extra)
         return sample_masked(self.model, batch, self.vocab, o, generator=generator, history=history)
 

@@ -68,6 +68,14 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+def unit_float(text: str) -> float:
+    """argparse type: a float in [0, 1] (guidance plausibility)."""
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
+    return value
+
+
 def load_pipeline(model: str, device: str | None = None) -> MMDLMPipeline:
     """`MMDLMPipeline.from_pretrained`, with any failure turned into one `InputError` sentence."""
     from mmdlm.pipeline import MMDLMPipeline

@@ -232,6 +232,24 @@ def test_cfg_zero_is_the_conditional_pass_and_uncond_rows_drop_the_condition() -
     assert torch.allclose(guided_logits(c, u, 1.5), u + 2.5 * (c - u), atol=1e-5)
 
 
+def test_guidance_plausibility_keeps_guidance_to_tokens_the_conditional_model_allows() -> None:
+    """A background position: p_cond = (0.9 bg, 0.05, 0.05 prompt code). The prompt code is 500x likelier
+    with the prompt than without, so plain guidance picks it (a spurious object); the constraint
+    (p_cond >= 0.1 * 0.9) leaves it out, and ranks the plausible tokens as plain guidance does."""
+    c = torch.tensor([0.9, 0.05, 0.05]).log()
+    u = torch.tensor([0.5, 0.4999, 0.0001]).log()
+    assert guided_logits(c, u, 2.0).argmax() == 2
+    g = guided_logits(c, u, 2.0, plausibility=0.1)
+    assert g.argmax() == 0 and torch.isinf(g[1:]).all()
+    torch.testing.assert_close(g[0], guided_logits(c, u, 2.0)[0])
+    assert torch.isfinite(guided_logits(c, u, 2.0, plausibility=0.05)).all()  # 0.05 >= 0.05 * 0.9: all kept
+    # the reference max is over the allowed tokens only: token 0 disallowed, so 1 and 2 both stay
+    g = guided_logits(c, u, 2.0, plausibility=0.5, allowed=torch.tensor([False, True, True]))
+    assert torch.isfinite(g[1:]).all() and torch.isinf(g[0])
+    with pytest.raises(ValueError, match="cfg_plausibility"):
+        MaskedSampling(cfg_plausibility=2.0)
+
+
 def test_semi_ar_blocks_commit_the_left_block_first() -> None:
     batch = caption_batch(2)
     pos = batch.target[0].nonzero().squeeze(1)  # 8 caption positions -> blocks of 3: [0:3] [3:6] [6:8]

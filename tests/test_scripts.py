@@ -237,6 +237,7 @@ def test_generate_rejects_a_box_outside_or_empty(box, tiny_model_dir, scene, tmp
     ["--inpaint", "SCENE", "--box", "1,2,3"],  # not four numbers
     ["--inpaint", "SCENE"],  # no box
     ["--prompt", "x", "--num", "0"],
+    ["--prompt", "x", "--plausibility", "1.5"],  # a fraction of the max probability
     ["--joint", "--prompt", "x"],
     ["--joint", "--progress", "frames"],
     [],  # text-to-image without a prompt
