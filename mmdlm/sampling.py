@@ -8,6 +8,9 @@ of them in one forward pass and commits some, until none is left. It follows:
   semi-autoregressive blocks over long text, classifier-free guidance as `cond + w * (cond - uncond)`.
 - MaskGIT (Chang et al. 2022): the cosine schedule for image tokens (few commits early, when the model
   is least sure; many at the end).
+- contrastive decoding's adaptive plausibility constraint (Li et al. 2023) on top of guidance: only
+  tokens with p_cond >= alpha * max p_cond may be picked, so guidance re-ranks what the conditional
+  model allows instead of painting the prompt's codes into the background (`guided_logits`).
 - Fast-dLLM (Wu et al. 2025): threshold parallel decoding, committing every prediction whose
   confidence passes a threshold (at least one per sequence and step), so easy tokens finish early.
 - ReMDM (Wang et al. 2025): committed tokens may be re-masked and predicted again. Which ones is
