@@ -315,7 +315,8 @@ def sample_masked(model: nn.Module, batch: Batch, vocab: Vocab, options: MaskedS
         checking = bool(check.any())
         ids_in = torch.cat([canvas, canvas.masked_fill(check, vocab.mask)]) if checking else canvas
         rep = 2 if checking else 1
-        allowed_at = allowed[modality.repeat(rep, 1)] if o.cfg_plausibility > 0 < o.cfg_scale else None
+        constrained = o.cfg_scale > 0 and o.cfg_plausibility > 0
+        allowed_at = allowed[modality.repeat(rep, 1)] if constrained else None  # (rep*B, T, V)
         logits, n_rows = _forward(model, ids_in, pad.repeat(rep, 1), image_index.repeat(rep, 1),
                                   cond.repeat(rep, 1), o.cfg_scale, o.cfg_plausibility,
                                   allowed_at)  # (rep*B, T, V)
