@@ -197,9 +197,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         curves[name] = []
         for step, ckpt in ckpts:
             cache = out / f"{name}_step{step}.json"
-            if cache.is_file() and json.loads(cache.read_text()).get("tasks") == tasks:
-                entry = json.loads(cache.read_text())
-            else:
+            entry = json.loads(cache.read_text()) if cache.is_file() else None
+            if entry is None or entry.get("tasks") != tasks:
                 if not args.quiet:
                     print(f"[learning_curve] {name} step {step}: {ckpt}", flush=True)
                 metrics = evaluate_checkpoint(ckpt, records, tasks, args)

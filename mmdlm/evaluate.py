@@ -55,6 +55,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
+from mmdlm.vqa import unit_float
+
 if TYPE_CHECKING:  # the pipeline (and with it the model stack) loads lazily: `--help` answers at once
     from mmdlm.pipeline import MMDLMPipeline
 
@@ -786,7 +788,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"comma-separated subset of {','.join(ALL_TASKS)} (default: all)")
     parser.add_argument("--steps", type=_positive, help="denoising steps of every task (default: the pipeline's)")
     parser.add_argument("--guidance", type=float, help="classifier-free guidance of text-to-image (default 2.0)")
-    parser.add_argument("--plausibility", type=float,
+    parser.add_argument("--plausibility", type=unit_float,
                         help="guidance acts only on tokens with p_cond >= this * max p_cond (default 0.1; 0 = plain "
                              "classifier-free guidance)")
     parser.add_argument("--threshold", type=float, help="parallel decoding: commit predictions above it")
@@ -818,8 +820,6 @@ def main(argv: list[str] | None = None) -> None:
         pipe = MMDLMPipeline.from_pretrained(args.model, device=args.device)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
         parser.error(f"cannot load --model {args.model!r}: {err}")
-    if args.plausibility is not None and not 0 <= args.plausibility <= 1:
-        parser.error(f"--plausibility must be in [0, 1], got {args.plausibility}")
     sampler = SamplerOptions(args.steps, args.threshold, args.guidance, temperature=args.temperature,
                              plausibility=args.plausibility)
     try:

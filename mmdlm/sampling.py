@@ -133,7 +133,7 @@ def _top_k_mask(score: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 
 # ---- guided forward -----------------------------------------------------------------------------------
 def guided_logits(cond: torch.Tensor, uncond: torch.Tensor, scale: float, plausibility: float = 0.0,
-                  allowed: torch.Tensor | None = None) -> torch.Tensor:
+                  reference: torch.Tensor | None = None) -> torch.Tensor:
     """Classifier-free guidance (Ho & Salimans 2022) as LLaDA/MMaDA write it:
     uncond + (1 + w) (cond - uncond) = cond + w (cond - uncond), so w = 0 is the conditional model.
 
@@ -142,28 +142,32 @@ def guided_logits(cond: torch.Tensor, uncond: torch.Tensor, scale: float, plausi
     al. 2023); the others get -inf. Guidance then re-ranks plausible tokens instead of lifting every
     token whose cond/uncond ratio is high: unconstrained, a prompt's object codes win at background
     positions too, and the image fills with spurious objects (BENCHMARKS.md, "guidance").
-    `allowed` (Bool[..., V], broadcastable) limits the max to the tokens the sampler may pick.
+    `reference`: the conditional logits plausibility is judged on (default `cond`); the sampler passes
+    them `restrict`ed, so the max is over the tokens it may pick.
     """
     guided = cond + scale * (cond - uncond)
     if plausibility <= 0:
         return guided
-    ref = cond if allowed is None else cond.masked_fill(~allowed, float("-inf"))
+    ref = cond if reference is None else reference
     keep = ref >= ref.amax(dim=-1, keepdim=True) + math.log(plausibility)  # (..., V)
     return guided.masked_fill(~keep, float("-inf"))
 
 
 def _forward(model: nn.Module, ids: torch.Tensor, pad: torch.Tensor, image_index: torch.Tensor,
              cond: torch.Tensor, cfg_scale: float, plausibility: float = 0.0,
-             allowed: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+             modality: torch.Tensor | None = None, allowed: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, int]:
     """(logits Float[R, T, V], rows run): one forward call; with guidance the unconditional copy of
     the rows (`pad | cond`: the condition replaced by the empty prompt) rides in the same call.
-    `allowed` (Bool[R, T, V]): the tokens each position may take, for the plausibility constraint."""
+    `modality` (Long[R, T]) and `allowed` (Bool[2, V]): what each position may take (`restrict`), so
+    the plausibility constraint is judged on the tokens the sampler can pick."""
     if cfg_scale == 0:
         return model(ids, pad=pad, image_index=image_index), ids.shape[0]
     logits = model(torch.cat([ids, ids]), pad=torch.cat([pad, pad | cond]),
                    image_index=torch.cat([image_index, image_index]))  # (2R, T, V)
     c, u = logits.float().chunk(2)  # (R, T, V) each
-    return guided_logits(c, u, cfg_scale, plausibility, allowed), 2 * ids.shape[0]
+    reference = restrict(c, modality, allowed) if plausibility > 0 and allowed is not None else None
+    return guided_logits(c, u, cfg_scale, plausibility, reference), 2 * ids.shape[0]
 
 
 # ---- masked diffusion ---------------------------------------------------------------------------------
@@ -315,11 +319,9 @@ def sample_masked(model: nn.Module, batch: Batch, vocab: Vocab, options: MaskedS
         checking = bool(check.any())
         ids_in = torch.cat([canvas, canvas.masked_fill(check, vocab.mask)]) if checking else canvas
         rep = 2 if checking else 1
-        constrained = o.cfg_scale > 0 and o.cfg_plausibility > 0
-        allowed_at = allowed[modality.repeat(rep, 1)] if constrained else None  # (rep*B, T, V)
         logits, n_rows = _forward(model, ids_in, pad.repeat(rep, 1), image_index.repeat(rep, 1),
                                   cond.repeat(rep, 1), o.cfg_scale, o.cfg_plausibility,
-                                  allowed_at)  # (rep*B, T, V)
+                                  modality.repeat(rep, 1), allowed)  # (rep*B, T, V)
         nfe, rows = nfe + 1, rows + n_rows
 
         # predict the eligible positions

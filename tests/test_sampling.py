@@ -21,6 +21,7 @@ from mmdlm.sampling import (
     linear_schedule,
     margin_confidence,
     random_confidence,
+    restrict,
     sample_ar,
     sample_masked,
 )
@@ -244,7 +245,8 @@ def test_guidance_plausibility_keeps_guidance_to_tokens_the_conditional_model_al
     torch.testing.assert_close(g[0], guided_logits(c, u, 2.0)[0])
     assert torch.isfinite(guided_logits(c, u, 2.0, plausibility=0.05)).all()  # 0.05 >= 0.05 * 0.9: all kept
     # the reference max is over the allowed tokens only: token 0 disallowed, so 1 and 2 both stay
-    g = guided_logits(c, u, 2.0, plausibility=0.5, allowed=torch.tensor([False, True, True]))
+    allowed = torch.tensor([[False, True, True], [True, True, True]])  # (2 modalities, V)
+    g = guided_logits(c, u, 2.0, plausibility=0.5, reference=restrict(c, torch.tensor(0), allowed))
     assert torch.isfinite(g[1:]).all() and torch.isinf(g[0])
     with pytest.raises(ValueError, match="cfg_plausibility"):
         MaskedSampling(cfg_plausibility=2.0)
