@@ -18,6 +18,7 @@ steps, as the sampler sees them) and an unweighted CE over the masked image toke
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Protocol
@@ -41,6 +42,10 @@ class Schedule(Protocol):
         """-alpha'_t / (1 - alpha_t): the weight of a masked token's CE in the continuous-time ELBO."""
         ...
 
+    def time_of(self, p: torch.Tensor) -> torch.Tensor:
+        """The inverse of `mask_prob`: the t at which a token is masked with probability p."""
+        ...
+
 
 class LinearSchedule:
     """alpha_t = 1 - t (MDLM/LLaDA): mask with probability t, ELBO weight 1/t."""
@@ -50,6 +55,9 @@ class LinearSchedule:
 
     def weight(self, t: torch.Tensor) -> torch.Tensor:
         return 1.0 / t
+
+    def time_of(self, p: torch.Tensor) -> torch.Tensor:
+        return p
 
 
 class CosineSchedule:
@@ -61,6 +69,9 @@ class CosineSchedule:
 
     def weight(self, t: torch.Tensor) -> torch.Tensor:
         return 0.5 * math.pi / torch.tan(0.5 * math.pi * t)
+
+    def time_of(self, p: torch.Tensor) -> torch.Tensor:
+        return torch.asin(p.clamp(0.0, 1.0)) * (2.0 / math.pi)
 
 
 LINEAR = LinearSchedule()
@@ -185,23 +196,49 @@ def _zero_loss(logits: torch.Tensor) -> torch.Tensor:
     return logits.sum() * 0.0
 
 
+def task_times(u: torch.Tensor, task: torch.Tensor, t_ranges: Mapping[int, tuple[float, float]]) -> torch.Tensor:
+    """Float[B]: each sequence's t, `u` (Float[B] in (0, 1)) mapped onto its task's interval [lo, hi].
+
+    Understanding targets (answers, captions) are decoded from a fully masked region, yet t ~ U(0, 1) spends
+    most of their training on half-revealed answers whose words hint at each other; an interval shifted
+    to high t trains the case the sampler starts from. Tasks without an entry keep U(0, 1).
+    """
+    lo = torch.zeros(len(Task), device=u.device)  # (n_tasks,)
+    hi = torch.ones(len(Task), device=u.device)  # (n_tasks,)
+    for k, (a, b) in t_ranges.items():
+        if not 0.0 <= a < b <= 1.0:
+            raise ValueError(f"t range of task {Task(k).name} must satisfy 0 <= lo < hi <= 1, got ({a}, {b})")
+        lo[int(k)], hi[int(k)] = a, b
+    return lo[task] + (hi[task] - lo[task]) * u  # (B,)
+
+
 def masked_diffusion_loss(model: torch.nn.Module, batch: Batch, vocab: Vocab, *, eps: float = 1e-3,
                           image_schedule: ImageSchedule | str = ImageSchedule.ELBO,
                           generator: torch.Generator | None = None,
                           t: torch.Tensor | None = None, weighting: Weighting | str = Weighting.ELBO,
-                          task_balanced: bool = False) -> LossOutput:
+                          task_balanced: bool = False, paired: bool = False,
+                          t_ranges: Mapping[int, tuple[float, float]] | None = None) -> LossOutput:
     """The masked-diffusion training loss of one batch.
 
     `loss` = sum over masked target tokens of w(t) * CE, divided by the number of target tokens (the
     ELBO per target token, MDLM/LLaDA). With `image_schedule="maskgit"`, image targets are masked with the
     cosine ratio and contribute the unweighted mean CE of the masked image tokens (times their share
-    of target tokens). `nll` is always the ELBO bound per target token. `t` (Float[B]) fixes the times
-    (evaluation on a grid); default: stratified `sample_t`.
+    of target tokens). `nll` is the ELBO bound per target token (with `t_ranges`, an estimate under the
+    shifted times, not the bound: validate without them). `t` (Float[B]) fixes the times (evaluation on
+    a grid); default: stratified `sample_t`, mapped per task by `t_ranges` (see `task_times`).
 
     `weighting="masked_mean"` trains on the mean CE of the masked tokens instead of the 1/t-weighted sum
     (lower variance: at t = 0.01 one token would otherwise weigh 100x). `task_balanced=True` averages the
     per-task losses instead of pooling tokens, so a task with small target regions (VQA answers: a few
     tokens against 64 image tokens of text-to-image) gets an equal share of the gradient.
+
+    `paired=True` adds each sequence's complementary view (LaViDa; DiffuCoder's coupled sampling): the
+    same sequence with exactly the target tokens the first view left clean masked, at the complementary
+    time. Every target token is then supervised once per pair, and a short answer that one view leaves
+    unmasked is learned in the other. The forward runs on 2B rows; halve the batch size for equal compute.
+
+    Logits are computed only at the masked positions (`Transformer.forward(logits_at=...)`): the head
+    would otherwise score every position of the batch for nothing.
 
     A token masked only by forward_mask's at-least-one guarantee gets weight 1 instead of w(t): the
     guarantee fires when t < ~1/#targets, where w(t) = 1/t reaches 1/eps = 1000 and a single token
@@ -214,25 +251,37 @@ def masked_diffusion_loss(model: torch.nn.Module, batch: Batch, vocab: Vocab, *,
     B = len(batch)
     if t is None:
         t = sample_t(B, eps, generator, batch.ids.device)
+        if t_ranges:
+            t = task_times(t, batch.task, t_ranges)
     noisy, masked, forced = _mask(batch, t, vocab, generator, schedule, LINEAR)
-    logits = model(noisy, batch.pad, batch.image_index)  # (B, T, V)
-
-    ce = torch.zeros(masked.shape, device=logits.device)  # (B, T), 0 where not masked
-    ce[masked] = F.cross_entropy(logits[masked].float(), batch.ids[masked], reduction="none")  # (M,)
     is_image = batch.image_index >= 0  # (B, T)
+    target = batch.target & ~batch.pad  # (B, T)
     w = torch.where(is_image, schedule.weight(t)[:, None], LINEAR.weight(t)[:, None])  # (B, T)
     w = torch.where(forced, 1.0, w)  # see the docstring: a forced token is not weighted by w(t)
+    pad, image_index, task, ids = batch.pad, batch.image_index, batch.task, batch.ids
+    if paired:  # the complementary view: mask exactly what the first view kept, at the complementary time
+        masked2 = target & ~masked  # (B, T)
+        t_image = schedule.time_of(1.0 - schedule.mask_prob(t)).clamp_min(eps)  # (B,)
+        t_text = (1.0 - t).clamp_min(eps)  # (B,)
+        w2 = torch.where(is_image, schedule.weight(t_image)[:, None], LINEAR.weight(t_text)[:, None])  # (B, T)
+        noisy = torch.cat([noisy, torch.where(masked2, torch.full_like(ids, vocab.mask), ids)])  # (2B, T)
+        masked, w = torch.cat([masked, masked2]), torch.cat([w, w2])  # (2B, T)
+        pad, image_index, ids = pad.repeat(2, 1), image_index.repeat(2, 1), ids.repeat(2, 1)  # (2B, T)
+        task, is_image, target = task.repeat(2), is_image.repeat(2, 1), target.repeat(2, 1)
+    logits = model(noisy, pad, image_index, logits_at=masked)  # (M, V): masked positions only
+
+    ce = torch.zeros(masked.shape, device=logits.device)  # (B, T), 0 where not masked
+    ce[masked] = F.cross_entropy(logits.float(), ids[masked], reduction="none")  # (M,)
     elbo = ce * w  # (B, T) each position's term of the bound
-    target = batch.target & ~batch.pad  # (B, T)
-    n_target = int(target.sum())
+    n_target = int(target.sum())  # over both views when paired: nll is then their mean
     if n_target == 0:
         zero = _zero_loss(logits)
         return LossOutput(zero, zero.detach(), {}, 0)
     nll = elbo.sum() / n_target
     if Weighting(weighting) == Weighting.MASKED_MEAN:
-        loss = _pooled(ce, masked & target, batch.task, task_balanced)
+        loss = _pooled(ce, masked & target, task, task_balanced)
     elif task_balanced:
-        loss = _pooled(elbo, target, batch.task, True)
+        loss = _pooled(elbo, target, task, True)
     elif kind == ImageSchedule.ELBO:
         loss = nll
     else:
@@ -240,7 +289,7 @@ def masked_diffusion_loss(model: torch.nn.Module, batch: Batch, vocab: Vocab, *,
         image_mean = (ce * image_masked).sum() / image_masked.sum().clamp_min(1)  # MaskGIT: mean CE
         text_sum = (elbo * ~is_image).sum()
         loss = (text_sum + (target & is_image).sum() * image_mean) / n_target
-    return LossOutput(loss, nll.detach(), _per_task(elbo, target, batch.task), n_target)
+    return LossOutput(loss, nll.detach(), _per_task(elbo, target, task), n_target // (2 if paired else 1))
 
 
 def ar_loss(model: torch.nn.Module, batch: Batch) -> LossOutput:

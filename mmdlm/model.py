@@ -334,8 +334,8 @@ class Transformer(nn.Module):
 
     def forward(self, ids: torch.Tensor, pad: torch.Tensor | None = None,
                 image_index: torch.Tensor | None = None, cache: KVCache | None = None, *,
-                pos: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits Float[B, T, V] for ids Long[B, T].
+                pos: torch.Tensor | None = None, logits_at: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits Float[B, T, V] for ids Long[B, T] (Float[M, V] with `logits_at`).
 
         Args:
             ids: token ids (masked positions hold `vocab.mask`).
@@ -346,6 +346,9 @@ class Transformer(nn.Module):
                 (RoPE positions included), are appended, and attend to everything cached (causal
                 model: to the past only). Equals the no-cache forward.
             pos: Long[B, T] RoPE positions; default `arange(T)` (+ `cache.length`). Keyword only.
+            logits_at: Bool[B, T]: score only these positions and return Float[M, V], M = logits_at.sum(),
+                in row-major order (= `logits[logits_at]` of the full output). Training needs logits only
+                at masked targets: the head is ~20% of a tiny model's per-token FLOPs. Keyword only.
         """
         cfg = self.config
         B, T = ids.shape
@@ -386,8 +389,10 @@ class Transformer(nn.Module):
         for i, block in enumerate(self.blocks):
             kv = (cache.k[i], cache.v[i]) if cache is not None else None
             x = block(x, rot, mask, is_causal, kv, start)
-        x = self.norm(x)  # (B, T, C)
-        logits = F.linear(x, self.head_table(table))  # (B, T, V)
+        if logits_at is not None:
+            x = x[logits_at]  # (M, C): only the positions that are scored
+        x = self.norm(x)  # (B, T, C) or (M, C)
+        logits = F.linear(x, self.head_table(table))  # (B, T, V) or (M, V)
         if cache is not None:
             cache.length = start + T
         return logits

@@ -40,9 +40,9 @@ class FixedLogits(nn.Module):
         self.config = SimpleNamespace(causal=causal)
         self.seen: torch.Tensor | None = None
 
-    def forward(self, ids, pad=None, image_index=None):
+    def forward(self, ids, pad=None, image_index=None, logits_at=None):
         self.seen = ids.clone()
-        return self.logits
+        return self.logits if logits_at is None else self.logits[logits_at]
 
 
 def log_prob(logits: torch.Tensor, b: int, i: int, token: int) -> float:
@@ -270,8 +270,8 @@ def test_masked_mean_and_task_balanced_weighting_by_hand() -> None:
                   cond=torch.zeros(2, 4, dtype=torch.bool), task=torch.tensor([int(Task.T2I), int(Task.VQA)]))
     logits = torch.randn(2, 4, V)
 
-    def model(noisy, pad, image_index):
-        return logits
+    def model(noisy, pad, image_index, logits_at=None):
+        return logits if logits_at is None else logits[logits_at]
 
     t = torch.tensor([1.0, 1.0])  # everything in the target is masked
     ce = torch.nn.functional.cross_entropy(logits.view(-1, V), ids.view(-1), reduction="none").view(2, 4)
@@ -280,3 +280,44 @@ def test_masked_mean_and_task_balanced_weighting_by_hand() -> None:
     balanced = masked_diffusion_loss(model, batch, vocab, t=t, weighting="masked_mean", task_balanced=True)
     assert torch.allclose(balanced.loss, (ce[0, 1:].mean() + ce[1, 1]) / 2)
     assert torch.allclose(mean.nll, balanced.nll)  # the reported NLL is the ELBO either way
+
+
+def test_paired_views_partition_the_target_at_complementary_times() -> None:
+    """Complementary masking: every target token is masked in exactly one of the two views."""
+    batch = small_batch()
+    B, T = batch.ids.shape
+    model = FixedLogits(torch.randn(2 * B, T, V.size, generator=torch.Generator().manual_seed(0)), causal=False)
+    t = torch.tensor([0.3, 0.8, 0.5, 0.4])
+    out = masked_diffusion_loss(model, batch, V, t=t, generator=torch.Generator().manual_seed(2), paired=True,
+                                weighting="masked_mean")
+    first, second = model.seen[:B] == V.mask, model.seen[B:] == V.mask  # (B, T) each
+    target = batch.target & ~batch.pad
+    assert torch.equal(first | second, target) and not (first & second).any()
+    assert out.num_tokens == int(target.sum())
+    # the nll is the mean of the two views' ELBO estimates, each at its own time (1 - t for the second)
+    lp = model.logits.detach().double().log_softmax(-1)
+    ids = batch.ids.repeat(2, 1)
+    ce = -lp.gather(-1, ids[..., None])[..., 0]  # (2B, T)
+    w = torch.cat([1 / t, 1 / (1 - t)])[:, None]  # (2B, 1): linear schedule everywhere (images too)
+    expected = (ce * w * torch.cat([first, second])).sum() / (2 * target.sum())
+    assert out.nll.item() == pytest.approx(expected.item(), rel=1e-5)
+    out.loss.backward()
+
+
+def test_task_times_put_each_task_in_its_interval() -> None:
+    from mmdlm.diffusion import task_times
+
+    u = torch.linspace(0.001, 0.999, 40)
+    task = torch.tensor([Task.VQA, Task.T2I] * 20)
+    t = task_times(u, task, {Task.VQA: (0.5, 1.0)})
+    assert (t[task == Task.VQA] >= 0.5).all() and (t[task == Task.T2I] < 0.5).any()
+    assert torch.equal(t[task == Task.T2I], u[task == Task.T2I])
+    with pytest.raises(ValueError, match="lo < hi"):
+        task_times(u, task, {Task.VQA: (0.7, 0.2)})
+    # through the loss: a VQA-only batch trained at t in [0.9, 1] masks (nearly) every answer token
+    batch = collate([vqa_sample(CODES, [([6], [7]), ([8, 9], [10])], V, L)] * 64, V)
+    model = FixedLogits(torch.randn(64, batch.ids.shape[1], V.size), causal=False)
+    masked_diffusion_loss(model, batch, V, generator=torch.Generator().manual_seed(0),
+                          t_ranges={Task.VQA: (0.9, 1.0)})
+    rate = (model.seen == V.mask).sum() / (batch.target & ~batch.pad).sum()
+    assert rate > 0.88

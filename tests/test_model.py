@@ -210,3 +210,13 @@ def test_head_codebook_puts_the_codebook_in_the_image_logits_only() -> None:
         make(tie_head=True, head_codebook=True)
     with pytest.raises(ValueError, match="codebook projection"):
         ModelConfig(vocab_size=VOCAB.size, tie_head=False, head_codebook=True)
+
+
+def test_logits_at_scores_only_the_chosen_positions() -> None:
+    """`logits_at` gives exactly the full forward's logits at those positions (the training loss's path)."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=50, n_layer=2, n_head=2, n_embd=32, max_seq_len=16)).eval()
+    ids = torch.randint(0, 50, (3, 12))
+    where = torch.rand(3, 12) < 0.4
+    full = model(ids)  # (3, 12, 50)
+    torch.testing.assert_close(model(ids, logits_at=where), full[where])
