@@ -13,9 +13,12 @@ the real one: `LitMDM` in a Lightning `Trainer` (condition dropout, masked-diffu
 backward, clipping, AdamW, EMA update), fed synthetic batches of the real layout: sequences laid out by
 the `mmdlm.sequence` templates (tasks drawn by the recipe's weights, 1..qa_per_sample QA pairs as in
 training) with random VQ codes and random text ids (captions half to all of their region, answers
-1..answer_len-1 tokens), so no data and no trained VQ are needed. Vocabulary sizes come from the
-recipe's text tokenizer / VQ folders when they exist, else from --text-vocab / --codebook-size /
---grid / --codebook-dim (the shapes recipes' values). --batch-size (repeatable) replaces the recipe's batch
+1..answer_len-1 tokens), so no data and no trained VQ are needed. Vocabulary sizes come from
+--text-vocab / --codebook-size / --grid / --codebook-dim when given, else from the recipe's text tokenizer
+and image tokenizer folders (a VQModel or a PatchTokenizer, as `make quickstart` writes them). A folder
+that does not exist is an error naming it, unless the flags give every size it would have given, or
+--shapes-sizes asks for the shapes recipes' values (text vocab 512, codebook 256, grid 8, code vectors of
+8) in its place. --batch-size (repeatable) replaces the recipe's batch
 size: each recipe runs once per size given. --compile wraps the transformer in `torch.compile`
 (LitMDM's `compile`: `nn.Module.compile`, in place, once the model is built), so its compile time falls in the warm-up
 steps: give --warmup enough of them (a new sequence length can recompile).
@@ -96,23 +99,48 @@ class Sizes:
     source: str  # where they came from
 
 
+TOKENIZER_SIZES = ("text_vocab",)  # what the recipe's text tokenizer folder gives
+IMAGE_SIZES = ("codebook_size", "grid", "codebook_dim")  # what its image tokenizer folder gives
+
+
+def _missing_folder(recipe: Recipe, key: str, what: str, flags: tuple[str, ...]) -> str:
+    """The one-sentence error for a recipe folder that is needed but absent."""
+    folder = recipe.data.get(key)
+    named = f"{what} folder {folder!r} does not exist" if folder else f"names no {what} folder (data.{key})"
+    options = " / ".join(f"--{f.replace('_', '-')}" for f in flags)
+    return (f"{recipe.path}: the recipe's {named}, so the vocabulary sizes are unknown: run `make quickstart` "
+            f"first, or give {options}, or --shapes-sizes to use the shapes recipes' values")
+
+
 def vocab_sizes(recipe: Recipe, args: argparse.Namespace) -> Sizes:
     """Text vocabulary, codebook size, VQ grid and code-vector size: flags, else the recipe's folders, else
-    the shapes recipes' values."""
+    (only with --shapes-sizes) the shapes recipes' values; a `ValueError` naming a missing folder otherwise."""
     from mmdlm.text_tokenizer import load_text_tokenizer
 
     found = dict(SHAPES_SIZES)
-    source = ["shapes defaults"]
+    defaults_ok = bool(getattr(args, "shapes_sizes", False))  # --shapes-sizes: a missing folder is fine
+    source = ["shapes defaults"] if defaults_ok else []
     tok, vq = recipe.data.get("text_tokenizer"), recipe.data.get("vq")
-    if tok and Path(tok).exists():
-        found["text_vocab"] = load_text_tokenizer(tok).vocab_size
-        source.append(f"tokenizer {tok}")
-    if vq and (Path(vq) / "config.json").exists():
-        from vision.tokenizer import VQTokenizer
+    flagged = {key for key in SHAPES_SIZES if getattr(args, key) is not None}
+    if not flagged.issuperset(TOKENIZER_SIZES):
+        if tok and Path(tok).exists():
+            found["text_vocab"] = load_text_tokenizer(tok).vocab_size
+            source.append(f"tokenizer {tok}")
+        elif not defaults_ok:
+            raise ValueError(_missing_folder(recipe, "text_tokenizer", "text tokenizer", TOKENIZER_SIZES))
+    if not flagged.issuperset(IMAGE_SIZES):
+        if vq and Path(vq).exists():
+            from vision.load import load_image_tokenizer  # a VQModel or a PatchTokenizer folder
 
-        v = VQTokenizer.from_pretrained(vq)
-        found.update(codebook_size=v.codebook_size, grid=v.grid[0], codebook_dim=v.embed_dim)
-        source.append(f"vq {vq}")
+            try:
+                v = load_image_tokenizer(vq)
+            except (OSError, ValueError) as err:
+                raise ValueError(f"{recipe.path}: the recipe's image tokenizer folder {vq!r} cannot be loaded: "
+                                 f"{str(err).strip().splitlines()[0] if str(err).strip() else err!r}") from err
+            found.update(codebook_size=v.codebook_size, grid=v.grid[0], codebook_dim=v.embed_dim)
+            source.append(f"vq {vq}")
+        elif not defaults_ok:
+            raise ValueError(_missing_folder(recipe, "vq", "image tokenizer", IMAGE_SIZES))
     for key in SHAPES_SIZES:
         if getattr(args, key) is not None:
             found[key] = getattr(args, key)
@@ -230,7 +258,8 @@ def step_timer(device_type: str):
     return StepTimer()
 
 
-def run_recipe(recipe: Recipe, args: argparse.Namespace, batch_size: int | None = None) -> dict[str, Any]:
+def run_recipe(recipe: Recipe, args: argparse.Namespace, batch_size: int | None = None,
+               sizes: Sizes | None = None) -> dict[str, Any]:
     """Train `args.steps` real steps of one recipe on synthetic batches; its throughput."""
     import lightning as L
 
@@ -239,7 +268,7 @@ def run_recipe(recipe: Recipe, args: argparse.Namespace, batch_size: int | None 
     if batch_size is not None:
         recipe = Recipe(recipe.path, recipe.model, {**recipe.data, "batch_size": batch_size}, recipe.trainer)
 
-    sizes = vocab_sizes(recipe, args)
+    sizes = sizes or vocab_sizes(recipe, args)
     precision = args.precision or recipe.trainer.get("precision", "32-true")
     device_type = args.device
     L.seed_everything(args.seed, verbose=False)
@@ -329,6 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--codebook-size", type=positive, help="VQ codes (default: the recipe's VQ, else 256)")
     parser.add_argument("--grid", type=positive, help="VQ grid side (default: the recipe's VQ, else 8)")
     parser.add_argument("--codebook-dim", type=positive, help="VQ code vector size (default: the recipe's VQ, else 8)")
+    parser.add_argument("--shapes-sizes", action="store_true",
+                        help="where a recipe's tokenizer or VQ folder does not exist, use the shapes recipes' sizes "
+                             "(without it, a missing folder is an error)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true", help="silence Lightning's info lines")
     return parser
@@ -344,17 +376,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device here")
+    import yaml
+
     recipes = []
     for path in args.config:
         try:
-            recipes.append(load_recipe(path))
-        except (OSError, ValueError, AttributeError) as err:  # AttributeError: YAML that is not a mapping
-            parser.error(f"--config {path!r}: {err}")
+            recipe = load_recipe(path)
+        except (OSError, ValueError, AttributeError, yaml.YAMLError) as err:  # AttributeError: not a mapping
+            parser.error(f"--config {path!r}: {str(err).strip().splitlines()[0] if str(err).strip() else err!r}")
+        try:
+            recipes.append((recipe, vocab_sizes(recipe, args)))  # before any run: a missing folder fails fast
+        except ValueError as err:
+            parser.error(str(err))
     if args.quiet:
         import lightning.pytorch  # noqa: F401  (it sets its logger's level when imported: import first)
 
         logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    runs = [run_recipe(recipe, args, size) for recipe in recipes for size in (args.batch_size or [None])]
+    runs = [run_recipe(recipe, args, size, sizes) for recipe, sizes in recipes for size in (args.batch_size or [None])]
     result = {"command": command_line("benchmarks.train_speed", argv), "machine": machine_info(args.device),
               "warmup": args.warmup, "steps": args.steps, "runs": runs}
     out = Path(args.out)

@@ -4,19 +4,31 @@
 
 Folder layout (diffusers/transformers style, no Lightning needed to load it):
 
-    config.json          model config, vocab sizes, sequence layout
+    config.json          model config, vocab sizes, sequence layout, and the sha256 of model.safetensors
     model.safetensors    transformer weights (the EMA weights when the run kept them)
     text_tokenizer/      the text tokenizer (tokenizer.json)
-    vq/                  the VQ image tokenizer (diffusers VQModel folder)
+    vq/                  the image tokenizer (a diffusers VQModel or PatchTokenizer folder)
+
+The checkpoint is read with `torch.load(..., weights_only=True)`: tensors and plain Python values only,
+so a crafted `.ckpt` cannot run code; one that names any other Python object is refused. The sha256 of
+model.safetensors recorded in config.json is checked by `from_pretrained`, so a damaged copy is refused.
+
+Exit status: 0 exported; 2 a missing, unreadable, unsafe or non-mmdlm checkpoint, or an unusable
+tokenizer path in it, with a one-sentence error on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import pickle
+import re
 import shutil
+import warnings
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -28,45 +40,117 @@ from mmdlm.vocab import Vocab
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+CHECKSUM_KEY = "weights_sha256"  # config.json: the sha256 (hex) of model.safetensors
+FORMAT = "mmdlm-1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be exported, said in one sentence."""
+
+
+class CorruptModelError(ValueError):
+    """A model folder whose model.safetensors does not match the checksum recorded at export."""
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """The sha256 of a file's bytes, in hex."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_weights_and_config(model: Transformer, vocab: Vocab, layout: Layout, out: Path) -> None:
+    """model.safetensors, then config.json with the model/vocab/layout and the weights' sha256."""
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(out / WEIGHTS_FILE))
+    config = {"model": asdict(model.config), "vocab": vocab.to_dict(), "layout": asdict(layout),
+              "format": FORMAT, CHECKSUM_KEY: sha256_file(out / WEIGHTS_FILE)}
+    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+
+
+def verify_weights(folder: str | Path, config: dict) -> bool:
+    """Check model.safetensors against the sha256 recorded in `config`; False when none is recorded
+    (a folder exported before checksums), `CorruptModelError` when it differs."""
+    expected = config.get(CHECKSUM_KEY)
+    if expected is None:
+        return False
+    weights = Path(folder) / WEIGHTS_FILE
+    if not weights.is_file():
+        raise FileNotFoundError(f"model folder {str(folder)!r} has no {WEIGHTS_FILE}")
+    if sha256_file(weights) != expected:
+        raise CorruptModelError(f"{str(weights)!r} is damaged: its sha256 differs from the one recorded in "
+                                f"{CONFIG_FILE} at export (copy or export the model again)")
+    return True
 
 
 def export_model(model: Transformer, vocab: Vocab, layout: Layout, text_tokenizer: str | Path,
                  vq: str | Path, out_dir: str | Path) -> Path:
     """Write `model` (its current weights), its tokenizers and layout into `out_dir`."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    load_text_tokenizer(text_tokenizer).save(out / "text_tokenizer")
     vq = Path(vq)
     if not (vq / "config.json").is_file():
         raise FileNotFoundError(f"VQ tokenizer folder {str(vq)!r} has no config.json")
+    tokenizer = load_text_tokenizer(text_tokenizer)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(out / "text_tokenizer")
     if vq.resolve() != (out / "vq").resolve():
         shutil.copytree(vq, out / "vq", dirs_exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(out / WEIGHTS_FILE))
-    config = {"model": asdict(model.config), "vocab": vocab.to_dict(), "layout": asdict(layout),
-              "format": "mmdlm-1"}
-    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+    write_weights_and_config(model, vocab, layout, out)
     return out
+
+
+def load_checkpoint(ckpt: str | Path) -> dict[str, Any]:
+    """A checkpoint's contents, read with `weights_only=True`; `CheckpointError` if that is not possible."""
+    ckpt = Path(ckpt)
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"checkpoint {str(ckpt)!r} does not exist")
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols on the way to refusing a file
+            warnings.simplefilter("ignore", UserWarning)
+            state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        named = re.search(r"GLOBAL (\S+)", str(err))
+        if named:
+            raise CheckpointError(f"refusing to load {str(ckpt)!r}: it names the Python object {named[1]!r}, "
+                                  f"which could run code when unpickled (an mmdlm checkpoint holds only tensors "
+                                  f"and plain values)") from err
+        raise CheckpointError(f"{str(ckpt)!r} is not a checkpoint that can be loaded safely (it is not a "
+                              f"PyTorch file of tensors and plain values)") from err
+    except (RuntimeError, EOFError, KeyError, ValueError, OSError) as err:  # not a torch file, or truncated
+        raise CheckpointError(f"{str(ckpt)!r} is not a PyTorch checkpoint (or it is truncated)") from err
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{str(ckpt)!r} is not a Lightning checkpoint (it holds a "
+                              f"{type(state).__name__}, not a dict)")
+    return state
 
 
 def export_checkpoint(ckpt: str | Path, out_dir: str | Path, use_ema: bool = True) -> Path:
     """Export a Lightning checkpoint of `mmdlm.lightning.LitMDM` (EMA weights when present)."""
     from mmdlm.model import ModelConfig
 
-    ckpt = Path(ckpt)
-    if not ckpt.is_file():
-        raise FileNotFoundError(f"checkpoint {str(ckpt)!r} does not exist")
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    state = load_checkpoint(ckpt)
     meta = state.get("mmdlm")
-    if meta is None:
-        raise ValueError(f"{str(ckpt)!r} is not an mmdlm model checkpoint (no 'mmdlm' entry)")
-    model = Transformer(ModelConfig(**meta["model_config"]))
-    weights = {k.removeprefix("model."): v for k, v in state["state_dict"].items() if k.startswith("model.")}
-    if use_ema and "ema" in state:
-        weights.update(state["ema"])
-    model.load_state_dict(weights)
-    return export_model(model, Vocab(**meta["vocab"]), Layout(**meta["layout"]), meta["text_tokenizer"],
-                        meta["vq"], out_dir)
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{str(ckpt)!r} is not an mmdlm model checkpoint (no 'mmdlm' entry)")
+    try:
+        config = dict(meta["model_config"])
+        if isinstance(config.get("image_grid"), list):
+            config["image_grid"] = tuple(config["image_grid"])
+        model = Transformer(ModelConfig(**config))
+        weights = {k.removeprefix("model."): v for k, v in state["state_dict"].items() if k.startswith("model.")}
+        if use_ema and "ema" in state:
+            weights.update(state["ema"])
+        model.load_state_dict(weights)
+        vocab, layout = Vocab(**meta["vocab"]), Layout(**meta["layout"])
+        text_tokenizer, vq = meta["text_tokenizer"], meta["vq"]
+    except KeyError as err:
+        raise CheckpointError(f"{str(ckpt)!r} is an incomplete mmdlm checkpoint (no {err.args[0]!r} entry)") from err
+    except (TypeError, ValueError, RuntimeError, AttributeError) as err:  # wrong config fields, mismatched weights
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{str(ckpt)!r} holds a model that cannot be rebuilt: {first}") from err
+    return export_model(model, vocab, layout, text_tokenizer, vq, out_dir)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -79,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         out = export_checkpoint(args.ckpt, args.out, use_ema=not args.no_ema)
-    except (FileNotFoundError, ValueError) as err:
+    except (OSError, ValueError) as err:  # CheckpointError, a missing file, a bad tokenizer folder
         parser.exit(2, f"error: {err}\n")
     print(f"exported {args.ckpt} -> {out}")
 

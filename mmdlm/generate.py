@@ -18,8 +18,9 @@ writes one row: original | masked (regenerated token cells in grey) | `--num` re
 (still-masked token cells grey) and the animation DIR/progress.gif.
 Images are upscaled `--scale` times with nearest neighbour so 32x32 samples are visible.
 
-Exit status: 0 written; 2 bad input (arguments, model folder, image, box, prompt too long), with a
-one-sentence error on stderr; 1 an unexpected failure (traceback).
+Exit status: 0 written; 2 bad input (arguments, model folder missing or damaged, image, box, a prompt too
+long or not valid UTF-8 text, a --prompts file that is not UTF-8), with a one-sentence error on stderr;
+1 an unexpected failure (traceback).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from mmdlm.vqa import (
     EXIT_OK,
     EXIT_USAGE,
     InputError,
+    check_text,
     load_image,
     load_pipeline,
     non_negative_float,
@@ -207,11 +209,17 @@ def inpaint(pipe: MMDLMPipeline, image: Image.Image, box: Box, prompt: str | Non
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
+    """The --prompt, or the lines of the --prompts file; `InputError` for a missing, empty or non-UTF-8 file."""
     if args.prompts is None:
         return [args.prompt]
     if not args.prompts.is_file():
         raise InputError(f"prompts file '{args.prompts}' does not exist")
-    prompts = [line.strip() for line in args.prompts.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        text = args.prompts.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise InputError(f"prompts file '{args.prompts}' is not UTF-8 text "
+                         f"(byte 0x{err.object[err.start]:02x} at offset {err.start})") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise InputError(f"prompts file '{args.prompts}' has no prompts")
     return prompts
@@ -309,6 +317,10 @@ def main(argv: list[str] | None = None) -> int:
     check_args(parser, args)
     run = run_joint if args.joint else run_inpaint if args.inpaint is not None else run_text_to_image
     try:
+        if args.prompt is not None:
+            check_text(args.prompt, "--prompt")  # bytes that are not UTF-8 reach us as surrogate escapes
+        if args.prompts is not None:
+            read_prompts(args)  # a missing, empty or non-UTF-8 prompts file fails before the model loads
         if args.inpaint is not None:
             load_image(args.inpaint)  # fail on a bad image before the model loads
         run(load_pipeline(args.model, args.device), args)

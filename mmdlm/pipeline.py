@@ -16,13 +16,15 @@ All methods are batched, deterministic given `seed`, and return the number of fo
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields, replace
+import warnings
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from mmdlm.export import CHECKSUM_KEY, CONFIG_FILE, WEIGHTS_FILE, verify_weights, write_weights_and_config
 from mmdlm.model import ModelConfig, Transformer
 from mmdlm.sampling import ARSampling, MaskedSampling, SampleResult, sample_ar, sample_masked
 from mmdlm.sequence import (
@@ -93,39 +95,44 @@ class MMDLMPipeline:
     # ---- loading / saving -------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None) -> MMDLMPipeline:
-        """Load a model folder written by `mmdlm.export` / `save_pretrained`."""
+        """Load a model folder written by `mmdlm.export` / `save_pretrained`.
+
+        model.safetensors is checked against the sha256 that config.json records (`CorruptModelError`, a
+        ValueError, when it differs); a folder exported before checksums loads with a warning.
+        """
         from vision.load import load_image_tokenizer
 
         path = Path(path)
-        config_file = path / "config.json"
+        config_file = path / CONFIG_FILE
         if not config_file.is_file():
             raise FileNotFoundError(f"{str(path)!r} is not an mmdlm model folder (no config.json)")
-        config = json.loads(config_file.read_text())
-        if "model" not in config or "vocab" not in config:
+        try:
+            config = json.loads(config_file.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{str(config_file)!r} is not valid JSON ({err})") from err
+        if not isinstance(config, dict) or "model" not in config or "vocab" not in config:
             raise ValueError(f"{str(config_file)!r} is not an mmdlm model config (no 'model'/'vocab' keys)")
+        if not verify_weights(path, config):
+            warnings.warn(f"{str(config_file)!r} records no {CHECKSUM_KEY} (exported by an older mmdlm): "
+                          f"the weights are loaded unverified", stacklevel=2)
         mc = config["model"]
         if isinstance(mc.get("image_grid"), list):
             mc["image_grid"] = tuple(mc["image_grid"])
         model = Transformer(ModelConfig(**mc))
-        model.load_state_dict(load_file(str(path / "model.safetensors")))
+        model.load_state_dict(load_file(str(path / WEIGHTS_FILE)))
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         return cls(model, Vocab(**config["vocab"]), Layout(**config["layout"]),
                    load_text_tokenizer(path / "text_tokenizer"), load_image_tokenizer(path / "vq"),
                    device)
 
     def save_pretrained(self, path: str | Path) -> Path:
-        """Write the pipeline as a self-contained folder (config.json, safetensors, tokenizers)."""
-        from safetensors.torch import save_file
-
+        """Write the pipeline as a self-contained folder (config.json with the weights' sha256, safetensors,
+        tokenizers)."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         self.tokenizer.save(path / "text_tokenizer")
         self.vq.save_pretrained(path / "vq")
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()},
-                  str(path / "model.safetensors"))
-        config = {"model": asdict(self.model.config), "vocab": self.vocab.to_dict(),
-                  "layout": asdict(self.layout), "format": "mmdlm-1"}
-        (path / "config.json").write_text(json.dumps(config, indent=2))
+        write_weights_and_config(self.model, self.vocab, self.layout, path)
         return path
 
     @property

@@ -5,19 +5,27 @@
     python -m mmdlm.vqa --model runs/quickstart/model --device cpu --image scene.png --question "how many squares?" -v
     mmdlm-vqa --model DIR --image scene.png --question "is there a cross?" --threshold 0.9   # parallel decoding
 
-Single mode prints the answer on stdout (with --verbose, the NFE and time on stderr).
+Single mode prints the answer on stdout (with --verbose, the NFE and time on stderr). When the model
+gives no answer (it puts end-of-text before any text token, as an untrained or confused model can),
+stdout stays empty, stderr says "(no answer: the model produced only end-of-text)" and the exit status is 4.
 Batch mode reads one JSON object a line, {"image": PATH, "question": STR} (a relative PATH is resolved
 against the JSONL file's folder; other fields are kept), and writes the same object plus "answer" and
-"nfe" (forward passes of its batch), one a line, in input order. A bad line (malformed JSON, not an
-object, a missing key, a missing or unreadable image, an empty or too-long question) is reported on
-stderr as FILE:LINE: reason and skipped; every good line is still answered. Blank lines are ignored.
+"nfe" (forward passes of its batch), one a line, in input order; a line the model gave no answer to gets
+"answer": "" and "empty": true, and is counted in the summary on stderr. A bad line (malformed JSON, not
+an object, a missing key, a missing or unreadable image, an empty or too-long question, a question that is
+not valid UTF-8 text such as a lone surrogate "\\ud800" or a byte that is not UTF-8) is reported on stderr
+as FILE:LINE: reason and skipped; every good line is still answered. Blank lines are ignored.
+A --question that is not valid UTF-8 text is a usage error (exit 2).
 
 Exit status:
     0  every question answered
     1  an unexpected failure (a bug: Python prints the traceback)
-    2  usage error, nothing answered: bad arguments, model folder, --questions or --out file; in single
-       mode also a missing/unreadable image or an empty/too-long question
+    2  usage error, nothing answered: bad arguments, model folder (missing, or damaged: its weights do not
+       match the checksum recorded at export), --questions or --out file; in single mode also a
+       missing/unreadable image or an empty/too-long/not-UTF-8 question
     3  batch mode: the good lines were answered, but some lines were skipped (see stderr)
+    4  no answer: the model produced only end-of-text (single mode), or, in batch mode with no line
+       skipped, for at least one line (marked "empty": true)
 """
 
 from __future__ import annotations
@@ -36,7 +44,8 @@ from PIL import Image
 if TYPE_CHECKING:  # torch and the pipeline load lazily so `--help` and argument errors answer at once
     from mmdlm.pipeline import MMDLMPipeline
 
-EXIT_OK, EXIT_USAGE, EXIT_SKIPPED = 0, 2, 3
+EXIT_OK, EXIT_USAGE, EXIT_SKIPPED, EXIT_NO_ANSWER = 0, 2, 3, 4
+NO_ANSWER = "(no answer: the model produced only end-of-text)"
 
 
 class InputError(ValueError):
@@ -101,12 +110,41 @@ def load_image(path: str | Path) -> Image.Image:
         raise InputError(f"cannot read image {str(path)!r}: {err}") from err
 
 
-def check_question(question: object) -> str:
+def check_text(text: str, what: str) -> str:
+    """`text` unchanged, or an `InputError` if it is not valid UTF-8 text: a lone surrogate (a JSON
+    "\\ud800") or a byte that is not UTF-8 (which Python hands over from argv or a file as a surrogate
+    escape, U+DC80..U+DCFF) cannot be tokenized."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        code = ord(text[err.start])
+        bad = f"the byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"the lone surrogate U+{code:04X}"
+        raise InputError(f"the {what} is not valid UTF-8 text (character {err.start + 1} is {bad})") from None
+    return text
+
+
+def check_question(question: object, what: str = "question") -> str:
+    """A non-empty question of valid text, or an `InputError` saying what is wrong with it."""
     if not isinstance(question, str):
-        raise InputError(f"the question must be a string, got {type(question).__name__}")
+        raise InputError(f"the {what} must be a string, got {type(question).__name__}")
     if not question.strip():
-        raise InputError("the question is empty")
-    return question
+        raise InputError(f"the {what} is empty")
+    return check_text(question, what)
+
+
+def is_empty_answer(answer: str) -> bool:
+    """True when the model gave no answer (end-of-text, or only specials, before any text token)."""
+    return not answer.strip()
+
+
+def json_line(record: dict) -> str:
+    """One output line; fields echoed from the input that are not valid UTF-8 are written as JSON escapes."""
+    line = json.dumps(record, ensure_ascii=False)
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:
+        line = json.dumps(record)
+    return line + "\n"
 
 
 # ---- batch mode ----------------------------------------------------------------------------------------
@@ -177,24 +215,32 @@ def answer_batch(pipe: MMDLMPipeline, queries: list[Query], options: dict,
 
 def answer_file(pipe: MMDLMPipeline, path: Path, out: TextIO, batch_size: int, options: dict,
                 verbose: bool = False) -> int:
-    """Answer every good line of a JSONL file into `out`; returns the exit status (0 or 3)."""
+    """Answer every good line of a JSONL file into `out`; returns the exit status (0, 3 or 4)."""
     skipped: list[int] = []
+    empty = 0
 
     def report(line: int, reason: str) -> None:
         skipped.append(line)
         print(f"{path}:{line}: skipped: {reason}", file=sys.stderr)
 
     start, answered = time.perf_counter(), 0
-    with path.open(encoding="utf-8", errors="replace") as f:
+    # surrogateescape: a byte that is not UTF-8 reaches check_text, which reports its line (it is not
+    # silently replaced), and one in an image path still names the file on disk
+    with path.open(encoding="utf-8", errors="surrogateescape") as f:
         for batch in batched(read_queries(f, path.parent, report), batch_size):
             for query, answer, nfe in answer_batch(pipe, batch, options, report):
-                out.write(json.dumps({**query.record, "answer": answer, "nfe": nfe}, ensure_ascii=False) + "\n")
+                record = {**query.record, "answer": answer, "nfe": nfe}
+                if is_empty_answer(answer):
+                    record["empty"] = True
+                    empty += 1
+                out.write(json_line(record))
                 answered += 1
             out.flush()
-    if verbose or skipped:
-        print(f"answered {answered} question(s), skipped {len(skipped)} line(s) "
+    if verbose or skipped or empty:
+        no_answer = f" ({empty} with no answer: the model produced only end-of-text)" if empty else ""
+        print(f"answered {answered} question(s){no_answer}, skipped {len(skipped)} line(s) "
               f"in {time.perf_counter() - start:.1f}s", file=sys.stderr)
-    return EXIT_SKIPPED if skipped else EXIT_OK
+    return EXIT_SKIPPED if skipped else EXIT_NO_ANSWER if empty else EXIT_OK
 
 
 def answer_one(pipe: MMDLMPipeline, image: Image.Image, question: str, options: dict,
@@ -245,8 +291,12 @@ def main(argv: list[str] | None = None) -> int:
                "seed": args.seed}
     try:
         if args.image is not None:  # check the cheap inputs before loading the model
-            image, question = load_image(args.image), check_question(args.question)
-            print(answer_one(load_pipeline(args.model, args.device), image, question, options, args.verbose))
+            image, question = load_image(args.image), check_question(args.question, "--question")
+            answer = answer_one(load_pipeline(args.model, args.device), image, question, options, args.verbose)
+            if is_empty_answer(answer):
+                print(NO_ANSWER, file=sys.stderr)
+                return EXIT_NO_ANSWER
+            print(answer)
             return EXIT_OK
         pipe = load_pipeline(args.model, args.device)
         if args.out is None:

@@ -263,7 +263,7 @@ data:
 """)
     out = tmp_path / "ts"
     result = train_speed.main(["--config", str(config), "--steps", "4", "--warmup", "1", "--device", "cpu",
-                               "--codebook-size", "32", "--out", str(out), "--quiet"])
+                               "--codebook-size", "32", "--shapes-sizes", "--out", str(out), "--quiet"])
     assert not (tmp_path / "must_not_be_written").exists()
     saved = json.loads((out / "train_speed.json").read_text())
     assert saved == json.loads(json.dumps(result))
