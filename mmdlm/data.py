@@ -13,9 +13,20 @@ Data pipeline (webdataset's DataPipeline; the usual recipe for multi-worker / mu
       -> tar members grouped by key -> [sample shuffle buffer] -> decode -> transform -> [epoch length]
 
 Bad input never kills a run: a corrupt or truncated tar member, an unreadable image, a non-UTF-8
-text or a sample without a caption is skipped with a (rate-limited) warning and counted by reason
-in a `BadSampleCounter`, webdataset `handler=` style. Programming errors are not swallowed: only
-`BadSample` exceptions are handled; anything else propagates.
+text, text that is not valid Unicode (a lone surrogate from JSON's `"\ud800"`) or a sample without a
+caption is skipped with a (rate-limited) warning and counted by reason in a `BadSampleCounter`,
+webdataset `handler=` style. Programming errors are not swallowed: only `BadSample` exceptions are
+handled; anything else propagates.
+
+But data with nothing usable in it never spins for ever either: `max_bad_in_a_row` bad samples in a
+row (default 1,000), or a full pass that yields no batch (`ShardLoader`), stop the run with
+`NoUsableSamples`, a one-sentence `UserError` that `train.py` prints before exiting with status 2.
+A shard pattern that matches nothing raises `ShardsNotFound` (also a `UserError`).
+
+Under DDP, evaluation shards are split by sample, not by shard (`ShareSamples`): every rank gets
+the same number of samples, so no rank waits for ever in a collective because another had fewer
+(or no) val shards. `SkippedSamplesMonitor` logs the skip counts to the trainer's logger
+(`data/skipped_<reason>`) and prints a summary at the end of fit.
 
     from mmdlm.data import record_pipeline
     record = next(iter(record_pipeline("data/shards/shapes/train/*.tar")))
@@ -29,6 +40,7 @@ import json
 import logging
 import math
 import os
+import sys
 import tarfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -40,15 +52,34 @@ import numpy as np
 import torch
 import webdataset as wds
 from braceexpand import braceexpand
+from lightning.pytorch.callbacks import Callback
 from PIL import Image
 from torch.utils.data import DataLoader, get_worker_info
+
+from mmdlm.errors import UserError
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "bmp")  # tried in this order
 ALPHA_BACKGROUND = (0, 0, 0)  # transparent pixels become black: the shapes and digits worlds' background
-# why a sample was skipped
+# why a sample was skipped ("text": text that is not valid Unicode: a txt member that is not UTF-8, or a
+# caption / question / answer holding a lone surrogate, as JSON's "\ud800" gives, which no tokenizer encodes)
 REASONS = ("open", "tar", "image", "text", "caption", "json", "codes", "transform")
+MAX_BAD_IN_A_ROW = 1000  # consecutive bad samples (per reader process) that mean the data has nothing usable
+
+
+class ShardsNotFound(UserError, FileNotFoundError):
+    """A shard pattern (or part of one) that matches no file: one sentence naming the pattern."""
+
+
+class NoUsableSamples(UserError):
+    """Training or evaluation data in which nothing can be used: one sentence naming the shards."""
+
+    def __init__(self, message: str) -> None:
+        if "Original Traceback" in message:  # re-raised by a DataLoader from its worker: keep our sentence
+            last = message.rstrip().splitlines()[-1]
+            message = last.split(": ", 1)[1] if ": " in last else last
+        super().__init__(message)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -83,12 +114,12 @@ def expand_shards(pattern: str | Iterable[str]) -> list[str]:
     """Shard paths from a glob (`data/x/*.tar`), a brace pattern (`shards-{000000..000009}.tar`), a
     folder (its *.tar), or a comma-separated list of these (a list of strings works too).
 
-    Raises FileNotFoundError naming the pattern when a part of it matches nothing, or names a file
-    that does not exist (a missing shard in a brace range is a broken dataset, not a smaller one).
+    Raises ShardsNotFound (a FileNotFoundError) naming the pattern when a part of it matches nothing,
+    or names a file that does not exist (a missing shard in a brace range is a broken dataset, not a smaller one).
     """
     parts = _split_top_level(pattern) if isinstance(pattern, str) else [str(p) for p in pattern]
     if not parts:
-        raise FileNotFoundError(f"empty shard pattern {pattern!r}")
+        raise ShardsNotFound(f"empty shard pattern {pattern!r}")
     urls: list[str] = []
     for part in parts:
         found: list[str] = []
@@ -96,7 +127,7 @@ def expand_shards(pattern: str | Iterable[str]) -> list[str]:
             matches = _expand_one(item)
             if not matches:
                 what = "matches no files" if item == part else f"names a missing shard {item!r}"
-                raise FileNotFoundError(f"shard pattern {part!r} {what}")
+                raise ShardsNotFound(f"shard pattern {part!r} {what}")
             found += matches
         urls += found
     return list(dict.fromkeys(urls))  # de-duplicated, order kept
@@ -124,16 +155,31 @@ class BadSampleCounter:
     lives in shared memory with one row per worker, so a worker's counts are visible to the main
     process (where the LightningModule logs them) without messages or locks.
 
+    Each row also counts its bad samples in a row (reset by a good one): at `max_bad_in_a_row` the
+    handler raises `NoUsableSamples` instead of reading on, so data with nothing usable in it (a file
+    that is not a tar, resampled for ever; shards without captions) stops the run in seconds.
+
     Args:
         max_workers: rows for DataLoader workers (more workers share rows; counts stay right but may race).
         log_first: warnings logged per reason per process before they are thinned to one in 1000.
+        max_bad_in_a_row: bad samples in a row (per worker) that end the reading; None = never.
+        source: what is read, for messages (e.g. "training shards 'data/train/*.tar'").
+        parent: another counter that gets every count too (e.g. one for all of a DataModule's data).
     """
 
-    def __init__(self, max_workers: int = 64, log_first: int = 10) -> None:
-        # (rows, reasons + 1): row 0 = main process, row 1 + i = worker i; last column = good samples
-        self._table = torch.zeros(max_workers + 1, len(REASONS) + 1, dtype=torch.int64).share_memory_()
+    def __init__(self, max_workers: int = 64, log_first: int = 10, max_bad_in_a_row: int | None = MAX_BAD_IN_A_ROW,
+                 source: str = "the shards", parent: BadSampleCounter | None = None) -> None:
+        if max_bad_in_a_row is not None and max_bad_in_a_row < 1:
+            raise ValueError(f"max_bad_in_a_row must be >= 1 or None, got {max_bad_in_a_row}")
+        # (rows, reasons + 2): row 0 = main process, row 1 + i = worker i; then good samples, bad in a row
+        self._table = torch.zeros(max_workers + 1, len(REASONS) + 2, dtype=torch.int64).share_memory_()
         self.log_first = log_first
+        self.max_bad_in_a_row = max_bad_in_a_row
+        self.source = source
+        self.parent = parent
         self._logged: dict[str, int] = {}
+
+    _GOOD, _RUN = len(REASONS), len(REASONS) + 1  # columns
 
     def _row(self) -> int:
         info = get_worker_info()
@@ -141,45 +187,83 @@ class BadSampleCounter:
 
     def add(self, reason: str, n: int = 1) -> None:
         """Count `n` skipped samples of `reason`."""
-        self._table[self._row(), REASONS.index(reason)] += n
+        row = self._row()
+        self._table[row, REASONS.index(reason)] += n
+        self._table[row, self._RUN] += n
+        if self.parent is not None:
+            self.parent.add(reason, n)
 
     def add_good(self, n: int = 1) -> None:
-        """Count `n` samples decoded fine."""
-        self._table[self._row(), -1] += n
+        """Count `n` samples decoded fine (and end the current run of bad ones)."""
+        row = self._row()
+        self._table[row, self._GOOD] += n
+        self._table[row, self._RUN] = 0
+        if self.parent is not None:
+            self.parent.add_good(n)
+
+    def saw_usable(self) -> None:
+        """A usable sample went by that this process does not keep (another rank's): ends the bad run."""
+        self._table[self._row(), self._RUN] = 0
 
     def __call__(self, exn: Exception) -> bool:
-        """The webdataset handler: count a `BadSample`, warn, continue; re-raise anything else."""
+        """The webdataset handler: count a `BadSample`, warn, continue; re-raise anything else.
+
+        Raises NoUsableSamples once `max_bad_in_a_row` bad samples came in a row in this worker.
+        """
         if not isinstance(exn, BadSample):
             raise exn
         self.add(exn.reason)
         seen = self._logged[exn.reason] = self._logged.get(exn.reason, 0) + 1
         if seen <= self.log_first or seen % 1000 == 0:
             log.warning("skipping a bad sample (%s; %d of this kind in this process)", exn, seen)
+        run = int(self._table[self._row(), self._RUN])
+        if self.max_bad_in_a_row is not None and run >= self.max_bad_in_a_row:
+            raise NoUsableSamples(
+                f"the last {run} samples read from {self.source} were all unusable ({self.describe()}; the last: "
+                f"{str(exn):.160}), so reading stops; fix the data or raise --data.max_bad_in_a_row")
         return True
 
     @property
     def counts(self) -> dict[str, int]:
         """Skipped samples by reason (every reason present, zeros included)."""
-        sums = self._table[:, :-1].sum(0).tolist()
+        sums = self._table[:, : len(REASONS)].sum(0).tolist()
         return dict(zip(REASONS, sums))
 
     @property
     def total(self) -> int:
         """All skipped samples."""
-        return int(self._table[:, :-1].sum())
+        return int(self._table[:, : len(REASONS)].sum())
 
     @property
     def good(self) -> int:
-        """Samples decoded fine."""
-        return int(self._table[:, -1].sum())
+        """Samples that came out of the pipeline (decoded and transformed fine)."""
+        return int(self._table[:, self._GOOD].sum())
+
+    def describe(self) -> str:
+        """'3 skipped: caption 2, unicode 1' (or '0 skipped')."""
+        bad = ", ".join(f"{reason} {n}" for reason, n in self.counts.items() if n)
+        return f"{self.total} skipped" + (f": {bad}" if bad else "")
 
     def reset(self) -> None:
+        """Zero every count (this counter's only, not its parent's)."""
         self._table.zero_()
         self._logged.clear()
 
     def __repr__(self) -> str:
         bad = {k: v for k, v in self.counts.items() if v}
         return f"BadSampleCounter(good={self.good}, bad={self.total} {bad})"
+
+
+@dataclass
+class CountGood:
+    """Pipeline stage: count every sample that comes out of the pipeline as good (after the transform)."""
+
+    counter: BadSampleCounter
+
+    def __call__(self, src: Iterable) -> Iterator:
+        for sample in src:
+            self.counter.add_good()
+            yield sample
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,7 +288,8 @@ class TarSamples:
     """Pipeline stage: shard urls -> samples {__key__, __url__, <ext>: bytes, ...}, one shard at a time.
 
     Damage is contained to the samples it touches:
-    - a shard that cannot be opened (or is not a tar) counts once as "open";
+    - a shard that cannot be opened, is not a tar or holds no member counts once as "open" (each time
+      it is read: a resampled stream of such shards reaches the handler's `max_bad_in_a_row`);
     - a member whose data cannot be read (truncated shard, bad bytes) drops its sample, counted as
       "tar", and ends the shard (a tar stream cannot go past it);
     - garbage between members is skipped with a warning (tarfile `ignore_zeros` resyncs on the next
@@ -264,6 +349,9 @@ class TarSamples:
                 current, dropped = None, key
                 continue
             current[ext] = data
+        if expected_offset == 0:  # not one member: `ignore_zeros` read a non-tar file as an empty archive
+            self.handler(BadSample("open", f"shard {url} holds no tar member (not a tar file, or an empty one)"))
+            return
         if tar.offset < expected_offset + 2 * tarfile.BLOCKSIZE:  # no end-of-archive marker was read
             log.warning("shard %s ends without an end-of-archive marker: truncated? (samples after "
                         "%s may be lost uncounted)", url, current["__key__"] if current else "its start")
@@ -339,6 +427,17 @@ def _qa(meta: dict) -> list[dict]:
     return qa
 
 
+def _check_unicode(key: str, record: dict) -> None:
+    """Raise BadSample("text") if a caption, question or answer cannot be encoded (a lone surrogate)."""
+    texts = [*record["captions"], *(t for qa in record["qa"] for t in (qa["question"], qa["answer"]))]
+    for text in texts:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise BadSample("text", f"{key}: text {text!r:.60} is not valid Unicode ({err.reason} at "
+                                       f"position {err.start})") from None
+
+
 def _codes(data: bytes) -> torch.Tensor:
     try:
         array = np.load(io.BytesIO(data), allow_pickle=False)
@@ -361,7 +460,6 @@ class RecordDecoder:
     load_images: bool = True
     load_codes: bool = True
     require_captions: bool = True  # records promise >= 1 caption; image-only readers (VQ) need none
-    counter: BadSampleCounter | None = None
 
     def __call__(self, sample: dict) -> dict:
         record: dict[str, Any] = {"__key__": sample["__key__"], "__url__": sample.get("__url__")}
@@ -379,6 +477,7 @@ class RecordDecoder:
         if self.require_captions and not record["captions"]:
             raise BadSample("caption", f"{sample['__key__']}: no caption (no txt, no json captions)")
         record["qa"] = _qa(meta)
+        _check_unicode(sample["__key__"], record)
         record["meta"] = meta
         if self.load_codes and "npy" in sample:
             record["codes"] = _codes(sample["npy"])
@@ -390,8 +489,6 @@ class RecordDecoder:
                 record["image"] = load_image(sample[ext], self.image_size)
             except Exception as err:  # noqa: BLE001 (PIL raises OSError, SyntaxError, ValueError, ...)
                 raise BadSample("image", f"{sample['__key__']}: unreadable {ext} ({err!r})") from None
-        if self.counter is not None:
-            self.counter.add_good()
         return record
 
 
@@ -412,6 +509,68 @@ class EpochLength:
             yield sample
 
 
+@dataclass
+class ShareSamples:
+    """Pipeline stage that splits samples, not shards, between ranks and workers, in equal numbers.
+
+    Every rank and worker reads all the shards and keeps every `slots`-th usable record (slot = rank x
+    workers + worker), transformed; at the end of the pass it pads with a repeat of one of its records
+    (as torch's `DistributedSampler` does) up to ceil(N / slots), N = all usable records. Every rank
+    therefore yields the same number of samples, hence of batches, whatever the number of shards: the
+    evaluation recipe under DDP, where a rank with fewer batches than another waits for ever in the
+    next collective. Costs a full read of the shards per rank (fine for a validation set).
+    """
+
+    transform: Callable[[dict], Any] | None
+    handler: BadSampleCounter
+
+    def _apply(self, record: dict) -> Any:
+        if self.transform is None:
+            return record
+        try:
+            result = self.transform(dict(record))  # a copy: the record may be transformed again as padding
+        except Exception as exn:  # noqa: BLE001 (the handler re-raises all but BadSample)
+            self.handler(exn)
+            return None
+        if isinstance(result, dict):  # as wds.map does
+            result["__key__"] = record.get("__key__")
+        return result
+
+    def __call__(self, records: Iterable[dict]) -> Iterator:
+        rank, world, worker, workers = wds.utils.pytorch_worker_info()
+        slots, slot = world * workers, rank * workers + worker
+        seen = kept = 0
+        spares: list[dict] = []  # padding: this slot's first record that transformed fine, else the first one
+        for i, record in enumerate(records):
+            seen += 1
+            if i % slots != slot:
+                self.handler.saw_usable()
+                if not spares:
+                    spares.append(dict(record))
+                continue
+            sample = self._apply(record)
+            if sample is None:
+                continue
+            if kept == 0:
+                spares.insert(0, dict(record))
+            kept += 1
+            yield sample
+        target = math.ceil(seen / slots)
+        while kept < target and spares:
+            sample = self._apply(spares[0])
+            if sample is None:
+                spares.pop(0)
+                continue
+            kept += 1
+            yield sample
+
+
+def distributed_world_size() -> int:
+    """Processes in the default torch.distributed group (1 when it is not initialised)."""
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def record_pipeline(
     urls: str | list[str],
     image_size: int = 32,
@@ -425,6 +584,7 @@ def record_pipeline(
     require_captions: bool = True,
     transform: Callable[[dict], Any] | None = None,
     counter: BadSampleCounter | None = None,
+    split: str = "shards",
 ) -> wds.DataPipeline:
     """A webdataset pipeline of Records (an IterableDataset; give it to a DataLoader).
 
@@ -442,7 +602,14 @@ def record_pipeline(
         require_captions: skip (and count) samples without a caption.
         transform: applied to each Record last (raise BadSample to skip one; return None to drop).
         counter: where skipped samples are counted (a new one if None); also at `.bad_samples`.
+        split: how ranks and DataLoader workers share the data: "shards" (each reads its own shards)
+            or "samples" (each reads every shard and keeps its equal share of the samples, `ShareSamples`:
+            evaluation under DDP with fewer shards than ranks); not with `resampled` or `shuffle`.
     """
+    if split not in ("shards", "samples"):
+        raise ValueError(f"split must be 'shards' or 'samples', got {split!r}")
+    if split == "samples" and (resampled or shuffle > 0):
+        raise ValueError("split='samples' reads the shards in order: it cannot be resampled or shuffled")
     urls = expand_shards(urls) if isinstance(urls, str) else list(urls)
     counter = counter if counter is not None else BadSampleCounter()
     if resampled:
@@ -451,16 +618,20 @@ def record_pipeline(
         stages = [wds.SimpleShardList(urls)]
         if shuffle > 0:  # before the split, with one seed: every rank and worker agrees on the order
             stages.append(wds.detshuffle(len(urls), initial=len(urls), seed=seed))
-        stages += [wds.split_by_node, wds.split_by_worker]
+        if split == "shards":
+            stages += [wds.split_by_node, wds.split_by_worker]
     stages.append(TarSamples(handler=counter))
     if shuffle > 0:
         stages.append(wds.detshuffle(shuffle, initial=min(shuffle, 100), seed=seed + 1))
-    decoder = RecordDecoder(image_size, load_images, load_codes, require_captions, counter)
+    decoder = RecordDecoder(image_size, load_images, load_codes, require_captions)
     stages.append(wds.map(decoder, handler=counter))
-    if transform is not None:
+    if split == "samples":
+        stages.append(ShareSamples(transform, counter))
+    elif transform is not None:
         stages.append(wds.map(transform, handler=counter))
     if epoch_length is not None:
         stages.append(EpochLength(epoch_length))
+    stages.append(CountGood(counter))
     pipeline = wds.DataPipeline(*stages)
     pipeline.bad_samples = counter
     return pipeline
@@ -480,11 +651,64 @@ def collate_records(records: list[dict]) -> dict:
 # Lightning
 
 
+class ShardLoader(DataLoader):
+    """A DataLoader over a `record_pipeline` that refuses a pass with no batch at all.
+
+    Lightning starts a new epoch after an empty one, for ever (and cannot be stopped by SIGTERM while
+    it does): a training set whose every sample is bad, an empty shard, or a rank that got no shard
+    would spin. Here such a pass raises `NoUsableSamples` naming the shards and the skip counts.
+    """
+
+    def __iter__(self):  # noqa: ANN204 (a generator of batches)
+        counter: BadSampleCounter | None = getattr(self.dataset, "bad_samples", None)
+        bad_before = counter.total if counter is not None else 0
+        batches = 0
+        for batch in super().__iter__():
+            batches += 1
+            yield batch
+        if batches == 0 and counter is not None:
+            skipped = counter.total - bad_before
+            why = (f"every sample was skipped ({counter.describe()})" if skipped
+                   else "the shards hold no sample for this process (empty shards, or fewer shards than "
+                        "ranks x DataLoader workers without --data.resampled true)")
+            raise NoUsableSamples(f"a full pass over {counter.source} gave no batch: {why}")
+
+
+class SkippedSamplesMonitor(Callback):
+    """Makes skipped samples visible: logs the training skip counts of this process as
+    `data/skipped` and `data/skipped_<reason>` (reasons seen so far) with the other training metrics,
+    and prints a one-line summary per split at the end of fit.
+
+    `ShardDataModule.setup` adds one to the trainer when it has none, so every shard-based fit has it.
+    """
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        dm = trainer.datamodule
+        if not isinstance(dm, ShardDataModule):
+            return
+        counter = dm.skipped["train"]
+        metrics = {"data/skipped": float(counter.total)}
+        metrics.update({f"data/skipped_{reason}": float(n) for reason, n in counter.counts.items() if n})
+        pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        dm = trainer.datamodule
+        if isinstance(dm, ShardDataModule):
+            prefix = f"[data, rank {trainer.global_rank}]" if trainer.world_size > 1 else "[data]"
+            sys.stdout.write(f"{prefix} {dm.skip_summary()}\n")  # one write: ranks share the terminal
+            sys.stdout.flush()
+
+
 class ShardDataModule(L.LightningDataModule):
     """Webdataset shards -> Records -> `transform` -> batches by `collate`.
 
     Subclasses override `transform(record)` (runs in the DataLoader workers; raise
     `BadSample("transform", ...)` to skip a record) and `collate(samples)`.
+
+    Under DDP, validation samples (not shards) are shared out between the ranks in equal numbers
+    (`ShareSamples`), so any number of val shards works, one included. `setup` checks the shard
+    patterns (`ShardsNotFound`) and adds a `SkippedSamplesMonitor` to the trainer.
 
     Args:
         train_shards: glob / brace pattern / comma list of training shards (see `expand_shards`).
@@ -501,6 +725,8 @@ class ShardDataModule(L.LightningDataModule):
         load_images: decode images (False: only `codes` from pre-tokenized shards, images only where
             those are missing).
         load_codes: read pre-computed VQ codes (`npy`) when the shards have them.
+        max_bad_in_a_row: this many bad samples in a row (per reader process) stop the run with a
+            `NoUsableSamples` error instead of reading on; data with nothing usable cannot spin for ever.
     """
 
     require_captions = True  # records promise >= 1 caption; ImageDataModule reads image-only shards
@@ -518,6 +744,7 @@ class ShardDataModule(L.LightningDataModule):
         seed: int = 0,
         load_images: bool = True,
         load_codes: bool = True,
+        max_bad_in_a_row: int = MAX_BAD_IN_A_ROW,
     ) -> None:
         super().__init__()
         self.train_shards = train_shards
@@ -531,12 +758,37 @@ class ShardDataModule(L.LightningDataModule):
         self.seed = seed
         self.load_images = load_images
         self.load_codes = load_codes
-        self._bad_samples = BadSampleCounter()
+        self.max_bad_in_a_row = max_bad_in_a_row
+        self._bad_samples = BadSampleCounter(max_bad_in_a_row=None, source="all shards")
+        self.skipped: dict[str, BadSampleCounter] = {  # per split; both also count into `bad_samples`
+            "train": BadSampleCounter(max_bad_in_a_row=max_bad_in_a_row, source=f"training shards {train_shards!r}",
+                                      parent=self._bad_samples),
+            "val": BadSampleCounter(max_bad_in_a_row=max_bad_in_a_row, source=f"validation shards {val_shards!r}",
+                                    parent=self._bad_samples),
+        }
 
     @property
     def bad_samples(self) -> BadSampleCounter:
-        """Skipped samples of this process (all its workers), by reason: `.counts`, `.total`, `.good`."""
+        """Skipped samples of this process (all its workers, training and validation), by reason:
+        `.counts`, `.total`, `.good`; per split in `.skipped["train"]`, `.skipped["val"]`."""
         return self._bad_samples
+
+    def skip_summary(self) -> str:
+        """One line: samples used and skipped (by reason) per split, in this process."""
+        parts = [f"{name}: {c.good} samples used, {c.describe()}" for name, c in self.skipped.items()
+                 if name == "train" or (self.val_shards and c.good + c.total)]
+        return "; ".join(parts)
+
+    def setup(self, stage: str) -> None:
+        """Check the shard patterns now (one sentence naming a pattern that matches nothing, before any
+        model is built) and give the trainer a `SkippedSamplesMonitor` if it has none."""
+        if stage == "fit":
+            expand_shards(self.train_shards)
+        if self.val_shards and stage in ("fit", "validate"):
+            expand_shards(self.val_shards)
+        trainer = self.trainer
+        if trainer is not None and not any(isinstance(c, SkippedSamplesMonitor) for c in trainer.callbacks):
+            trainer.callbacks.append(SkippedSamplesMonitor())
 
     def transform(self, record: dict) -> Any:
         """Record -> model sample (identity here)."""
@@ -547,9 +799,11 @@ class ShardDataModule(L.LightningDataModule):
         return collate_records(samples)
 
     def dataset(self, shards: str, train: bool) -> wds.DataPipeline:
-        """The pipeline of transformed samples over `shards` (training: shuffled, maybe resampled)."""
+        """The pipeline of transformed samples over `shards` (training: shuffled, maybe resampled;
+        validation under DDP: split by sample, in equal numbers per rank)."""
         urls = expand_shards(shards)
-        if not self.resampled and self.num_workers > len(urls):
+        share_samples = not train and distributed_world_size() > 1
+        if not self.resampled and not share_samples and self.num_workers > len(urls):
             log.warning("%d shards for %d workers: %d workers will idle (write smaller shards)",
                         len(urls), self.num_workers, self.num_workers - len(urls))
         return record_pipeline(
@@ -558,12 +812,13 @@ class ShardDataModule(L.LightningDataModule):
             resampled=self.resampled and train,
             epoch_length=self.epoch_length if train else None,
             load_images=self.load_images, load_codes=self.load_codes, seed=self.seed,
-            require_captions=self.require_captions, transform=self.transform, counter=self._bad_samples)
+            require_captions=self.require_captions, transform=self.transform,
+            counter=self.skipped["train" if train else "val"], split="samples" if share_samples else "shards")
 
     def _loader(self, shards: str, train: bool) -> DataLoader:
-        return DataLoader(self.dataset(shards, train), batch_size=self.batch_size,
-                          num_workers=self.num_workers, collate_fn=self.collate,
-                          persistent_workers=self.num_workers > 0)
+        return ShardLoader(self.dataset(shards, train), batch_size=self.batch_size,
+                           num_workers=self.num_workers, collate_fn=self.collate,
+                           persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_shards, train=True)
@@ -592,11 +847,12 @@ class ImageDataModule(ShardDataModule):
         resampled: bool = False,
         epoch_length: int | None = None,
         seed: int = 0,
+        max_bad_in_a_row: int = MAX_BAD_IN_A_ROW,
     ) -> None:
         super().__init__(train_shards=train_shards, val_shards=val_shards, image_size=image_size,
                          batch_size=batch_size, num_workers=num_workers, shuffle_buffer=shuffle_buffer,
                          resampled=resampled, epoch_length=epoch_length, seed=seed,
-                         load_images=True, load_codes=False)
+                         load_images=True, load_codes=False, max_bad_in_a_row=max_bad_in_a_row)
 
     def transform(self, record: dict) -> torch.Tensor:
         return record["image"]  # (3, H, W)

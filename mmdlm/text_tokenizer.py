@@ -8,6 +8,9 @@
 
 The model's special tokens (`<mask>`, `<eos>`, ...) live in `mmdlm.vocab`, not here: text ids are
 `[0, vocab_size)` and the tokenizer never adds specials of its own.
+
+Text that is not valid Unicode (a lone surrogate such as JSON's `"\ud800"`) cannot be tokenized:
+`encode` raises `InvalidText` (a `UserError`, so a `ValueError`) naming it, never a bare TypeError.
 """
 
 from __future__ import annotations
@@ -17,7 +20,24 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
+from mmdlm.errors import UserError
+
 META_FILE = "text_tokenizer.json"  # which back end a saved folder holds
+
+
+class InvalidText(UserError):
+    """Text that no tokenizer can encode: it is not valid Unicode (a lone surrogate)."""
+
+
+def check_text(text: str) -> str:
+    """`text` itself if it is valid Unicode (encodable as UTF-8); else raise InvalidText naming where."""
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise InvalidText(f"text {text!r:.60} is not valid Unicode ({err.reason} at character {err.start})") from None
+    return text
 
 
 @runtime_checkable
@@ -79,7 +99,7 @@ class BPETokenizer:
         return self.tok.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=False).ids
+        return self.tok.encode(check_text(text), add_special_tokens=False).ids
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=False)
@@ -107,7 +127,7 @@ class CLIPTokenizer:
         return len(self.tok.encoder)
 
     def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text)
+        return self.tok.encode(check_text(text))
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(list(ids)).strip()

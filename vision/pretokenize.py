@@ -4,8 +4,10 @@ Model training then reads the codes instead of running the VQ encoder at every s
 pipelines pre-extract tokens). One output shard per input shard, with the same name and the same keys; the
 folder structure under the shards' common parent is kept, so one call can cover both splits
 (`--shards 'data/shards/shapes/*/*.tar' --out X` writes X/train/*.tar and X/val/*.tar), but the simplest is
-one call per split. A sample whose image cannot be read is skipped and counted (as the readers skip them),
-never fatal. A `DONE` file (with the counts) is written last, so a finished run can be recognised.
+one call per split. A sample whose image cannot be read is skipped and counted by reason (as the readers
+skip them), never fatal, and a summary of the counts is printed at the end; only shards with no usable
+sample at all are an error (one sentence, exit status 2, as is a pattern that matches nothing). A `DONE`
+file (with the counts) is written last, so a finished run can be recognised.
 
     python -m vision.pretokenize --vq runs/quickstart/vq --shards 'data/shards/shapes/train/*.tar' \\
         --out data/shards/shapes-codes/train
@@ -14,7 +16,6 @@ never fatal. A `DONE` file (with the counts) is written last, so a finished run 
 from __future__ import annotations
 
 import argparse
-import glob
 import io
 import json
 import os
@@ -28,21 +29,17 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
+from mmdlm.data import expand_shards
+from mmdlm.errors import UserError
 from vision.load import load_image_tokenizer
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")  # the members a sample's image may be stored in
 
 
 def expand(pattern: str) -> list[str]:
-    """Shard paths of a glob and/or brace pattern (`a/{000..009}.tar`), sorted."""
-    try:
-        from mmdlm.data import expand_shards  # the readers' own expansion, when it exists
-    except ImportError:
-        expand_shards = None
-    if expand_shards is not None:
-        return sorted(str(p) for p in expand_shards(pattern))
-    paths = [p for part in wds.shardlists.expand_urls(pattern) for p in sorted(glob.glob(part))]
-    return sorted(set(paths))
+    """Shard paths of a glob and/or brace pattern (`a/{000..009}.tar`), sorted; ShardsNotFound (a UserError
+    and a FileNotFoundError) naming the pattern if it matches nothing."""
+    return sorted(str(p) for p in expand_shards(pattern))
 
 
 def load_image(data: bytes, image_size: int) -> torch.Tensor:
@@ -71,6 +68,7 @@ def raw_samples(shard: str, counts: dict[str, int]) -> Iterator[dict]:
 
     def handler(exn: Exception) -> bool:
         counts["unreadable"] += 1
+        counts["skipped_tar"] = counts.get("skipped_tar", 0) + 1
         print(f"[pretokenize] skipped in {shard}: {exn!r}", file=sys.stderr)
         return True
 
@@ -111,6 +109,8 @@ class ShardTokenizer:
                     images.append(load_image(sample[ext], self.vq.image_size))
                 except Exception as e:  # a broken image never kills the run: skip and count it
                     counts["skipped"] += 1
+                    reason = "skipped_no_image" if ext is None else "skipped_image"
+                    counts[reason] = counts.get(reason, 0) + 1
                     print(f"[pretokenize] skipped {sample.get('__key__')} in {src}: {e!r}", file=sys.stderr)
                     continue
                 samples.append(sample)
@@ -122,11 +122,17 @@ class ShardTokenizer:
         os.replace(tmp, dst)  # a shard appears only when complete
 
 
+def skip_summary(counts: dict[str, int]) -> str:
+    """'3 skipped: image 2, tar 1' from the counts (reasons: `no_image`, `image` undecodable, `tar` unreadable)."""
+    reasons = {k.removeprefix("skipped_"): v for k, v in counts.items() if k.startswith("skipped_") and v}
+    total = counts.get("skipped", 0) + counts.get("unreadable", 0)
+    return f"{total} skipped" + (": " + ", ".join(f"{k} {v}" for k, v in sorted(reasons.items())) if reasons else "")
+
+
 def pretokenize(vq: str, shards: str, out: str, batch_size: int = 256, device: str = "cpu") -> dict[str, int]:
-    """Pre-tokenize the shards matching `shards` into `out`; returns {"written", "skipped", "unreadable", ...}."""
+    """Pre-tokenize the shards matching `shards` into `out`; returns {"written", "skipped", "unreadable", ...}
+    (`skipped_<reason>` per reason). Raises UserError when no sample at all could be written."""
     paths = expand(shards)
-    if not paths:
-        raise FileNotFoundError(f"no shards match {shards!r}")
     tokenizer = load_image_tokenizer(vq).to(device)
     worker = ShardTokenizer(tokenizer, batch_size=batch_size)
     root = Path(os.path.commonpath([str(Path(p).resolve().parent) for p in paths]))
@@ -135,6 +141,9 @@ def pretokenize(vq: str, shards: str, out: str, batch_size: int = 256, device: s
     with torch.inference_mode(), tqdm(desc="pretokenize", unit="img", file=sys.stderr) as progress:
         for path in paths:
             worker.shard(path, out_dir / Path(path).resolve().relative_to(root), counts, progress)
+    if counts["written"] == 0:
+        raise UserError(f"no sample of {shards!r} could be pre-tokenized ({skip_summary(counts)}), so no DONE "
+                        f"file was written to {out!r}")
     summary = {**counts, "shards": len(paths), "grid": list(tokenizer.grid), "codebook_size": tokenizer.codebook_size,
                "dtype": np.dtype(worker.dtype).name, "vq": str(vq), "source": shards}
     (out_dir / "DONE").write_text(json.dumps(summary, indent=2) + "\n")
@@ -151,9 +160,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=256, help="images encoded per forward")
     parser.add_argument("--device", default="cpu", help="torch device of the encoder")
     args = parser.parse_args(argv)
-    summary = pretokenize(args.vq, args.shards, args.out, batch_size=args.batch_size, device=args.device)
-    print(f"[pretokenize] {summary['written']} samples in {summary['shards']} shards -> {args.out} "
-          f"({summary['skipped']} skipped, {summary['unreadable']} unreadable)")
+    try:
+        summary = pretokenize(args.vq, args.shards, args.out, batch_size=args.batch_size, device=args.device)
+    except UserError as err:  # includes a shard pattern that matches nothing (mmdlm.data.ShardsNotFound)
+        parser.exit(2, f"error: {err}\n")
+    print(f"[pretokenize] {summary['written']} samples in {summary['shards']} shards -> {args.out}; "
+          f"{skip_summary(summary)}")
 
 
 if __name__ == "__main__":
