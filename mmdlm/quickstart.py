@@ -5,7 +5,8 @@
     python -m mmdlm.quickstart --world digits --out runs/digits   # scikit-learn's real handwritten digits
 
 Every step is an ordinary command a user could type (printed before it runs); a step whose output already
-exists is skipped, so a killed quickstart picks up where it stopped (the MDM resumes from `last.ckpt`).
+exists is skipped, so a killed quickstart picks up where it stopped (the MDM resumes from
+`OUT/mdm-run/checkpoints/last.ckpt`, at the step it was killed after, through `--ckpt_path last`).
 Writes `OUT/metrics.json`, `OUT/report.md` and `OUT/samples.png`.
 """
 
@@ -132,6 +133,8 @@ def steps(args: argparse.Namespace) -> list[Step]:
               "--trainer.default_root_dir", str(out / "mdm-run"),
               "--trainer.logger.init_args.save_dir", str(out / "mdm-run")]
              + shlex.split(args.mdm_args)
+             # a run before this one was killed: resume from OUT/mdm-run/checkpoints/last.ckpt (train.py keeps
+             # checkpoints there, not in the logger's new version_N folder; none yet = a fresh start)
              + (["--ckpt_path", "last"] if (out / "mdm-run").exists() else []),
              out / "model" / "config.json"),
         Step("evaluate",

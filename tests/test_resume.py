@@ -1,0 +1,244 @@
+"""Resuming and starting runs through the real `train.py` CLI: a SIGKILLed fit resumed with `--ckpt_path last`
+equals an uninterrupted one bit for bit, `last.ckpt` holds the final step and exports from any directory, and
+`--model.init_from` starts from a model folder's weights (or says in one sentence why it cannot)."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from safetensors.torch import load_file
+
+from mmdlm.errors import UserError
+from mmdlm.lightning import LitMDM, MDMDataModule
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 26  # not a multiple of EVERY: without the final save, last.ckpt would hold step 24
+EVERY = 4
+RUN = f"""\
+trainer:
+  callbacks:
+    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
+      init_args: {{every_n_train_steps: {EVERY}, save_last: true, save_top_k: -1}}
+  max_steps: {STEPS}
+  enable_progress_bar: false
+  enable_model_summary: false
+  log_every_n_steps: 1
+  val_check_interval: 12
+  limit_val_batches: 1
+  num_sanity_val_steps: 0
+"""
+
+
+@pytest.fixture(scope="module")
+def code_shards(tiny_model_dir: str, tiny_shards: str, tmp_path_factory) -> str:
+    """`tiny_shards` pre-tokenized with the tiny VQ (`vision.pretokenize`): no VQ encoder in the training loops."""
+    from vision.pretokenize import pretokenize
+
+    root = tmp_path_factory.mktemp("codes")
+    for split in ("train", "val"):
+        pretokenize(f"{tiny_model_dir}/vq", f"{tiny_shards}/{split}/*.tar", str(root / split))
+    return str(root)
+
+
+def fit_command(root: Path, text_tokenizer: str, vq: str, shards: str, *extra: str) -> list[str]:
+    """`python train.py fit` with the shipped MDM config, shrunk to a tiny model and a few steps."""
+    override = root.parent / f"{root.name}-run.yaml"
+    override.write_text(RUN)
+    return [sys.executable, str(ROOT / "train.py"), "fit", "--config", str(ROOT / "configs" / "mdm-shapes.yaml"),
+            "--config", str(override),
+            "--data.train_shards", f"{shards}/train/*.tar", "--data.val_shards", f"{shards}/val/*.tar",
+            "--data.text_tokenizer", text_tokenizer, "--data.vq", vq, "--data.batch_size", "4",
+            "--data.shuffle_buffer", "16", "--model.n_layer", "1", "--model.n_head", "2", "--model.n_embd", "32",
+            "--model.warmup_steps", "2", "--model.samples_at_val", "0", "--model.export_dir", str(root / "model"),
+            "--trainer.default_root_dir", str(root), "--trainer.logger.init_args.save_dir", str(root), *extra]
+
+
+def load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def logged_steps(version_dir: Path) -> list[int]:
+    """The steps at which a run logged train/loss to TensorBoard."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(version_dir))
+    events.Reload()
+    return [e.step for e in events.Scalars("train/loss")]
+
+
+def test_a_sigkilled_fit_resumes_with_ckpt_path_last_and_ends_bit_identical(tiny_model_dir, code_shards,
+                                                                           tmp_path) -> None:
+    tok, vq = f"{tiny_model_dir}/text_tokenizer", f"{tiny_model_dir}/vq"
+    # the uninterrupted run and the one to be killed, side by side (same thread counts, so the same arithmetic)
+    full = subprocess.Popen(fit_command(tmp_path / "full", tok, vq, code_shards), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    killed = subprocess.Popen(fit_command(tmp_path / "run", tok, vq, code_shards), cwd=ROOT,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    step_at_kill, deadline = None, time.monotonic() + 90
+    while killed.poll() is None and time.monotonic() < deadline:
+        try:
+            step_at_kill = load(last)["global_step"]  # the first checkpoint, once it can be read
+            break
+        except (FileNotFoundError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError):
+            time.sleep(0.01)
+    killed.send_signal(signal.SIGKILL)
+    assert killed.wait(timeout=30) == -signal.SIGKILL, "the run ended before it could be killed"
+    assert step_at_kill is not None and 0 < step_at_kill < STEPS and not (tmp_path / "run" / "model").exists()
+    _, full_err = full.communicate(timeout=120)
+    assert full.returncode == 0, full_err[-3000:]
+
+    resumed = subprocess.run(fit_command(tmp_path / "run", tok, vq, code_shards, "--ckpt_path", "last"), cwd=ROOT,
+                             capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "no last checkpoint available" not in resumed.stderr
+    # the step counter continues: the resumed process (a new TensorBoard version) logs from the checkpoint on
+    versions = sorted((tmp_path / "run" / "tb").glob("version_*"))
+    assert len(versions) == 2
+    steps = logged_steps(versions[-1])
+    assert min(steps) >= step_at_kill > 0 and max(steps) == STEPS - 1, (step_at_kill, steps[:3])
+
+    a, b = load(tmp_path / "full" / "checkpoints" / "last.ckpt"), load(last)
+    assert a["global_step"] == b["global_step"] == STEPS  # the final step, not the last multiple of EVERY
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for name, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][name]), name
+    for name, value in a["ema"].items():
+        assert torch.equal(value, b["ema"][name]), name
+    exported = [load_file(str(tmp_path / run / "model" / "model.safetensors")) for run in ("full", "run")]
+    assert all(torch.equal(v, exported[1][k]) for k, v in exported[0].items())
+
+
+def test_last_ckpt_holds_the_final_step_and_exports_from_another_directory(tiny_model_dir, code_shards,
+                                                                          tmp_path) -> None:
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    work.mkdir()
+    elsewhere.mkdir()
+    for part in ("text_tokenizer", "vq"):  # the run names its tokenizers by relative paths
+        (work / part).symlink_to(Path(tiny_model_dir) / part, target_is_directory=True)
+    run = subprocess.run(fit_command(work / "run", "text_tokenizer", "vq", code_shards, "--trainer.max_steps", "6"),
+                         cwd=work, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    ckpt = work / "run" / "checkpoints" / "last.ckpt"
+    state = load(ckpt)
+    assert state["global_step"] == 6  # saved at the end of fit, not only at step 4
+    assert Path(state["mmdlm"]["text_tokenizer"]).is_absolute() and Path(state["mmdlm"]["vq"]).is_absolute()
+
+    export = subprocess.run([sys.executable, "-m", "mmdlm.export", "--ckpt", str(ckpt), "--out", "exported"],
+                            cwd=elsewhere, capture_output=True, text=True, timeout=120,
+                            env=os.environ | {"PYTHONPATH": str(ROOT)})
+    assert export.returncode == 0, export.stderr[-3000:]
+    final = load_file(str(work / "run" / "model" / "model.safetensors"))  # written by fit itself, at the end
+    got = load_file(str(elsewhere / "exported" / "model.safetensors"))
+    assert final.keys() == got.keys() and all(torch.equal(v, got[k]) for k, v in final.items())
+
+
+# ------------------------------------------------------------------------------------ --model.init_from
+def datamodule(model_dir: str, shards: str, **kw) -> MDMDataModule:
+    args = dict(train_shards=f"{shards}/train/*.tar", val_shards=f"{shards}/val/*.tar",
+                text_tokenizer=f"{model_dir}/text_tokenizer", vq=f"{model_dir}/vq", batch_size=4,
+                num_workers=0, resampled=True, shuffle_buffer=16, seed=3)
+    return MDMDataModule(**(args | kw))
+
+
+def test_init_from_starts_at_the_folder_weights_with_a_fresh_optimizer(tiny_model_dir, code_shards,
+                                                                       tmp_path) -> None:
+    folder = load_file(str(Path(tiny_model_dir) / "model.safetensors"))
+    at_start: dict = {}
+
+    class FirstStep(Callback):
+        def on_train_start(self, trainer, module) -> None:
+            at_start["model"] = {k: v.clone() for k, v in module.model.state_dict().items()}
+            at_start["ema"] = {k: v.clone() for k, v in module.ema.shadow.items()}
+            at_start["step"], at_start["lr"] = trainer.global_step, trainer.optimizers[0].param_groups[0]["lr"]
+
+    L.seed_everything(0)
+    module = LitMDM(n_layer=4, n_embd=128, warmup_steps=2, samples_at_val=0, lr=1e-3,  # the folder's shape wins
+                    init_from=tiny_model_dir)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True)
+    L.Trainer(max_steps=3, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+              enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path,
+              callbacks=[FirstStep(), ckpt]).fit(module, datamodule=datamodule(tiny_model_dir, code_shards))
+
+    assert at_start["step"] == 0 and at_start["lr"] == pytest.approx(1e-3 / 2)  # warmup from its first step
+    assert at_start["model"].keys() == folder.keys()
+    for name, value in folder.items():
+        assert torch.equal(at_start["model"][name], value), name
+        if name in at_start["ema"]:
+            assert torch.equal(at_start["ema"][name], value), name
+    assert module.hparams.n_layer == 2 and module.hparams.n_embd == 32
+    assert module.global_step == 3
+    assert any(not torch.equal(v, folder[k]) for k, v in module.model.state_dict().items())  # it trained
+    assert load(tmp_path / "ck" / "last.ckpt")["mmdlm"]["model_config"]["n_layer"] == 2
+
+
+def test_init_from_other_tokenizers_is_refused_in_one_sentence(tiny_model_dir, code_shards, tmp_path) -> None:
+    from conftest import shapes_texts
+
+    from mmdlm.text_tokenizer import BPETokenizer
+    from vision.tokenizer import VQTokenizer
+
+    same_size = BPETokenizer.train(shapes_texts(300, seed=7) + ["zebra quokka"] * 50, vocab_size=300)
+    same_size.save(tmp_path / "tok")
+    torch.manual_seed(1)
+    VQTokenizer.new(image_size=32, codebook_size=64, channels=16, max_channels=32,
+                    norm_groups=4).save_pretrained(tmp_path / "vq")
+    own_tok, own_vq = f"{tiny_model_dir}/text_tokenizer", f"{tiny_model_dir}/vq"
+    cases = {"text tokenizer maps tokens to different ids": dict(text_tokenizer=str(tmp_path / "tok")),
+             "image codebook differs": dict(vq=str(tmp_path / "vq"))}
+    for message, kw in cases.items():
+        dm = datamodule(tiny_model_dir, code_shards, **kw)
+        assert dm.vocab.text_size == 300 and dm.vocab.codebook_size == 64  # the sizes alone would pass
+        with pytest.raises(UserError, match=message):
+            LitMDM(init_from=tiny_model_dir).init_from_folder(tiny_model_dir, dm)
+    with pytest.raises(UserError, match="cannot be loaded"):
+        LitMDM().init_from_folder(tmp_path / "no-model-here", datamodule(tiny_model_dir, code_shards))
+
+    # through the CLI: a text tokenizer of another size, one sentence on stderr and exit status 2
+    BPETokenizer.train(shapes_texts(100), vocab_size=280).save(tmp_path / "small")
+    run = subprocess.run(fit_command(tmp_path / "cli", str(tmp_path / "small"), own_vq, code_shards,
+                                     "--model.init_from", tiny_model_dir, "--trainer.max_steps", "1"),
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2, run.stderr[-3000:]
+    last_line = run.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("error: --model.init_from") and "vocabulary has 300 text ids" in last_line
+    assert f"--data.text_tokenizer {own_tok}" in last_line and "Traceback" not in run.stderr
+
+
+def test_a_ckpt_path_that_cannot_resume_is_refused_in_one_sentence(tiny_model_dir, code_shards, tmp_path,
+                                                                     capsys) -> None:
+    from train import main
+
+    args = fit_command(tmp_path / "run", f"{tiny_model_dir}/text_tokenizer", f"{tiny_model_dir}/vq", code_shards)[2:]
+    cases = {f"{tiny_model_dir}/model.safetensors": f"use --model.init_from {tiny_model_dir}",
+             tiny_model_dir: f"use --model.init_from {tiny_model_dir}",
+             str(tmp_path / "nope.ckpt"): "nope.ckpt' does not exist"}
+    for ckpt_path, message in cases.items():
+        with pytest.raises(SystemExit) as exit_info:
+            main(args + ["--ckpt_path", ckpt_path])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and message in err.strip().splitlines()[-1], err[-2000:]
+    assert not (tmp_path / "run" / "checkpoints").exists()  # refused before any training
+
+
+def test_a_missing_tokenizer_folder_is_one_sentence_not_a_wrapped_traceback(tiny_model_dir, code_shards, tmp_path,
+                                                                            capsys) -> None:
+    from train import main
+
+    args = fit_command(tmp_path / "run", str(tmp_path / "no-tokenizer"), f"{tiny_model_dir}/vq", code_shards)[2:]
+    with pytest.raises(SystemExit) as exit_info:  # raised inside jsonargparse's instantiation of the data module
+        main(args)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err and "Union subtypes" not in err
+    missing = str(tmp_path / "no-tokenizer")
+    assert err.strip().splitlines()[-1] == f"error: text tokenizer path {missing!r} does not exist"
