@@ -21,9 +21,8 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule
-from torch.utils.data import DataLoader
 
-from mmdlm.data import ShardDataModule
+from mmdlm.data import MAX_BAD_IN_A_ROW, ShardDataModule, ShardLoader
 from mmdlm.diffusion import ImageSchedule, LossOutput, Weighting, ar_loss, cond_dropout, masked_diffusion_loss
 from mmdlm.errors import UserError
 from mmdlm.model import ModelConfig, Transformer
@@ -53,6 +52,7 @@ class MDMDataModule(ShardDataModule):
         vq: a VQ tokenizer folder (diffusers `VQModel` format) from `train.py fit --config vq-*.yaml`.
         task_weights: how often each task is drawn, by `Task` name (lower case).
         layout: fixed lengths of the text regions.
+        max_bad_in_a_row: bad samples in a row that stop the run with a one-sentence error (`mmdlm.data`).
     """
 
     def __init__(
@@ -71,11 +71,13 @@ class MDMDataModule(ShardDataModule):
         epoch_length: int | None = None,
         seed: int = 0,
         compile: bool = False,
+        max_bad_in_a_row: int = MAX_BAD_IN_A_ROW,
     ) -> None:
         super().__init__(train_shards=train_shards, val_shards=val_shards, image_size=image_size,
                          batch_size=batch_size, num_workers=num_workers, shuffle_buffer=shuffle_buffer,
                          resampled=resampled, epoch_length=epoch_length, seed=seed,
-                         load_images=False, load_codes=True)  # images are decoded only where codes are missing
+                         load_images=False, load_codes=True,  # images are decoded only where codes are missing
+                         max_bad_in_a_row=max_bad_in_a_row)
         from vision.load import load_image_tokenizer
 
         self.text_tokenizer_path = text_tokenizer
@@ -128,7 +130,7 @@ class MDMDataModule(ShardDataModule):
                                persistent_workers=self.num_workers > 0)
 
 
-class ResumableLoader(DataLoader):
+class ResumableLoader(ShardLoader):
     """A DataLoader that Lightning checkpoints: it records how many batches it has yielded and, restored,
     skips that many on its next pass. Over a seeded stream (`resampled=True`, one endless epoch) a resumed
     run therefore sees exactly the batches an uninterrupted one would have."""
@@ -265,6 +267,12 @@ class LitMDM(LightningModule):
             lower variance); the logged NLL is the ELBO either way.
         task_balanced: average the per-task losses, so small target regions (VQA answers) weigh as much
             as large ones (images).
+        paired_masks: train each sequence with two complementary masks (LaViDa, DiffuCoder), so every
+            target token is supervised once per pair; the forward runs on 2x the batch (halve batch_size
+            for equal compute). Validation uses single masks.
+        task_t: per-task interval of the training mask ratio t, e.g. `{vqa: [0.5, 1.0]}`: understanding is
+            decoded from a fully masked answer, so its training can favour high t. Unlisted tasks: U(0, 1).
+            Validation always uses U(0, 1), so `val/nll` stays the ELBO.
         ema_decay: EMA of the weights for validation and export; 0 disables it.
         export_dir: write a self-contained model folder here at the end of fit.
         init_from: start from the weights of a model folder (`mmdlm.export`, `MMDLMPipeline.from_pretrained`):
@@ -297,6 +305,8 @@ class LitMDM(LightningModule):
         image_schedule: str = "elbo",
         weighting: str = "elbo",
         task_balanced: bool = False,
+        paired_masks: bool = False,
+        task_t: dict[str, list[float]] | None = None,
         ema_decay: float = 0.995,
         export_dir: str | None = None,
         init_from: str | None = None,
@@ -343,6 +353,9 @@ class LitMDM(LightningModule):
         self.objective = (ar_loss if config.causal else partial(
             masked_diffusion_loss, vocab=vocab, image_schedule=ImageSchedule(hp.image_schedule),
             weighting=Weighting(hp.weighting), task_balanced=hp.task_balanced))
+        t_ranges = {Task[name.upper()]: tuple(r) for name, r in (hp.get("task_t") or {}).items()}
+        self.train_objective = (self.objective if config.causal else partial(
+            self.objective, paired=hp.get("paired_masks", False), t_ranges=t_ranges))
         if self.hparams.ema_decay > 0:
             self.ema = EMA(self.model, self.hparams.ema_decay)
 
@@ -355,15 +368,16 @@ class LitMDM(LightningModule):
         g.manual_seed(self.hparams.seed * 1_000_003 + self.global_step * 7919 + salt)
         return g
 
-    def _loss(self, batch: Batch, generator: torch.Generator) -> LossOutput:
-        return (self.objective(self.model, batch) if self.config.causal
-                else self.objective(self.model, batch, generator=generator))
+    def _loss(self, batch: Batch, generator: torch.Generator, train: bool = False) -> LossOutput:
+        objective = self.train_objective if train else self.objective
+        return (objective(self.model, batch) if self.config.causal
+                else objective(self.model, batch, generator=generator))
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         g = self._generator(salt=0)
         if self.hparams.p_uncond > 0:
             batch = cond_dropout(batch, self.hparams.p_uncond, generator=g)
-        out = self._loss(batch, g)
+        out = self._loss(batch, g, train=True)
         bs = len(batch)
         self.log("train/loss", out.loss, prog_bar=True, batch_size=bs)
         self.log("train/nll", out.nll, batch_size=bs)
