@@ -292,15 +292,21 @@ def masked_diffusion_loss(model: torch.nn.Module, batch: Batch, vocab: Vocab, *,
     return LossOutput(loss, nll.detach(), _per_task(elbo, target, task), n_target // (2 if paired else 1))
 
 
-def ar_loss(model: torch.nn.Module, batch: Batch) -> LossOutput:
+def ar_loss(model: torch.nn.Module, batch: Batch, force_causal: bool = False) -> LossOutput:
     """Next-token CE of the causal baseline on the same target regions: position i predicts token
     i + 1, counted only where i + 1 is a target. Exact NLL per target token (a target at position 0,
-    which no template makes, would have nothing to be predicted from and is not counted)."""
+    which no template makes, would have nothing to be predicted from and is not counted).
+
+    `force_causal` runs a bidirectional model causally for this call (`Transformer.forward(causal=True)`):
+    the AR half of a model trained on both objectives (`ModelConfig.shift_logits`)."""
     config = getattr(model, "config", None)
-    if config is not None and not getattr(config, "causal", True):
+    if force_causal:
+        logits = model(batch.ids, batch.pad, batch.image_index, causal=True)  # (B, T, V)
+    elif config is not None and not getattr(config, "causal", True):
         raise ValueError("ar_loss needs a causal model (ModelConfig(causal=True)): a bidirectional one "
                          "sees the token it predicts")
-    logits = model(batch.ids, batch.pad, batch.image_index)  # (B, T, V)
+    else:
+        logits = model(batch.ids, batch.pad, batch.image_index)  # (B, T, V)
     target = batch.target[:, 1:] & ~batch.pad[:, 1:]  # (B, T-1): token i+1 is a target
     n_target = int(target.sum())
     if n_target == 0:

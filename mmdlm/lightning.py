@@ -173,7 +173,8 @@ def code_features(vq) -> torch.Tensor:
 
 
 # ModelConfig fields that LitMDM takes as arguments: with `init_from`, the model folder's values are used
-ARCHITECTURE = ("n_layer", "n_head", "n_embd", "causal", "qk_norm", "tie_head", "head_codebook", "mask_positions")
+ARCHITECTURE = ("n_layer", "n_head", "n_embd", "causal", "qk_norm", "tie_head", "head_codebook", "mask_positions",
+                "shift_logits")
 
 
 def absolute_path(path: str | Path) -> str:
@@ -273,6 +274,12 @@ class LitMDM(LightningModule):
         task_t: per-task interval of the training mask ratio t, e.g. `{vqa: [0.5, 1.0]}`: understanding is
             decoded from a fully masked answer, so its training can favour high t. Unlisted tasks: U(0, 1).
             Validation always uses U(0, 1), so `val/nll` stays the ELBO.
+        shift_logits: read position i's logits from the hidden state at i - 1, as a causal LM does (Dream):
+            the masked-diffusion and AR objectives then share one head. `init_from` an AR folder with
+            `causal: false` turns this on: the AR checkpoint is adapted to masked diffusion.
+        ar_rows: share of each batch trained with the AR objective (causal attention, same weights) beside
+            the masked-diffusion rows: one model on both objectives. Needs `shift_logits`; sampling stays
+            masked diffusion.
         ema_decay: EMA of the weights for validation and export; 0 disables it.
         export_dir: write a self-contained model folder here at the end of fit.
         init_from: start from the weights of a model folder (`mmdlm.export`, `MMDLMPipeline.from_pretrained`):
@@ -307,6 +314,8 @@ class LitMDM(LightningModule):
         task_balanced: bool = False,
         paired_masks: bool = False,
         task_t: dict[str, list[float]] | None = None,
+        shift_logits: bool = False,
+        ar_rows: float = 0.0,
         ema_decay: float = 0.995,
         export_dir: str | None = None,
         init_from: str | None = None,
@@ -336,6 +345,7 @@ class LitMDM(LightningModule):
             vocab_size=vocab.size, n_layer=hp.n_layer, n_head=hp.n_head, n_embd=hp.n_embd,
             max_seq_len=dm.max_seq_len, causal=hp.causal, qk_norm=hp.qk_norm, tie_head=hp.tie_head,
             head_codebook=hp.head_codebook, mask_positions=hp.get("mask_positions", False), mask_id=vocab.mask,
+            shift_logits=hp.get("shift_logits", False),
             dropout=hp.dropout, image_grid=dm.image_grid,
             codebook_size=vocab.codebook_size, image_offset=vocab.image_offset,
             codebook_dim=0 if codebook is None else codebook.shape[1],
@@ -344,6 +354,9 @@ class LitMDM(LightningModule):
 
     def build(self, config: ModelConfig, vocab: Vocab, codebook: torch.Tensor | None = None) -> None:
         self.config, self.vocab = config, vocab
+        if self.hparams.get("ar_rows", 0.0) > 0 and (config.causal or not config.shift_logits):
+            raise UserError("--model.ar_rows trains a masked-diffusion model on the AR objective too: it needs "
+                            "--model.causal false and --model.shift_logits true (one head for both objectives)")
         self.model = Transformer(config)
         if codebook is not None:
             self.model.set_codebook(codebook)
@@ -377,8 +390,13 @@ class LitMDM(LightningModule):
         g = self._generator(salt=0)
         if self.hparams.p_uncond > 0:
             batch = cond_dropout(batch, self.hparams.p_uncond, generator=g)
-        out = self._loss(batch, g, train=True)
+        k = round(self.hparams.get("ar_rows", 0.0) * len(batch))  # rows for the AR objective
+        out = self._loss(batch.select(slice(k, None)) if k else batch, g, train=True)
         bs = len(batch)
+        if k:
+            ar = ar_loss(self.model, batch.select(slice(0, k)), force_causal=True)
+            self.log("train/loss_ar", ar.loss, batch_size=k)
+            out = replace(out, loss=out.loss + ar.loss)
         self.log("train/loss", out.loss, prog_bar=True, batch_size=bs)
         self.log("train/nll", out.nll, batch_size=bs)
         for task, value in out.per_task.items():
@@ -480,6 +498,8 @@ class LitMDM(LightningModule):
                             f"folder's own tokenizers: --data.text_tokenizer {Path(folder) / 'text_tokenizer'} "
                             f"--data.vq {Path(folder) / 'vq'})")
         config = replace(pipe.model.config, dropout=self.hparams.dropout)
+        if config.causal and not self.hparams.causal:  # adapt an AR checkpoint to masked diffusion (Dream)
+            config = replace(config, causal=False, shift_logits=True)
         self.build(config, pipe.vocab)  # no codebook argument: the folder's is in its weights
         self.model.load_state_dict(pipe.model.state_dict())
         if self.ema is not None:  # the average starts at the loaded weights, not at build()'s random ones

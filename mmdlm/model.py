@@ -53,6 +53,10 @@ class ModelConfig:
     #   slot. Only masks get it: clean text (prompts, questions) embeds as before, and adding positions
     #   to all text slowed text-to-image colour to chance (BENCHMARKS.md, "mask positions").
     mask_id: int = -1  # the <mask> id (Vocab.mask); mask_positions needs it
+    shift_logits: bool = False  # bidirectional calls read position i's logits from the hidden state at
+    #   i - 1, as a causal LM's next-token head does (Dream / DiffuLLaMA's AR-to-diffusion adaptation):
+    #   the same weights then serve an AR objective (causal calls, unshifted) and the masked-diffusion one,
+    #   and an AR checkpoint's head is reused as is. Position 0 (a task token, never a target) reads itself.
     image_tokens: int = 0  # N = h*w image tokens; > 0 turns on the learned 2D image-position embedding
     image_grid: tuple[int, int] = (0, 0)  # (h, w) of the VQ grid; (0, 0) = square; either field is enough
     codebook_size: int = 0  # K: number of VQ codes (Vocab.codebook_size); used by the codebook projection
@@ -311,14 +315,13 @@ class Transformer(nn.Module):
 
     # ---- forward -------------------------------------------------------------------------------------
     def _attention_mask(self, key_pad: torch.Tensor | None, start: int, T: int,
-                        device: torch.device) -> tuple[torch.Tensor | None, bool]:
+                        device: torch.device, causal: bool) -> tuple[torch.Tensor | None, bool]:
         """(mask Bool[B|1, 1, T, S] with True = may attend, or None; is_causal) for SDPA.
 
         Queries are positions start..start+T-1, keys 0..S-1 with S = start + T. Pad keys are hidden;
         causal hides the future. A query always sees itself, so no row is all-masked (which would make
         SDPA return NaN): this only matters for pad queries, whose outputs nobody reads.
         """
-        causal = self.config.causal
         if key_pad is None and start == 0:
             return None, causal  # the fast paths: full or plain causal attention
         S = start + T
@@ -334,7 +337,8 @@ class Transformer(nn.Module):
 
     def forward(self, ids: torch.Tensor, pad: torch.Tensor | None = None,
                 image_index: torch.Tensor | None = None, cache: KVCache | None = None, *,
-                pos: torch.Tensor | None = None, logits_at: torch.Tensor | None = None) -> torch.Tensor:
+                pos: torch.Tensor | None = None, logits_at: torch.Tensor | None = None,
+                causal: bool | None = None) -> torch.Tensor:
         """Logits Float[B, T, V] for ids Long[B, T] (Float[M, V] with `logits_at`).
 
         Args:
@@ -349,6 +353,8 @@ class Transformer(nn.Module):
             logits_at: Bool[B, T]: score only these positions and return Float[M, V], M = logits_at.sum(),
                 in row-major order (= `logits[logits_at]` of the full output). Training needs logits only
                 at masked targets: the head is ~20% of a tiny model's per-token FLOPs. Keyword only.
+            causal: attend causally in this call (default: `config.causal`): a bidirectional model trained
+                on the AR objective too (`shift_logits`). Causal calls are never shifted. Keyword only.
         """
         cfg = self.config
         B, T = ids.shape
@@ -385,10 +391,13 @@ class Transformer(nn.Module):
             key_pad = cache.pad[:, : start + T]  # (B, S)
         else:
             key_pad = pad
-        mask, is_causal = self._attention_mask(key_pad, start, T, ids.device)
+        causal = cfg.causal if causal is None else causal
+        mask, is_causal = self._attention_mask(key_pad, start, T, ids.device, causal)
         for i, block in enumerate(self.blocks):
             kv = (cache.k[i], cache.v[i]) if cache is not None else None
             x = block(x, rot, mask, is_causal, kv, start)
+        if cfg.shift_logits and not causal:  # position i reads the hidden state of i - 1
+            x = torch.cat([x[:, :1], x[:, :-1]], dim=1)  # (B, T, C)
         if logits_at is not None:
             x = x[logits_at]  # (M, C): only the positions that are scored
         x = self.norm(x)  # (B, T, C) or (M, C)

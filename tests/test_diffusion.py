@@ -321,3 +321,17 @@ def test_task_times_put_each_task_in_its_interval() -> None:
                           t_ranges={Task.VQA: (0.9, 1.0)})
     rate = (model.seen == V.mask).sum() / (batch.target & ~batch.pad).sum()
     assert rate > 0.88
+
+
+def test_ar_loss_force_causal_runs_a_bidirectional_model_as_its_causal_twin() -> None:
+    from dataclasses import replace
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=V.size, n_layer=1, n_embd=16, n_head=2, shift_logits=True)
+    bidir = Transformer(cfg)
+    twin = Transformer(replace(cfg, causal=True))
+    twin.load_state_dict(bidir.state_dict())
+    batch = small_batch()
+    with pytest.raises(ValueError, match="causal model"):
+        ar_loss(bidir, batch)
+    assert ar_loss(bidir, batch, force_causal=True).loss.item() == pytest.approx(ar_loss(twin, batch).loss.item())

@@ -1,5 +1,7 @@
 """The transformer: causality, pads anywhere, KV cache == full forward, codebook-projected embeddings."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -220,3 +222,19 @@ def test_logits_at_scores_only_the_chosen_positions() -> None:
     where = torch.rand(3, 12) < 0.4
     full = model(ids)  # (3, 12, 50)
     torch.testing.assert_close(model(ids, logits_at=where), full[where])
+
+
+def test_shift_logits_reads_the_previous_hidden_state_and_causal_calls_are_unshifted() -> None:
+    """`shift_logits`: a bidirectional call scores position i from the hidden state at i - 1 (Dream); a
+    `causal=True` call of the same weights is exactly the AR model's forward."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=40, n_layer=2, n_head=2, n_embd=32, max_seq_len=16)
+    plain = Transformer(cfg).eval()
+    shifted = Transformer(replace(cfg, shift_logits=True)).eval()
+    shifted.load_state_dict(plain.state_dict())
+    ids = torch.randint(0, 40, (2, 10))
+    torch.testing.assert_close(shifted(ids)[:, 1:], plain(ids)[:, :-1])
+    torch.testing.assert_close(shifted(ids)[:, 0], plain(ids)[:, 0])
+    causal = Transformer(replace(cfg, causal=True)).eval()
+    causal.load_state_dict(plain.state_dict())
+    torch.testing.assert_close(shifted(ids, causal=True), causal(ids))
