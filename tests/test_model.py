@@ -82,7 +82,7 @@ def test_fully_padded_rows_do_not_produce_nan() -> None:
         assert torch.isfinite(model(ids, pad, image_index)).all()
         # recent torch returns 0 for an all-masked SDPA row, older releases and some kernels NaN:
         # the mask itself must give every query a key
-        mask, _ = model._attention_mask(pad, 0, 16, ids.device)
+        mask, _ = model._attention_mask(pad, 0, 16, ids.device, causal)
         assert bool(mask.any(dim=-1).all())
 
 
