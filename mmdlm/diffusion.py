@@ -300,19 +300,18 @@ def ar_loss(model: torch.nn.Module, batch: Batch, force_causal: bool = False) ->
     `force_causal` runs a bidirectional model causally for this call (`Transformer.forward(causal=True)`):
     the AR half of a model trained on both objectives (`ModelConfig.shift_logits`)."""
     config = getattr(model, "config", None)
-    if force_causal:
-        logits = model(batch.ids, batch.pad, batch.image_index, causal=True)  # (B, T, V)
-    elif config is not None and not getattr(config, "causal", True):
+    if not force_causal and config is not None and not getattr(config, "causal", True):
         raise ValueError("ar_loss needs a causal model (ModelConfig(causal=True)): a bidirectional one "
                          "sees the token it predicts")
-    else:
-        logits = model(batch.ids, batch.pad, batch.image_index)  # (B, T, V)
     target = batch.target[:, 1:] & ~batch.pad[:, 1:]  # (B, T-1): token i+1 is a target
+    at = F.pad(target, (0, 1))  # (B, T): the positions whose next token is a target, the only ones scored
+    extra = {"causal": True} if force_causal else {}
+    logits = model(batch.ids, batch.pad, batch.image_index, logits_at=at, **extra)  # (M, V)
     n_target = int(target.sum())
     if n_target == 0:
         zero = _zero_loss(logits)
         return LossOutput(zero, zero.detach(), {}, 0)
     ce = torch.zeros(target.shape, device=logits.device)  # (B, T-1)
-    ce[target] = F.cross_entropy(logits[:, :-1][target].float(), batch.ids[:, 1:][target], reduction="none")
+    ce[target] = F.cross_entropy(logits.float(), batch.ids[:, 1:][target], reduction="none")  # (M,)
     loss = ce.sum() / n_target
     return LossOutput(loss, loss.detach(), _per_task(ce, target, batch.task), n_target)
