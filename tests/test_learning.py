@@ -57,22 +57,47 @@ def write(path, pairs: list[tuple[int, int]], repeat: int) -> None:
                             "json": json.dumps(record(color, cell)).encode()})
 
 
-@pytest.mark.slow
-def test_tiny_mdm_learns_toy_world_end_to_end(tiny_model_dir, tmp_path) -> None:
+def toy_data(tiny_model_dir, tmp_path) -> MDMDataModule:
     train = [(c, p) for c in range(8) for p in range(9) if (c, p) not in HELD_OUT]
     write(tmp_path / "train.tar", train, repeat=6)
     write(tmp_path / "val.tar", sorted(HELD_OUT), repeat=1)
     texts = [t for c in range(8) for p in range(9) for t in texts_of_record(record(c, p))]
     BPETokenizer.train(texts, vocab_size=400).save(tmp_path / "tok")  # as the quickstart: BPE of its own data
-    dm = MDMDataModule(train_shards=str(tmp_path / "train.tar"), val_shards=str(tmp_path / "val.tar"),
-                       text_tokenizer=str(tmp_path / "tok"), vq=f"{tiny_model_dir}/vq",
-                       task_weights={"t2i": 1.0, "vqa": 1.0, "caption": 1.0}, batch_size=16, resampled=True,
-                       shuffle_buffer=64, seed=0, layout=Layout(question_len=8, answer_len=4))
+    return MDMDataModule(train_shards=str(tmp_path / "train.tar"), val_shards=str(tmp_path / "val.tar"),
+                         text_tokenizer=str(tmp_path / "tok"), vq=f"{tiny_model_dir}/vq",
+                         task_weights={"t2i": 1.0, "vqa": 1.0, "caption": 1.0}, batch_size=16, resampled=True,
+                         shuffle_buffer=64, seed=0, layout=Layout(question_len=8, answer_len=4))
+
+
+def fit(dm: MDMDataModule, steps: int, **model_args) -> LitMDM:
     L.seed_everything(0)
     module = LitMDM(n_layer=2, n_head=2, n_embd=64, lr=3e-3, warmup_steps=20, ema_decay=0.0, samples_at_val=0,
-                    weighting="masked_mean", task_balanced=True)
-    L.Trainer(max_steps=900, accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False,
+                    weighting="masked_mean", task_balanced=True, **model_args)
+    L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False,
               enable_model_summary=False, limit_val_batches=0).fit(module, datamodule=dm)
+    return module
+
+
+@pytest.mark.slow
+def test_tiny_mdm_learns_toy_world_end_to_end(tiny_model_dir, tmp_path) -> None:
+    dm = toy_data(tiny_model_dir, tmp_path)
+    check_learned(fit(dm, 900), dm)
+
+
+@pytest.mark.slow
+def test_an_ar_warm_start_adapted_to_masked_diffusion_learns_the_toy_world(tiny_model_dir, tmp_path) -> None:
+    """The quickstart's recipe at toy scale: the AR twin for half the steps, exported, then adapted to masked
+    diffusion (`init_from` an AR folder: bidirectional, `shift_logits`) for the other half; the adapted model
+    must pass the same checks, decoded by the masked-diffusion sampler."""
+    dm = toy_data(tiny_model_dir, tmp_path)
+    fit(dm, 450, causal=True, export_dir=str(tmp_path / "ar"))
+    module = fit(dm, 450, init_from=str(tmp_path / "ar"))
+    assert not module.model.config.causal and module.model.config.shift_logits
+    check_learned(module, dm)
+
+
+def check_learned(module: LitMDM, dm: MDMDataModule) -> None:
+    """The model answers, captions from the image (masked-diffusion sampler, fresh prompts)."""
     model, vocab, layout, tok = module.model.eval(), dm.vocab, dm.layout, dm.tokenizer
 
     def run(samples):

@@ -13,8 +13,8 @@ from mmdlm.quickstart import main, steps
 
 def plan(tmp_path: Path, **overrides) -> list:
     args = dict(out=str(tmp_path / "qs"), world="shapes", data=str(tmp_path / "shapes"), train=100, val=10, seed=0,
-                text_vocab=300, tokenizer="patch", codebook_size=None, vq_steps=5, mdm_steps=7, mdm_args="",
-                eval_limit=3)
+                text_vocab=300, tokenizer="patch", codebook_size=None, vq_steps=5, ar_steps=0, mdm_steps=7,
+                ar_args="", mdm_args="", eval_limit=3)
     return steps(argparse.Namespace(**{**args, **overrides}))
 
 
@@ -31,6 +31,17 @@ def test_the_default_plan_fits_the_patch_tokenizer_and_feeds_its_folder_to_every
     mdm = plan_[5].command
     assert mdm[mdm.index("--data.vq") + 1] == vq and mdm[mdm.index("--trainer.max_steps") + 1] == "7"
     assert "--ckpt_path" not in mdm  # nothing to resume yet
+
+
+def test_the_warm_start_plan_trains_the_ar_twin_and_adapts_its_folder(tmp_path: Path) -> None:
+    plan_ = plan(tmp_path, ar_steps=11, ar_args="--model.lr 0.003")
+    assert [s.name for s in plan_][-3:] == ["train the AR warm start", "adapt it to masked diffusion", "evaluate"]
+    ar, mdm = plan_[5].command, plan_[6].command
+    assert ar[ar.index("--config") + 1] == "configs/ar-shapes.yaml" and ar[ar.index("--trainer.max_steps") + 1] == "11"
+    assert ar[-2:] == ["--model.lr", "0.003"] and plan_[5].done_when == tmp_path / "qs" / "ar" / "config.json"
+    assert mdm[mdm.index("--config") + 1] == "configs/mdm-shapes.yaml"
+    assert mdm[mdm.index("--model.init_from") + 1] == str(tmp_path / "qs" / "ar")
+    assert mdm[mdm.index("--trainer.max_steps") + 1] == "7" and "--ckpt_path" not in mdm
 
 
 def test_the_vq_plan_trains_the_vqvae_and_extra_mdm_arguments_are_passed_on(tmp_path: Path) -> None:
