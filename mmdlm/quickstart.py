@@ -1,12 +1,14 @@
-"""The main job, end to end on one CPU: data -> text BPE -> image tokenizer -> pre-tokenize -> MDM -> evaluation.
+"""The main job, end to end on one CPU: data -> text BPE -> image tokenizer -> pre-tokenize -> AR warm start
+-> masked-diffusion model adapted from it -> evaluation.
 
     make quickstart                                   # = python -m mmdlm.quickstart --out runs/quickstart
-    python -m mmdlm.quickstart --out runs/quickstart --train 20000 --mdm-steps 3000
+    python -m mmdlm.quickstart --out runs/quickstart --ar-steps 3000 --mdm-steps 1500
+    python -m mmdlm.quickstart --out runs/mdm-only --ar-steps 0 --mdm-steps 2600   # MDM from scratch
     python -m mmdlm.quickstart --world digits --out runs/digits   # scikit-learn's real handwritten digits
 
 Every step is an ordinary command a user could type (printed before it runs); a step whose output already
-exists is skipped, so a killed quickstart picks up where it stopped (the MDM resumes from
-`OUT/mdm-run/checkpoints/last.ckpt`, at the step it was killed after, through `--ckpt_path last`).
+exists is skipped, so a killed quickstart picks up where it stopped (a training stage resumes from
+`OUT/{ar,mdm}-run/checkpoints/last.ckpt`, at the step it was killed after, through `--ckpt_path last`).
 Writes `OUT/metrics.json`, `OUT/report.md` and `OUT/samples.png`.
 """
 
