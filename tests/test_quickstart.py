@@ -14,7 +14,7 @@ from mmdlm.quickstart import main, steps
 def plan(tmp_path: Path, **overrides) -> list:
     args = dict(out=str(tmp_path / "qs"), world="shapes", data=str(tmp_path / "shapes"), train=100, val=10, seed=0,
                 text_vocab=300, tokenizer="patch", codebook_size=None, vq_steps=5, ar_steps=0, mdm_steps=7,
-                ar_args="", mdm_args="", eval_limit=3)
+                ar_rows=0.5, ar_args="", mdm_args="", eval_limit=3)
     return steps(argparse.Namespace(**{**args, **overrides}))
 
 
@@ -42,6 +42,7 @@ def test_the_warm_start_plan_trains_the_ar_twin_and_adapts_its_folder(tmp_path: 
     assert mdm[mdm.index("--config") + 1] == "configs/mdm-shapes.yaml"
     assert mdm[mdm.index("--model.init_from") + 1] == str(tmp_path / "qs" / "ar")
     assert mdm[mdm.index("--trainer.max_steps") + 1] == "7" and "--ckpt_path" not in mdm
+    assert mdm[mdm.index("--model.ar_rows") + 1] == "0.5"
 
 
 def test_the_vq_plan_trains_the_vqvae_and_extra_mdm_arguments_are_passed_on(tmp_path: Path) -> None:
