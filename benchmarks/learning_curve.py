@@ -120,7 +120,7 @@ def plot(curves: dict[str, list[dict]], path: Path) -> Path:
             ax.set_ylim(-0.03, 1.03)
         ax.grid(True, alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=6, framealpha=0.5)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

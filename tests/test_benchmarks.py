@@ -340,3 +340,20 @@ def test_learning_curve(tiny_model_dir, tiny_shards, tmp_path, monkeypatch, caps
     with pytest.raises(SystemExit):
         learning_curve.main(["--run", f"none={tmp_path / 'empty'}", "--shards", "x", "--out", str(out)])
     assert "no '*step=N.ckpt' checkpoints" in capsys.readouterr().err
+
+
+def test_budget_plot_joins_points_by_label_and_names_a_missing_file(tmp_path, capsys) -> None:
+    """Finished runs' metrics (the committed issue-15 results) plotted against their steps; bad input exits 2."""
+    import pytest
+
+    from benchmarks.budget_plot import main
+
+    r = "benchmarks/results/issue15"
+    curves = main(["--out", str(tmp_path / "b.png"), "--point", f"x=2600={r}/ar_2600.json",
+                   "--point", f"x=650={r}/ar_650.json", "--curve", f"old={r}/mdm_scratch_step*.json"])
+    assert (tmp_path / "b.png").stat().st_size > 0
+    assert [p["step"] for p in curves["x"]] == [650, 2600] and curves["x"][1]["headline"]["vqa"] > 0.8
+    assert len(curves["old"]) == 8
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--out", str(tmp_path / "c.png"), "--point", f"x=10={r}/nothing.json"])
+    assert exit_info.value.code == 2 and "does not exist" in capsys.readouterr().err
