@@ -50,6 +50,7 @@ def png_bytes(image: Image.Image, fmt: str = "PNG") -> bytes:
 
 
 def write_tar(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
     with tarfile.open(path, "w") as tar:
         for key, members in samples:
             for ext, data in members.items():

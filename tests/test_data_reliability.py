@@ -5,7 +5,6 @@ val shard (samples, not shards, shared out between the ranks in equal numbers)."
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import subprocess
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from mmdlm.data import NoUsableSamples, ShardLoader, ShardsNotFound, collate_records, record_pipeline
+from tests.test_data import write_tar
 
 ROOT = Path(__file__).resolve().parents[1]
 SURROGATE = "\ud800"  # a lone surrogate: valid JSON ("\ud800"), not valid Unicode
@@ -33,17 +33,6 @@ def read_samples(path: Path) -> list[tuple[str, dict[str, bytes]]]:
             key, _, ext = member.name.partition(".")
             samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
     return list(samples.items())
-
-
-def write_tar(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(path, "w") as tar:
-        for key, members in samples:
-            for ext, data in members.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    return path
 
 
 def with_meta(members: dict[str, bytes], **changes) -> dict[str, bytes]:
