@@ -13,6 +13,8 @@
 from __future__ import annotations
 
 import math
+import os
+import shutil
 import time
 from dataclasses import asdict, replace
 from functools import partial
@@ -22,7 +24,7 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningModule
 
-from mmdlm.data import MAX_BAD_IN_A_ROW, ShardDataModule, ShardLoader
+from mmdlm.data import MAX_BAD_IN_A_ROW, LengthBuckets, ShardDataModule, ShardLoader
 from mmdlm.diffusion import ImageSchedule, LossOutput, Weighting, ar_loss, cond_dropout, masked_diffusion_loss
 from mmdlm.errors import UserError
 from mmdlm.model import ModelConfig, Transformer
@@ -53,6 +55,9 @@ class MDMDataModule(ShardDataModule):
         task_weights: how often each task is drawn, by `Task` name (lower case).
         layout: fixed lengths of the text regions.
         max_bad_in_a_row: bad samples in a row that stop the run with a one-sentence error (`mmdlm.data`).
+        bucket_pool: training batches are cut from a pool of this many batches' samples sorted by length
+            (`LengthBuckets`), so a batch pads to about its own length instead of the longest template's;
+            1 = plain batching. Validation batches are never bucketed.
     """
 
     def __init__(
@@ -72,7 +77,10 @@ class MDMDataModule(ShardDataModule):
         seed: int = 0,
         compile: bool = False,
         max_bad_in_a_row: int = MAX_BAD_IN_A_ROW,
+        bucket_pool: int = 1,
     ) -> None:
+        if bucket_pool < 1:
+            raise ValueError(f"bucket_pool must be >= 1, got {bucket_pool}")
         super().__init__(train_shards=train_shards, val_shards=val_shards, image_size=image_size,
                          batch_size=batch_size, num_workers=num_workers, shuffle_buffer=shuffle_buffer,
                          resampled=resampled, epoch_length=epoch_length, seed=seed,
@@ -89,6 +97,7 @@ class MDMDataModule(ShardDataModule):
         weights = task_weights or {"t2i": 1.0, "vqa": 1.0, "caption": 0.5, "joint": 0.25}
         self.task_weights = {Task[name.upper()]: w for name, w in weights.items()}
         self.builder = SequenceBuilder(self.vocab, self.tokenizer, self.layout, self.task_weights, seed=seed)
+        self.bucket_pool = bucket_pool
 
     # values the model reads at run time
     @property
@@ -125,9 +134,13 @@ class MDMDataModule(ShardDataModule):
         return collate(samples, self.vocab)
 
     def train_dataloader(self) -> ResumableLoader:
-        return ResumableLoader(self.dataset(self.train_shards, train=True), batch_size=self.batch_size,
-                               num_workers=self.num_workers, collate_fn=self.collate,
-                               persistent_workers=self.num_workers > 0)
+        dataset = self.dataset(self.train_shards, train=True)
+        batch_size: int | None = self.batch_size
+        if self.bucket_pool > 1:  # the pipeline batches (by length); the loader only collates
+            dataset.append(LengthBuckets(self.batch_size, self.bucket_pool, seed=self.seed))
+            batch_size = None
+        return ResumableLoader(dataset, batch_size=batch_size, num_workers=self.num_workers,
+                               collate_fn=self.collate, persistent_workers=self.num_workers > 0)
 
 
 class ResumableLoader(ShardLoader):
@@ -287,9 +300,10 @@ class LitMDM(LightningModule):
             step count start fresh; the data's tokenizers must be the folder's (checked, `UserError` if not).
         samples_at_val: how many val sequences to decode and log as text at each validation.
         seed: seeds the masking noise, per step, so a resumed run repeats an uninterrupted one.
-        compile: `torch.compile` the transformer in place once built (GPU recipes: 23% vs 17% MFU on an
-            H100, BENCHMARKS.md); parameter names and checkpoints are unchanged. Off on CPU: compiling
-            costs minutes there for no measured gain.
+        compile: `torch.compile` the transformer's blocks for the training forward (`compile_for_training`;
+            sampling and validation stay eager); parameter names and checkpoints are unchanged. Needs a C++
+            compiler (g++). On 2 CPU cores a step of the quickstart model costs 27% less (0.246 -> 0.180 s,
+            BENCHMARKS.md issue 15) after ~20-30 s of compiling; on an H100, 23% vs 17% MFU.
     """
 
     def __init__(
@@ -361,7 +375,10 @@ class LitMDM(LightningModule):
         if codebook is not None:
             self.model.set_codebook(codebook)
         if self.hparams.get("compile", False):
-            self.model.compile()  # in place: the module and its state_dict keys stay as they are
+            if not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "clang++")):
+                raise UserError("--model.compile true needs a C++ compiler (g++ or clang++, or $CXX) on the PATH; "
+                                "install one or pass --model.compile false")
+            self.model.compile_for_training()
         hp = self.hparams
         self.objective = (ar_loss if config.causal else partial(
             masked_diffusion_loss, vocab=vocab, image_schedule=ImageSchedule(hp.image_schedule),

@@ -6,7 +6,7 @@ bidirectional denoiser of masked diffusion (MDLM, Sahoo et al. 2024; LLaDA, Nie 
 Chang et al. 2022 for images); with `causal=True` the same parameters make the autoregressive baseline,
 which decodes with a KV cache.
 
-What the tiny-model findings (shared/FINDINGS.md) asked for, on top of the plain recipe:
+What the founding measurements (BENCHMARKS.md, last section) asked for, on top of the plain recipe:
 - a learned 2D position embedding (row + column) added at image positions (`image_index >= 0`), so a
   token knows where it sits in the image grid and not only in the 1D sequence (RoPE);
 - a modality embedding (text vs image position);
@@ -33,9 +33,9 @@ class ModelConfig:
     """Transformer hyper-parameters. Defaults are the tiny CPU model of the shapes world."""
 
     vocab_size: int  # Vocab.size: text ids + image codes + specials
-    n_layer: int = 4  # FINDINGS: a small model runs 3-4x more steps in a CPU budget
+    n_layer: int = 4  # a small model runs 3-4x more steps in a CPU budget (BENCHMARKS.md, founding)
     n_head: int = 4  # head dim 32 at d=128: enough for RoPE, cheap on CPU
-    n_embd: int = 128  # FINDINGS: d=128 runs 3-4x more steps than d=256 in the same CPU time
+    n_embd: int = 128  # d=128 runs 3-4x more steps than d=256 in the same CPU time (BENCHMARKS.md)
     max_seq_len: int = 256  # longest template (VQA with 3 QA pairs at 64 image tokens) is ~142
     causal: bool = False  # False: masked-diffusion denoiser; True: the AR baseline with the same parameters
     qk_norm: bool = True  # RMS-normalised q/k keep attention logits bounded: tolerates higher learning rates
@@ -147,10 +147,17 @@ def rope_tables(max_len: int, head_dim: int, base: float) -> tuple[torch.Tensor,
 
 
 def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
-    """Rotate x: (B, H, T, D) by rot: complex (B|1, 1, T, D/2), pairing dims (2i, 2i+1) as Meta's LLaMA
-    reference: one complex multiply (measured ~8x faster on CPU than rotate-half with real cos/sin)."""
-    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))  # (B, H, T, D/2) complex
-    return torch.view_as_real(xc * rot).flatten(-2).type_as(x)  # (B, H, T, D)
+    """Rotate x: (B, H, T, D) by rot: (cos, sin) pairs Float[B|1, 1, T, D/2, 2], pairing dims (2i, 2i+1) as
+    Meta's LLaMA reference. Eager: one complex multiply (measured ~8x faster on CPU than rotate-half with
+    real cos/sin); compiled: the same rotation in real arithmetic, which inductor fuses (it cannot
+    generate code for complex operators and would fall back to eager for them)."""
+    pairs = x.float().reshape(*x.shape[:-1], -1, 2)  # (B, H, T, D/2, 2)
+    if torch.compiler.is_compiling():
+        x0, x1 = pairs.unbind(-1)  # (B, H, T, D/2) each
+        cos, sin = rot.unbind(-1)  # (B|1, 1, T, D/2) each
+        return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2).type_as(x)
+    xc = torch.view_as_complex(pairs)  # (B, H, T, D/2) complex
+    return torch.view_as_real(xc * torch.view_as_complex(rot)).flatten(-2).type_as(x)  # (B, H, T, D)
 
 
 class Attention(nn.Module):
@@ -243,6 +250,7 @@ class Transformer(nn.Module):
         cos, sin = rope_tables(cfg.max_seq_len, cfg.head_dim, cfg.rope_base)
         self.register_buffer("rope_cos", cos, persistent=False)  # (L, D/2)
         self.register_buffer("rope_sin", sin, persistent=False)  # (L, D/2)
+        self._compiled_blocks: tuple[nn.Module, ...] = ()  # `compile_for_training`; a tuple: not submodules
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -295,6 +303,18 @@ class Transformer(nn.Module):
         if self.lm_head is None:
             return embedding
         return self._with_codes(self.lm_head.weight) if self.config.head_codebook else self.lm_head.weight
+
+    # ---- compilation ---------------------------------------------------------------------------------
+    def compile_for_training(self) -> None:
+        """`torch.compile` the blocks for the training forward only (grad enabled, train mode).
+
+        One compiled graph serves every block (torchtitan compiles per block too): a fraction of the
+        whole-model compile time, and no graph break at `logits_at`'s data-dependent shape. Sampling,
+        validation and KV-cache decoding stay eager: their shapes change every call, and each new shape
+        would cost a recompile. Parameters and state_dict keys are unchanged (the compiled wrappers are
+        not registered as submodules).
+        """
+        self._compiled_blocks = tuple(torch.compile(block) for block in self.blocks)
 
     # ---- KV cache ----------------------------------------------------------------------------------
     def new_cache(self, batch_size: int, max_len: int | None = None, device: torch.device | str | None = None,
@@ -382,7 +402,7 @@ class Transformer(nn.Module):
             x = x + self.pos_emb(pos) * at.unsqueeze(-1).to(x.dtype)  # (B, T, C)
         x = self.drop(x)
         # real buffers (a complex one would lose its imaginary part under model.to(bfloat16))
-        rot = torch.complex(self.rope_cos.float(), self.rope_sin.float())[pos].unsqueeze(1)  # (B|1, 1, T, D/2)
+        rot = torch.stack([self.rope_cos.float(), self.rope_sin.float()], -1)[pos].unsqueeze(1)  # (B|1, 1, T, D/2, 2)
 
         if cache is not None:
             if start + T > cache.max_len:
@@ -393,7 +413,8 @@ class Transformer(nn.Module):
             key_pad = pad
         causal = cfg.causal if causal is None else causal
         mask, is_causal = self._attention_mask(key_pad, start, T, ids.device, causal)
-        for i, block in enumerate(self.blocks):
+        train_graph = self._compiled_blocks and self.training and torch.is_grad_enabled() and cache is None
+        for i, block in enumerate(self._compiled_blocks if train_graph else self.blocks):
             kv = (cache.k[i], cache.v[i]) if cache is not None else None
             x = block(x, rot, mask, is_causal, kv, start)
         if cfg.shift_logits and not causal:  # position i reads the hidden state of i - 1

@@ -97,9 +97,9 @@ class Layout:
     text_len: int = 48  # text-only infilling runs on whole captions / QA pairs
     # QA pairs of the same image packed into one VQA sequence. One answer region is a few tokens
     # against N (~64) image tokens, so a single-QA sample gives understanding little supervision per
-    # forward (FINDINGS: the VQA loss went flat at the level of guessing); 3 pairs triple it for ~25
-    # more positions. The cost: answers can hint at each other (as questions already do); a prompt may
-    # ask one question or several (`vqa_prompt`).
+    # forward (founding measurements, BENCHMARKS.md: the VQA loss went flat at the level of guessing);
+    # 3 pairs triple it for ~25 more positions. The cost: answers can hint at each other (as questions
+    # already do); a prompt may ask one question or several (`vqa_prompt`).
     qa_per_sample: int = 3
 
     def __post_init__(self) -> None:

@@ -19,6 +19,7 @@ from mmdlm.data import (
     BadSample,
     BadSampleCounter,
     ImageDataModule,
+    LengthBuckets,
     ShardDataModule,
     collate_records,
     expand_shards,
@@ -252,6 +253,21 @@ def test_resampled_epoch_length(shapes: Path) -> None:
     loader = DataLoader(record_pipeline(urls, resampled=True, epoch_length=31, load_images=False),
                         batch_size=4, num_workers=2, collate_fn=collate_records)
     assert sum(len(b["__key__"]) for b in loader) == 31  # per process, split over the workers
+
+
+def test_length_buckets_batch_similar_lengths_and_keep_every_sample() -> None:
+    lengths = [25, 87, 118, 88, 84, 101, 25, 87, 118, 87, 84, 88, 101, 87]  # a mixed-task stream
+    samples = [[i] * n for i, n in enumerate(lengths)]  # each sample: its index, n times
+    stage = LengthBuckets(batch_size=3, pool=2, seed=0)
+    batches = list(stage(iter(samples)))
+    assert sorted(s[0] for b in batches for s in b) == list(range(len(samples)))  # each sample once
+    assert [len(b) for b in batches].count(3) == 4  # two full pools of 6, then a partial pool of 2
+    for start in (0, 6):  # within a pool, batches are cut from the length-sorted samples
+        pool = [b for b in batches if b[0][0] in range(start, start + 6)]
+        assert sorted(len(s) for b in pool for s in b) == sorted(lengths[start : start + 6])
+        assert max(len(s) for s in pool[0]) <= min(len(s) for s in pool[1]) or \
+            max(len(s) for s in pool[1]) <= min(len(s) for s in pool[0])
+    assert list(LengthBuckets(3, 2, seed=0)(iter(samples))) == batches  # deterministic by seed
 
 
 # --- DataModules ------------------------------------------------------------------------------------

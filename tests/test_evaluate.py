@@ -295,3 +295,13 @@ def test_mixed_or_unknown_sources_are_refused():
         ev.world_for([record, {**record, "meta": {"source": "digits"}}], 32)
     with pytest.raises(ValueError, match="no evaluation"):
         ev.world_for([{**record, "meta": {"source": "laion"}}], 32)
+
+
+def test_captions_decode_one_token_per_step_in_blocks_by_default(pipe, shapes_val):
+    """The caption default is LLaDA's semi-AR decoding (the `<eos>` fill would otherwise be committed first):
+    as many steps as the caption region has tokens; one block with any step count on request."""
+    images = ev._images(ev.load_records(shapes_val, 32, limit=2))
+    assert pipe.caption(images).nfe == pipe.layout.caption_len
+    assert pipe.caption(images, steps=3, block_length=None).nfe == 3
+    with pytest.raises(ValueError, match="blocks"):
+        pipe.caption(images, steps=2)  # fewer steps than blocks of 4

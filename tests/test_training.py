@@ -87,6 +87,24 @@ def test_loss_falls_and_export_gives_identical_logits(tiny_model_dir, tiny_shard
     assert torch.equal(expected, got)
 
 
+def test_bucket_pool_cuts_padding_and_a_resumed_stream_repeats_itself(tiny_model_dir, tiny_shards) -> None:
+    """`bucket_pool`: training batches of similar length (less padding than plain batching of the same
+    stream), still the DataModule's seeded, resumable stream (the loader skips what it had yielded)."""
+    def width(dm: MDMDataModule, n: int = 12) -> float:
+        it = iter(dm.train_dataloader())
+        return sum(next(it).ids.shape[1] for _ in range(n)) / n
+
+    weights = {"t2i": 1.0, "vqa": 1.0, "text": 1.0}
+    plain = datamodule(tiny_model_dir, tiny_shards, task_weights=weights)
+    assert width(datamodule(tiny_model_dir, tiny_shards, task_weights=weights, bucket_pool=4)) < 0.9 * width(plain)
+    it = iter(datamodule(tiny_model_dir, tiny_shards, task_weights=weights, bucket_pool=4).train_dataloader())
+    first = [next(it) for _ in range(5)]
+    loader = datamodule(tiny_model_dir, tiny_shards, task_weights=weights, bucket_pool=4).train_dataloader()
+    loader.load_state_dict({"batches": 3})  # a resumed run: a new DataModule, the loader's saved position
+    again = next(iter(loader))
+    assert torch.equal(again.ids, first[3].ids)
+
+
 def test_export_from_checkpoint_cli(tiny_model_dir, tiny_shards, tmp_path) -> None:
     L.seed_everything(0)
     module = LitMDM(**TINY)
@@ -140,15 +158,35 @@ def test_bad_cli_argument_exits_nonzero_with_a_sentence(tmp_path) -> None:
     assert "n_layer" in run.stderr
 
 
-def test_compile_wraps_the_transformer_in_place_and_keeps_its_parameter_names() -> None:
+@pytest.mark.slow  # compiles (~15 s on 2 cores)
+def test_compile_speeds_the_training_forward_only_and_keeps_numbers_and_parameter_names() -> None:
+    """`compile`: the blocks are compiled for the training forward (same logits and gradients as eager, to
+    float32 rounding); eval calls run the eager blocks; the state_dict is the plain model's."""
     from mmdlm.model import ModelConfig
     from mmdlm.vocab import Vocab
 
     vocab = Vocab(text_size=40, codebook_size=16)
-    config = ModelConfig(vocab_size=vocab.size, n_layer=1, n_head=2, n_embd=16, max_seq_len=32)
+    config = ModelConfig(vocab_size=vocab.size, n_layer=2, n_head=2, n_embd=16, max_seq_len=32)
     plain, compiled = LitMDM(**TINY), LitMDM(**TINY, compile=True)
+    torch.manual_seed(0)
     plain.build(config, vocab)
     compiled.build(config, vocab)
-    assert plain.model._compiled_call_impl is None and compiled.model._compiled_call_impl is not None
-    assert type(compiled.model) is type(plain.model)  # not an OptimizedModule wrapper: checkpoints unchanged
+    compiled.model.load_state_dict(plain.model.state_dict())
+    assert type(compiled.model) is type(plain.model)  # no OptimizedModule wrapper: checkpoints unchanged
     assert compiled.model.state_dict().keys() == plain.model.state_dict().keys()
+    assert not plain.model._compiled_blocks and len(compiled.model._compiled_blocks) == 2
+    ids = torch.randint(0, vocab.size, (3, 20))
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(error_on_recompile=False):
+        for lit in (plain, compiled):
+            lit.model.train()
+        out_plain, out_compiled = plain.model(ids), compiled.model(ids)
+        torch.testing.assert_close(out_compiled, out_plain, rtol=1e-4, atol=1e-5)
+        out_plain.square().mean().backward()
+        out_compiled.square().mean().backward()
+        for (name, a), b in zip(plain.model.named_parameters(), compiled.model.parameters()):
+            torch.testing.assert_close(b.grad, a.grad, rtol=1e-3, atol=1e-6, msg=name)
+        frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        with torch.no_grad():  # eval / sampling: eager, no new graph
+            torch.testing.assert_close(compiled.model.eval()(ids), plain.model.eval()(ids))
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames

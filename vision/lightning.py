@@ -6,7 +6,7 @@ term: no LPIPS weights can be downloaded here) + codebook loss ||sg[z] - e||^2 +
 the worst 10% of pixel values (online hard-example mining, as OHEM, Shrivastava et al. 2016): on images
 that are mostly background (87% of shapes patches are black) the mean error is drowned by pixels already
 right, and the decoder sits for hundreds of steps on blurry blobs; the hard term goes to the edges.
-Against codebook collapse (FINDINGS.md: k-means kept 80 live codes of 512):
+Against codebook collapse (BENCHMARKS.md, founding measurements: k-means kept 80 live codes of 512):
 - small code vectors (e = 8) and, optionally, l2-normalised codes and latents (ViT-VQGAN, Yu et al. 2022),
 - codebook restart: every `restart_every` steps the codes unused over that window are re-initialised from
   the current batch's encoder outputs, drawn k-means++ style (probability ~ squared distance to the nearest

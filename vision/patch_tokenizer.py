@@ -1,11 +1,11 @@
 """A patch-dictionary image tokenizer: each p x p pixel patch becomes the id of its nearest dictionary patch.
 
-The tokenizer of MaskGIT-style toy worlds and of FINDINGS.md's first experiment, done so that it does not
-collapse. The codebook is a dictionary of K patches in pixel space fitted to training images: weighted
-k-means over the *distinct* patches (weight = how often each occurs), initialised with the K most
-frequent ones. Counting distinct patches instead of clustering all of them is the fix for the collapse
-FINDINGS.md measured (k-means on raw patches kept 80 live codes of 512, because 87% of shapes patches are
-black): the black patch is one entry with a large weight, not 87% of the points.
+The tokenizer of MaskGIT-style toy worlds and of the founding measurements' first experiment (BENCHMARKS.md),
+done so that it does not collapse. The codebook is a dictionary of K patches in pixel space fitted to training
+images: weighted k-means over the *distinct* patches (weight = how often each occurs), initialised with the K
+most frequent ones. Counting distinct patches instead of clustering all of them is the fix for the collapse
+the founding measurements found (BENCHMARKS.md: k-means on raw patches kept 80 live codes of 512, because 87%
+of shapes patches are black): the black patch is one entry with a large weight, not 87% of the points.
 
 Why it exists beside the diffusers `VQModel` tokenizer (vision/tokenizer.py): on the shapes world the
 images are flat palette colours on black, and a 4x4 patch is one of ~1.7k distinct patterns

@@ -82,7 +82,8 @@ class VQConfig:
 
     image_size: int = 32  # the shapes world renders 32x32 scenes
     codebook_size: int = 256  # shapes has ~1.5k distinct 4x4 patches, mostly edges of 8 colours; fewer codes =
-    #   more sightings per code for the transformer (FINDINGS.md); the decoder's context resolves the rest
+    #   more sightings per code for the transformer (BENCHMARKS.md, founding measurements); the decoder's
+    #   context resolves the rest
     downsample: int = 4  # 32 / 4 = 8x8 = 64 tokens per image; a power of two (one stage per halving)
     channels: int = 32  # width of the full-resolution stage: its convs dominate CPU time (64 is 3.5x slower)
     max_channels: int = 64  # width doubles per halving up to this: 32 -> (32, 64, 64)
