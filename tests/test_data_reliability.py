@@ -47,6 +47,7 @@ def train_cli(model_dir: str, root: Path, train: str, val: str, *extra: str) -> 
             "--data.train_shards", train, "--data.val_shards", val,
             "--data.text_tokenizer", f"{model_dir}/text_tokenizer", "--data.vq", f"{model_dir}/vq",
             "--data.batch_size", "4", "--data.num_workers", "0", "--model.n_layer", "1", "--model.n_embd", "32",
+            "--model.compile", "false",  # a few steps: compiling would cost more than it saves
             "--model.n_head", "2", "--model.warmup_steps", "2", "--model.samples_at_val", "0",
             "--model.export_dir", str(root / "model"), "--trainer.default_root_dir", str(root),
             "--trainer.logger.init_args.save_dir", str(root), "--trainer.enable_progress_bar", "false",

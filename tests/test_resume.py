@@ -58,6 +58,7 @@ def fit_command(root: Path, text_tokenizer: str, vq: str, shards: str, *extra: s
             "--config", str(override),
             "--data.train_shards", f"{shards}/train/*.tar", "--data.val_shards", f"{shards}/val/*.tar",
             "--data.text_tokenizer", text_tokenizer, "--data.vq", vq, "--data.batch_size", "4",
+            "--model.compile", "false",  # a few steps: compiling would cost more than it saves
             "--data.shuffle_buffer", "16", "--model.n_layer", "1", "--model.n_head", "2", "--model.n_embd", "32",
             "--model.warmup_steps", "2", "--model.samples_at_val", "0", "--model.export_dir", str(root / "model"),
             "--trainer.default_root_dir", str(root), "--trainer.logger.init_args.save_dir", str(root), *extra]
