@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 # torch/torchvision first, pinned to the releases that install from local files on our machines
 TORCH   ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: quickstart test lint clean venv
+.PHONY: quickstart test lint clean venv browser
 
 venv: $(STAMP)
 
@@ -21,8 +21,20 @@ $(STAMP): pyproject.toml
 quickstart: $(STAMP)
 	$(BIN)/python -m mmdlm.quickstart --out runs/quickstart
 
+## make browser: Debian's chromium + chromedriver for the demo's headless browser test (tests/test_demo.py;
+## Selenium drives this binary, nothing downloads a browser). `make test` tries it and goes on without it
+## (that test then skips, saying why); .ci/run requires it.
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif command -v apt-get >/dev/null; then \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq \
+	    --no-install-recommends chromium chromium-driver fonts-dejavu-core >/dev/null; \
+	else echo "make browser: no apt-get on this machine: install chromium and chromedriver yourself" >&2; exit 1; fi
+
 ## make test: the test suite (slow learning tests included; a tiny model is trained end to end)
 test: $(STAMP)
+	-@$(MAKE) --no-print-directory browser
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q tests
 

@@ -1,243 +1,185 @@
-"""A local web demo on the standard library alone: text-to-image with a "watch it denoise" GIF, and VQA.
+"""The web demo: a Gradio Blocks app with one tab per task, on a model folder, on this machine only by default.
 
-    python -m mmdlm.demo --model runs/quickstart/model --port 7860      # then open http://127.0.0.1:7860
-    python -m mmdlm.demo --model DIR --device cpu --host 0.0.0.0 --port 8000
+    python -m mmdlm.demo --model runs/quickstart/model                  # then open http://127.0.0.1:7860
+    python -m mmdlm.demo --model DIR --device cpu --host 0.0.0.0 --port 8000 --allow-host demo.lan
 
-The page calls a small JSON API (bad requests get 4xx and {"error": one sentence}, unknown paths 404):
+Tabs (the layout of the MMaDA / Show-o demos): Caption (image -> caption), VQA (image + question -> answer),
+Text to image (prompt -> images), Joint (image + caption pairs from nothing), Inpainting (upload an image,
+paint over the part to regenerate, optionally say what should be there), Text infilling (text with `[MASK]`
+blanks -> the completed text). Each tab has the sampler's controls where they apply: steps, guidance,
+temperature, the Fast-dLLM confidence threshold (0 = the fixed step schedule), ReMDM-style self-correction
+(`mmdlm.sampling.SelfCorrection`, passed through the pipeline's `extra` options) and the seed.
+Text to image, Joint and Inpainting show the denoising live: the canvas after every step, still-masked
+token cells grey (a forward pre-hook on the model sees the canvas each step; nothing in the sampler
+changes). An autoregressive model folder (config `causal: true`) runs Caption, VQA, Text to image and
+Joint left to right (only temperature and seed apply); its Inpainting and Text infilling tabs say that
+they need the masked-diffusion model.
 
-    POST /api/generate  {"prompt": str, "num"?: 1-16, "steps"?: 1-64, "guidance"?: 0-20, "seed"?: int}
-                        -> {"grid": base64 PNG, "gif": base64 GIF (one frame per step), "nfe": int}
-    POST /api/answer    {"image": base64 PNG/JPEG/... (a data: URL is fine), "question": str, "steps"?: 1-64}
-                        -> {"answer": str, "nfe": int}
+Limits (a bad input gets one sentence in the page's error toast, never a traceback, and costs a moment):
 
-Limits (a bad request costs little and cannot crash, hang or exhaust the server):
+- text (prompt, question, text to infill) at most 1000 characters (MAX_TEXT_CHARS) and valid Unicode (no
+  lone surrogates), checked before anything tokenizes it (the text box also stops typing at 1000); the
+  model's own token limit is the pipeline's one-sentence error;
+- an image at most 4096 x 4096 pixels (MAX_PIXELS), its size read from the header before it is decoded,
+  in PNG, JPEG, GIF, BMP or WebP (IMAGE_FORMATS). The events that take an uploaded image skip Gradio's
+  preprocessing (`preprocess=False`), so the demo opens the file itself, one at a time under the model
+  lock. The inpainting canvas (256 x 256, filled by the demo from a checked upload) is decoded by Gradio;
+  `main` lowers PIL's own decompression-bomb limit to MAX_PIXELS, so in the server any PIL open of an
+  image over twice that fails from the header;
+- an upload at most 8 MiB (Gradio's `max_file_size`, checked in the page and by the server); any request
+  body at most MAX_BODY bytes by its Content-Length (413 before it is read; a chunked body without a
+  length gets 411);
+- one generation at a time (all model events share one Gradio concurrency slot, and a lock), at most
+  MAX_QUEUE waiting in Gradio's queue (more are told the queue is full);
+- the server binds 127.0.0.1 unless `--host` says otherwise.
 
-- the body is at most 8 MiB (MAX_BODY), checked from Content-Length before anything is read (else 413);
-  it must be UTF-8 JSON (else 400), and it must keep arriving (below);
-- text fields must be valid Unicode (no lone surrogates) and at most 1000 characters (MAX_TEXT_CHARS),
-  checked before tokenizing (else 400); the model's own token limit is checked after that (400);
-- an image may have at most 4096 x 4096 pixels (MAX_PIXELS), read from its header before it is decoded
-  (else 413), and must be PNG, JPEG, GIF, BMP or WebP; images are decoded one at a time, under the model lock;
-- a client silent for `--timeout` seconds (default 10) is dropped (a body that stops arriving gets 408),
-  and the body must arrive within `timeout * (1 + its size in MiB)` seconds in all (else 408);
-- a POST must name this server in its Host header (localhost, the bound address, any IP address when bound
-  to 0.0.0.0, or a name given with `--allow-host`), and an Origin header, when sent, must be this same
-  server (so other web sites cannot use the demo, nor reach it by DNS rebinding); else 403.
+Who may call: Gradio's strict CORS refuses cross-origin requests to a server reached as localhost, but not
+to one reached by any other name, and Gradio does not check the Host header, so another web site could
+reach the demo through DNS rebinding. So the demo keeps its own check (`check_request`, in the ASGI
+middleware `RequestGuard`): every request must name this server in its Host header (localhost, the bound
+address, any IP address when bound to 0.0.0.0, or a name given with `--allow-host`), and an Origin
+header, when sent, must be this same server; else 403 with one sentence. Gradio serves with uvicorn on
+an event loop: a client that stalls holds a socket, not a thread, so it cannot block other users (but
+uvicorn does not drop a connection that never sends a request; nothing in Gradio sets a timeout for it).
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
-import binascii
-import io
+import functools
+import inspect
 import ipaddress
-import json
+import queue
 import re
 import socket
 import sys
 import threading
 import time
+import traceback
 import warnings
-from collections.abc import Callable, Iterable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import TYPE_CHECKING
-from urllib.parse import urlparse
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
+import torch
 from PIL import Image
 
-from mmdlm.generate import make_grid, progress_frames, save_gif, to_pil
+from mmdlm.generate import captioned_grid, decode_canvas, make_grid, paint_masked, printable, to_pil
 from mmdlm.vqa import InputError, load_pipeline
 
 if TYPE_CHECKING:
+    import gradio as gr
+
     from mmdlm.pipeline import MMDLMPipeline
 
-MAX_BODY = 8 * 2**20  # bytes; a 32x32 PNG is ~1 KB, so this only stops abuse
 MAX_TEXT_CHARS = 1000  # a prompt or question; the model reads a few dozen tokens, so none that fits is longer
-MAX_PIXELS = 4096 * 4096  # an image's width * height (16.8 Mpx: 50 MB as RGB), checked before decoding
+MAX_SIDE = 4096
+MAX_PIXELS = MAX_SIDE * MAX_SIDE  # an image's width * height (16.8 Mpx: 50 MB as RGB), checked before decoding
 IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP")  # what PIL may open; no EPS (Ghostscript) or the like
-TIMEOUT = 10.0  # seconds a client may stay silent before it is dropped
+MAX_UPLOAD = 8 * 2**20  # bytes of an uploaded file (Gradio's max_file_size); a 32x32 PNG is ~1 KB
+MAX_BODY = MAX_UPLOAD + 2**20  # bytes of any request body: an upload and its multipart framing
+MAX_QUEUE = 16  # requests waiting for the model
+MAX_IMAGES = 16  # images per text-to-image request
+MAX_JOINT = 8  # image+caption pairs per request
+MAX_VARIATIONS = 4  # inpainting results per request
+MAX_STEPS = 64
+MAX_SEED = 2**31 - 1
+CANVAS = 256  # pixels of the inpainting canvas (the model's image, upscaled with nearest neighbour)
+BLANK_MARK = "[MASK]"  # the pipeline's blank (mmdlm.pipeline.BLANK)
 LOCAL_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 ANY_ADDRESS = frozenset({"", "0.0.0.0", "::"})
 HOST_HEADER = re.compile(r"(\[[0-9a-f:.]+\]|[a-z0-9._-]+)(:[0-9]{1,5})?")  # a Host header's value, lower case
-
-PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>mmdlm demo</title>
-<style>body{font-family:sans-serif;max-width:900px;margin:2em auto}img{image-rendering:pixelated;margin:4px}
-section{border:1px solid #ccc;padding:1em;margin:1em 0}.err{color:#b00}</style></head><body>
-<h1>mmdlm: one masked-diffusion model for text and images</h1>
-<section><h2>Text to image</h2>
-<input id="prompt" size="50" maxlength="__MAX_TEXT__" value="a large red circle at the top left">
-num <input id="num" type="number" value="4" min="1" max="16" style="width:4em">
-steps <input id="steps" type="number" value="12" min="1" max="64" style="width:4em">
-guidance <input id="guidance" type="number" value="2" min="0" max="20" step="0.5" style="width:4em">
-<button onclick="generate()">Generate</button><p id="gen-info"></p>
-<div><img id="grid"> <img id="gif" title="watch it denoise"></div></section>
-<section><h2>Ask about an image</h2>
-<input id="file" type="file" accept="image/*">
-<input id="question" size="40" maxlength="__MAX_TEXT__" value="what color is the circle?">
-<button onclick="ask()">Answer</button><p id="answer"></p></section>
-<script>
-async function post(path, body, info) {
-  info.textContent = "..."; info.className = "";
-  const r = await fetch(path, {method: "POST", body: JSON.stringify(body)});
-  const j = await r.json();
-  if (!r.ok) { info.textContent = j.error; info.className = "err"; return null; }
-  return j;
-}
-async function generate() {
-  const info = document.getElementById("gen-info");
-  const v = id => Number(document.getElementById(id).value);
-  const j = await post("/api/generate", {prompt: document.getElementById("prompt").value,
-    num: v("num"), steps: v("steps"), guidance: v("guidance")}, info);
-  if (!j) return;
-  document.getElementById("grid").src = "data:image/png;base64," + j.grid;
-  document.getElementById("gif").src = "data:image/gif;base64," + j.gif;
-  info.textContent = "NFE " + j.nfe;
-}
-function ask() {
-  const out = document.getElementById("answer"), file = document.getElementById("file").files[0];
-  if (!file) { out.textContent = "choose an image first"; out.className = "err"; return; }
-  if (file.size > __MAX_FILE__) {
-    out.textContent = "the image is " + file.size + " bytes; the demo accepts files up to __MAX_FILE__ bytes";
-    out.className = "err"; return;
-  }
-  const reader = new FileReader();
-  reader.onload = async () => {
-    const j = await post("/api/answer", {image: reader.result,
-      question: document.getElementById("question").value}, out);
-    if (j) out.textContent = j.answer + "  (NFE " + j.nfe + ")";
-  };
-  reader.readAsDataURL(file);
-}
-</script></body></html>""".replace("__MAX_TEXT__", str(MAX_TEXT_CHARS)).replace(
-    "__MAX_FILE__", str(MAX_BODY * 3 // 4 - 2**16))  # base64 makes a file 4/3 larger; leave room for the rest
+CSS = ".pixelated img {image-rendering: pixelated; object-fit: contain; width: 100%; height: 100%}"
+NO_TEXT = "(nothing: the model produced only end-of-text)"
+TABS = ("caption", "vqa", "text-to-image", "joint", "inpainting", "infilling")  # elem_id "tab-<name>"
 
 
-class BadRequest(ValueError):
-    """The client's fault: answered with `status` (400 unless a subclass says otherwise) and this message."""
-
-    status = 400
+class TooLarge(InputError):
+    """An image over the demo's pixel limit."""
 
 
-class TooLarge(BadRequest):
-    """A body or image over the demo's limits: 413."""
-
-    status = 413
-
-
-class Forbidden(BadRequest):
-    """A request from elsewhere than this server's own page: 403."""
-
-    status = 403
-
-
-class BodyTimeout(BadRequest):
-    """The body stopped arriving: 408."""
-
-    status = 408
-
-
-def get_field(body: dict, name: str, kind: type, default: object = None,
-              bounds: tuple[float, float] | None = None):
-    """`body[name]` checked to be a `kind` within `bounds` (inclusive), or `default` when absent.
-
-    Strings must be valid Unicode (JSON can spell a lone surrogate, "\\ud800", that no encoder accepts).
-    """
-    value = body.get(name, default)
+# ---- input checks (each raises InputError with one sentence) ------------------------------------------------
+def check_text(value: object, what: str, allow_empty: bool = False) -> str:
+    """`value` as text of at most MAX_TEXT_CHARS characters of valid Unicode, checked before tokenizing."""
     if value is None:
-        raise BadRequest(f"missing field '{name}'")
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if isinstance(value, bool) or not isinstance(value, kind):
-        raise BadRequest(f"'{name}' must be of type {kind.__name__}")
-    if bounds is not None and not bounds[0] <= value <= bounds[1]:
-        raise BadRequest(f"'{name}' must be between {bounds[0]} and {bounds[1]}")
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError as err:
-            raise BadRequest(f"'{name}' is not valid Unicode text (a lone surrogate at character {err.start})"
-                             ) from err
+        value = ""
+    if not isinstance(value, str):
+        raise InputError(f"the {what} must be text, got {type(value).__name__}")
+    if len(value) > MAX_TEXT_CHARS:
+        raise InputError(f"the {what} is {len(value)} characters long; the demo accepts at most {MAX_TEXT_CHARS}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise InputError(f"the {what} is not valid Unicode text (a lone surrogate U+{ord(value[err.start]):04X} "
+                         f"at character {err.start + 1})") from None
+    if not allow_empty and not value.strip():
+        raise InputError(f"the {what} is empty")
     return value
 
 
-def get_text(body: dict, name: str) -> str:
-    """A required text field of at most MAX_TEXT_CHARS characters, checked before anything tokenizes it."""
-    text = get_field(body, name, str)
-    if len(text) > MAX_TEXT_CHARS:
-        raise BadRequest(f"'{name}' is {len(text)} characters long; the demo accepts at most {MAX_TEXT_CHARS}")
-    return text
+def check_number(value: object, what: str, low: float, high: float, integer: bool = False) -> Any:
+    """`value` as a number in [low, high] (an int when `integer`)."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise InputError(f"{what} must be a number, got {value[:20]!r}") from None
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+        raise InputError(f"{what} must be a number, got {type(value).__name__}")
+    if integer:
+        if value != int(value):
+            raise InputError(f"{what} must be a whole number, got {value}")
+        value = int(value)
+    if not low <= value <= high:
+        raise InputError(f"{what} must be between {low} and {high}, got {value}")
+    return value
 
 
-def decode_image(data: str, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Base64 (or a data: URL) -> an RGB image; its size is read from the header and checked before decoding."""
-    payload = data.split(",", 1)[1] if data.startswith("data:") else data
-    try:
-        raw = base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError) as err:
-        raise BadRequest("'image' is not valid base64") from err
-    try:
-        with warnings.catch_warnings():  # PIL warns above ~89 Mpx; the check below decides instead
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(raw), formats=IMAGE_FORMATS)  # lazy: reads the header only
-    except Image.DecompressionBombError as err:  # PIL's own hard limit (~179 Mpx) is reached at open
-        raise TooLarge(f"'image' has too many pixels; the demo accepts at most {max_pixels}") from err
-    except (OSError, ValueError) as err:
-        raise BadRequest(f"'image' is not a readable image ({', '.join(IMAGE_FORMATS)}): {err}") from err
+def image_path(value: object) -> str | None:
+    """The file behind an image input: a path, or Gradio's file payload ({"path": ...}) when the event
+    skips preprocessing."""
+    if isinstance(value, dict):
+        value = value.get("path")
+    if isinstance(value, str | Path):
+        return str(value)
+    return None
+
+
+def open_image(value: object, what: str = "image", max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """An uploaded image as RGB: its format and size are read from the header and checked before decoding."""
+    if value is None or value == {}:
+        raise InputError(f"there is no {what}: upload one first")
+    if isinstance(value, Image.Image):
+        im: Image.Image = value
+    else:
+        path = image_path(value)
+        if path is None:
+            raise InputError(f"the {what} must be an uploaded file, got {type(value).__name__}")
+        try:
+            with warnings.catch_warnings():  # PIL warns above its own limit; the check below decides instead
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                im = Image.open(path, formats=IMAGE_FORMATS)  # lazy: reads the header only
+        except Image.DecompressionBombError as err:  # PIL's hard limit (2x its own) is reached at open
+            count = re.search(r"\((\d+) pixels\)", str(err))  # "Image size (N pixels) exceeds limit of ..."
+            raise TooLarge(f"the {what} has {count.group(1) + ' pixels' if count else 'too many pixels'}; "
+                           f"the demo accepts at most {max_pixels} ({MAX_SIDE} x {MAX_SIDE})") from err
+        except (OSError, ValueError) as err:
+            raise InputError(f"the {what} is not a readable image (the demo reads {', '.join(IMAGE_FORMATS)})"
+                             ) from err
     with im:
         width, height = im.size
         if width * height > max_pixels:
-            raise TooLarge(f"'image' is {width}x{height} = {width * height} pixels; "
-                           f"the demo accepts at most {max_pixels}")
+            raise TooLarge(f"the {what} is {width} x {height} = {width * height} pixels; "
+                           f"the demo accepts at most {max_pixels} ({MAX_SIDE} x {MAX_SIDE})")
         try:
             return im.convert("RGB")
         except (OSError, ValueError, SyntaxError) as err:  # a truncated or corrupt body behind a valid header
-            raise BadRequest(f"'image' is not a readable image ({', '.join(IMAGE_FORMATS)}): {err}") from err
+            raise InputError(f"the {what} is not a readable image: {str(err).splitlines()[0] if str(err) else err}"
+                             ) from err
 
 
-def encode_image(image: Image.Image, fmt: str) -> str:
-    """`image` saved as `fmt` and base64-encoded."""
-    buf = io.BytesIO()
-    image.save(buf, format=fmt)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-class Demo:
-    """The two API calls on one pipeline; a lock serialises model calls from the server's threads."""
-
-    def __init__(self, pipe: MMDLMPipeline) -> None:
-        self.pipe, self.lock = pipe, threading.Lock()
-        self.routes: dict[str, Callable[[dict], dict]] = {"/api/generate": self.generate, "/api/answer": self.answer}
-
-    def generate(self, body: dict) -> dict:
-        """POST /api/generate."""
-        prompt = get_text(body, "prompt")
-        num = get_field(body, "num", int, 4, (1, 16))
-        steps = get_field(body, "steps", int, 12, (1, 64))
-        guidance = get_field(body, "guidance", float, 2.0, (0, 20))
-        seed = get_field(body, "seed", int, 0, (0, 2**31 - 1))
-        with self.lock:
-            out = self.pipe.text_to_image([prompt] * num, guidance_scale=guidance, steps=steps, seed=seed,
-                                          history=True)
-            frames = progress_frames(self.pipe, out.history, num)
-        gif = io.BytesIO()
-        save_gif(frames, gif)
-        return {"grid": encode_image(to_pil(make_grid(out.images, num)), "PNG"),
-                "gif": base64.b64encode(gif.getvalue()).decode("ascii"), "nfe": out.nfe}
-
-    def answer(self, body: dict) -> dict:
-        """POST /api/answer; the image is decoded under the lock, so at most one decoded image is alive."""
-        data = get_field(body, "image", str)
-        question = get_text(body, "question")
-        if not question.strip():
-            raise BadRequest("the question is empty")
-        steps = get_field(body, "steps", int, 8, (1, 64))
-        with self.lock:
-            image = decode_image(data)
-            out = self.pipe.answer([image], [question], steps=steps)
-        return {"answer": out.texts[0], "nfe": out.nfe}
-
-
+# ---- who may call -------------------------------------------------------------------------------------------
 def host_name(value: str) -> str | None:
     """The host name in a Host header's value ("Example.com:80" -> "example.com", "[::1]:7860" -> "::1"),
     or None when it is not a plain host[:port]."""
@@ -254,153 +196,540 @@ def is_ip_address(name: str) -> bool:
     return True
 
 
-class Handler(BaseHTTPRequestHandler):
-    """The page on GET, the JSON API on POST; the limits are class attributes bound by `make_server`."""
-
-    demo: Demo
-    timeout: float | None = TIMEOUT  # seconds; StreamRequestHandler sets it on the socket (silent -> dropped)
-    allowed_hosts: frozenset[str] = LOCAL_NAMES
-    any_ip: bool = False  # bound to 0.0.0.0: a Host that is any IP address literal is this server too
-
-    def handle(self) -> None:
-        """Serve the connection; a client that stops reading or resets it is dropped with one log line."""
-        try:
-            super().handle()
-        except (TimeoutError, ConnectionError) as err:
-            self.log_error("dropped %s: %r", self.client_address[0], err)
-
-    def do_GET(self) -> None:
-        """The demo page."""
-        if urlparse(self.path).path in ("/", "/index.html"):
-            self.send(200, PAGE.encode(), "text/html; charset=utf-8")
-        else:
-            self.send_json(404, {"error": f"no page {self.path}"})
-
-    def do_POST(self) -> None:
-        """One API call: every rejection is a JSON {"error": one sentence} with a 4xx status."""
-        route = self.demo.routes.get(urlparse(self.path).path)
-        if route is None:
-            self.send_json(404, {"error": f"no endpoint {self.path}; try {', '.join(self.demo.routes)}"})
-            return
-        try:
-            raw = self.read_body()
-            self.check_origin()
-            self.send_json(200, route(parse_json(raw)))
-        except BadRequest as err:
-            if err.status in (408, 413):  # the body was not (all) read: do not look for a next request in it
-                self.close_connection = True
-            self.send_json(err.status, {"error": str(err)})
-        except ValueError as err:  # the pipeline rejecting an input (a prompt too many tokens long)
-            self.send_json(400, {"error": str(err)})
-        except Exception as err:  # keep serving; the traceback goes to the server's log
-            self.log_error("%s failed: %r", self.path, err)
-            self.send_json(500, {"error": f"internal error: {err}"})
-
-    def read_body(self) -> bytes:
-        """The body, its size checked from Content-Length before reading; it must keep arriving."""
-        try:
-            length = int(self.headers.get("Content-Length", ""))
-        except ValueError as err:
-            raise BadRequest("a JSON body with a Content-Length is required") from err
-        if length > MAX_BODY:
-            raise TooLarge(f"the body is {length} bytes; the demo accepts at most {MAX_BODY}")
-        if length <= 0:
-            raise BadRequest(f"the body must be 1 to {MAX_BODY} bytes, got {length}")
-        timeout = self.timeout if self.timeout is not None else float("inf")
-        deadline = time.monotonic() + timeout * (1 + length / 2**20)
-        chunks, left = [], length
-        try:
-            while left:
-                chunk = self.rfile.read1(min(left, 2**16))
-                if not chunk:
-                    raise BadRequest(f"the body ended after {length - left} of its {length} bytes")
-                chunks.append(chunk)
-                left -= len(chunk)
-                if left and time.monotonic() > deadline:
-                    raise BodyTimeout(f"the body arrived too slowly ({length - left} of {length} bytes "
-                                      f"in {timeout * (1 + length / 2**20):.0f} s)")
-        except TimeoutError as err:
-            raise BodyTimeout(f"the body stopped arriving after {length - left} of its {length} bytes "
-                              f"({self.timeout:g} s without data)") from err
-        return b"".join(chunks)
-
-    def check_origin(self) -> None:
-        """Only requests naming this server (Host) from its own page or a non-browser client (Origin)."""
-        host = self.headers.get("Host")
-        if host is None:
-            raise Forbidden("the request has no Host header; the demo answers only requests that name it")
-        name = host_name(host)
-        if name is None or not (name in self.allowed_hosts or (self.any_ip and is_ip_address(name))):
-            raise Forbidden(f"the Host header {host!r} does not name this server; start the demo with "
-                            f"--allow-host {name or 'NAME'} if you reach it by that name")
-        origin = self.headers.get("Origin")
-        if origin is not None and origin.strip().lower() not in (f"http://{host.strip().lower()}",
-                                                                  f"https://{host.strip().lower()}"):
-            raise Forbidden(f"cross-origin requests are refused: Origin {origin!r} is not this server ({host!r})")
-
-    def send_json(self, status: int, payload: dict) -> None:
-        """Reply with `payload` as JSON."""
-        self.send(status, json.dumps(payload).encode(), "application/json")
-
-    def send(self, status: int, data: bytes, content_type: str) -> None:
-        """Reply with `data`."""
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-
-def parse_json(raw: bytes) -> dict:
-    """A request body -> a JSON object; it must be UTF-8 (strictly: no encoded surrogates either)."""
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise BadRequest(f"the body is not valid UTF-8 (byte {raw[err.start]:#04x} at offset {err.start})"
-                         ) from err
-    try:
-        body = json.loads(text)
-    except RecursionError as err:
-        raise BadRequest("the body is not valid JSON (nested too deeply)") from err
-    except json.JSONDecodeError as err:
-        raise BadRequest(f"the body is not valid JSON ({err})") from err
-    except ValueError as err:  # int() refusing a number of more than sys.get_int_max_str_digits() digits
-        raise BadRequest("the body is not valid JSON (a number has too many digits)") from err
-    if not isinstance(body, dict):
-        raise BadRequest("the body must be a JSON object")
-    return body
-
-
-def make_server(pipe: MMDLMPipeline, host: str = "127.0.0.1", port: int = 7860, timeout: float = TIMEOUT,
-                allow_hosts: Iterable[str] = ()) -> ThreadingHTTPServer:
-    """A server for `pipe` (port 0 = any free port: read it from `server.server_address`).
-
-    `timeout`: seconds a client may stay silent before it is dropped. `allow_hosts`: host names, beyond
-    localhost and `host`, by which clients may reach the server (its Host header); binding to 0.0.0.0
-    also allows any IP address and this machine's own names.
-    """
+def allowed_names(host: str, allow_hosts: Iterable[str] = ()) -> tuple[frozenset[str], bool]:
+    """(host names that name this server, whether any IP address does): localhost, the bound address (or,
+    bound to 0.0.0.0, this machine's names and any IP address), and `allow_hosts`."""
     names = set(LOCAL_NAMES) | {h.strip().lower().strip("[]").rstrip(".") for h in allow_hosts}
     any_ip = host in ANY_ADDRESS
     if any_ip:
         names |= {socket.gethostname().lower(), socket.getfqdn().lower()}
     else:
         names.add(host.lower().strip("[]").rstrip("."))
-    handler = type("DemoHandler", (Handler,), {"demo": Demo(pipe), "timeout": timeout,
-                                               "allowed_hosts": frozenset(names), "any_ip": any_ip})
-    server = ThreadingHTTPServer((host, port), handler)
-    server.daemon_threads = True
-    return server
+    return frozenset(names), any_ip
 
 
-def positive_float(text: str) -> float:
-    """argparse type: a number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
-    return value
+def check_request(host: str | None, origin: str | None, names: frozenset[str], any_ip: bool = False
+                  ) -> str | None:
+    """Why a request with these Host and Origin headers is refused (one sentence), or None to serve it."""
+    if host is None:
+        return "the request has no Host header; the demo answers only requests that name it"
+    name = host_name(host)
+    if name is None or not (name in names or (any_ip and is_ip_address(name))):
+        return (f"the Host header {host!r} does not name this server; start the demo with "
+                f"--allow-host {name or 'NAME'} if you reach it by that name")
+    if origin is not None and origin.strip().lower() not in (f"http://{host.strip().lower()}",
+                                                              f"https://{host.strip().lower()}"):
+        return f"cross-origin requests are refused: Origin {origin!r} is not this server ({host!r})"
+    return None
+
+
+class RequestGuard:
+    """ASGI middleware in front of Gradio: `check_request` on every request and websocket, and request
+    bodies over `max_body` bytes refused from their Content-Length before they are read."""
+
+    def __init__(self, app: Callable, names: frozenset[str], any_ip: bool = False, max_body: int = MAX_BODY
+                 ) -> None:
+        self.app, self.names, self.any_ip, self.max_body = app, names, any_ip, max_body
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        headers: dict[str, str] = {}
+        for key, value in scope.get("headers", []):
+            headers.setdefault(key.decode("latin-1").lower(), value.decode("latin-1"))
+        status, problem = 403, check_request(headers.get("host"), headers.get("origin"), self.names, self.any_ip)
+        if problem is None and scope["type"] == "http":
+            status, problem = self.body_problem(headers)
+        if problem is None:
+            await self.app(scope, receive, send)
+        elif scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1008, "reason": problem[:120]})
+        else:
+            body = (problem + "\n").encode()
+            await send({"type": "http.response.start", "status": status,
+                        "headers": [(b"content-type", b"text/plain; charset=utf-8"),
+                                    (b"content-length", str(len(body)).encode()), (b"connection", b"close")]})
+            await send({"type": "http.response.body", "body": body})
+
+    def body_problem(self, headers: dict[str, str]) -> tuple[int, str | None]:
+        """(status, why) for a body over the limit or of unknown length; (200, None) when it may be read."""
+        length = headers.get("content-length")
+        if length is None:
+            if "chunked" in headers.get("transfer-encoding", "").lower():
+                return 411, "a request body needs a Content-Length"
+            return 200, None
+        try:
+            n = int(length)
+        except ValueError:
+            return 400, f"the Content-Length {length[:40]!r} is not a number"
+        if n > self.max_body:
+            return 413, f"the body is {n} bytes; the demo accepts at most {self.max_body}"
+        return 200, None
+
+
+# ---- the model side ---------------------------------------------------------------------------------------
+def sampling_kwargs(steps: object, temperature: object, threshold: object, self_correction: object,
+                    guidance: object = None) -> dict:
+    """The controls of a tab -> keyword arguments of the pipeline's task methods (`SamplingOptions`).
+    Self-correction reaches the sampler through `SamplingOptions.extra` (a `MaskedSampling` field)."""
+    from mmdlm.sampling import SelfCorrection
+
+    kw: dict = {"steps": check_number(steps, "steps", 1, MAX_STEPS, integer=True),
+                "temperature": check_number(temperature, "temperature", 0, 5)}
+    t = check_number(threshold if threshold is not None else 0, "threshold", 0, 1)
+    kw["threshold"] = float(t) if t > 0 else None
+    if bool(self_correction):
+        kw["extra"] = {"self_correction": SelfCorrection()}
+    if guidance is not None:
+        kw["guidance_scale"] = check_number(guidance, "guidance", 0, 20)
+    return kw
+
+
+def user_errors(fn: Callable) -> Callable:
+    """Turn a handler's InputError / ValueError (bad input, the model's token limit) into a one-sentence
+    `gr.Error`; anything else is logged with its traceback and shown as one line. Generators stay generators."""
+    import gradio as gr
+
+    def translate(err: Exception) -> gr.Error:
+        if isinstance(err, gr.Error):
+            return err
+        if isinstance(err, ValueError):  # InputError is one; the pipeline's are too
+            return gr.Error(str(err), print_exception=False)
+        traceback.print_exc()
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        return gr.Error(f"internal error: {type(err).__name__}{': ' + first if first else ''}", print_exception=False)
+
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def gen_wrapper(*args: Any, **kwargs: Any) -> Iterator:
+            try:
+                yield from fn(*args, **kwargs)
+            except Exception as err:
+                raise translate(err) from err
+        return gen_wrapper
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except Exception as err:
+            raise translate(err) from err
+    return wrapper
+
+
+_DONE = object()
+
+
+class Demo:
+    """The handlers of the app on one pipeline; each can be called directly (the tests do). A lock
+    serialises model calls, so at most one generation (and one decoded upload) is in memory at a time."""
+
+    def __init__(self, pipe: MMDLMPipeline) -> None:
+        self.pipe, self.lock = pipe, threading.Lock()
+
+    # ---- helpers ------------------------------------------------------------------------------------
+    @property
+    def autoregressive(self) -> bool:
+        return self.pipe.is_autoregressive
+
+    def needs_mdm(self, task: str) -> None:
+        if self.autoregressive:
+            raise InputError(f"{task} needs the masked-diffusion model; this model folder is the autoregressive "
+                             f"baseline (config causal: true), which only continues left to right")
+
+    def canvas_codes(self, ids: torch.Tensor, image_index: torch.Tensor, rows: int) -> torch.Tensor:
+        """Canvas rows Long[R, T] -> their image codes Long[rows, h, w], -1 where still masked."""
+        h, w = self.pipe.vq.grid
+        vocab = self.pipe.vocab
+        ids, index = ids[:rows].cpu(), image_index[:rows].cpu()
+        out = torch.full((rows, h * w), -1, dtype=torch.long)
+        for r in range(rows):
+            at = index[r] >= 0
+            tok = ids[r][at]
+            out[r, index[r][at]] = torch.where(vocab.is_image(tok), tok - vocab.image_offset, -1)
+        return out.view(rows, h, w)
+
+    def live(self, run: Callable[[], Any], rows: int) -> Iterator[tuple[torch.Tensor | None, Any]]:
+        """Run `run()` (a pipeline call on `rows` sequences) in a worker thread and yield (codes, None) with
+        the canvas's image codes before every denoising step, then (None, its result). The masked-diffusion
+        sampler calls the model once per step with the canvas in the first rows of `ids`; a forward
+        pre-hook reads it. The autoregressive baseline is not watched (its calls are one token each)."""
+        frames: queue.Queue = queue.Queue()
+        result: dict[str, Any] = {}
+        watch = not self.autoregressive
+
+        def hook(_module: object, args: tuple, kwargs: dict) -> None:
+            ids = args[0] if args else kwargs.get("ids")
+            index = kwargs.get("image_index", args[2] if len(args) > 2 else None)
+            if ids is not None and index is not None and ids.dim() == 2:
+                frames.put(self.canvas_codes(ids, index, rows))
+
+        def work() -> None:
+            handle = self.pipe.model.register_forward_pre_hook(hook, with_kwargs=True) if watch else None
+            try:
+                result["out"] = run()
+            except BaseException as err:  # handed to the caller's thread
+                result["err"] = err
+            finally:
+                if handle is not None:
+                    handle.remove()
+                frames.put(_DONE)
+
+        with self.lock:
+            worker = threading.Thread(target=work, name="mmdlm-demo-sampler", daemon=True)
+            worker.start()
+            try:
+                while (item := frames.get()) is not _DONE:
+                    yield item, None
+            finally:  # also when the page goes away mid-run: keep the lock until the model is free
+                worker.join()
+        if "err" in result:
+            raise result["err"]
+        yield None, result["out"]
+
+    def picture(self, codes: torch.Tensor, nrow: int) -> Image.Image:
+        """Image codes Long[B, h, w] (-1 = masked) -> one grid picture, masked token cells grey."""
+        return to_pil(make_grid(decode_canvas(self.pipe, codes), nrow, scale(codes.shape[0])))
+
+    # ---- tasks ----------------------------------------------------------------------------------------
+    def caption(self, image: object, block_length: object = 4, steps: object = None, guidance: object = 0.0,
+                temperature: object = 0.0, threshold: object = 0.0, self_correction: object = False,
+                seed: object = 0) -> tuple[str, str]:
+        """Caption tab: (caption, info). `steps` None: one token per step (the pipeline's default);
+        `block_length`: semi-autoregressive blocks of that many tokens (0 = one block)."""
+        steps = self.pipe.layout.caption_len if steps is None else steps
+        kw = sampling_kwargs(steps, temperature, threshold, self_correction, guidance)
+        block = check_number(block_length, "block length", 0, MAX_STEPS, integer=True)
+        seed = check_number(seed, "seed", 0, MAX_SEED, integer=True)
+        with self.lock:
+            picture = open_image(image)
+            start = time.perf_counter()
+            out = self.pipe.caption([picture], block_length=block or None, seed=seed, **kw)
+        caption = printable(out.texts[0])
+        return (caption if caption.strip() else NO_TEXT), info(out.nfe, start)
+
+    def answer(self, image: object, question: object, steps: object = 8, guidance: object = 0.0,
+               temperature: object = 0.0, threshold: object = 0.0, self_correction: object = False,
+               seed: object = 0) -> tuple[str, str]:
+        """VQA tab: (answer, info)."""
+        question = check_text(question, "question")
+        kw = sampling_kwargs(steps, temperature, threshold, self_correction, guidance)
+        seed = check_number(seed, "seed", 0, MAX_SEED, integer=True)
+        with self.lock:
+            picture = open_image(image)
+            start = time.perf_counter()
+            out = self.pipe.answer([picture], [question], seed=seed, **kw)
+        answer = printable(out.texts[0])
+        return (answer if answer.strip() else NO_TEXT), info(out.nfe, start)
+
+    def text_to_image(self, prompt: object, num: object = 4, steps: object = 12, guidance: object = 2.0,
+                      temperature: object = 1.0, threshold: object = 0.0, self_correction: object = False,
+                      seed: object = 0) -> Iterator[tuple[Image.Image, str]]:
+        """Text-to-image tab: yields (the canvas so far, progress) every step, then (the images, info)."""
+        prompt = check_text(prompt, "prompt")
+        n = check_number(num, "number of images", 1, MAX_IMAGES, integer=True)
+        kw = sampling_kwargs(steps, temperature, threshold, self_correction, guidance)
+        seed = check_number(seed, "seed", 0, MAX_SEED, integer=True)
+        start, step = time.perf_counter(), 0
+        for codes, out in self.live(lambda: self.pipe.text_to_image([prompt] * n, seed=seed, **kw), n):
+            if out is None:
+                step += 1
+                yield self.picture(codes, grid_columns(n)), f"step {step}: {int((codes < 0).sum())} tokens masked"
+            else:
+                yield self.picture(out.codes, grid_columns(n)), info(out.nfe, start)
+
+    def joint(self, num: object = 4, steps: object = 16, temperature: object = 1.0, threshold: object = 0.0,
+              self_correction: object = False, seed: object = 0) -> Iterator[tuple[Image.Image, str, str]]:
+        """Joint tab: yields (the canvas so far, "", progress) every step, then (captioned images, captions,
+        info)."""
+        n = check_number(num, "number of pairs", 1, MAX_JOINT, integer=True)
+        kw = sampling_kwargs(steps, temperature, threshold, self_correction)
+        seed = check_number(seed, "seed", 0, MAX_SEED, integer=True)
+        start, step = time.perf_counter(), 0
+        for codes, out in self.live(lambda: self.pipe.generate_joint(n, seed=seed, **kw), n):
+            if out is None:
+                step += 1
+                masked = int((codes < 0).sum())
+                yield self.picture(codes, grid_columns(n)), "", f"step {step}: {masked} image tokens masked"
+            else:
+                captions = [printable(c) for c in out.captions]
+                sheet = captioned_grid(out.images, captions, grid_columns(n), scale(n))
+                yield sheet, "\n".join(f"{i + 1}. {c}" for i, c in enumerate(captions)), info(out.nfe, start)
+
+    def inpaint_canvas(self, image: object) -> dict | None:
+        """Inpainting tab, on upload: the image as the model sees it (its size, centre-cropped), upscaled
+        to the canvas for painting the mask on."""
+        if image is None:
+            return None
+        with self.lock:
+            picture = open_image(image)
+            tensor = self.pipe.image_tensor([picture]).cpu()
+        side = self.pipe.vq.image_size
+        big = to_pil(tensor[0]).resize((side * canvas_scale(side),) * 2, Image.NEAREST)
+        return {"background": big, "layers": [], "composite": big}
+
+    def inpaint(self, editor: object, prompt: object = "", num: object = 1, steps: object = 12,
+                guidance: object = 0.0, temperature: object = 1.0, threshold: object = 0.0,
+                self_correction: object = False, seed: object = 0) -> Iterator[tuple[Image.Image, str]]:
+        """Inpainting tab: `editor` is the ImageEditor's value (background + painted layer). Yields
+        (original | masked | results so far, progress) every step, then the results and info."""
+        self.needs_mdm("inpainting")
+        prompt = check_text(prompt, "prompt", allow_empty=True).strip()
+        n = check_number(num, "number of results", 1, MAX_VARIATIONS, integer=True)
+        kw = sampling_kwargs(steps, temperature, threshold, self_correction, guidance)
+        seed = check_number(seed, "seed", 0, MAX_SEED, integer=True)
+        background, mask = editor_image_and_mask(editor)
+        side = self.pipe.vq.image_size
+        region = mask_to_size(mask, side)  # Bool[side, side]
+        if not bool(region.any()):
+            raise InputError("nothing is painted: paint over the part of the image to regenerate")
+        with self.lock:
+            original = self.pipe.image_tensor([background]).cpu()  # (1, 3, S, S)
+            token_mask = self.pipe.token_mask(region[None]).cpu()  # (1, h, w)
+        shown = torch.cat([original, paint_masked(original, token_mask)])  # original | what is regenerated
+
+        def strip(results: torch.Tensor) -> Image.Image:
+            return to_pil(make_grid(torch.cat([shown, results.cpu().clamp(0, 1)]), 2 + n, scale(2 + n)))
+
+        def run() -> Any:
+            return self.pipe.inpaint(original.repeat(n, 1, 1, 1), region[None].repeat(n, 1, 1),
+                                     [prompt] * n if prompt else None, seed=seed, **kw)
+
+        start, step = time.perf_counter(), 0
+        for codes, out in self.live(run, n):
+            if out is None:
+                step += 1
+                yield strip(decode_canvas(self.pipe, codes)), f"step {step}: {int((codes < 0).sum())} tokens masked"
+            else:
+                yield strip(out.images), info(out.nfe, start)
+
+    def infill(self, text: object, tokens_per_blank: object = 1, steps: object = 8, temperature: object = 0.0,
+               threshold: object = 0.0, self_correction: object = False, seed: object = 0) -> tuple[str, str]:
+        """Text infilling tab: (the text with every [MASK] filled, info)."""
+        self.needs_mdm("text infilling")
+        text = check_text(text, "text")
+        if BLANK_MARK not in text:
+            raise InputError(f"the text has no blank: write {BLANK_MARK} where words should be filled in")
+        per_blank = check_number(tokens_per_blank, "tokens per blank", 1, 8, integer=True)
+        kw = sampling_kwargs(steps, temperature, threshold, self_correction)
+        seed = check_number(seed, "seed", 0, MAX_SEED, integer=True)
+        with self.lock:
+            start = time.perf_counter()
+            out = self.pipe.infill([text], tokens_per_blank=per_blank, seed=seed, **kw)
+        return printable(out.texts[0]), info(out.nfe, start)
+
+
+def info(nfe: int, start: float) -> str:
+    return f"done: {nfe} forward passes, {time.perf_counter() - start:.2f} s"
+
+
+def grid_columns(n: int) -> int:
+    return min(n, 4)
+
+
+def scale(n: int) -> int:
+    """Upscaling of 32-pixel images for display: large for a few, smaller for a grid."""
+    return 8 if n <= 2 else 4
+
+
+def canvas_scale(side: int) -> int:
+    return max(1, CANVAS // side)
+
+
+def editor_image_and_mask(editor: object) -> tuple[Image.Image, np.ndarray]:
+    """An ImageEditor value (numpy RGBA arrays) -> (the background as RGB, Bool[H, W] painted pixels)."""
+    if not isinstance(editor, dict) or editor.get("background") is None:
+        raise InputError("there is no image to inpaint: upload one first")
+    background = np.asarray(editor["background"])
+    if background.ndim != 3 or background.shape[0] * background.shape[1] > MAX_PIXELS:
+        raise InputError("the inpainting canvas is not an image of at most "
+                         f"{MAX_SIDE} x {MAX_SIDE} pixels")
+    h, w = background.shape[:2]
+    mask = np.zeros((h, w), dtype=bool)
+    for layer in editor.get("layers") or []:
+        layer = np.asarray(layer)
+        if layer.ndim == 3 and layer.shape[:2] == (h, w):
+            mask |= (layer[..., 3] > 0) if layer.shape[2] == 4 else layer.any(-1)
+    return Image.fromarray(background[..., :3].astype(np.uint8)), mask
+
+
+def mask_to_size(mask: np.ndarray, side: int) -> torch.Tensor:
+    """Bool[H, W] painted pixels -> Bool[side, side] at the model's image size, resized (shorter side to
+    `side`) and centre-cropped as `MMDLMPipeline.image_tensor` does the image; a pixel is masked when any
+    painted pixel falls in it (max pooling, so a stroke never spreads into the next token cell)."""
+    from torchvision.transforms import v2
+
+    m = torch.from_numpy(np.ascontiguousarray(mask))[None, None].float()  # (1, 1, H, W)
+    h, w = m.shape[-2:]
+    size = (side, max(side, round(side * w / h))) if h <= w else (max(side, round(side * h / w)), side)
+    pooled = torch.nn.functional.adaptive_max_pool2d(m, size)[0]  # (1, h', w')
+    return v2.CenterCrop(side)(pooled)[0] > 0
+
+
+# ---- the app ----------------------------------------------------------------------------------------------
+def sampling_controls(steps: int, temperature: float, guidance: float | None, ar: bool
+                      ) -> list[gr.components.Component]:
+    """A tab's sampler controls, one row: [steps, (guidance,) temperature, threshold, self-correction, seed]."""
+    import gradio as gr
+
+    mdm = not ar
+    unused = "not used by the autoregressive baseline"
+    with gr.Accordion("sampling", open=True), gr.Row(equal_height=True):
+        controls = [gr.Slider(1, MAX_STEPS, value=steps, step=1, label="steps", interactive=mdm,
+                              info="denoising steps" if mdm else unused)]
+        if guidance is not None:
+            controls.append(gr.Slider(0, 10, value=guidance, step=0.5, label="guidance", interactive=mdm,
+                                      info="classifier-free guidance scale" if mdm else unused))
+        controls.append(gr.Slider(0, 2, value=temperature, step=0.1, label="temperature", info="0 = argmax"))
+        controls.append(gr.Slider(0, 1, value=0, step=0.05, label="threshold", interactive=mdm,
+                                  info="commit all this sure (Fast-dLLM); 0 = the schedule" if mdm else unused))
+        controls.append(gr.Checkbox(value=False, label="self-correction", interactive=mdm,
+                                    info="re-mask what the model changes its mind on (ReMDM)" if mdm else unused))
+        controls.append(gr.Number(value=0, precision=0, minimum=0, maximum=MAX_SEED, label="seed",
+                                  info="same seed, same result"))
+    return controls
+
+
+def build_app(pipe: MMDLMPipeline, title: str | None = None) -> gr.Blocks:
+    """The Gradio Blocks app on `pipe`: one tab per task (see the module docstring)."""
+    import gradio as gr
+
+    demo = Demo(pipe)
+    ar = demo.autoregressive
+    kind = "autoregressive baseline" if ar else "masked-diffusion model"
+    side, (gh, gw) = pipe.vq.image_size, pipe.vq.grid
+    model_events = {"concurrency_limit": 1, "concurrency_id": "model"}
+    text_box = {"max_length": MAX_TEXT_CHARS, "lines": 1}
+    image_in = {"type": "filepath", "image_mode": None, "sources": ["upload", "clipboard"], "height": 240,
+                "elem_classes": "pixelated"}
+    image_out = {"type": "pil", "format": "png", "interactive": False, "height": 400, "elem_classes": "pixelated"}
+    needs_mdm = ("**{} needs the masked-diffusion model**: this model folder is the autoregressive baseline "
+                 "(config `causal: true`), which only continues left to right.")
+
+    with gr.Blocks(title="mmdlm demo", analytics_enabled=False, delete_cache=(3600, 3600)) as app:
+        gr.Markdown(f"## mmdlm: one {kind} for text and images\n{title + ' ' if title else ''}Images are "
+                    f"{side} x {side} pixels, {gh} x {gw} tokens; grey cells are still masked. The demo takes text "
+                    f"of at most {MAX_TEXT_CHARS} characters and images of at most {MAX_SIDE} x {MAX_SIDE} pixels.")
+        with gr.Tabs():
+            with gr.Tab("Caption", id="caption", elem_id="tab-caption"):
+                with gr.Row():
+                    with gr.Column():
+                        image = gr.Image(label="image", elem_id="caption-image", **image_in)
+                        block = gr.Slider(0, pipe.layout.caption_len, value=4, step=1, label="block length",
+                                          info="decode left to right in blocks of this many tokens (LLaDA's "
+                                               "semi-autoregressive decoding); 0 = one block", interactive=not ar)
+                        button = gr.Button("Caption", variant="primary", elem_id="caption-run")
+                    with gr.Column():
+                        out = gr.Textbox(label="caption", elem_id="caption-out", interactive=False)
+                        status = gr.Markdown(elem_id="caption-info")
+                controls = sampling_controls(pipe.layout.caption_len, 0.0, 0.0, ar)
+                button.click(user_errors(demo.caption), [image, block, *controls], [out, status], api_name="caption",
+                             preprocess=False, **model_events)
+
+            with gr.Tab("VQA", id="vqa", elem_id="tab-vqa"):
+                with gr.Row():
+                    with gr.Column():
+                        image = gr.Image(label="image", elem_id="vqa-image", **image_in)
+                        question = gr.Textbox(label="question", value="what color is the circle?",
+                                              elem_id="vqa-question", **text_box)
+                        button = gr.Button("Answer", variant="primary", elem_id="vqa-run")
+                    with gr.Column():
+                        out = gr.Textbox(label="answer", elem_id="vqa-out", interactive=False)
+                        status = gr.Markdown(elem_id="vqa-info")
+                controls = sampling_controls(8, 0.0, 0.0, ar)
+                gr.on([button.click, question.submit], user_errors(demo.answer), [image, question, *controls],
+                      [out, status], api_name="answer", preprocess=False, **model_events)
+
+            with gr.Tab("Text to image", id="text-to-image", elem_id="tab-text-to-image"):
+                with gr.Row():
+                    with gr.Column():
+                        prompt = gr.Textbox(label="prompt", value="a large red circle at the top left",
+                                            elem_id="t2i-prompt", **text_box)
+                        num = gr.Slider(1, MAX_IMAGES, value=4, step=1, label="images")
+                        button = gr.Button("Generate", variant="primary", elem_id="t2i-run")
+                    with gr.Column():
+                        out = gr.Image(label="images (live: the canvas after each step)", elem_id="t2i-out",
+                                       **image_out)
+                        status = gr.Markdown(elem_id="t2i-info")
+                controls = sampling_controls(12, 1.0, 2.0, ar)
+                gr.on([button.click, prompt.submit], user_errors(demo.text_to_image), [prompt, num, *controls],
+                      [out, status], api_name="text_to_image", **model_events)
+
+            with gr.Tab("Joint", id="joint", elem_id="tab-joint"):
+                with gr.Row():
+                    with gr.Column():
+                        gr.Markdown("Images and their captions, generated together from nothing.")
+                        num = gr.Slider(1, MAX_JOINT, value=4, step=1, label="pairs")
+                        button = gr.Button("Generate pairs", variant="primary", elem_id="joint-run")
+                        captions = gr.Textbox(label="captions", elem_id="joint-captions", interactive=False, lines=4)
+                    with gr.Column():
+                        out = gr.Image(label="images and captions (live)", elem_id="joint-out", **image_out)
+                        status = gr.Markdown(elem_id="joint-info")
+                controls = sampling_controls(16, 1.0, None, ar)
+                button.click(user_errors(demo.joint), [num, *controls], [out, captions, status], api_name="joint",
+                             **model_events)
+
+            with gr.Tab("Inpainting", id="inpainting", elem_id="tab-inpainting"):
+                if ar:
+                    gr.Markdown(needs_mdm.format("Inpainting"))
+                with gr.Row():
+                    with gr.Column(scale=2):
+                        source = gr.Image(label="1. upload an image", elem_id="inpaint-image", **image_in)
+                        prompt = gr.Textbox(label="what should be there (optional)", elem_id="inpaint-prompt",
+                                            placeholder="a small blue square in the middle", **text_box)
+                        num = gr.Slider(1, MAX_VARIATIONS, value=2, step=1, label="results")
+                        button = gr.Button("Inpaint", variant="primary", elem_id="inpaint-run", interactive=not ar)
+                    with gr.Column(scale=3):
+                        editor = gr.ImageEditor(
+                            label="2. paint over the part to regenerate", elem_id="inpaint-canvas", type="numpy",
+                            image_mode="RGBA", sources=(), transforms=(), layers=False,
+                            brush=gr.Brush(colors=["#ff00ff"], color_mode="fixed", default_size=CANVAS // 16),
+                            eraser=gr.Eraser(default_size=CANVAS // 16), canvas_size=(CANVAS, CANVAS),
+                            fixed_canvas=True, height=CANVAS + 120)
+                    with gr.Column(scale=3):
+                        out = gr.Image(label="original | regenerated cells | results (live)", elem_id="inpaint-out",
+                                       **{**image_out, "height": 240})
+                        status = gr.Markdown(elem_id="inpaint-info")
+                controls = sampling_controls(12, 1.0, 0.0, ar)
+                source.change(user_errors(demo.inpaint_canvas), [source], [editor], preprocess=False,
+                              api_name="inpaint_canvas", **model_events)
+                button.click(user_errors(demo.inpaint), [editor, prompt, num, *controls], [out, status],
+                             api_name="inpaint", **model_events)
+
+            with gr.Tab("Text infilling", id="infilling", elem_id="tab-infilling"):
+                if ar:
+                    gr.Markdown(needs_mdm.format("Text infilling"))
+                with gr.Row():
+                    with gr.Column():
+                        text = gr.Textbox(label=f"text with {BLANK_MARK} where words are missing",
+                                          value=f"a large {BLANK_MARK} circle at the top {BLANK_MARK}",
+                                          elem_id="infill-text", **text_box)
+                        per_blank = gr.Slider(1, 8, value=1, step=1, label="tokens per blank")
+                        button = gr.Button("Fill in", variant="primary", elem_id="infill-run", interactive=not ar)
+                    with gr.Column():
+                        out = gr.Textbox(label="filled in", elem_id="infill-out", interactive=False)
+                        status = gr.Markdown(elem_id="infill-info")
+                controls = sampling_controls(8, 0.0, None, ar)
+                gr.on([button.click, text.submit], user_errors(demo.infill), [text, per_blank, *controls],
+                      [out, status], api_name="infill", **model_events)
+    app.queue(default_concurrency_limit=1, max_size=MAX_QUEUE)
+    return app
+
+
+def launch(app: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, allow_hosts: Iterable[str] = ()) -> str:
+    """Serve `app` on host:port behind `RequestGuard`, in the background; returns its URL. `app.block_thread()`
+    waits for Ctrl-C, `app.close()` stops it."""
+    import gradio as gr
+    from starlette.middleware import Middleware
+
+    names, any_ip = allowed_names(host, allow_hosts)
+    font = ["ui-sans-serif", "system-ui", "sans-serif"]  # system fonts: the page fetches nothing from elsewhere
+    theme = gr.themes.Default(font=font, font_mono=["ui-monospace", "monospace"])
+    app.launch(server_name=host, server_port=port, max_file_size=MAX_UPLOAD, prevent_thread_lock=True,
+               quiet=True, share=False, show_error=False, theme=theme, css=CSS, footer_links=["api", "settings"],
+               app_kwargs={"middleware": [Middleware(RequestGuard, names=names, any_ip=any_ip)]})
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -408,28 +737,31 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mmdlm.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="model folder (written by mmdlm.export)")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine)")
     parser.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
-    parser.add_argument("--timeout", type=positive_float, default=TIMEOUT,
-                        help=f"seconds a client may stay silent before it is dropped (default {TIMEOUT:g})")
     parser.add_argument("--allow-host", action="append", default=[], metavar="NAME",
                         help="a host name by which browsers reach the demo, beyond localhost and --host "
                              "(repeatable; e.g. the machine's DNS name behind a proxy)")
     args = parser.parse_args(argv)
+    if not 0 < args.port < 65536:
+        parser.error(f"--port must be 1-65535, got {args.port}")
     try:
-        server = make_server(load_pipeline(args.model, args.device), args.host, args.port, args.timeout,
-                             args.allow_host)
-    except (InputError, OSError) as err:  # OSError: the port is taken
+        pipe = load_pipeline(args.model, args.device)
+    except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"serving on http://{args.host}:{server.server_address[1]}  (Ctrl-C to stop)")
+    folder = Path(args.model).resolve()
+    params = sum(p.numel() for p in pipe.model.parameters())
+    app = build_app(pipe, f"Model `{folder.parent.name}/{folder.name}` ({params / 1e6:.1f}M parameters).")
     try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
+        url = launch(app, args.host, args.port, args.allow_host)
+    except OSError as err:  # the port is taken
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    Image.MAX_IMAGE_PIXELS = MAX_PIXELS  # PIL refuses over twice this at open, wherever Gradio opens an image
+    print(f"serving on {url}  (Ctrl-C to stop)", flush=True)
+    app.block_thread()
     return 0
 
 

@@ -292,10 +292,16 @@ def masked_diffusion_loss(model: torch.nn.Module, batch: Batch, vocab: Vocab, *,
     return LossOutput(loss, nll.detach(), _per_task(elbo, target, task), n_target // (2 if paired else 1))
 
 
-def ar_loss(model: torch.nn.Module, batch: Batch, force_causal: bool = False) -> LossOutput:
+def ar_loss(model: torch.nn.Module, batch: Batch, force_causal: bool = False,
+            task_balanced: bool = False) -> LossOutput:
     """Next-token CE of the causal baseline on the same target regions: position i predicts token
     i + 1, counted only where i + 1 is a target. Exact NLL per target token (a target at position 0,
     which no template makes, would have nothing to be predicted from and is not counted).
+
+    The loss is the mean CE over the batch's target tokens, or with `task_balanced` each task's mean CE
+    averaged over the tasks present, as `masked_diffusion_loss` does: a VQA sample's few answer tokens then
+    weigh as much as a text-to-image sample's 64 image tokens (in a token mean they are ~5% of the loss).
+    The reported NLL is the token mean either way.
 
     `force_causal` runs a bidirectional model causally for this call (`Transformer.forward(causal=True)`):
     the AR half of a model trained on both objectives (`ModelConfig.shift_logits`)."""
@@ -313,5 +319,6 @@ def ar_loss(model: torch.nn.Module, batch: Batch, force_causal: bool = False) ->
         return LossOutput(zero, zero.detach(), {}, 0)
     ce = torch.zeros(target.shape, device=logits.device)  # (B, T-1)
     ce[target] = F.cross_entropy(logits.float(), batch.ids[:, 1:][target], reduction="none")  # (M,)
-    loss = ce.sum() / n_target
-    return LossOutput(loss, loss.detach(), _per_task(ce, target, batch.task), n_target)
+    nll = ce.sum() / n_target
+    loss = _pooled(ce, target, batch.task, True) if task_balanced else nll
+    return LossOutput(loss, nll.detach(), _per_task(ce, target, batch.task), n_target)

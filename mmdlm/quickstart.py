@@ -202,9 +202,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--codebook-size", type=int, default=None,
                         help="image codes (default: 1024 for shapes, 32 for digits)")
     parser.add_argument("--vq-steps", type=int, default=500, help="VQ-VAE training steps (--tokenizer vq)")
-    parser.add_argument("--ar-steps", type=int, default=2500,
+    parser.add_argument("--ar-steps", type=int, default=2000,
                         help="steps of the AR warm start the MDM is adapted from (0: train the MDM from scratch)")
-    parser.add_argument("--mdm-steps", type=int, default=1200,
+    parser.add_argument("--mdm-steps", type=int, default=1000,
                         help="masked-diffusion training steps (after the warm start; ~0.25 s each on 2 idle cores)")
     parser.add_argument("--ar-rows", type=float, default=0.5,
                         help="share of each adaptation batch kept on the AR objective (LitMDM ar_rows; 0 = none)")

@@ -192,6 +192,15 @@ def test_ar_loss_is_next_token_nll_on_targets() -> None:
     assert set(out.per_task) == {Task.T2I, Task.CAPTION, Task.VQA, Task.TEXT}
     with pytest.raises(ValueError, match="causal"):
         ar_loss(Transformer(ModelConfig(vocab_size=V.size, n_layer=1, n_embd=16, n_head=2)), batch)
+    balanced = ar_loss(model, batch, task_balanced=True)  # each task's mean CE, averaged over the tasks
+    per_task = {task: [] for task in out.per_task}
+    for b in range(B):
+        for i in range(T - 1):
+            if batch.target[b, i + 1]:
+                per_task[int(batch.task[b])].append(-log_prob(model.logits, b, i, int(batch.ids[b, i + 1])))
+    means = [sum(v) / len(v) for v in per_task.values()]
+    assert balanced.loss.item() == pytest.approx(sum(means) / len(means), rel=1e-5)
+    assert balanced.nll.item() == pytest.approx(total / n, rel=1e-5)  # the NLL stays the token mean
 
 
 def tiny_model(causal: bool = False, d: int = 64) -> Transformer:

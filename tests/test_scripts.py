@@ -1,21 +1,16 @@
 """The user-facing scripts on the real tiny model: `mmdlm.vqa` (single and batch mode, errors, exit codes),
-`mmdlm.generate` (grids, joint captions, inpainting, progress frames), and the `mmdlm.demo` HTTP server.
+and `mmdlm.generate` (grids, joint captions, inpainting, progress frames). The demo: tests/test_demo.py.
 
     OMP_NUM_THREADS=1 python -m pytest -q tests/test_scripts.py
 """
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import os
 import random
 import subprocess
 import sys
-import threading
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -23,7 +18,7 @@ import torch
 from PIL import Image
 
 from data.shapes import render, sample_scene
-from mmdlm import demo, generate, vqa
+from mmdlm import generate, vqa
 from mmdlm.pipeline import MMDLMPipeline
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,15 +37,6 @@ def scene(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("scene") / "scene.png"
     render(sample_scene(random.Random(3), 2, 2), image_size=32).save(path)
     return path
-
-
-def png_base64(image: Image.Image) -> str:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
-
-
-TINY_PNG = png_base64(Image.new("RGB", (8, 8), "red"))
 
 
 def grid_size(rows: int, cols: int, side: int) -> tuple[int, int]:
@@ -256,66 +242,3 @@ def test_generate_input_errors_exit_2(case, tiny_model_dir, scene, tmp_path, cap
     status = generate.main(argv + ["--device", "cpu", "--out", str(tmp_path / "x.png")])
     err = capsys.readouterr().err
     assert status == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1
-
-
-# ---- demo -------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def server(pipe):
-    srv = demo.make_server(pipe, "127.0.0.1", 0)
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{srv.server_address[1]}"
-    srv.shutdown()
-    srv.server_close()
-
-
-def request(url: str, body: bytes | dict | None = None) -> tuple[int, bytes]:
-    data = json.dumps(body).encode() if isinstance(body, dict) else body
-    try:
-        with urllib.request.urlopen(urllib.request.Request(url, data=data), timeout=60) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as err:
-        return err.code, err.read()
-
-
-def test_demo_page_and_generate(server):
-    status, page = request(server + "/")
-    assert status == 200 and b"/api/generate" in page and b"/api/answer" in page
-    status, body = request(server + "/api/generate", {"prompt": "a red circle at the top left", "num": 2, "steps": 3})
-    assert status == 200
-    reply = json.loads(body)
-    assert reply["nfe"] == 3
-    assert Image.open(io.BytesIO(base64.b64decode(reply["grid"]))).size == grid_size(1, 2, 128)
-    gif = Image.open(io.BytesIO(base64.b64decode(reply["gif"])))
-    assert gif.format == "GIF" and gif.n_frames == 3
-
-
-def test_demo_answer_matches_the_pipeline(server, pipe, scene):
-    data_url = "data:image/png;base64," + base64.b64encode(scene.read_bytes()).decode()
-    status, body = request(server + "/api/answer", {"image": data_url, "question": "what shape?", "steps": 2})
-    assert status == 200
-    assert json.loads(body) == {"answer": pipe.answer([Image.open(scene)], ["what shape?"], steps=2).texts[0],
-                                "nfe": 2}
-
-
-@pytest.mark.parametrize("path, body, message", [
-    ("/api/generate", b"{not json", "not valid JSON"),
-    ("/api/generate", {"num": 2}, "missing field 'prompt'"),
-    ("/api/generate", {"prompt": "x", "num": 0}, "'num' must be between"),
-    ("/api/generate", {"prompt": "x", "steps": "many"}, "'steps' must be of type int"),
-    ("/api/generate", {"prompt": " ".join(["a red circle"] * 30)}, "longer than the model's limit"),
-    ("/api/answer", {"image": "%%%", "question": "what?"}, "not valid base64"),
-    ("/api/answer", {"image": base64.b64encode(b"junk").decode(), "question": "what?"}, "not a readable image"),
-    ("/api/answer", {"image": TINY_PNG, "question": " "}, "the question is empty"),
-    ("/api/answer", {"image": TINY_PNG}, "missing field 'question'"),
-    ("/api/answer", [1, 2], "must be a JSON object"),
-])
-def test_demo_bad_requests_get_400(server, path, body, message):
-    status, reply = request(server + path, json.dumps(body).encode() if isinstance(body, list) else body)
-    assert status == 400
-    assert message in json.loads(reply)["error"]
-
-
-def test_demo_unknown_endpoint_is_404(server):
-    assert request(server + "/api/nothing", {"x": 1})[0] == 404
-    assert request(server + "/nothing")[0] == 404
