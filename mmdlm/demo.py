@@ -732,9 +732,9 @@ def launch(app: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, allow_host
     return f"http://{f'[{host}]' if ':' in host else host}:{port}"
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m mmdlm.demo") -> int:
     """Serve the demo until Ctrl-C."""
-    parser = argparse.ArgumentParser(prog="python -m mmdlm.demo", description=__doc__,
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="model folder (written by mmdlm.export)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine)")

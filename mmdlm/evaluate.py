@@ -775,8 +775,8 @@ def _task_list(text: str) -> list[str]:
     return tasks
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m mmdlm.evaluate", description=__doc__,
+def build_parser(prog: str = "python -m mmdlm.evaluate") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="model folder (mmdlm.export / save_pretrained)")
     parser.add_argument("--shards", required=True, help="val shards: glob, brace pattern, folder or comma list")
@@ -801,9 +801,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, prog: str = "python -m mmdlm.evaluate") -> None:
     """Evaluate a model folder on val shards; write metrics.json and optionally report.md / samples.png."""
-    parser = build_parser()
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     if args.samples and not set(args.tasks) - {"nll"}:
         parser.error("--samples needs a generating task in --tasks (vqa, caption, t2i or joint)")

@@ -153,9 +153,9 @@ def export_checkpoint(ckpt: str | Path, out_dir: str | Path, use_ema: bool = Tru
     return export_model(model, vocab, layout, text_tokenizer, vq, out_dir)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, prog: str = "python -m mmdlm.export") -> None:
     """Export a training checkpoint as a self-contained model folder."""
-    parser = argparse.ArgumentParser(prog="python -m mmdlm.export", description=__doc__,
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", required=True, help="Lightning checkpoint (.ckpt) of a LitMDM run")
     parser.add_argument("--out", required=True, help="output folder")

@@ -265,8 +265,8 @@ def save_grid(grid: torch.Tensor, path: Path) -> None:
 
 
 # ---- command line ---------------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m mmdlm.generate", description=__doc__,
+def build_parser(prog: str = "python -m mmdlm.generate") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="model folder (written by mmdlm.export)")
     text = parser.add_mutually_exclusive_group()
@@ -310,9 +310,9 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
             parser.error(message)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m mmdlm.generate") -> int:
     """Run the generation command; returns the exit status documented above."""
-    parser = build_parser()
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     check_args(parser, args)
     run = run_joint if args.joint else run_inpaint if args.inpaint is not None else run_text_to_image

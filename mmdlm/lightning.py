@@ -29,6 +29,7 @@ from mmdlm.diffusion import ImageSchedule, LossOutput, Weighting, ar_loss, cond_
 from mmdlm.errors import UserError
 from mmdlm.model import ModelConfig, Transformer
 from mmdlm.sequence import (
+    DEFAULT_TASK_WEIGHTS,
     Batch,
     Layout,
     SequenceBuilder,
@@ -52,7 +53,7 @@ class MDMDataModule(ShardDataModule):
         val_shards: the same for validation.
         text_tokenizer: a saved text tokenizer folder, a HF `tokenizer.json`, or `open_clip`.
         vq: a VQ tokenizer folder (diffusers `VQModel` format) from `train.py fit --config vq-*.yaml`.
-        task_weights: how often each task is drawn, by `Task` name (lower case).
+        task_weights: how often each task is drawn, by `Task` name (lower case); default `DEFAULT_TASK_WEIGHTS`.
         layout: fixed lengths of the text regions.
         max_bad_in_a_row: bad samples in a row that stop the run with a one-sentence error (`mmdlm.data`).
         bucket_pool: training batches are cut from a pool of this many batches' samples sorted by length
@@ -75,7 +76,6 @@ class MDMDataModule(ShardDataModule):
         resampled: bool = False,
         epoch_length: int | None = None,
         seed: int = 0,
-        compile: bool = False,
         max_bad_in_a_row: int = MAX_BAD_IN_A_ROW,
         bucket_pool: int = 1,
     ) -> None:
@@ -94,8 +94,8 @@ class MDMDataModule(ShardDataModule):
         self.vq = load_image_tokenizer(vq).eval()
         self.vocab = Vocab(self.tokenizer.vocab_size, self.vq.codebook_size)
         self.layout = layout or Layout()
-        weights = task_weights or {"t2i": 1.0, "vqa": 1.0, "caption": 0.5, "joint": 0.25}
-        self.task_weights = {Task[name.upper()]: w for name, w in weights.items()}
+        self.task_weights = (dict(DEFAULT_TASK_WEIGHTS) if task_weights is None
+                             else {Task[name.upper()]: w for name, w in task_weights.items()})
         self.builder = SequenceBuilder(self.vocab, self.tokenizer, self.layout, self.task_weights, seed=seed)
         self.bucket_pool = bucket_pool
 

@@ -184,9 +184,9 @@ def steps(args: argparse.Namespace) -> list[Step]:
     ]
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, prog: str = "python -m mmdlm.quickstart") -> None:
     """Run the whole mmdlm pipeline on the shapes world (or the digits) and write metrics, a report and samples."""
-    parser = argparse.ArgumentParser(prog="python -m mmdlm.quickstart", description=__doc__,
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/quickstart", help="output folder")
     parser.add_argument("--world", choices=sorted(WORLDS), default="shapes",

@@ -257,8 +257,8 @@ def answer_one(pipe: MMDLMPipeline, image: Image.Image, question: str, options: 
 
 
 # ---- command line ---------------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m mmdlm.vqa", description=__doc__,
+def build_parser(prog: str = "python -m mmdlm.vqa") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="model folder (written by mmdlm.export)")
     source = parser.add_mutually_exclusive_group(required=True)
@@ -277,9 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m mmdlm.vqa") -> int:
     """Run the VQA command; returns (and, as a script, exits with) the status documented above."""
-    parser = build_parser()
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     if args.image is not None and args.question is None:
         parser.error("--image needs --question")

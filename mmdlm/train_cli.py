@@ -1,0 +1,138 @@
+"""Train anything in mmdlm with the Lightning CLI: the VQ image tokenizer, the masked-diffusion model,
+or its autoregressive baseline. The config's `model.class_path` chooses which.
+
+This module is that CLI; `train.py` at the repository root and `mmdlm train` both run it, with the same
+arguments (`mmdlm train fit --config ...` = `python train.py fit --config ...`).
+
+    python train.py fit --config configs/vq-shapes.yaml                 # VQ tokenizer (CPU, minutes)
+    python train.py fit --config configs/mdm-shapes.yaml                # tiny MDM on CPU
+    python train.py fit --config configs/mdm-shapes.yaml --trainer.max_steps 200
+    python train.py fit --config configs/mdm-shapes.yaml --ckpt_path last     # resume a killed run
+    python train.py fit --config configs/mdm-shapes.yaml --model.init_from runs/quickstart/model \\
+        --data.train_shards 'my-shards/*.tar'                           # fine-tune a model folder's weights
+    python train.py fit --config configs/mdm-shapes.yaml --trainer.strategy ddp \\
+        --trainer.devices 2 --trainer.accelerator cpu                   # DDP on 2 CPU processes (gloo)
+    python train.py fit --config configs/mdm-shapes.yaml --print_config
+
+Checkpoints go to `<trainer.default_root_dir>/checkpoints/` (one folder for every run of that root, unlike the
+logger's `version_N/` folders), so `--ckpt_path last` finds the `last.ckpt` of the run before; and `last.ckpt`
+is rewritten at the end of fit, so it always holds the final step.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+
+from mmdlm.errors import UserError
+
+CHECKPOINT_DIR = "checkpoints"  # under trainer.default_root_dir
+
+
+class FinalCheckpoint(Callback):
+    """Rewrites a `ModelCheckpoint`'s `last.ckpt` when fit ends on a step that callback did not save.
+
+    `ModelCheckpoint(every_n_train_steps=500, save_last=True)` alone leaves `last.ckpt` at step 1,000 after a
+    1,300-step run, so an export of it would miss the last 300 steps.
+    """
+
+    def __init__(self, checkpoint: ModelCheckpoint) -> None:
+        self.checkpoint = checkpoint
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        cb = self.checkpoint
+        if cb.save_last and cb._last_global_step_saved != trainer.global_step:
+            cb._save_last_checkpoint(trainer, cb._monitor_candidates(trainer))  # what ModelCheckpoint itself does
+
+
+def stable_checkpoints(trainer: Trainer) -> None:
+    """Point every `ModelCheckpoint` without a `dirpath` at `<default_root_dir>/checkpoints` and make the
+    ones with `save_last` also write `last.ckpt` at the end of fit.
+
+    Lightning's default is the logger's folder, `.../version_N/checkpoints`: a new, empty one for every run,
+    so `--ckpt_path last` found nothing to resume from.
+    """
+    for cb in trainer.checkpoint_callbacks:
+        if not isinstance(cb, ModelCheckpoint):
+            continue
+        if cb.dirpath is None:
+            cb.dirpath = os.path.realpath(os.path.join(os.path.expanduser(trainer.default_root_dir),
+                                                       CHECKPOINT_DIR))
+        if cb.save_last:
+            trainer.callbacks.append(FinalCheckpoint(cb))
+
+
+def check_ckpt_path(ckpt_path: str | None) -> None:
+    """`UserError` for a `--ckpt_path` that cannot resume a run: a missing file, or a model folder's weights."""
+    if ckpt_path is None or ckpt_path in ("last", "best", "hpc"):
+        return
+    path = Path(ckpt_path)
+    folder = path if path.is_dir() else path.parent
+    if path.suffix == ".safetensors" or (path.is_dir() and (path / "config.json").is_file()):
+        raise UserError(f"--ckpt_path {ckpt_path!r} is a model folder's weights, not a training checkpoint: "
+                        f"to start training from them, use --model.init_from {folder}")
+    if "://" not in ckpt_path and not path.is_file():
+        raise UserError(f"--ckpt_path {ckpt_path!r} does not exist (use --ckpt_path last to resume the run in "
+                        f"--trainer.default_root_dir)")
+
+
+class MMDLMCLI(LightningCLI):
+    """`LightningCLI` whose trainer keeps its checkpoints in one folder per run root (see `stable_checkpoints`)."""
+
+    def instantiate_trainer(self, **kwargs) -> Trainer:  # noqa: ANN003
+        trainer = super().instantiate_trainer(**kwargs)
+        stable_checkpoints(trainer)
+        return trainer
+
+    def before_fit(self) -> None:
+        check_ckpt_path(self.config[self.subcommand].get("ckpt_path"))
+
+
+def cli_main(args: list[str] | None = None, run: bool = True, prog: str | None = None) -> LightningCLI:
+    """Build (and by default run) the CLI; `args` replaces `sys.argv[1:]` (used by the tests), `prog` the
+    program name in its help and errors (default: the script's name, `train.py`)."""
+    return MMDLMCLI(
+        LightningModule,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"prog": prog} if prog is not None else None,
+        args=args,
+        run=run,
+    )
+
+
+def user_error(err: BaseException) -> BaseException | None:
+    """The `UserError` or missing file behind `err`, if any. jsonargparse wraps what the data module or model
+    raises while it builds them ("Does not validate against any of the Union subtypes ..."): the cause is in
+    the exception's chain."""
+    seen: set[int] = set()
+    cause: BaseException | None = err
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, UserError | FileNotFoundError):
+            return cause
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
+def main(args: list[str] | None = None, prog: str | None = None) -> None:
+    """Run the CLI; a problem with the user's input or files ends it with one sentence and exit status 2."""
+    try:
+        cli_main(args, prog=prog)
+    except Exception as err:
+        cause = user_error(err)
+        if cause is None:
+            raise
+        print(f"error: {cause}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""The `mmdlm` command (mmdlm/cli.py): its help lists the subcommands, each subcommand's `--help` is its own,
+an unknown subcommand is one sentence and exit 2, and `mmdlm vqa` / `mmdlm train` behave exactly as
+`python -m mmdlm.vqa` / `python train.py` (same output, errors and exit statuses) on the tiny model.
+
+    OMP_NUM_THREADS=1 python -m pytest -q tests/test_cli.py
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+# train imports Lightning here, not inside a test: its log handler keeps the stderr of the moment, and a test's
+# captured stderr is closed after it
+import train
+from mmdlm import cli, train_cli, vqa
+
+REPO = Path(__file__).resolve().parents[1]
+SUBCOMMANDS = ["train", "vqa", "generate", "evaluate", "export", "demo", "quickstart"]  # the issue's list
+CONSOLE_SCRIPT = Path(sys.executable).parent / "mmdlm"  # what `pip install -e .` writes beside the venv's python
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def run(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run(list(args), capture_output=True, text=True, cwd=cwd, env=ENV, timeout=120)
+
+
+def assert_lists_subcommands(text: str) -> None:
+    listed = {line.split()[0] for line in text.split("subcommands:\n")[1].split("\n\n")[0].splitlines()
+              if line.startswith("  ") and not line.startswith("   ")}
+    assert listed == set(SUBCOMMANDS), text
+    assert "Visual question answering" in text and "Lightning CLI" in text  # each module's docstring summary
+
+
+@pytest.fixture(scope="module")
+def scene(tmp_path_factory) -> Path:
+    from data.shapes import render, sample_scene
+
+    path = tmp_path_factory.mktemp("scene") / "scene.png"
+    render(sample_scene(random.Random(3), 2, 2), image_size=32).save(path)
+    return path
+
+
+# ---- the top level ---------------------------------------------------------------------------------------
+def test_help_lists_every_subcommand_with_its_summary() -> None:
+    helped = run(sys.executable, "-m", "mmdlm.cli", "--help")
+    assert helped.returncode == 0 and helped.stderr == ""
+    assert helped.stdout.startswith("usage: mmdlm SUBCOMMAND")
+    assert_lists_subcommands(helped.stdout)
+    bare = run(sys.executable, "-m", "mmdlm.cli")  # no subcommand: the same help, as a usage error
+    assert bare.returncode == 2 and bare.stdout == "" and bare.stderr == helped.stdout
+
+
+@pytest.mark.skipif(not CONSOLE_SCRIPT.is_file(), reason="the `mmdlm` script is not installed: pip install -e .")
+def test_installed_console_script(tmp_path: Path) -> None:
+    helped = run(str(CONSOLE_SCRIPT), "--help", cwd=tmp_path)  # works from any directory
+    assert helped.returncode == 0
+    assert_lists_subcommands(helped.stdout)
+    unknown = run(str(CONSOLE_SCRIPT), "trian", cwd=tmp_path)
+    assert unknown.returncode == 2 and unknown.stdout == ""
+    assert unknown.stderr.count("\n") == 1 and "'trian' is not a subcommand (did you mean 'train'?)" in unknown.stderr
+
+
+@pytest.mark.parametrize("args, hint", [(["nope"], ""), (["vq"], " (did you mean 'vqa'?)"),
+                                         (["--model", "x"], " (options go after the subcommand)"),
+                                         (["help", "nope"], "")])
+def test_an_unknown_subcommand_is_one_sentence_and_exit_2(args: list[str], hint: str, capsys) -> None:
+    assert cli.main(args) == 2
+    captured = capsys.readouterr()
+    name = args[1] if args[0] == "help" else args[0]
+    assert captured.out == "" and captured.err.count("\n") == 1
+    assert captured.err.startswith(f"mmdlm: error: {name!r} is not a subcommand{hint}; the subcommands are ")
+    assert all(sub in captured.err for sub in SUBCOMMANDS)
+
+
+# ---- each subcommand's own help ----------------------------------------------------------------------------
+@pytest.mark.parametrize("sub, option", [("train", "{fit,validate,test,predict}"), ("vqa", "--questions"),
+                                         ("generate", "--inpaint"), ("evaluate", "--shards"), ("export", "--no-ema"),
+                                         ("demo", "--allow-host"), ("quickstart", "--ar-steps")])
+def test_each_subcommand_help_is_its_own(sub: str, option: str, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([sub, "--help"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0
+    assert out.startswith(f"usage: mmdlm {sub} ") and option in out, out[:2000]
+
+
+def test_help_subcommand_is_its_help(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["help", "export"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.startswith("usage: mmdlm export ")
+
+
+def test_train_fit_help(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", "fit", "--help"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0
+    assert out.startswith("usage: mmdlm train [options] fit ")
+    assert "--trainer.max_steps" in out and "--ckpt_path" in out and "--model CONFIG" in out
+
+
+# ---- the subcommands are the old entry points ---------------------------------------------------------------
+def test_train_keeps_the_one_sentence_errors_and_exit_2(tmp_path: Path, monkeypatch, capsys) -> None:
+    """`mmdlm train fit` runs train.py's CLI: a missing tokenizer folder is one sentence, exit 2, no training."""
+    monkeypatch.chdir(tmp_path)
+    missing = tmp_path / "no-tokenizer"
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", "fit", "--config", str(REPO / "configs" / "mdm-shapes.yaml"),
+                  "--data.text_tokenizer", str(missing), "--data.train_shards", str(tmp_path / "*.tar"),
+                  "--trainer.default_root_dir", str(tmp_path / "run"),
+                  "--trainer.logger.init_args.save_dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == f"error: text tokenizer path {str(missing)!r} does not exist"
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_py_is_the_same_cli() -> None:
+    assert train.main is train_cli.main and train.cli_main is train_cli.cli_main
+
+
+def test_vqa_gives_what_python_m_mmdlm_vqa_gives(tiny_model_dir: str, scene: Path, tmp_path: Path, capsys) -> None:
+    cases = [
+        ["--image", str(scene), "--question", "what color is the circle?"],  # an answer (or exit 4: none)
+        ["--image", str(tmp_path / "nope.png"), "--question", "what?"],  # exit 2, one sentence
+    ]
+    for case in cases:
+        args = ["--model", tiny_model_dir, "--device", "cpu", *case]
+        expected = vqa.main(args), capsys.readouterr()
+        got = cli.main(["vqa", *args]), capsys.readouterr()
+        assert got == expected, (case, got, expected)
+    assert expected[0] == vqa.EXIT_USAGE
+    assert expected[1].err.strip() == f"error: image '{tmp_path / 'nope.png'}' does not exist"
+    for main in (vqa.main, lambda argv: cli.main(["vqa", *argv])):  # argparse's usage errors: exit 2 from both
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--model", tiny_model_dir, "--image", "x.png"])
+        assert exit_info.value.code == 2 and "--image needs --question" in capsys.readouterr().err
+
+
+def test_vqa_process_matches_python_m(tiny_model_dir: str, scene: Path) -> None:
+    """The real process: the installed `mmdlm` (else `python -m mmdlm.cli`) vs `python -m mmdlm.vqa`."""
+    mmdlm = [str(CONSOLE_SCRIPT)] if CONSOLE_SCRIPT.is_file() else [sys.executable, "-m", "mmdlm.cli"]
+    args = ["--model", tiny_model_dir, "--device", "cpu", "--image", str(scene), "--question", "what shape?"]
+    old = run(sys.executable, "-m", "mmdlm.vqa", *args)
+    new = run(*mmdlm, "vqa", *args)
+    assert old.returncode in (vqa.EXIT_OK, vqa.EXIT_NO_ANSWER), old.stderr[-2000:]
+    assert (new.returncode, new.stdout, new.stderr) == (old.returncode, old.stdout, old.stderr)
