@@ -280,7 +280,8 @@ class LitMDM(LightningModule):
         weighting: training loss `elbo` (1/t-weighted, the bound) or `masked_mean` (mean CE of masked tokens:
             lower variance); the logged NLL is the ELBO either way.
         task_balanced: average the per-task losses, so small target regions (VQA answers) weigh as much
-            as large ones (images); both objectives (the AR twin's and `ar_rows`' next-token loss too).
+            as large ones (images). The AR twin's loss too (`ar_loss(task_balanced=)`); `ar_rows`' AR half
+            keeps the token mean. Balancing the AR stage measured worse (BENCHMARKS.md, issue 15, session 7).
         paired_masks: train each sequence with two complementary masks (LaViDa, DiffuCoder), so every
             target token is supervised once per pair; the forward runs on 2x the batch (halve batch_size
             for equal compute). Validation uses single masks.
@@ -411,8 +412,7 @@ class LitMDM(LightningModule):
         out = self._loss(batch.select(slice(k, None)) if k else batch, g, train=True)
         bs = len(batch)
         if k:
-            ar = ar_loss(self.model, batch.select(slice(0, k)), force_causal=True,
-                         task_balanced=self.hparams.task_balanced)
+            ar = ar_loss(self.model, batch.select(slice(0, k)), force_causal=True)  # token mean (BENCHMARKS.md)
             self.log("train/loss_ar", ar.loss, batch_size=k)
             out = replace(out, loss=out.loss + ar.loss)
         self.log("train/loss", out.loss, prog_bar=True, batch_size=bs)
