@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from benchmarks import compare, learning_curve, speed, train_speed
+from benchmarks import caption_decoding, compare, learning_curve, speed, train_speed
 from data.shapes import caption, make_object, render
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -277,7 +277,7 @@ data:
     assert "tiny.yaml" in (out / "train_speed.md").read_text()
 
 
-@pytest.mark.parametrize("module", [compare, speed, train_speed, learning_curve])
+@pytest.mark.parametrize("module", [compare, speed, train_speed, learning_curve, caption_decoding])
 def test_help_is_the_docstring(module, capsys):
     with pytest.raises(SystemExit) as exit_info:
         module.main(["--help"])
@@ -357,3 +357,14 @@ def test_budget_plot_joins_points_by_label_and_names_a_missing_file(tmp_path, ca
     with pytest.raises(SystemExit) as exit_info:
         main(["--out", str(tmp_path / "c.png"), "--point", f"x=10={r}/nothing.json"])
     assert exit_info.value.code == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_caption_decoding(tiny_model_dir, tiny_shards, capsys):
+    caption_decoding.main(["--model", tiny_model_dir, "--shards", f"{tiny_shards}/val/*.tar", "--skip", "1",
+                           "--limit", "2", "--setting", "3:none", "--setting", "24:4"])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    got = [(r["steps"], r["block_length"], r["nfe_per_call"], r["n"]) for r in rows]
+    assert got == [(3, None, 3, 2), (24, 4, 24, 2)]
+    assert {"cell", "color", "shape", "size"} <= set(rows[0]["f1"])
+    with pytest.raises(SystemExit):
+        caption_decoding.main(["--model", tiny_model_dir, "--shards", "x", "--setting", "four:4"])
