@@ -16,6 +16,7 @@ All methods are batched, deterministic given `seed`, and return the number of fo
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -219,10 +220,14 @@ class MMDLMPipeline:
         trailing `<eos>` fill first (its most confident predictions) and the caption ends after the first
         object: caption F1 cell/colour/shape/size 0.76/0.66/0.67/0.72 -> 0.88/0.73/0.75/0.79 on the
         quickstart model (val scenes 500-699, BENCHMARKS.md issue 15). `block_length=None`: one block.
+        With fewer steps than blocks, the blocks grow to ceil(region / steps) tokens (every block needs a step).
         """
         codes = self.encode_images(images).cpu()
         samples = [caption_prompt(c, self.vocab, self.layout) for c in codes]
-        steps = steps or self.layout.caption_len
+        region = self.layout.caption_len
+        steps = steps or region
+        if block_length is not None and steps < math.ceil(region / block_length):
+            block_length = math.ceil(region / steps)
         res = self._generate(samples, SamplingOptions(steps=steps, block_length=block_length, **kw), seed)
         return TextOutput([t[0] for t in self._texts(res.ids, samples)], res.nfe, res.ids)
 
