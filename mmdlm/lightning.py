@@ -376,7 +376,7 @@ class LitMDM(LightningModule):
         if codebook is not None:
             self.model.set_codebook(codebook)
         if self.hparams.get("compile", False):
-            if not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "clang++")):
+            if not any(shutil.which(c) for c in (os.environ.get("CXX"), "g++", "clang++") if c):
                 raise UserError("--model.compile true needs a C++ compiler (g++ or clang++, or $CXX) on the PATH; "
                                 "install one or pass --model.compile false")
             self.model.compile_for_training()
