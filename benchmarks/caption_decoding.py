@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from mmdlm.evaluate import SamplerOptions, eval_caption, load_records
+from mmdlm.evaluate import eval_caption, load_records
 from mmdlm.pipeline import MMDLMPipeline
 
 
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     pipe = MMDLMPipeline.from_pretrained(args.model)
     records = load_records(args.shards, pipe.vq.image_size, limit=args.skip + args.limit)[args.skip :]
     for steps, block in args.setting:
-        metrics = eval_caption(pipe, records, SamplerOptions(steps=steps, extra={"block_length": block}),
+        metrics = eval_caption(pipe, records, pipe.sampler("caption", steps=steps, block_length=block),
                                progress=False).metrics
         f1 = {k: round(v["f1"], 3) for k, v in metrics.get("per_attribute", {}).items()}
         print(json.dumps({"steps": steps, "block_length": block, "f1": f1, "exact": metrics["exact_match"],

@@ -61,9 +61,8 @@ import torch
 from benchmarks.speed import cap_steps, command_line, int_list, load_pair, load_text, machine_info, md_table, positive
 
 if TYPE_CHECKING:  # the model stack loads lazily: `--help` answers at once
-    from mmdlm.evaluate import SamplerOptions
     from mmdlm.pipeline import MMDLMPipeline
-    from mmdlm.sampling import SampleResult
+    from mmdlm.sampling import SamplerConfig, SampleResult
     from mmdlm.sequence import Sample
 
 QUALITY_TASKS: tuple[str, ...] = ("vqa", "caption", "t2i", "nll")
@@ -92,16 +91,20 @@ def _grouped(indices: Sequence[int], key: Callable[[int], Any], size: int) -> It
 
 def generate(pipe: MMDLMPipeline, samples: Sequence[Sample], seed: int, temperature: float = 0.0) -> SampleResult:
     """Fill the `<mask>` targets of the samples: AR left to right (KV cache); MDM one token per step."""
-    from mmdlm.sampling import ARSampling, MaskedSampling, sample_ar, sample_masked
+    from mmdlm.sampling import SamplerConfig
     from mmdlm.sequence import collate
 
     batch = collate(list(samples), pipe.vocab).to(pipe.device)
     generator = torch.Generator(device=pipe.device).manual_seed(seed)
-    if pipe.is_autoregressive:
-        return sample_ar(pipe.model, batch, pipe.vocab, ARSampling(temperature=temperature), generator=generator)
-    steps = max(1, int(batch.target.sum(1).max()))
-    o = MaskedSampling(text_steps=steps, image_steps=steps, temperature=temperature)
-    return sample_masked(pipe.model, batch, pipe.vocab, o, generator=generator)
+    config = SamplerConfig(steps=max(1, int(batch.target.sum(1).max())), temperature=temperature)
+    return pipe.scheduler.sample(pipe.model, batch, config, generator=generator)
+
+
+def task_sampler(pipe: MMDLMPipeline, task: str, guidance: float, **fields: Any) -> SamplerConfig:
+    """The pipeline's default sampler of an evaluated task (vqa, t2i) with `fields`; guidance for t2i only."""
+    if task == "t2i":
+        return pipe.sampler("text_to_image", guidance_scale=guidance, **fields)
+    return pipe.sampler("answer", **fields)
 
 
 def stack_images(records: Sequence[dict]) -> torch.Tensor:
@@ -150,13 +153,14 @@ def summarize(m: dict) -> dict[str, Any]:
 
 def quality(pipe: MMDLMPipeline, records: list[dict], args: argparse.Namespace) -> dict[str, Any]:
     """`mmdlm.evaluate` on the records at the pipeline's defaults (guidance `--guidance` for text-to-image)."""
-    from mmdlm.evaluate import SamplerOptions, eval_t2i, evaluate
+    from mmdlm.evaluate import eval_t2i, evaluate
 
-    metrics = evaluate(pipe, records=records, tasks=QUALITY_TASKS, sampler=SamplerOptions(guidance=args.guidance),
+    metrics = evaluate(pipe, records=records, tasks=QUALITY_TASKS,
+                       samplers={"t2i": task_sampler(pipe, "t2i", args.guidance)},
                        batch_size=args.batch_size, seed=args.seed, nll_draws=args.nll_draws, progress=not args.quiet)
     summary = summarize(metrics)
     if not pipe.is_autoregressive:  # the AR sampler has no guidance: the MDM without it, like for like
-        t2i = eval_t2i(pipe, records, SamplerOptions(guidance=0.0), args.batch_size, args.seed, not args.quiet,
+        t2i = eval_t2i(pipe, records, task_sampler(pipe, "t2i", 0.0), args.batch_size, args.seed, not args.quiet,
                        scorer_ceiling=False).metrics
         summary["t2i_all_correct_unguided"] = t2i["all_correct"]
     return {"summary": summary, "metrics": metrics}
@@ -166,7 +170,7 @@ def quality(pipe: MMDLMPipeline, records: list[dict], args: argparse.Namespace) 
 # 2. speed / quality trade-off
 
 
-def task_score(pipe: MMDLMPipeline, task: str, records: list[dict], sampler: SamplerOptions,
+def task_score(pipe: MMDLMPipeline, task: str, records: list[dict], sampler: SamplerConfig,
                args: argparse.Namespace) -> dict[str, float]:
     """Accuracy (VQA) or all-correct (text-to-image), NFE per call and seconds per sample of one setting."""
     from mmdlm.evaluate import eval_t2i, eval_vqa
@@ -183,17 +187,15 @@ def task_score(pipe: MMDLMPipeline, task: str, records: list[dict], sampler: Sam
 
 def tradeoff(mdm: MMDLMPipeline, ar_summary: dict, records: list[dict], args: argparse.Namespace) -> list[dict]:
     """The MDM's points at every step count and threshold, and the AR's (from its quality run)."""
-    from mmdlm.evaluate import SamplerOptions
-
     points = []
     regions = {"vqa": mdm.layout.answer_len, "t2i": mdm.vq.tokens_per_image}
     for task in ("vqa", "t2i"):
         for steps, asked in cap_steps(args.steps, regions[task]).items():
-            sampler = SamplerOptions(steps=steps, guidance=args.guidance)
+            sampler = task_sampler(mdm, task, args.guidance, steps=steps)
             points.append({"model": "mdm", "family": "MDM, fixed steps", "task": task, "setting": f"s={steps}",
                            "steps": steps, "requested_steps": asked, **task_score(mdm, task, records, sampler, args)})
         for tau in args.thresholds:
-            sampler = SamplerOptions(threshold=tau, guidance=args.guidance)
+            sampler = task_sampler(mdm, task, args.guidance, threshold=tau)
             points.append({"model": "mdm", "family": "MDM, threshold", "task": task, "setting": f"tau={tau}",
                            "threshold": tau, **task_score(mdm, task, records, sampler, args)})
         points.append({"model": "ar", "family": "AR, KV cache", "task": task, "setting": "AR",

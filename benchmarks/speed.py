@@ -197,20 +197,20 @@ class Setting:
 
 def settings(pipe: MMDLMPipeline, task: str, steps: Sequence[int], guidance: float) -> list[Setting]:
     """The sampler settings to time for one model and task."""
-    from mmdlm.sampling import ARSampling, MaskedSampling, sample_ar, sample_masked
+    from mmdlm.sampling import SamplerConfig
 
     temperature = 0.0 if task == "vqa" else 1.0
-    model, vocab = pipe.model, pipe.vocab
+    model, scheduler = pipe.model, pipe.scheduler
     if pipe.is_autoregressive:
-        return [Setting(name, lambda b, g, c=cache: sample_ar(model, b, vocab, ARSampling(temperature, use_cache=c),
-                                                               generator=g))
+        return [Setting(name, lambda b, g, c=cache: scheduler.sample(
+                    model, b, SamplerConfig(temperature=temperature, use_cache=c), generator=g))
                 for name, cache in (("KV cache", True), ("no cache", False))]
     region = pipe.layout.answer_len if task == "vqa" else pipe.vq.tokens_per_image
     scale = guidance if task == "t2i" else 0.0
     out = []
     for s, asked in cap_steps(steps, region).items():
-        o = MaskedSampling(text_steps=s, image_steps=s, temperature=temperature, cfg_scale=scale)
-        out.append(Setting(f"steps={s}", lambda b, g, o=o: sample_masked(model, b, vocab, o, generator=g), s, asked))
+        o = SamplerConfig(steps=s, temperature=temperature, guidance_scale=scale)
+        out.append(Setting(f"steps={s}", lambda b, g, o=o: scheduler.sample(model, b, o, generator=g), s, asked))
     return out
 
 

@@ -8,7 +8,8 @@ Text to image (prompt -> images), Joint (image + caption pairs from nothing), In
 paint over the part to regenerate, optionally say what should be there), Text infilling (text with `[MASK]`
 blanks -> the completed text). Each tab has the sampler's controls where they apply: steps, guidance,
 temperature, the Fast-dLLM confidence threshold (0 = the fixed step schedule), ReMDM-style self-correction
-(`mmdlm.sampling.SelfCorrection`, passed through the pipeline's `extra` options) and the seed.
+(`mmdlm.sampling.SelfCorrection`) and the seed: each tab's controls become the `SamplerConfig` of the call,
+the task's default (`mmdlm.pipeline.DEFAULT_SAMPLERS`) with the controls' values.
 Text to image, Joint and Inpainting show the denoising live: the canvas after every step, still-masked
 token cells grey (a forward pre-hook on the model sees the canvas each step; nothing in the sampler
 changes). An autoregressive model folder (config `causal: true`) runs Caption, VQA, Text to image and
@@ -58,6 +59,7 @@ import time
 import traceback
 import warnings
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -72,6 +74,7 @@ if TYPE_CHECKING:
     import gradio as gr
 
     from mmdlm.pipeline import MMDLMPipeline
+    from mmdlm.sampling import SamplerConfig
 
 MAX_TEXT_CHARS = 1000  # a prompt or question; the model reads a few dozen tokens, so none that fits is longer
 MAX_SIDE = 4096
@@ -269,21 +272,21 @@ class RequestGuard:
 
 
 # ---- the model side ---------------------------------------------------------------------------------------
-def sampling_kwargs(steps: object, temperature: object, threshold: object, self_correction: object,
-                    guidance: object = None) -> dict:
-    """The controls of a tab -> keyword arguments of the pipeline's task methods (`SamplingOptions`).
-    Self-correction reaches the sampler through `SamplingOptions.extra` (a `MaskedSampling` field)."""
+def sampler_config(task: str, steps: object, temperature: object, threshold: object, self_correction: object,
+                   guidance: object = None, **fields: Any) -> SamplerConfig:
+    """The controls of a tab -> the `SamplerConfig` of the call: the task's default with the controls'
+    (checked) values; `fields`: more `SamplerConfig` fields, already checked."""
+    from mmdlm.pipeline import DEFAULT_SAMPLERS
     from mmdlm.sampling import SelfCorrection
 
-    kw: dict = {"steps": check_number(steps, "steps", 1, MAX_STEPS, integer=True),
-                "temperature": check_number(temperature, "temperature", 0, 5)}
     t = check_number(threshold if threshold is not None else 0, "threshold", 0, 1)
-    kw["threshold"] = float(t) if t > 0 else None
-    if bool(self_correction):
-        kw["extra"] = {"self_correction": SelfCorrection()}
+    chosen: dict[str, Any] = {"steps": check_number(steps, "steps", 1, MAX_STEPS, integer=True),
+                              "temperature": check_number(temperature, "temperature", 0, 5),
+                              "threshold": float(t) if t > 0 else None,
+                              "self_correction": SelfCorrection() if bool(self_correction) else None}
     if guidance is not None:
-        kw["guidance_scale"] = check_number(guidance, "guidance", 0, 20)
-    return kw
+        chosen["guidance_scale"] = check_number(guidance, "guidance", 0, 20)
+    return replace(DEFAULT_SAMPLERS[task], **chosen, **fields)
 
 
 def user_errors(fn: Callable) -> Callable:
@@ -399,13 +402,14 @@ class Demo:
         """Caption tab: (caption, info). `steps` None: one token per step (the pipeline's default);
         `block_length`: semi-autoregressive blocks of that many tokens (0 = one block)."""
         steps = self.pipe.layout.caption_len if steps is None else steps
-        kw = sampling_kwargs(steps, temperature, threshold, self_correction, guidance)
         block = check_number(block_length, "block length", 0, MAX_STEPS, integer=True)
+        sampler = sampler_config("caption", steps, temperature, threshold, self_correction, guidance,
+                                 block_length=block or None)
         seed = check_number(seed, "seed", 0, MAX_SEED, integer=True)
         with self.lock:
             picture = open_image(image)
             start = time.perf_counter()
-            out = self.pipe.caption([picture], block_length=block or None, seed=seed, **kw)
+            out = self.pipe.caption([picture], sampler, seed=seed)
         caption = printable(out.texts[0])
         return (caption if caption.strip() else NO_TEXT), info(out.nfe, start)
 
@@ -414,12 +418,12 @@ class Demo:
                seed: object = 0) -> tuple[str, str]:
         """VQA tab: (answer, info)."""
         question = check_text(question, "question")
-        kw = sampling_kwargs(steps, temperature, threshold, self_correction, guidance)
+        sampler = sampler_config("answer", steps, temperature, threshold, self_correction, guidance)
         seed = check_number(seed, "seed", 0, MAX_SEED, integer=True)
         with self.lock:
             picture = open_image(image)
             start = time.perf_counter()
-            out = self.pipe.answer([picture], [question], seed=seed, **kw)
+            out = self.pipe.answer([picture], [question], sampler, seed=seed)
         answer = printable(out.texts[0])
         return (answer if answer.strip() else NO_TEXT), info(out.nfe, start)
 
@@ -429,10 +433,10 @@ class Demo:
         """Text-to-image tab: yields (the canvas so far, progress) every step, then (the images, info)."""
         prompt = check_text(prompt, "prompt")
         n = check_number(num, "number of images", 1, MAX_IMAGES, integer=True)
-        kw = sampling_kwargs(steps, temperature, threshold, self_correction, guidance)
+        sampler = sampler_config("text_to_image", steps, temperature, threshold, self_correction, guidance)
         seed = check_number(seed, "seed", 0, MAX_SEED, integer=True)
         start, step = time.perf_counter(), 0
-        for codes, out in self.live(lambda: self.pipe.text_to_image([prompt] * n, seed=seed, **kw), n):
+        for codes, out in self.live(lambda: self.pipe.text_to_image([prompt] * n, sampler, seed=seed), n):
             if out is None:
                 step += 1
                 yield self.picture(codes, grid_columns(n)), f"step {step}: {int((codes < 0).sum())} tokens masked"
@@ -444,10 +448,10 @@ class Demo:
         """Joint tab: yields (the canvas so far, "", progress) every step, then (captioned images, captions,
         info)."""
         n = check_number(num, "number of pairs", 1, MAX_JOINT, integer=True)
-        kw = sampling_kwargs(steps, temperature, threshold, self_correction)
+        sampler = sampler_config("joint", steps, temperature, threshold, self_correction)
         seed = check_number(seed, "seed", 0, MAX_SEED, integer=True)
         start, step = time.perf_counter(), 0
-        for codes, out in self.live(lambda: self.pipe.generate_joint(n, seed=seed, **kw), n):
+        for codes, out in self.live(lambda: self.pipe.generate_joint(n, sampler, seed=seed), n):
             if out is None:
                 step += 1
                 masked = int((codes < 0).sum())
@@ -477,7 +481,7 @@ class Demo:
         self.needs_mdm("inpainting")
         prompt = check_text(prompt, "prompt", allow_empty=True).strip()
         n = check_number(num, "number of results", 1, MAX_VARIATIONS, integer=True)
-        kw = sampling_kwargs(steps, temperature, threshold, self_correction, guidance)
+        sampler = sampler_config("inpaint", steps, temperature, threshold, self_correction, guidance)
         seed = check_number(seed, "seed", 0, MAX_SEED, integer=True)
         background, mask = editor_image_and_mask(editor)
         side = self.pipe.vq.image_size
@@ -494,7 +498,7 @@ class Demo:
 
         def run() -> Any:
             return self.pipe.inpaint(original.repeat(n, 1, 1, 1), region[None].repeat(n, 1, 1),
-                                     [prompt] * n if prompt else None, seed=seed, **kw)
+                                     [prompt] * n if prompt else None, sampler, seed=seed)
 
         start, step = time.perf_counter(), 0
         for codes, out in self.live(run, n):
@@ -512,11 +516,11 @@ class Demo:
         if BLANK_MARK not in text:
             raise InputError(f"the text has no blank: write {BLANK_MARK} where words should be filled in")
         per_blank = check_number(tokens_per_blank, "tokens per blank", 1, 8, integer=True)
-        kw = sampling_kwargs(steps, temperature, threshold, self_correction)
+        sampler = sampler_config("infill", steps, temperature, threshold, self_correction)
         seed = check_number(seed, "seed", 0, MAX_SEED, integer=True)
         with self.lock:
             start = time.perf_counter()
-            out = self.pipe.infill([text], tokens_per_blank=per_blank, seed=seed, **kw)
+            out = self.pipe.infill([text], tokens_per_blank=per_blank, sampler=sampler, seed=seed)
         return printable(out.texts[0]), info(out.nfe, start)
 
 

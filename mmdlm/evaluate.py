@@ -32,8 +32,10 @@ Metrics (`metrics.json`, one section per task; rates are in [0, 1]):
   at the stated batch size (model time only; scoring excluded).
 
 Python: `evaluate(pipe, shards, tasks, limit, ...) -> dict`; the per-task functions (`eval_vqa`,
-`eval_caption`, `eval_t2i`, `eval_scorer`, `eval_joint`, `eval_nll`) take a pipeline, records and
-`SamplerOptions`, so a benchmark can sweep steps / threshold / guidance.
+`eval_caption`, `eval_t2i`, `eval_scorer`, `eval_joint`, `eval_nll`) take a pipeline, records and a
+`SamplerConfig` (None = the pipeline's default for the task), so a benchmark can sweep steps / threshold /
+guidance. The command line's sampler flags (`mmdlm.sampling.arguments`) change every task's default,
+except guidance, which only text-to-image has (the other tasks have no condition to drop).
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ import sys
 import textwrap
 import time
 from collections import defaultdict
-from collections.abc import Callable, Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -55,10 +57,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from mmdlm.vqa import unit_float
+from mmdlm.sampling.arguments import add_sampler_arguments, sampler_overrides
 
 if TYPE_CHECKING:  # the pipeline (and with it the model stack) loads lazily: `--help` answers at once
     from mmdlm.pipeline import MMDLMPipeline
+    from mmdlm.sampling import SamplerConfig
 
 ALL_TASKS: tuple[str, ...] = ("vqa", "caption", "t2i", "joint", "nll")
 NLL_TASKS: tuple[str, ...] = ("t2i", "caption", "vqa", "joint")  # Task names laid out for the NLL
@@ -70,32 +73,8 @@ N_EXAMPLES = 6  # examples per task kept for the report and samples.png
 # options, costs, results
 
 
-@dataclass(frozen=True)
-class SamplerOptions:
-    """Sampler settings passed to every pipeline call; None keeps the pipeline's per-task default.
-
-    `guidance` applies to text-to-image only (the other tasks have no condition to drop).
-    """
-
-    steps: int | None = None  # denoising steps (MDM); the AR baseline takes one step per token
-    threshold: float | None = None  # Fast-dLLM parallel decoding: commit every prediction above it
-    guidance: float | None = None  # classifier-free guidance scale of text-to-image
-    plausibility: float | None = None  # guidance's plausibility constraint (pipeline default 0.1; 0 = plain)
-    temperature: float | None = None  # 0 = argmax; None = the pipeline's default per task
-    extra: dict = field(default_factory=dict)  # any other `SamplingOptions` field (block_length, ...)
-
-    def kwargs(self, guided: bool = False) -> dict:
-        """Keyword arguments for a pipeline task method."""
-        kw = {"steps": self.steps, "threshold": self.threshold, "temperature": self.temperature}
-        if guided:
-            kw["guidance_scale"] = self.guidance
-            kw["guidance_plausibility"] = self.plausibility
-        return {k: v for k, v in kw.items() if v is not None} | self.extra
-
-    def to_dict(self) -> dict:
-        return {"steps": self.steps, "threshold": self.threshold, "guidance": self.guidance,
-                "plausibility": self.plausibility,
-                "temperature": self.temperature, **self.extra}
+# evaluation task -> the pipeline task whose default sampler it uses (`MMDLMPipeline.sampler`)
+PIPELINE_TASK: dict[str, str] = {"vqa": "answer", "caption": "caption", "t2i": "text_to_image", "joint": "joint"}
 
 
 @dataclass
@@ -405,7 +384,7 @@ def _fits(pipe: MMDLMPipeline, text: str, limit: int) -> bool:
 # tasks
 
 
-def eval_vqa(pipe: MMDLMPipeline, records: Sequence[dict], sampler: SamplerOptions = SamplerOptions(),
+def eval_vqa(pipe: MMDLMPipeline, records: Sequence[dict], sampler: SamplerConfig | None = None,
              batch_size: int = 64, seed: int = 0, progress: bool = True) -> TaskResult:
     """VQA accuracy (exact match after strip/lower) over every QA pair of the records, per type too."""
     pairs = [(r, qa) for r in records for qa in r["qa"]]
@@ -416,7 +395,7 @@ def eval_vqa(pipe: MMDLMPipeline, records: Sequence[dict], sampler: SamplerOptio
         for b, chunk in _batches(askable, batch_size):
             with _Timer(pipe.device) as t:
                 out = pipe.answer(_images([r for r, _ in chunk]), [qa["question"] for _, qa in chunk],
-                                  seed=seed + b, **sampler.kwargs())
+                                  seed=seed + b, sampler=sampler)
             cost.add(out.nfe, t.seconds, len(chunk))
             answers.update({id(qa): text for (_, qa), text in zip(chunk, out.texts)})
             bar.update(len(chunk))
@@ -438,7 +417,7 @@ def eval_vqa(pipe: MMDLMPipeline, records: Sequence[dict], sampler: SamplerOptio
     return TaskResult(metrics, examples)
 
 
-def eval_caption(pipe: MMDLMPipeline, records: Sequence[dict], sampler: SamplerOptions = SamplerOptions(),
+def eval_caption(pipe: MMDLMPipeline, records: Sequence[dict], sampler: SamplerConfig | None = None,
                  batch_size: int = 64, seed: int = 0, progress: bool = True,
                  world: World | None = None) -> TaskResult:
     """Captioning: exact match, BLEU-4 and the world's caption scores (shapes: per-attribute P/R/F1)."""
@@ -450,7 +429,7 @@ def eval_caption(pipe: MMDLMPipeline, records: Sequence[dict], sampler: SamplerO
     with _progress(len(records), "caption", progress) as bar:
         for b, chunk in _batches(records, batch_size):
             with _Timer(pipe.device) as t:
-                out = pipe.caption(_images(chunk), seed=seed + b, **sampler.kwargs())
+                out = pipe.caption(_images(chunk), seed=seed + b, sampler=sampler)
             cost.add(out.nfe, t.seconds, len(chunk))
             texts += out.texts
             bar.update(len(chunk))
@@ -465,7 +444,7 @@ def eval_caption(pipe: MMDLMPipeline, records: Sequence[dict], sampler: SamplerO
     return TaskResult(metrics, examples)
 
 
-def eval_t2i(pipe: MMDLMPipeline, records: Sequence[dict], sampler: SamplerOptions = SamplerOptions(),
+def eval_t2i(pipe: MMDLMPipeline, records: Sequence[dict], sampler: SamplerConfig | None = None,
              batch_size: int = 64, seed: int = 0, progress: bool = True, world: World | None = None,
              scorer_ceiling: bool = True) -> TaskResult:
     """Text-to-image from each record's canonical caption, scored by the world's scorer (see module doc).
@@ -482,7 +461,7 @@ def eval_t2i(pipe: MMDLMPipeline, records: Sequence[dict], sampler: SamplerOptio
     with _progress(len(usable), "t2i", progress) as bar:
         for b, chunk in _batches(usable, batch_size):
             with _Timer(pipe.device) as t:
-                out = pipe.text_to_image([prompts[i] for i in chunk], seed=seed + b, **sampler.kwargs(guided=True))
+                out = pipe.text_to_image([prompts[i] for i in chunk], seed=seed + b, sampler=sampler)
             cost.add(out.nfe, t.seconds, len(chunk))
             batch_records = [records[i] for i in chunk]
             scores.update(zip(chunk, world.score_images(out.images, batch_records)))
@@ -513,7 +492,7 @@ def eval_scorer(pipe: MMDLMPipeline, records: Sequence[dict], world: World | Non
     return {"ground_truth": mean_dicts(truth), "reconstructions": mean_dicts(recon)}
 
 
-def eval_joint(pipe: MMDLMPipeline, n: int, world: World, sampler: SamplerOptions = SamplerOptions(),
+def eval_joint(pipe: MMDLMPipeline, n: int, world: World, sampler: SamplerConfig | None = None,
                batch_size: int = 64, seed: int = 0, progress: bool = True) -> TaskResult:
     """`n` image+caption pairs from nothing: parseable captions, readable images, and their agreement."""
     cost = Cost(batch_size)
@@ -523,7 +502,7 @@ def eval_joint(pipe: MMDLMPipeline, n: int, world: World, sampler: SamplerOption
     with _progress(n, "joint", progress) as bar:
         for b, k in enumerate(sizes):
             with _Timer(pipe.device) as t:
-                out = pipe.generate_joint(k, seed=seed + b, **sampler.kwargs())
+                out = pipe.generate_joint(k, seed=seed + b, sampler=sampler)
             cost.add(out.nfe, t.seconds, k)
             said = [world.read_caption(c) for c in out.captions]
             seen = world.read_images(out.images)
@@ -596,7 +575,7 @@ class _Context:
     pipe: MMDLMPipeline
     records: list[dict]
     world: World
-    sampler: SamplerOptions
+    samplers: Mapping[str, SamplerConfig]
     batch_size: int
     seed: int
     nll_draws: int
@@ -604,19 +583,23 @@ class _Context:
 
 
 TASKS: dict[str, Callable[[_Context], TaskResult]] = {
-    "vqa": lambda c: eval_vqa(c.pipe, c.records, c.sampler, c.batch_size, c.seed, c.progress),
-    "caption": lambda c: eval_caption(c.pipe, c.records, c.sampler, c.batch_size, c.seed, c.progress, c.world),
-    "t2i": lambda c: eval_t2i(c.pipe, c.records, c.sampler, c.batch_size, c.seed, c.progress, c.world),
-    "joint": lambda c: eval_joint(c.pipe, len(c.records), c.world, c.sampler, c.batch_size, c.seed, c.progress),
+    "vqa": lambda c: eval_vqa(c.pipe, c.records, c.samplers["vqa"], c.batch_size, c.seed, c.progress),
+    "caption": lambda c: eval_caption(c.pipe, c.records, c.samplers["caption"], c.batch_size, c.seed, c.progress,
+                                      c.world),
+    "t2i": lambda c: eval_t2i(c.pipe, c.records, c.samplers["t2i"], c.batch_size, c.seed, c.progress, c.world),
+    "joint": lambda c: eval_joint(c.pipe, len(c.records), c.world, c.samplers["joint"], c.batch_size, c.seed,
+                                  c.progress),
     "nll": lambda c: eval_nll(c.pipe, c.records, NLL_TASKS, c.nll_draws, c.batch_size, c.seed, c.progress),
 }
 
 
 def run_evaluation(pipe: MMDLMPipeline, shards: str | Sequence[str] | None = None,
                    tasks: Sequence[str] = ALL_TASKS, limit: int | None = None, *,
-                   records: list[dict] | None = None, sampler: SamplerOptions = SamplerOptions(),
+                   records: list[dict] | None = None, samplers: Mapping[str, SamplerConfig] | None = None,
                    batch_size: int = 64, seed: int = 0, nll_draws: int = 4, progress: bool = True) -> Evaluation:
-    """`evaluate`, also returning the examples for `write_samples`. Give `shards` or loaded `records`."""
+    """`evaluate`, also returning the examples for `write_samples`. Give `shards` or loaded `records`;
+    `samplers` maps a task (vqa, caption, t2i, joint) to its `SamplerConfig`; a task left out gets the
+    pipeline's default."""
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise ValueError(f"unknown tasks {unknown}; known: {', '.join(TASKS)}")
@@ -625,7 +608,8 @@ def run_evaluation(pipe: MMDLMPipeline, shards: str | Sequence[str] | None = Non
             raise ValueError("give shards or records")
         records = load_records(shards, pipe.vq.image_size, limit)
     records = records[:limit] if limit is not None else records
-    ctx = _Context(pipe, records, world_for(records, pipe.vq.image_size), sampler, batch_size, seed, nll_draws,
+    samplers = {task: (samplers or {}).get(task) or pipe.sampler(name) for task, name in PIPELINE_TASK.items()}
+    ctx = _Context(pipe, records, world_for(records, pipe.vq.image_size), samplers, batch_size, seed, nll_draws,
                    progress)
     metrics: dict[str, Any] = {
         "source": ctx.world.source, "records": len(records),
@@ -633,7 +617,8 @@ def run_evaluation(pipe: MMDLMPipeline, shards: str | Sequence[str] | None = Non
         "parameters": sum(p.numel() for p in pipe.model.parameters()),
         "device": str(pipe.device),
         "settings": {"tasks": list(tasks), "limit": limit, "batch_size": batch_size, "seed": seed,
-                     "nll_draws": nll_draws, "sampler": sampler.to_dict()},
+                     "nll_draws": nll_draws,
+                     "sampler": {t: samplers[t].to_dict() for t in tasks if t in samplers}},
     }
     examples = {}
     for name in tasks:
@@ -648,7 +633,7 @@ def evaluate(pipe: MMDLMPipeline, shards: str | Sequence[str] | None = None, tas
              limit: int | None = None, **kw) -> dict:
     """Evaluate a pipeline on val shards; returns the nested metrics dict (see the module docstring).
 
-    Keyword arguments: `records` (already loaded, instead of shards), `sampler` (SamplerOptions),
+    Keyword arguments: `records` (already loaded, instead of shards), `samplers` (task -> SamplerConfig),
     `batch_size`, `seed`, `nll_draws`, `progress`.
     """
     return run_evaluation(pipe, shards, tasks, limit, **kw).metrics
@@ -786,13 +771,8 @@ def build_parser(prog: str = "python -m mmdlm.evaluate") -> argparse.ArgumentPar
     parser.add_argument("--limit", type=_positive, help="val records to evaluate (and joint samples); all if absent")
     parser.add_argument("--tasks", type=_task_list, default=list(ALL_TASKS),
                         help=f"comma-separated subset of {','.join(ALL_TASKS)} (default: all)")
-    parser.add_argument("--steps", type=_positive, help="denoising steps of every task (default: the pipeline's)")
-    parser.add_argument("--guidance", type=float, help="classifier-free guidance of text-to-image (default 2.0)")
-    parser.add_argument("--plausibility", type=unit_float,
-                        help="guidance acts only on tokens with p_cond >= this * max p_cond (default 0.1; 0 = plain "
-                             "classifier-free guidance)")
-    parser.add_argument("--threshold", type=float, help="parallel decoding: commit predictions above it")
-    parser.add_argument("--temperature", type=float, help="sampling temperature of every task")
+    add_sampler_arguments(parser, "mmdlm.pipeline.DEFAULT_SAMPLERS; --guidance and --plausibility apply to "
+                                  "text-to-image only")
     parser.add_argument("--batch-size", type=_positive, default=64, help="samples per model call")
     parser.add_argument("--nll-draws", type=_positive, default=4, help="(t, mask) draws of the MDM's NLL bound")
     parser.add_argument("--seed", type=int, default=0, help="seed of the samplers and the NLL sequences")
@@ -820,14 +800,19 @@ def main(argv: list[str] | None = None, prog: str = "python -m mmdlm.evaluate") 
         pipe = MMDLMPipeline.from_pretrained(args.model, device=args.device)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
         parser.error(f"cannot load --model {args.model!r}: {err}")
-    sampler = SamplerOptions(args.steps, args.threshold, args.guidance, temperature=args.temperature,
-                             plausibility=args.plausibility)
+    overrides = sampler_overrides(args)
+    unguided = {k: v for k, v in overrides.items() if not k.startswith("guidance")}
+    try:
+        samplers = {task: pipe.sampler(name, **(overrides if task == "t2i" else unguided))
+                    for task, name in PIPELINE_TASK.items()}
+    except ValueError as err:
+        parser.error(f"sampler: {err}")
     try:
         records = load_records(args.shards, pipe.vq.image_size, args.limit)
         world_for(records, pipe.vq.image_size)
     except ValueError as err:
         parser.error(str(err))
-    result = run_evaluation(pipe, tasks=args.tasks, limit=args.limit, records=records, sampler=sampler,
+    result = run_evaluation(pipe, tasks=args.tasks, limit=args.limit, records=records, samplers=samplers,
                             batch_size=args.batch_size, seed=args.seed, nll_draws=args.nll_draws,
                             progress=not args.quiet)
     metrics = {"command": shlex.join(["python", "-m", "mmdlm.evaluate", *(sys.argv[1:] if argv is None else argv)]),

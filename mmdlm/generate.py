@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from mmdlm.sampling.arguments import add_sampler_arguments, sampler_from_args
 from mmdlm.vqa import (
     EXIT_OK,
     EXIT_USAGE,
@@ -42,9 +43,7 @@ from mmdlm.vqa import (
     check_text,
     load_image,
     load_pipeline,
-    non_negative_float,
     positive_int,
-    unit_float,
 )
 
 if TYPE_CHECKING:
@@ -227,9 +226,8 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 
 def run_text_to_image(pipe: MMDLMPipeline, args: argparse.Namespace) -> None:
     prompts = read_prompts(args)
-    out = pipe.text_to_image([p for p in prompts for _ in range(args.num)], guidance_scale=args.guidance,
-                             guidance_plausibility=args.plausibility, steps=args.steps,
-                             temperature=args.temperature, seed=args.seed, history=args.progress is not None)
+    out = pipe.text_to_image([p for p in prompts for _ in range(args.num)], args.sampler, seed=args.seed,
+                             history=args.progress is not None)
     save_grid(make_grid(out.images, args.num, args.scale), args.out)
     print(f"wrote {args.out}: {len(prompts)} prompt(s) x {args.num} image(s), NFE {out.nfe}")
     if args.progress is not None:
@@ -238,7 +236,7 @@ def run_text_to_image(pipe: MMDLMPipeline, args: argparse.Namespace) -> None:
 
 
 def run_joint(pipe: MMDLMPipeline, args: argparse.Namespace) -> None:
-    out = pipe.generate_joint(args.num, steps=args.steps, temperature=args.temperature, seed=args.seed)
+    out = pipe.generate_joint(args.num, args.sampler, seed=args.seed)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     captioned_grid(out.images, out.captions, min(args.num, 8), args.scale).save(args.out)
     for i, caption in enumerate(out.captions):
@@ -247,9 +245,8 @@ def run_joint(pipe: MMDLMPipeline, args: argparse.Namespace) -> None:
 
 
 def run_inpaint(pipe: MMDLMPipeline, args: argparse.Namespace) -> None:
-    result = inpaint(pipe, load_image(args.inpaint), args.box, args.prompt, args.num, steps=args.steps,
-                     temperature=args.temperature, guidance_scale=args.guidance,
-                     guidance_plausibility=args.plausibility, seed=args.seed)
+    result = inpaint(pipe, load_image(args.inpaint), args.box, args.prompt, args.num, sampler=args.sampler,
+                     seed=args.seed)
     masked = paint_masked(result.original, result.token_mask)
     row = torch.cat([result.original, masked, result.output.images])
     save_grid(make_grid(row, len(row), args.scale), args.out)
@@ -277,13 +274,8 @@ def build_parser(prog: str = "python -m mmdlm.generate") -> argparse.ArgumentPar
     mode.add_argument("--inpaint", metavar="IMAGE", help="the image to inpaint (with --box)")
     parser.add_argument("--box", type=parse_box, help="x0,y0,x1,y1: the pixel box --inpaint regenerates")
     parser.add_argument("--num", type=positive_int, default=4, help="samples per prompt (default 4)")
-    parser.add_argument("--steps", type=positive_int, default=16, help="denoising steps (default 16)")
-    parser.add_argument("--guidance", type=non_negative_float, default=2.0,
-                        help="classifier-free guidance scale (default 2; 0 = none)")
-    parser.add_argument("--plausibility", type=unit_float, default=0.1,
-                        help="guidance acts only on tokens with p_cond >= this * max p_cond, so it cannot paint "
-                             "the prompt's objects into the background (default 0.1; 0 = plain guidance)")
-    parser.add_argument("--temperature", type=non_negative_float, default=1.0, help="sampling temperature")
+    add_sampler_arguments(parser, "16 steps at temperature 1; guidance 2 for text-to-image, 0 for inpainting "
+                                  "and joint generation; plausibility 0.1")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument("--scale", type=positive_int, default=4, help="nearest-neighbour upscaling (default 4)")
     parser.add_argument("--out", type=Path, default=Path("samples.png"), help="output PNG (default samples.png)")
@@ -315,7 +307,11 @@ def main(argv: list[str] | None = None, prog: str = "python -m mmdlm.generate") 
     parser = build_parser(prog)
     args = parser.parse_args(argv)
     check_args(parser, args)
-    run = run_joint if args.joint else run_inpaint if args.inpaint is not None else run_text_to_image
+    from mmdlm.pipeline import DEFAULT_SAMPLERS
+
+    task = "joint" if args.joint else "inpaint" if args.inpaint is not None else "text_to_image"
+    args.sampler = sampler_from_args(parser, args, DEFAULT_SAMPLERS[task])
+    run = {"joint": run_joint, "inpaint": run_inpaint, "text_to_image": run_text_to_image}[task]
     try:
         if args.prompt is not None:
             check_text(args.prompt, "--prompt")  # bytes that are not UTF-8 reach us as surrogate escapes

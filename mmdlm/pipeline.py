@@ -1,14 +1,16 @@
-"""`MMDLMPipeline`: text tokenizer + VQ tokenizer + transformer, with one method per task.
+"""`MMDLMPipeline`: text tokenizer + image tokenizer + transformer + scheduler, with one method per task.
 
 diffusers-style: the pipeline holds its components, `from_pretrained(DIR)` loads a folder written by
 `mmdlm.export` (or `save_pretrained`), and every task lays out a sequence with a masked target region
-(`mmdlm.sequence`) and hands it to a sampler (`mmdlm.sampling`): masked diffusion for the bidirectional
-model, left-to-right with a KV cache for the causal baseline.
+(`mmdlm.sequence`) and hands it to the scheduler the model was trained for (`mmdlm.sampling`): masked
+diffusion, or left to right with a KV cache for the AR twin. Each task has a default `SamplerConfig`
+(`DEFAULT_SAMPLERS`); a call passes another (`sampler=`) and/or overrides some of its fields by name.
 
     pipe = MMDLMPipeline.from_pretrained("runs/quickstart/model")
     pipe.answer([image], ["what color is the circle?"]).texts      # ['red']
     pipe.text_to_image(["a large red circle at the top left"], guidance_scale=3.0).images
     pipe.infill(["a large [MASK] circle at the top left"]).texts
+    pipe.caption([image], sampler=SamplerConfig(steps=8, threshold=0.9)).texts
 
 All methods are batched, deterministic given `seed`, and return the number of forward passes (`nfe`).
 """
@@ -16,7 +18,6 @@ All methods are batched, deterministic given `seed`, and return the number of fo
 from __future__ import annotations
 
 import json
-import math
 import warnings
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -27,7 +28,7 @@ from safetensors.torch import load_file
 
 from mmdlm.export import CHECKSUM_KEY, CONFIG_FILE, WEIGHTS_FILE, verify_weights, write_weights_and_config
 from mmdlm.model import ModelConfig, Transformer
-from mmdlm.sampling import ARSampling, MaskedSampling, SampleResult, sample_ar, sample_masked
+from mmdlm.sampling import SamplerConfig, SampleResult, StepCallback, scheduler_for
 from mmdlm.sequence import (
     Batch,
     Layout,
@@ -70,17 +71,20 @@ class JointOutput:
     nfe: int
 
 
-@dataclass
-class SamplingOptions:
-    """What a user tunes per call; mapped onto the sampler options of `mmdlm.sampling`."""
-
-    steps: int = 16  # denoising steps (MDM); ignored by the AR baseline (one step per token)
-    temperature: float = 0.0  # 0 = argmax (text); images look better with ~1.0
-    guidance_scale: float = 0.0  # classifier-free guidance w (conditional tasks)
-    guidance_plausibility: float = 0.1  # guide only tokens with p_cond >= this * max p_cond; 0 = plain CFG
-    threshold: float | None = None  # Fast-dLLM parallel decoding instead of a fixed step count
-    block_length: int | None = None  # semi-AR blocks for long text
-    extra: dict = field(default_factory=dict)  # any other MaskedSampling field (self_correction, ...)
+# Each task's sampler, chosen on the quickstart model (BENCHMARKS.md): captions one token per step in blocks
+# of 4, left to right (LLaDA's semi-AR decoding; one block commits the trailing <eos> fill first and cuts
+# captions short: F1 0.76/0.66/0.67/0.72 -> 0.88/0.73/0.75/0.79); answers are 1-3 tokens, 8 steps are plenty;
+# images are sampled (temperature 1) in MaskGIT's 16 cosine steps with guidance 2 under the plausibility
+# constraint (text-to-image all-correct 3.5% -> 13% at 1,300 steps, 0% -> 65.5% at 4,000); infilling one
+# token per step.
+DEFAULT_SAMPLERS: dict[str, SamplerConfig] = {
+    "caption": SamplerConfig(steps=None, block_length=4),
+    "answer": SamplerConfig(steps=8),
+    "text_to_image": SamplerConfig(steps=16, temperature=1.0, guidance_scale=2.0),
+    "joint": SamplerConfig(steps=16, temperature=1.0),
+    "inpaint": SamplerConfig(steps=16, temperature=1.0),
+    "infill": SamplerConfig(steps=None),
+}
 
 
 class MMDLMPipeline:
@@ -92,6 +96,7 @@ class MMDLMPipeline:
         self.model = model.to(self.device).eval()
         self.vocab, self.layout, self.tokenizer = vocab, layout, text_tokenizer
         self.vq = vq.to(self.device).eval()
+        self.scheduler = scheduler_for(model.config, vocab)
 
     # ---- loading / saving -------------------------------------------------------------------------
     @classmethod
@@ -138,7 +143,13 @@ class MMDLMPipeline:
 
     @property
     def is_autoregressive(self) -> bool:
-        return bool(self.model.config.causal)
+        """The AR twin: its scheduler decodes left to right (no infilling, inpainting or anchors)."""
+        return self.scheduler.autoregressive
+
+    def sampler(self, task: str, sampler: SamplerConfig | None = None, **overrides) -> SamplerConfig:
+        """The `SamplerConfig` of a call: `sampler` (default: the task's `DEFAULT_SAMPLERS` entry) with
+        `overrides` (field names of `SamplerConfig`) replaced."""
+        return replace(sampler or DEFAULT_SAMPLERS[task], **overrides)
 
     # ---- inputs -----------------------------------------------------------------------------------
     def image_tensor(self, images) -> torch.Tensor:
@@ -181,18 +192,12 @@ class MMDLMPipeline:
         return ids
 
     # ---- running a sampler ------------------------------------------------------------------------
-    def _generate(self, samples: list[Sample], options: SamplingOptions, seed: int,
-                  history: bool = False) -> SampleResult:
+    def _generate(self, samples: list[Sample], config: SamplerConfig, seed: int, history: bool = False,
+                  callback: StepCallback | None = None) -> SampleResult:
         batch = collate(samples, self.vocab).to(self.device)
         generator = torch.Generator(device=self.device).manual_seed(seed)
-        if self.is_autoregressive:
-            return sample_ar(self.model, batch, self.vocab, ARSampling(temperature=options.temperature),
-                             generator=generator, history=history)
-        o = MaskedSampling(text_steps=options.steps, image_steps=options.steps, temperature=options.temperature,
-                           cfg_scale=options.guidance_scale, cfg_plausibility=options.guidance_plausibility,
-                           threshold=options.threshold,
-                           block_length=options.block_length, **options.extra)
-        return sample_masked(self.model, batch, self.vocab, o, generator=generator, history=history)
+        return self.scheduler.sample(self.model, batch, config, generator=generator, history=history,
+                                     callback=callback)
 
     def _texts(self, ids: torch.Tensor, samples: list[Sample]) -> list[list[str]]:
         """The text target regions of each row, decoded (a row may hold several: VQA answers)."""
@@ -211,27 +216,16 @@ class MMDLMPipeline:
         return torch.stack(rows)
 
     # ---- tasks ------------------------------------------------------------------------------------
-    def caption(self, images, steps: int | None = None, block_length: int | None = 4, seed: int = 0,
-                **kw) -> TextOutput:
-        """Describe each image.
-
-        By default one token per step (steps = the caption region's length), left to right in blocks of 4
-        tokens: LLaDA's semi-autoregressive decoding. Decoded as one block, the model commits the region's
-        trailing `<eos>` fill first (its most confident predictions) and the caption ends after the first
-        object: caption F1 cell/colour/shape/size 0.76/0.66/0.67/0.72 -> 0.88/0.73/0.75/0.79 on the
-        quickstart model (val scenes 500-699, BENCHMARKS.md issue 15). `block_length=None`: one block.
-        With fewer steps than blocks, the blocks grow to ceil(region / steps) tokens (every block needs a step).
-        """
+    def caption(self, images, sampler: SamplerConfig | None = None, seed: int = 0, **overrides) -> TextOutput:
+        """Describe each image. Default sampler: one token per step, left to right in blocks of 4 tokens
+        (`DEFAULT_SAMPLERS`); `block_length=None` decodes the caption as one block."""
         codes = self.encode_images(images).cpu()
         samples = [caption_prompt(c, self.vocab, self.layout) for c in codes]
-        region = self.layout.caption_len
-        steps = steps or region
-        if block_length is not None and steps < math.ceil(region / block_length):
-            block_length = math.ceil(region / steps)
-        res = self._generate(samples, SamplingOptions(steps=steps, block_length=block_length, **kw), seed)
+        res = self._generate(samples, self.sampler("caption", sampler, **overrides), seed)
         return TextOutput([t[0] for t in self._texts(res.ids, samples)], res.nfe, res.ids)
 
-    def answer(self, images, questions: list[str], steps: int = 8, seed: int = 0, **kw) -> TextOutput:
+    def answer(self, images, questions: list[str], sampler: SamplerConfig | None = None, seed: int = 0,
+               **overrides) -> TextOutput:
         """Answer one question per image (`questions[i]` about `images[i]`)."""
         codes = self.encode_images(images).cpu()
         if len(questions) != len(codes):
@@ -242,17 +236,16 @@ class MMDLMPipeline:
                 raise ValueError("empty question")
             ids = self._encode_text(q, self.layout.question_len, "question")
             samples.append(vqa_prompt(c, ids, self.vocab, self.layout))
-        res = self._generate(samples, SamplingOptions(steps=steps, **kw), seed)
+        res = self._generate(samples, self.sampler("answer", sampler, **overrides), seed)
         return TextOutput([t[0] for t in self._texts(res.ids, samples)], res.nfe, res.ids)
 
-    def text_to_image(self, prompts: list[str], guidance_scale: float = 2.0, steps: int = 16,
-                      temperature: float = 1.0, seed: int = 0, history: bool = False, **kw) -> ImageOutput:
-        """Draw one image per prompt."""
+    def text_to_image(self, prompts: list[str], sampler: SamplerConfig | None = None, seed: int = 0,
+                      history: bool = False, callback: StepCallback | None = None, **overrides) -> ImageOutput:
+        """Draw one image per prompt (`history`: the codes after every step; `callback(i, canvas)`: live)."""
         n = self.vq.tokens_per_image
         samples = [t2i_prompt(self._encode_text(p, self.layout.caption_len, "prompt"), self.vocab, self.layout, n)
                    for p in prompts]
-        opts = SamplingOptions(steps=steps, temperature=temperature, guidance_scale=guidance_scale, **kw)
-        res = self._generate(samples, opts, seed, history)
+        res = self._generate(samples, self.sampler("text_to_image", sampler, **overrides), seed, history, callback)
         return self._image_output(res, samples)
 
     def _image_output(self, res: SampleResult, samples: list[Sample]) -> ImageOutput:
@@ -273,18 +266,18 @@ class MMDLMPipeline:
             out.append(torch.where(self.vocab.is_image(img), img - self.vocab.image_offset, -1).view(h, w))
         return torch.stack(out).cpu()
 
-    def generate_joint(self, n: int, steps: int = 16, temperature: float = 1.0, seed: int = 0,
-                       **kw) -> JointOutput:
+    def generate_joint(self, n: int, sampler: SamplerConfig | None = None, seed: int = 0,
+                       **overrides) -> JointOutput:
         """Generate `n` images together with their captions, from nothing."""
         samples = [joint_prompt(self.vocab, self.layout, self.vq.tokens_per_image) for _ in range(n)]
-        res = self._generate(samples, SamplingOptions(steps=steps, temperature=temperature, **kw), seed)
+        res = self._generate(samples, self.sampler("joint", sampler, **overrides), seed)
         codes = self._codes(res.ids, samples)
         with torch.no_grad():
             images = self.vq.decode(codes)
         return JointOutput(images.cpu(), codes.cpu(), [t[0] for t in self._texts(res.ids, samples)], res.nfe)
 
-    def inpaint(self, images, region_mask: torch.Tensor, prompt: list[str] | None = None, steps: int = 16,
-                temperature: float = 1.0, guidance_scale: float = 0.0, seed: int = 0, **kw) -> ImageOutput:
+    def inpaint(self, images, region_mask: torch.Tensor, prompt: list[str] | None = None,
+                sampler: SamplerConfig | None = None, seed: int = 0, **overrides) -> ImageOutput:
         """Regenerate the image tokens under `region_mask` and keep the rest.
 
         `region_mask`: Bool[B, h, w] on the token grid, or Bool[B, H, W] in pixels (a token is
@@ -305,8 +298,7 @@ class MMDLMPipeline:
             if not p:  # no prompt: the empty (unconditional) caption, as trained with p_uncond
                 s = replace(s, pad=s.pad | s.cond)
             samples.append(mask_target(s, self.vocab, where))
-        opts = SamplingOptions(steps=steps, temperature=temperature, guidance_scale=guidance_scale, **kw)
-        res = self._generate(samples, opts, seed)
+        res = self._generate(samples, self.sampler("inpaint", sampler, **overrides), seed)
         return self._image_output(res, samples)
 
     def token_mask(self, region_mask: torch.Tensor) -> torch.Tensor:
@@ -320,8 +312,8 @@ class MMDLMPipeline:
         f = m.shape[-1] // w
         return torch.nn.functional.max_pool2d(m.float()[:, None], f)[:, 0].bool()
 
-    def infill(self, texts: list[str], tokens_per_blank: int = 1, steps: int | None = None, seed: int = 0,
-               **kw) -> TextOutput:
+    def infill(self, texts: list[str], tokens_per_blank: int = 1, sampler: SamplerConfig | None = None,
+               seed: int = 0, **overrides) -> TextOutput:
         """Fill every `[MASK]` in each text with `tokens_per_blank` tokens; returns the completed texts."""
         if self.is_autoregressive:
             raise ValueError("infilling needs the masked-diffusion model; the AR baseline only continues")
@@ -339,8 +331,7 @@ class MMDLMPipeline:
             if len(ids) >= self.layout.text_len:
                 raise ValueError(f"text is longer than the model's limit of {self.layout.text_len} tokens")
             samples.append(text_prompt(ids, self.vocab, self.layout))
-        n_masked = max(int(s.target.sum()) for s in samples)
-        res = self._generate(samples, SamplingOptions(steps=steps or n_masked, **kw), seed)
+        res = self._generate(samples, self.sampler("infill", sampler, **overrides), seed)
         out = []
         for row, s in zip(res.ids.cpu(), samples):
             region = row[: len(s)][(s.image_index < 0) & ~s.pad & (row[: len(s)] != self.vocab.text_task)]
@@ -369,10 +360,7 @@ def fill_targets(model: Transformer, batch: Batch, vocab: Vocab, steps: int = 8)
     was_training = model.training
     model.eval()
     try:
-        if model.config.causal:
-            rows = [sample_ar(model, select_rows(masked, slice(i, i + 1)), vocab).ids for i in range(len(batch))]
-            return torch.cat(rows)
-        return sample_masked(model, masked, vocab, MaskedSampling(text_steps=steps, image_steps=steps)).ids
+        return scheduler_for(model.config, vocab).sample(model, masked, SamplerConfig(steps=steps)).ids
     finally:
         model.train(was_training)
 

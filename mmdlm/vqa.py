@@ -41,6 +41,8 @@ from typing import TYPE_CHECKING, TextIO
 
 from PIL import Image
 
+from mmdlm.sampling.arguments import add_sampler_arguments, sampler_from_args
+
 if TYPE_CHECKING:  # torch and the pipeline load lazily so `--help` and argument errors answer at once
     from mmdlm.pipeline import MMDLMPipeline
 
@@ -58,30 +60,6 @@ def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def probability(text: str) -> float:
-    """argparse type: a float in (0, 1] (a confidence threshold)."""
-    value = float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    """argparse type: a float >= 0 (temperature, guidance)."""
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def unit_float(text: str) -> float:
-    """argparse type: a float in [0, 1] (guidance plausibility)."""
-    value = float(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
     return value
 
 
@@ -267,10 +245,7 @@ def build_parser(prog: str = "python -m mmdlm.vqa") -> argparse.ArgumentParser:
     parser.add_argument("--question", help="the question (single mode)")
     parser.add_argument("--out", type=Path, help="batch mode: the output JSONL (default: stdout)")
     parser.add_argument("--batch-size", type=positive_int, default=32, help="questions per forward batch")
-    parser.add_argument("--steps", type=positive_int, default=8, help="denoising steps (default 8)")
-    parser.add_argument("--threshold", type=probability, default=None,
-                        help="parallel decoding: commit every token above this confidence (replaces --steps)")
-    parser.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 = argmax (default)")
+    add_sampler_arguments(parser, "8 steps, argmax", guidance=False)
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     parser.add_argument("-v", "--verbose", action="store_true", help="print NFE and time on stderr")
@@ -287,8 +262,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m mmdlm.vqa") -> in
         parser.error("--question goes with --image; batch questions come from the --questions file")
     if args.image is None and not args.questions.is_file():
         parser.error(f"questions file '{args.questions}' does not exist")
-    options = {"steps": args.steps, "threshold": args.threshold, "temperature": args.temperature,
-               "seed": args.seed}
+    from mmdlm.pipeline import DEFAULT_SAMPLERS
+
+    options = {"sampler": sampler_from_args(parser, args, DEFAULT_SAMPLERS["answer"]), "seed": args.seed}
     try:
         if args.image is not None:  # check the cheap inputs before loading the model
             image, question = load_image(args.image), check_question(args.question, "--question")

@@ -93,8 +93,9 @@ def test_text_to_image_shows_every_step_then_the_images(handlers):
     first = pictures[0][2:-2, 2:2 + grid_side]  # the first tile, inside the grid's padding
     assert (first == 127).all()  # before the first step every cell is masked: grey (0.5)
     assert frames[0][1] == f"step 1: {2 * handlers.pipe.vq.tokens_per_image} tokens masked"
-    final = handlers.pipe.text_to_image(["a red circle at the top left"] * 2, steps=4, guidance_scale=2,
-                                        extra=demo.sampling_kwargs(4, 1, 0, True)["extra"])
+    sampler = demo.sampler_config("text_to_image", 4, 1, 0, True, 2)
+    assert sampler.self_correction is not None and sampler.steps == 4 and sampler.guidance_scale == 2
+    final = handlers.pipe.text_to_image(["a red circle at the top left"] * 2, sampler)
     from mmdlm.generate import make_grid, to_pil
 
     assert (pictures[-1] == np.asarray(to_pil(make_grid(final.images, 2, demo.scale(2))))).all()

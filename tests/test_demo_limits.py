@@ -12,6 +12,7 @@ limits through the real server.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import time
 import zlib
@@ -109,12 +110,14 @@ def test_controls_out_of_range_are_refused(value, message):
 
 
 def test_controls_map_to_the_sampler():
+    from mmdlm.pipeline import DEFAULT_SAMPLERS
     from mmdlm.sampling import SelfCorrection
 
-    kw = demo.sampling_kwargs(8, 0.5, 0.9, True, 3)
-    assert kw == {"steps": 8, "temperature": 0.5, "threshold": 0.9, "guidance_scale": 3,
-                  "extra": {"self_correction": SelfCorrection()}}
-    assert demo.sampling_kwargs(8.0, 0, 0, False) == {"steps": 8, "temperature": 0, "threshold": None}
+    config = demo.sampler_config("text_to_image", 8, 0.5, 0.9, True, 3)
+    assert config == dataclasses.replace(DEFAULT_SAMPLERS["text_to_image"], steps=8, temperature=0.5, threshold=0.9,
+                             guidance_scale=3, self_correction=SelfCorrection())
+    config = demo.sampler_config("caption", 8.0, 0, 0, False, block_length=None)  # threshold 0: the schedule
+    assert config == dataclasses.replace(DEFAULT_SAMPLERS["caption"], steps=8, temperature=0, block_length=None)
 
 
 # ---- images: size from the header, common formats ---------------------------------------------------------

@@ -185,7 +185,10 @@ def test_cli_writes_metrics_report_and_samples(tiny_model_dir, shapes_val, tmp_p
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["source"] == "shapes" and metrics["records"] == 4 and metrics["model_kind"] == "mdm"
     assert "--limit 4" in metrics["command"] and metrics["model"] == str(Path(tiny_model_dir).resolve())
-    assert metrics["settings"]["sampler"]["steps"] == 2 and metrics["settings"]["batch_size"] == 3
+    samplers = metrics["settings"]["sampler"]  # every generating task's whole config, --steps in each
+    assert {t: c["steps"] for t, c in samplers.items()} == {"vqa": 2, "caption": 2, "t2i": 2, "joint": 2}
+    assert samplers["t2i"]["guidance_scale"] == 2.0 and samplers["caption"]["block_length"] == 4
+    assert metrics["settings"]["batch_size"] == 3
     _check_sections(metrics, list(ev.ALL_TASKS))
     assert metrics["caption"]["cost"]["nfe_per_call"] == 2  # --steps reaches the sampler
     assert metrics["caption"]["cost"]["calls"] == 2  # 4 records in batches of 3
@@ -224,10 +227,10 @@ def test_mdm_nll_bound_averages_draws(pipe, shapes_val):
     assert again["nll"] == four["nll"]  # seeded
 
 
-def test_sampler_options_reach_the_pipeline(pipe, shapes_val):
+def test_sampler_config_reaches_the_pipeline(pipe, shapes_val):
     records = ev.load_records(shapes_val, 32, limit=2)
-    opts = ev.SamplerOptions(steps=3, guidance=1.5, threshold=None)
-    assert opts.kwargs() == {"steps": 3} and opts.kwargs(guided=True) == {"steps": 3, "guidance_scale": 1.5}
+    opts = pipe.sampler("text_to_image", steps=3, guidance_scale=1.5)
+    assert opts.temperature == 1.0 and opts.guidance_plausibility == 0.1  # the task's other defaults kept
     result = ev.eval_t2i(pipe, records, opts, batch_size=2, progress=False, scorer_ceiling=False)
     assert result.metrics["cost"]["nfe_per_call"] == 3 and "scorer_on_ground_truth" not in result.metrics
     assert len(result.examples) == 2 - result.metrics["too_long"]
@@ -253,7 +256,8 @@ def _digit_shards(folder: Path, indices: list[int]) -> str:
 def test_digits_world(pipe, tmp_path):
     shards = _digit_shards(tmp_path / "digits", [3, 10, 42, 77])
     metrics = ev.evaluate(pipe, shards, tasks=["vqa", "caption", "t2i"], limit=4, batch_size=4,
-                          sampler=ev.SamplerOptions(steps=2), progress=False)
+                          samplers={t: pipe.sampler(ev.PIPELINE_TASK[t], steps=2) for t in ("vqa", "caption", "t2i")},
+                          progress=False)
     assert metrics["source"] == "digits" and metrics["t2i"]["scorer"] == "digits classifier"
     assert set(metrics["vqa"]["per_type"]) == {"digit", "parity"}
     assert metrics["t2i"]["scorer_on_ground_truth"]["all_correct"] == 1.0  # held-out scans, read right

@@ -23,7 +23,7 @@ import torch
 import webdataset as wds
 
 from mmdlm.lightning import LitMDM, MDMDataModule
-from mmdlm.sampling import MaskedSampling, sample_masked
+from mmdlm.sampling import MaskedScheduler, SamplerConfig
 from mmdlm.sequence import Layout, caption_prompt, collate, vqa_prompt
 from mmdlm.text_tokenizer import BPETokenizer, texts_of_record
 
@@ -102,7 +102,7 @@ def check_learned(module: LitMDM, dm: MDMDataModule) -> None:
 
     def run(samples):
         batch = collate(samples, vocab)
-        return sample_masked(model, batch, vocab, MaskedSampling(text_steps=8, image_steps=8)).ids
+        return MaskedScheduler(vocab).sample(model, batch, SamplerConfig(steps=8)).ids
 
     def texts(ids, samples):
         out = []

@@ -13,17 +13,14 @@ from torch import nn
 
 from mmdlm.model import ModelConfig, Transformer
 from mmdlm.sampling import (
-    ARSampling,
-    MaskedSampling,
+    ARScheduler,
+    MaskedScheduler,
+    SamplerConfig,
     SelfCorrection,
     cosine_schedule,
     guided_logits,
     linear_schedule,
-    margin_confidence,
-    random_confidence,
     restrict,
-    sample_ar,
-    sample_masked,
 )
 from mmdlm.sequence import (
     Batch,
@@ -43,6 +40,7 @@ VOCAB = Vocab(text_size=24, codebook_size=16)
 GRID = 4  # 4x4 image tokens
 N_IMG = GRID * GRID
 LAYOUT = Layout(caption_len=8, question_len=4, answer_len=6, text_len=12, qa_per_sample=2)
+MASKED, AR = MaskedScheduler(VOCAB), ARScheduler(VOCAB)
 
 
 def tiny(causal: bool = False, seed: int = 0) -> Transformer:
@@ -100,14 +98,14 @@ def check_filled(batch: Batch, ids: torch.Tensor) -> None:
 
 
 OPTION_SETS = {
-    "default": MaskedSampling(text_steps=4, image_steps=5),
-    "temperature-margin": MaskedSampling(text_steps=3, image_steps=3, temperature=1.0,
-                                         confidence=margin_confidence),
-    "random": MaskedSampling(text_steps=8, image_steps=4, confidence=random_confidence),
-    "blocks": MaskedSampling(text_steps=4, image_steps=4, block_length=3),
-    "threshold": MaskedSampling(threshold=0.05, block_length=4),
-    "cfg": MaskedSampling(text_steps=4, image_steps=4, cfg_scale=2.0),
-    "self-correction": MaskedSampling(text_steps=4, image_steps=4, temperature=2.0,
+    "default": SamplerConfig(steps=4, image_steps=5),
+    "temperature-margin": SamplerConfig(steps=3, image_steps=3, temperature=1.0,
+                                        confidence="margin"),
+    "random": SamplerConfig(steps=8, image_steps=4, confidence="random"),
+    "blocks": SamplerConfig(steps=4, image_steps=4, block_length=3),
+    "threshold": SamplerConfig(threshold=0.05, block_length=4),
+    "cfg": SamplerConfig(steps=4, image_steps=4, guidance_scale=2.0),
+    "self-correction": SamplerConfig(steps=4, image_steps=4, temperature=2.0,
                                       self_correction=SelfCorrection(threshold=0.9, extra_steps=3)),
 }
 
@@ -120,7 +118,7 @@ def test_fills_every_mask_with_allowed_ids(name: str) -> None:
         bias = torch.zeros(VOCAB.size)
         bias[[VOCAB.mask, VOCAB.pad, 3, VOCAB.image_offset + 2]] = 50.0
         model = Counting(tiny(), bias)
-        out = sample_masked(model, batch, VOCAB, options, generator=torch.Generator().manual_seed(0))
+        out = MASKED.sample(model, batch, options, generator=torch.Generator().manual_seed(0))
         check_filled(batch, out.ids)
         assert out.nfe == model.calls and out.forward_rows == model.rows
         if options.temperature == 0:  # the bonus ids win wherever they are allowed
@@ -147,17 +145,17 @@ def test_schedules_commit_everything_in_steps() -> None:
 
 def test_nfe_equals_steps_and_forward_calls() -> None:
     cases = [
-        (joint_batch(), MaskedSampling(text_steps=6, image_steps=4), 6),  # max over the modalities
-        (joint_batch(), MaskedSampling(text_steps=3, image_steps=7), 7),
-        (t2i_batch(), MaskedSampling(text_steps=20, image_steps=5), 5),  # no text target: image steps
-        (caption_batch(), MaskedSampling(text_steps=4, image_steps=9, block_length=3), 4),
-        (t2i_batch(), MaskedSampling(image_steps=5, cfg_scale=3.0), 5),
+        (joint_batch(), SamplerConfig(steps=6, image_steps=4), 6),  # max over the modalities
+        (joint_batch(), SamplerConfig(steps=3, image_steps=7), 7),
+        (t2i_batch(), SamplerConfig(steps=20, image_steps=5), 5),  # no text target: image steps
+        (caption_batch(), SamplerConfig(steps=4, image_steps=9, block_length=3), 4),
+        (t2i_batch(), SamplerConfig(image_steps=5, guidance_scale=3.0), 5),
     ]
     for batch, options, steps in cases:
         model = Counting(tiny())
-        out = sample_masked(model, batch, VOCAB, options)
+        out = MASKED.sample(model, batch, options)
         assert out.nfe == steps == model.calls
-        rows = len(batch) * (2 if options.cfg_scale else 1)
+        rows = len(batch) * (2 if options.guidance_scale else 1)
         assert out.forward_rows == model.rows == steps * rows
 
 
@@ -169,20 +167,20 @@ def test_anchored_tokens_are_kept_and_never_remasked() -> None:
     t2i = t2i_batch()
     img_pos = (t2i.image_index[0] >= 0).nonzero().squeeze(1)
     t2i.ids[:, img_pos[:4]] = VOCAB.image_to_token(torch.tensor([1, 2, 3, 4]))  # inpainting: top row given
-    aggressive = MaskedSampling(text_steps=4, image_steps=4, temperature=3.0,
+    aggressive = SamplerConfig(steps=4, image_steps=4, temperature=3.0,
                                 self_correction=SelfCorrection(threshold=1.1, only_if_disagrees=False,
                                                                extra_steps=4))
     for b in (batch, t2i):
         anchored = b.target & (b.ids != VOCAB.mask)
         assert bool(anchored.any())
-        out = sample_masked(tiny(), b, VOCAB, aggressive, anchor=anchored, history=True,
+        out = MASKED.sample(tiny(), b, aggressive, anchor=anchored, history=True,
                             generator=torch.Generator().manual_seed(1))
         check_filled(b, out.ids)
         assert out.remasked > 0  # threshold > 1: every checked token was re-masked ...
         for frame in out.history:  # ... but never an anchor
             assert torch.equal(frame[anchored], b.ids[anchored])
     with pytest.raises(ValueError):
-        sample_masked(tiny(), batch, VOCAB, anchor=batch.target)  # anchors must hold tokens
+        MASKED.sample(tiny(), batch, anchor=batch.target)  # anchors must hold tokens
 
 
 def test_threshold_one_equals_one_token_per_step() -> None:
@@ -191,16 +189,16 @@ def test_threshold_one_equals_one_token_per_step() -> None:
     for temperature in (0.0, 1.0):
         for block_length in (None, 3):
             common = dict(temperature=temperature, block_length=block_length)
-            steps = sample_masked(tiny(), batch, VOCAB, MaskedSampling(text_steps=n, **common),
+            steps = MASKED.sample(tiny(), batch, SamplerConfig(steps=n, **common),
                                   generator=torch.Generator().manual_seed(3), history=True)
-            thresh = sample_masked(tiny(), batch, VOCAB, MaskedSampling(threshold=1.0, **common),
+            thresh = MASKED.sample(tiny(), batch, SamplerConfig(threshold=1.0, **common),
                                    generator=torch.Generator().manual_seed(3), history=True)
             assert torch.equal(steps.ids, thresh.ids)
             assert steps.nfe == thresh.nfe == n
             for a, b in zip(steps.history, thresh.history):
                 assert int((a == VOCAB.mask).sum()) == int((b == VOCAB.mask).sum())
     # a low threshold commits many tokens per step: far fewer steps than tokens
-    fast = sample_masked(tiny(), batch, VOCAB, MaskedSampling(threshold=0.0))
+    fast = MASKED.sample(tiny(), batch, SamplerConfig(threshold=0.0))
     assert fast.nfe == 1
     check_filled(batch, fast.ids)
 
@@ -209,13 +207,13 @@ def test_cfg_zero_is_the_conditional_pass_and_uncond_rows_drop_the_condition() -
     batch = t2i_batch()
     assert bool(batch.cond.any())
     plain = Counting(tiny())
-    ref = sample_masked(plain, batch, VOCAB, MaskedSampling(image_steps=4))
+    ref = MASKED.sample(plain, batch, SamplerConfig(image_steps=4))
     zero = Counting(tiny())
-    out = sample_masked(zero, batch, VOCAB, MaskedSampling(image_steps=4, cfg_scale=0.0))
+    out = MASKED.sample(zero, batch, SamplerConfig(image_steps=4, guidance_scale=0.0))
     assert torch.equal(ref.ids, out.ids) and zero.rows == plain.rows == 4 * len(batch)
 
     guided = Counting(tiny())
-    res = sample_masked(guided, batch, VOCAB, MaskedSampling(image_steps=4, cfg_scale=2.0))
+    res = MASKED.sample(guided, batch, SamplerConfig(image_steps=4, guidance_scale=2.0))
     check_filled(batch, res.ids)
     assert guided.calls == res.nfe == 4 and guided.rows == 4 * 2 * len(batch)  # one call, 2B rows
     ids, pad = guided.inputs[0]
@@ -248,16 +246,16 @@ def test_guidance_plausibility_keeps_guidance_to_tokens_the_conditional_model_al
     allowed = torch.tensor([[False, True, True], [True, True, True]])  # (2 modalities, V)
     g = guided_logits(c, u, 2.0, plausibility=0.5, reference=restrict(c, torch.tensor(0), allowed))
     assert torch.isfinite(g[1:]).all() and torch.isinf(g[0])
-    with pytest.raises(ValueError, match="cfg_plausibility"):
-        MaskedSampling(cfg_plausibility=2.0)
+    with pytest.raises(ValueError, match="guidance_plausibility"):
+        SamplerConfig(guidance_plausibility=2.0)
 
 
 def test_semi_ar_blocks_commit_the_left_block_first() -> None:
     batch = caption_batch(2)
     pos = batch.target[0].nonzero().squeeze(1)  # 8 caption positions -> blocks of 3: [0:3] [3:6] [6:8]
     blocks = [pos[0:3], pos[3:6], pos[6:8]]
-    for options in (MaskedSampling(text_steps=6, block_length=3), MaskedSampling(threshold=0.3, block_length=3)):
-        out = sample_masked(tiny(), batch, VOCAB, options, history=True)
+    for options in (SamplerConfig(steps=6, block_length=3), SamplerConfig(threshold=0.3, block_length=3)):
+        out = MASKED.sample(tiny(), batch, options, history=True)
         check_filled(batch, out.ids)
         for frame in out.history:
             done = [(frame[:, blk] != VOCAB.mask).all(1) for blk in blocks]  # (B,) per block
@@ -272,15 +270,15 @@ def test_semi_ar_blocks_commit_the_left_block_first() -> None:
 
 def test_deterministic_given_a_generator() -> None:
     batch = joint_batch(2)
-    options = MaskedSampling(text_steps=4, image_steps=4, temperature=1.0)
-    a = sample_masked(tiny(), batch, VOCAB, options, generator=torch.Generator().manual_seed(5))
-    b = sample_masked(tiny(), batch, VOCAB, options, generator=torch.Generator().manual_seed(5))
-    c = sample_masked(tiny(), batch, VOCAB, options, generator=torch.Generator().manual_seed(6))
+    options = SamplerConfig(steps=4, image_steps=4, temperature=1.0)
+    a = MASKED.sample(tiny(), batch, options, generator=torch.Generator().manual_seed(5))
+    b = MASKED.sample(tiny(), batch, options, generator=torch.Generator().manual_seed(5))
+    c = MASKED.sample(tiny(), batch, options, generator=torch.Generator().manual_seed(6))
     assert torch.equal(a.ids, b.ids)
     assert not torch.equal(a.ids, c.ids)
-    ar = ARSampling(temperature=1.0, top_k=5)
-    x = sample_ar(tiny(causal=True), t2i_batch(), VOCAB, ar, generator=torch.Generator().manual_seed(5))
-    y = sample_ar(tiny(causal=True), t2i_batch(), VOCAB, ar, generator=torch.Generator().manual_seed(5))
+    ar = SamplerConfig(temperature=1.0, top_k=5)
+    x = AR.sample(tiny(causal=True), t2i_batch(), ar, generator=torch.Generator().manual_seed(5))
+    y = AR.sample(tiny(causal=True), t2i_batch(), ar, generator=torch.Generator().manual_seed(5))
     assert torch.equal(x.ids, y.ids)
 
 
@@ -288,9 +286,9 @@ def test_self_correction_remasks_and_terminates_within_bound() -> None:
     batch = joint_batch(2)
     # sampling at a high temperature commits unlikely tokens; the check with them masked disowns them
     sc = SelfCorrection(threshold=0.5, max_per_step=3, extra_steps=5)
-    options = MaskedSampling(text_steps=4, image_steps=4, temperature=5.0, self_correction=sc)
+    options = SamplerConfig(steps=4, image_steps=4, temperature=5.0, self_correction=sc)
     model = Counting(tiny())
-    out = sample_masked(model, batch, VOCAB, options, history=True, generator=torch.Generator().manual_seed(0))
+    out = MASKED.sample(model, batch, options, history=True, generator=torch.Generator().manual_seed(0))
     check_filled(batch, out.ids)
     assert out.remasked > 0
     assert out.nfe == model.calls <= 4 + sc.extra_steps
@@ -312,7 +310,7 @@ def test_self_correction_remasks_and_terminates_within_bound() -> None:
     # re-masking on every check forever still stops: at steps + extra_steps, with no mask left
     always = dataclasses.replace(options, self_correction=SelfCorrection(threshold=1.1, only_if_disagrees=False,
                                                                          extra_steps=3))
-    out = sample_masked(tiny(), batch, VOCAB, always, generator=torch.Generator().manual_seed(0))
+    out = MASKED.sample(tiny(), batch, always, generator=torch.Generator().manual_seed(0))
     check_filled(batch, out.ids)
     assert out.nfe == 4 + 3
 
@@ -325,11 +323,11 @@ def test_ar_kv_cache_equals_recompute() -> None:
     model = tiny(causal=True)
     for batch in (t2i_batch(), caption_batch(), vqa_batch()):
         n_target = int(batch.target[0].sum())
-        for options in (ARSampling(), ARSampling(temperature=0.8, top_k=4)):
+        for options in (SamplerConfig(), SamplerConfig(temperature=0.8, top_k=4)):
             runs = []
             for use_cache in (True, False):
                 counting = Counting(model)
-                out = sample_ar(counting, batch, VOCAB, dataclasses.replace(options, use_cache=use_cache),
+                out = AR.sample(counting, batch, dataclasses.replace(options, use_cache=use_cache),
                                 generator=torch.Generator().manual_seed(2))
                 assert out.nfe == counting.calls == n_target
                 fed = sum(ids.shape[1] for ids, _ in counting.inputs)  # positions run through the model
@@ -346,14 +344,14 @@ def test_ar_kv_cache_equals_recompute() -> None:
 def test_ar_restricts_modality_and_fills_after_eos() -> None:
     bias = torch.zeros(VOCAB.size)
     bias[[VOCAB.mask, VOCAB.pad, VOCAB.image_offset + 1]] = 50.0
-    out = sample_ar(Counting(tiny(causal=True), bias), caption_batch(), VOCAB)
+    out = AR.sample(Counting(tiny(causal=True), bias), caption_batch())
     check_filled(caption_batch(), out.ids)
     bias[VOCAB.eos] = 100.0  # eos everywhere: the regions are eos-filled
     batch = vqa_batch()
-    out = sample_ar(Counting(tiny(causal=True), bias), batch, VOCAB)
+    out = AR.sample(Counting(tiny(causal=True), bias), batch)
     assert bool((out.ids[batch.target] == VOCAB.eos).all())
     with pytest.raises(ValueError):
-        sample_ar(tiny(causal=False), batch, VOCAB)
+        AR.sample(tiny(causal=False), batch)
 
 
 # ---- learning: a tiny model trained with the project's loss is solved by the samplers ------------------
@@ -401,16 +399,67 @@ def test_tiny_model_learns_toy_task_and_samplers_solve_it() -> None:
 
     mdm = train_toy(causal=False, steps=240)  # measured: 1.0 from step 120 (seeds 0-2)
     for options in (
-        MaskedSampling(text_steps=4, image_steps=4),
-        MaskedSampling(text_steps=4, image_steps=4, block_length=2),
-        MaskedSampling(threshold=0.9),
-        MaskedSampling(text_steps=4, image_steps=4, self_correction=SelfCorrection()),
+        SamplerConfig(steps=4, image_steps=4),
+        SamplerConfig(steps=4, image_steps=4, block_length=2),
+        SamplerConfig(threshold=0.9),
+        SamplerConfig(steps=4, image_steps=4, self_correction=SelfCorrection()),
     ):
-        out = sample_masked(mdm, prompt, VOCAB, options)
+        out = MASKED.sample(mdm, prompt, options)
         assert accuracy(out.ids) >= 0.9, (options, accuracy(out.ids))
-    fast = sample_masked(mdm, prompt, VOCAB, MaskedSampling(threshold=0.9))
+    fast = MASKED.sample(mdm, prompt, SamplerConfig(threshold=0.9))
     assert fast.nfe < 8  # confident predictions commit together: fewer steps than the 8 tokens
 
     ar = train_toy(causal=True, steps=160)  # measured: 1.0 from step 120 (seeds 0-2)
-    out = sample_ar(ar, prompt, VOCAB)
+    out = AR.sample(ar, prompt)
     assert accuracy(out.ids) >= 0.9
+
+
+# ---- the scheduler component and its config ------------------------------------------------------------
+def test_scheduler_step_by_step_equals_sample_and_callback_sees_every_step() -> None:
+    """The diffusers loop written out (set_timesteps, model_inputs, step) gives `sample`'s result."""
+    batch, model = joint_batch(2), tiny()
+    config = SamplerConfig(steps=4, temperature=1.0, guidance_scale=1.0,
+                           self_correction=SelfCorrection(threshold=0.5, extra_steps=2))
+    seen: list[int] = []
+    ref = MASKED.sample(model, batch, config, generator=torch.Generator().manual_seed(4),
+                        callback=lambda i, canvas: seen.append(i))
+    state = MASKED.set_timesteps(batch, config, generator=torch.Generator().manual_seed(4))
+    while not state.done:
+        MASKED.step(model(**MASKED.model_inputs(state)), state)
+    assert torch.equal(state.canvas, ref.ids) and state.nfe == ref.nfe
+    assert seen == list(range(1, ref.nfe + 1))
+
+
+def test_ar_scheduler_decodes_rows_with_different_layouts_in_groups() -> None:
+    """Training's validation batches mix tasks: each layout is decoded on its own, as if alone."""
+    model = tiny(causal=True)
+    samples = [caption_prompt(codes(0), VOCAB, LAYOUT), t2i_prompt([1, 2], VOCAB, LAYOUT, N_IMG),
+               caption_prompt(codes(1), VOCAB, LAYOUT)]
+    mixed = AR.sample(model, collate(samples, VOCAB))
+    for i, s in enumerate(samples):
+        alone = AR.sample(model, collate([s], VOCAB))
+        assert torch.equal(mixed.ids[i, : len(s)], alone.ids[0, : len(s)])
+    with pytest.raises(ValueError, match="anchored"):
+        AR.sample(model, caption_batch(1), anchor=caption_batch(1).target)
+
+
+def test_sampler_config_checks_its_values_and_the_cli_flags_map_onto_it() -> None:
+    import argparse
+
+    from mmdlm.sampling.arguments import add_sampler_arguments, sampler_from_args
+
+    for bad in (dict(steps=0), dict(temperature=-1.0), dict(threshold=1.5), dict(guidance_scale=-2.0),
+                dict(block_length=0), dict(confidence="loudest")):
+        with pytest.raises(ValueError):
+            SamplerConfig(**bad)
+    parser = argparse.ArgumentParser()
+    add_sampler_arguments(parser)
+    base = SamplerConfig(steps=None, block_length=4, temperature=0.5)
+    args = parser.parse_args(["--steps", "6", "--block-length", "0", "--threshold", "0.9", "--self-correction",
+                              "--confidence", "margin"])
+    config = sampler_from_args(parser, args, base)
+    assert config == SamplerConfig(steps=6, block_length=None, temperature=0.5, threshold=0.9,
+                                   self_correction=SelfCorrection(), confidence="margin")
+    assert sampler_from_args(parser, parser.parse_args([]), base) == base  # absent flags keep the defaults
+    with pytest.raises(SystemExit):  # a bad value is a usage error naming it
+        sampler_from_args(parser, parser.parse_args(["--steps", "0"]), base)

@@ -1,0 +1,37 @@
+"""mmdlm's samplers, diffusers-style: a scheduler component per decoding rule, one `SamplerConfig` per call.
+
+    from mmdlm.sampling import SamplerConfig, scheduler_for
+    scheduler = scheduler_for(model.config, vocab)        # MaskedScheduler, or ARScheduler for a causal model
+    out = scheduler.sample(model, batch, SamplerConfig(steps=8, threshold=0.9), generator=g)
+
+- `config`: `SamplerConfig` (every option), `SelfCorrection`, `Confidence`; imports no torch, so the command
+  lines' `--help` (`arguments`: the shared sampler flags) answers at once.
+- `scheduler`: the `Scheduler` interface (`set_timesteps`, `model_inputs`, `step`) and its decoding loop.
+- `masked`: `MaskedScheduler` (LLaDA, MaskGIT, Fast-dLLM, ReMDM).
+- `autoregressive`: `ARScheduler` (left to right with a KV cache).
+- `tokens`: schedules, confidence scores, modality restriction, Gumbel-max choice, guidance.
+
+The names below load their module on first use (PEP 562), so `mmdlm.sampling.config` stays light.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "ARScheduler": "autoregressive",
+    "Confidence": "config", "SamplerConfig": "config", "SelfCorrection": "config",
+    "MaskedScheduler": "masked",
+    "SampleResult": "scheduler", "Scheduler": "scheduler", "StepCallback": "scheduler", "scheduler_for": "scheduler",
+    "cosine_schedule": "tokens", "guided_logits": "tokens", "linear_schedule": "tokens",
+    "margin_confidence": "tokens", "probability_confidence": "tokens", "random_confidence": "tokens",
+    "restrict": "tokens", "sample_tokens": "tokens",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'mmdlm.sampling' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"mmdlm.sampling.{_EXPORTS[name]}"), name)

@@ -1,0 +1,68 @@
+"""The sampler's command-line flags, one set for every command that samples (`mmdlm vqa`, `mmdlm generate`,
+`mmdlm evaluate`): each flag is a `SamplerConfig` field, absent = the task's default
+(`mmdlm.pipeline.DEFAULT_SAMPLERS`), and the values are checked by `SamplerConfig` itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+from typing import Any
+
+from mmdlm.sampling.config import Confidence, SamplerConfig, SelfCorrection
+
+# flag -> (SamplerConfig field, argparse type, help); the value None (flag absent) keeps the task default
+_FLAGS: dict[str, tuple[str, type, str]] = {
+    "--steps": ("steps", int, "denoising steps (masked diffusion; the AR twin takes one per token)"),
+    "--image-steps": ("image_steps", int, "steps for image regions, when they should differ from --steps"),
+    "--temperature": ("temperature", float, "0 = argmax; > 0 Gumbel-max sampling"),
+    "--top-k": ("top_k", int, "sample among the k most likely tokens"),
+    "--guidance": ("guidance_scale", float, "classifier-free guidance scale (0 = none)"),
+    "--plausibility": ("guidance_plausibility", float,
+                       "guidance acts only on tokens with p_cond >= this * max p_cond, so it cannot paint the "
+                       "prompt's objects into the background (0 = plain guidance)"),
+    "--threshold": ("threshold", float, "Fast-dLLM parallel decoding: commit every prediction whose confidence "
+                    "passes it (at least one per step), instead of the fixed schedule"),
+    "--block-length": ("block_length", int, "semi-autoregressive blocks of this many text tokens, left to right "
+                       "(0 = one block)"),
+    "--confidence": ("confidence", Confidence, "which predictions are committed first"),
+}
+
+
+def add_sampler_arguments(parser: argparse.ArgumentParser, task_defaults: str = "",
+                          guidance: bool = True) -> None:
+    """Add the sampler flags as one argument group; `task_defaults` tells `--help` what absent means."""
+    group = parser.add_argument_group(
+        "sampler", "How the model decodes; each flag left out keeps the task's default"
+        + (f" ({task_defaults})" if task_defaults else "") + ".")
+    for flag, (name, kind, help_) in _FLAGS.items():
+        if not guidance and name.startswith("guidance"):
+            continue
+        choices = [str(c) for c in Confidence] if kind is Confidence else None
+        group.add_argument(flag, dest=f"sampler_{name}", type=str if choices else kind, choices=choices,
+                           default=None, help=help_)
+    group.add_argument("--self-correction", dest="sampler_self_correction", action="store_true",
+                       help="ReMDM-style revision: re-mask committed tokens the model no longer believes in "
+                            "(at most 8 extra steps)")
+
+
+def sampler_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The `SamplerConfig` fields the user gave on the command line."""
+    out: dict[str, Any] = {}
+    for name, _kind, _help in _FLAGS.values():
+        value = getattr(args, f"sampler_{name}", None)
+        if value is not None:
+            out[name] = None if name == "block_length" and value == 0 else value
+    if getattr(args, "sampler_self_correction", False):
+        out["self_correction"] = SelfCorrection()
+    return out
+
+
+def sampler_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                      base: SamplerConfig) -> SamplerConfig:
+    """`base` with the command line's overrides; `parser.error` (exit 2) names a bad value."""
+    try:
+        return replace(base, **sampler_overrides(args))
+    except ValueError as err:
+        parser.error(f"sampler: {err}")
+        raise  # unreachable: parser.error exits

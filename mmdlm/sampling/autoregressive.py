@@ -1,0 +1,145 @@
+"""`ARScheduler`: the autoregressive twin's decoder, left to right over the target span with a KV cache.
+
+nanoGPT / litgpt style: a prefill call over the prefix, then one call per target position that feeds the
+newest tokens and appends to the cache; greedy, temperature or top-k, with the same modality restriction as
+the masked scheduler (image positions take image codes, text positions text or `<eos>`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from mmdlm.sampling.config import SamplerConfig
+from mmdlm.sampling.scheduler import SampleResult, Scheduler, StepCallback
+from mmdlm.sampling.tokens import restrict, sample_tokens
+from mmdlm.vocab import Vocab
+
+if TYPE_CHECKING:
+    from mmdlm.model import KVCache
+    from mmdlm.sequence import Batch
+
+
+@dataclass
+class ARState:
+    """An AR run in progress: the next target position `p`, the cache up to `cache.length`."""
+
+    canvas: torch.Tensor  # Long[B, T]
+    config: SamplerConfig
+    batch: Batch
+    generator: torch.Generator | None
+    allowed: torch.Tensor  # Bool[2, V]
+    modality: torch.Tensor  # Long[B, T]
+    is_text_target: torch.Tensor  # Bool[B, T]
+    ended: torch.Tensor  # Bool[B]: the row has emitted <eos> in the current text region
+    cache: KVCache | None
+    p: int  # the position predicted next
+    end: int  # one past the last target position
+    i: int = 0
+    nfe: int = 0
+
+    @property
+    def done(self) -> bool:
+        return self.p >= self.end
+
+    def result(self) -> SampleResult:
+        return SampleResult(self.canvas, self.nfe, None, self.nfe * self.canvas.shape[0])
+
+    def advance(self) -> None:
+        """Move `p` to the next target position; a text region ends at its first <eos>, the next starts
+        afresh. Given tokens inside the span (a question between two VQA answers, `<eoi>`) are fed with
+        the next call."""
+        target = self.batch.target[0]
+        while self.p < self.end:
+            self.ended &= self.is_text_target[:, self.p]
+            if bool(target[self.p]):
+                return
+            self.p += 1
+
+
+class ARScheduler(Scheduler):
+    """Left-to-right decoding of the target span (`ModelConfig.causal=True`).
+
+    The span runs from the first to the last target position and must be the same in every row (the AR
+    templates put the target at the tail: the image of text-to-image, the answer of understanding); a batch
+    whose rows differ is decoded in groups of rows that agree. NFE = forward calls = target positions (the
+    first call is the prefill of the prefix).
+    """
+
+    autoregressive = True
+
+    def __init__(self, vocab: Vocab) -> None:
+        self.vocab = vocab
+
+    def set_timesteps(self, batch: Batch, config: SamplerConfig, *, anchor: torch.Tensor | None = None,
+                      generator: torch.Generator | None = None) -> ARState:
+        ids, target = batch.ids.clone(), batch.target  # (B, T)
+        B = ids.shape[0]
+        if anchor is not None and bool(anchor.any()):
+            raise ValueError("the AR scheduler decodes left to right and cannot keep anchored tokens")
+        if bool(target.any()) and not bool((target == target[:1]).all()):
+            raise ValueError("the AR scheduler needs the same target layout in every row of the batch")
+        cols = target[0].nonzero().squeeze(1)  # (n,)
+        start, end = (int(cols[0]), int(cols[-1]) + 1) if len(cols) else (0, 0)
+        if len(cols) and start == 0:
+            raise ValueError("the target span needs a prefix to condition on (the task token at least)")
+        state = ARState(canvas=ids, config=config, batch=batch, generator=generator,
+                        allowed=self.vocab.allowed_table(ids.device), modality=(batch.image_index >= 0).long(),
+                        is_text_target=target & (batch.image_index < 0),
+                        ended=torch.zeros(B, dtype=torch.bool, device=ids.device), cache=None,  # `prepare` adds it
+                        p=start, end=end)
+        state.advance()
+        return state
+
+    def model_inputs(self, state: ARState) -> dict[str, Any]:
+        """The positions not yet in the cache, up to (not including) `p` (all of them without a cache)."""
+        b, p = state.batch, state.p
+        lo = state.cache.length if state.cache is not None else 0
+        kw = {"ids": state.canvas[:, lo:p], "pad": b.pad[:, lo:p], "image_index": b.image_index[:, lo:p]}
+        return kw | ({"cache": state.cache} if state.cache is not None else {})
+
+    def step(self, logits: torch.Tensor, state: ARState) -> None:
+        s, o, p = state, state.config, state.p
+        s.nfe += 1
+        lg = restrict(logits[:, -1].double(), s.modality[:, p], s.allowed)  # (B, V)
+        tok = sample_tokens(lg, o.temperature, s.generator, o.top_k)  # (B,)
+        if o.eos_fill:
+            tok = torch.where(s.ended & s.is_text_target[:, p], self.vocab.eos, tok)
+            s.ended |= (tok == self.vocab.eos) & s.is_text_target[:, p]
+        s.canvas[:, p] = tok
+        s.p, s.i = p + 1, s.i + 1
+        s.advance()
+
+    @torch.no_grad()
+    def sample(self, model: nn.Module, batch: Batch, config: SamplerConfig = SamplerConfig(), *,
+               anchor: torch.Tensor | None = None, generator: torch.Generator | None = None,
+               history: bool = False, callback: StepCallback | None = None) -> SampleResult:
+        model_cfg = getattr(model, "config", None)
+        if model_cfg is not None and not getattr(model_cfg, "causal", True):
+            raise ValueError("the AR scheduler needs a causal model (ModelConfig.causal=True)")
+        target = batch.target
+        if len(target) and not bool((target == target[:1]).all()):
+            return self._sample_groups(model, batch, config, generator=generator)
+        return super().sample(model, batch, config, anchor=anchor, generator=generator, history=history,
+                              callback=callback)
+
+    def prepare(self, model: nn.Module, state: ARState) -> None:
+        """Give the run a KV cache for the span (`SamplerConfig.use_cache`)."""
+        if state.config.use_cache and state.end > 0:
+            state.cache = model.new_cache(state.canvas.shape[0], state.end, device=state.canvas.device)
+
+    def _sample_groups(self, model: nn.Module, batch: Batch, config: SamplerConfig,
+                       generator: torch.Generator | None) -> SampleResult:
+        """Rows with different target layouts (training's validation batches): one run per layout."""
+        ids = batch.ids.clone()
+        nfe = rows = 0
+        _, group = torch.unique(batch.target, dim=0, return_inverse=True)  # (B,)
+        for g in range(int(group.max()) + 1):
+            sel = (group == g).nonzero().squeeze(1)  # (b,)
+            out = self.sample(model, batch.select(sel), config, generator=generator)
+            ids[sel] = out.ids
+            nfe, rows = nfe + out.nfe, rows + out.forward_rows
+        return SampleResult(ids, nfe, None, rows)

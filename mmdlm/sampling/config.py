@@ -1,0 +1,88 @@
+"""`SamplerConfig`: every option of mmdlm's samplers in one place, for the pipeline, the CLIs, the evaluation
+and the demo alike; `SelfCorrection`, the ReMDM-style revision option inside it.
+
+Like diffusers' per-call pipeline arguments (num_inference_steps, guidance_scale, ...) but one frozen
+dataclass, so a setting can be stored, compared, swept and written into metrics.json (`to_dict`). The
+pipeline keeps one default per task (`mmdlm.pipeline.DEFAULT_SAMPLERS`); a call overrides fields of it.
+Options that only one kind of scheduler reads say so; the other ignores them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from enum import StrEnum
+from typing import Any
+
+
+class Confidence(StrEnum):
+    """Which predictions a masked-diffusion step commits first (`mmdlm.sampling.tokens.CONFIDENCE`)."""
+
+    PROBABILITY = "probability"  # LLaDA's low-confidence remasking: p(chosen)
+    MARGIN = "margin"  # top-1 minus top-2
+    RANDOM = "random"  # the ablation
+
+
+@dataclass(frozen=True)
+class SelfCorrection:
+    """ReMDM-style revision (Wang et al. 2025): each step, the committed tokens the sampler is least sure of
+    are checked with themselves masked (extra rows in the same forward call) and re-masked when the model no
+    longer believes in them, to be predicted again with the newer context. Checking a token with itself
+    masked, p(x_i | rest), is what the informed correctors of Zhao et al. (2024) do: a masked-diffusion model
+    is only trained to predict masked positions, so its logits at a visible token say nothing about it."""
+
+    threshold: float = 0.2  # re-mask when p(token | rest) falls below this (a clear change of mind)
+    max_per_step: int = 4  # tokens checked per sequence and step, least confident first; they are
+    # masked together in the check row, so a small number keeps each one's context nearly intact
+    extra_steps: int = 8  # bound on steps beyond the schedule: NFE <= steps + extra_steps
+    only_if_disagrees: bool = True  # re-mask only if the model would now pick another token: with
+    # greedy decoding a re-masked argmax token comes straight back, which only spends steps
+
+    def __post_init__(self) -> None:
+        if self.threshold < 0:  # > 1 re-masks every checked token (a stress test)
+            raise ValueError(f"self-correction threshold must be >= 0, got {self.threshold}")
+        if self.max_per_step < 1 or self.extra_steps < 0:
+            raise ValueError("self-correction needs max_per_step >= 1 and extra_steps >= 0")
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """How one call decodes: the masked-diffusion scheduler's options and the AR scheduler's."""
+
+    steps: int | None = 16  # denoising steps (MDM); None = one token per step (the largest masked
+    #   text region's length: captions and infilling decode best so, BENCHMARKS.md issue 15). AR: one per token
+    image_steps: int | None = None  # steps for image regions when they should differ (None = `steps`, or
+    #   16 when `steps` is None); MaskGIT draws 16x16 grids in 8-12 cosine steps, ours are <= 8x8
+    temperature: float = 0.0  # 0 = argmax (LLaDA's benchmark setting); > 0 Gumbel-max sampling
+    top_k: int | None = None  # sample among the k most likely allowed tokens; None = all
+    guidance_scale: float = 0.0  # classifier-free guidance w (MDM); 0 = conditional only, no uncond rows
+    guidance_plausibility: float = 0.1  # guide only tokens with p_cond >= this * max p_cond: at guidance 2,
+    #   text-to-image all-correct 0% -> 65.5% (4,000 steps), 3.5% -> 13% (1,300; BENCHMARKS.md, guidance)
+    threshold: float | None = None  # Fast-dLLM (MDM): commit every prediction above it, at least one per
+    #   row and step, instead of the fixed schedule (0: everything in one step)
+    block_length: int | None = None  # LLaDA's semi-autoregressive blocks over the text target (MDM);
+    #   None = one block. Blocks grow to ceil(region / steps) tokens when steps < blocks
+    confidence: Confidence = Confidence.PROBABILITY  # commit order (MDM); margin / random are ablations
+    self_correction: SelfCorrection | None = None  # None = a committed token is final (LLaDA, MaskGIT)
+    use_cache: bool = True  # AR: the KV cache (False recomputes the prefix: the equality test, speed baseline)
+    eos_fill: bool = True  # AR: after a row's <eos>, its later text targets are <eos> (the template's fill)
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "image_steps", "block_length", "top_k"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1 (or None), got {value}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be >= 0, got {self.guidance_scale}")
+        if not 0 <= self.guidance_plausibility <= 1:
+            raise ValueError(f"guidance_plausibility must be in [0, 1], got {self.guidance_plausibility}")
+        if self.threshold is not None and not 0 <= self.threshold <= 1:
+            raise ValueError(f"threshold must be in [0, 1] (or None), got {self.threshold}")
+        object.__setattr__(self, "confidence", Confidence(self.confidence))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able values (for metrics.json)."""
+        d = asdict(self)
+        d["confidence"] = str(self.confidence)
+        return d

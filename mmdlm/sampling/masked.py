@@ -1,0 +1,269 @@
+"""`MaskedScheduler`: masked-diffusion decoding of a batch's target region.
+
+The target positions hold `<mask>`; every step predicts all of them in one forward call and commits some,
+until none is left. It follows:
+- LLaDA (Nie et al. 2025, `generate.py`): low-confidence remasking (commit the most confident predictions,
+  the rest stays masked), tokens per step spread so that exactly all masked tokens are committed after
+  `steps` steps, semi-autoregressive blocks over long text, classifier-free guidance.
+- MaskGIT (Chang et al. 2022): the cosine schedule for image tokens.
+- Fast-dLLM (Wu et al. 2025): threshold parallel decoding, committing every prediction whose confidence
+  passes a threshold (at least one per sequence and step), so easy tokens finish early.
+- ReMDM (Wang et al. 2025): committed tokens may be re-masked and predicted again (`SelfCorrection`).
+Every step's prediction is modality-restricted (`Vocab.allowed_table`): image positions
+(`image_index >= 0`) may only become image codes, text positions only text ids or `<eos>`.
+Target positions that already hold a token are anchors: never changed, nor re-masked ("word 3 must be
+'red'", inpainting).
+
+Steps: scheduled decoding runs max(text steps, image steps) steps over the modalities present (each on its
+own schedule), so NFE = steps unless every token is placed earlier (a region of n < steps tokens takes n
+steps); threshold decoding runs until no mask is left (<= one step per masked token). Self-correction adds
+at most `extra_steps`. The final step commits whatever is still masked.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+
+from mmdlm.sampling.config import SamplerConfig
+from mmdlm.sampling.scheduler import SampleResult, Scheduler
+from mmdlm.sampling.tokens import (
+    CONFIDENCE,
+    Schedule,
+    cosine_schedule,
+    guided_logits,
+    linear_schedule,
+    probability_confidence,
+    restrict,
+    sample_tokens,
+    top_k_mask,
+)
+from mmdlm.vocab import Modality, Vocab
+
+if TYPE_CHECKING:
+    from mmdlm.sequence import Batch
+
+DEFAULT_IMAGE_STEPS = 16  # image steps when `steps` is None (one token per step is for text)
+
+
+@dataclass
+class _Plan:
+    """The fixed part of a run: text blocks and, for scheduled decoding, tokens left after each step."""
+
+    block: torch.Tensor  # Long[B, T] block of each text target position (0 elsewhere)
+    n_blocks: int
+    remaining: torch.Tensor | None  # Long[2, B, S] per Modality: masked tokens left after step s
+    open_block: torch.Tensor | None  # Long[S]: text blocks <= this one may be committed at step s
+    steps: int  # steps of the schedule (threshold decoding: the worst case, one token per step)
+
+
+@dataclass
+class MaskedState:
+    """A masked-diffusion run in progress."""
+
+    canvas: torch.Tensor  # Long[B, T]
+    config: SamplerConfig
+    batch: Batch
+    fill: torch.Tensor  # Bool[B, T]: the positions the sampler owns (masked targets, not anchors)
+    is_image: torch.Tensor  # Bool[B, T]
+    modality: torch.Tensor  # Long[B, T]: a Modality per position
+    allowed: torch.Tensor  # Bool[2, V]
+    mask_id: int
+    plan: _Plan
+    fresh: torch.Tensor  # Bool[B, T]: never committed yet (threshold decoding opens blocks by these)
+    p_commit: torch.Tensor  # Float64[B, T]: p(token) when last judged
+    max_steps: int
+    generator: torch.Generator | None
+    i: int = 0
+    nfe: int = 0
+    rows: int = 0
+    remasked: int = 0
+    # set by model_inputs for the step that follows
+    masked: torch.Tensor | None = field(default=None, repr=False)  # Bool[B, T]
+    eligible: torch.Tensor | None = field(default=None, repr=False)  # Bool[B, T]
+    check: torch.Tensor | None = field(default=None, repr=False)  # Bool[B, T] self-correction check rows
+
+    @property
+    def done(self) -> bool:
+        return self.i >= self.max_steps or not bool(((self.canvas == self.mask_id) & self.fill).any())
+
+    def result(self) -> SampleResult:
+        return SampleResult(self.canvas, self.nfe, None, self.rows, self.remasked)
+
+
+class MaskedScheduler(Scheduler):
+    """Masked-diffusion decoding; the text and image commit schedules are the component's configuration
+    (LLaDA's linear for text, MaskGIT's cosine for images), the rest is per call (`SamplerConfig`)."""
+
+    autoregressive = False
+
+    def __init__(self, vocab: Vocab, text_schedule: Schedule = linear_schedule,
+                 image_schedule: Schedule = cosine_schedule) -> None:
+        self.vocab, self.text_schedule, self.image_schedule = vocab, text_schedule, image_schedule
+
+    # ---- planning -------------------------------------------------------------------------------------
+    def set_timesteps(self, batch: Batch, config: SamplerConfig, *, anchor: torch.Tensor | None = None,
+                      generator: torch.Generator | None = None) -> MaskedState:
+        vocab = self.vocab
+        canvas = batch.ids.clone()  # (B, T)
+        B, T = canvas.shape
+        fill = batch.target & (canvas == vocab.mask)  # (B, T)
+        if anchor is not None and bool((anchor & (canvas == vocab.mask)).any()):
+            raise ValueError("an anchored position holds <mask>: write the anchored token into batch.ids")
+        is_image = batch.image_index >= 0  # (B, T)
+        plan = self._plan(batch.target, fill, is_image, config)
+        sc = config.self_correction
+        return MaskedState(
+            canvas=canvas, config=config, batch=batch, fill=fill, is_image=is_image, modality=is_image.long(),
+            allowed=vocab.allowed_table(canvas.device), mask_id=vocab.mask, plan=plan, fresh=fill.clone(),
+            p_commit=torch.zeros(B, T, dtype=torch.float64, device=canvas.device),
+            max_steps=plan.steps + (sc.extra_steps if sc is not None else 0), generator=generator)
+
+    def _steps(self, config: SamplerConfig, text_masked: torch.Tensor) -> tuple[int, int]:
+        """(text steps, image steps): `steps` None = one text token per step (the largest region)."""
+        text = config.steps if config.steps is not None else max(1, int(text_masked.sum(1).max()))
+        image = config.image_steps or config.steps or DEFAULT_IMAGE_STEPS
+        return text, image
+
+    def _plan(self, target: torch.Tensor, masked: torch.Tensor, is_image: torch.Tensor,
+              o: SamplerConfig) -> _Plan:
+        text_target, text_masked = target & ~is_image, masked & ~is_image  # (B, T)
+        B = target.shape[0]
+        text_steps, image_steps = self._steps(o, text_masked)
+        longest = int(text_target.sum(1).max())
+        block_length = o.block_length
+        if block_length is not None and text_steps < math.ceil(longest / block_length):
+            block_length = math.ceil(longest / text_steps)  # every block needs a step: blocks grow
+        if block_length is None:
+            block, n_blocks = torch.zeros_like(target, dtype=torch.long), 1
+        else:  # LLaDA: blocks of block_length consecutive target positions, left to right
+            block = ((text_target.long().cumsum(1) - 1).clamp(min=0) // block_length) * text_target  # (B, T)
+            n_blocks = max(1, math.ceil(longest / block_length))
+        if o.threshold is not None:
+            return _Plan(block, n_blocks, None, None, int(masked.sum(1).max()))
+
+        per_block = torch.zeros(B, n_blocks, dtype=torch.long, device=target.device)
+        per_block.scatter_add_(1, block, text_masked.long())  # (B, n_blocks) masked text tokens per block
+        later = per_block.flip(1).cumsum(1).flip(1) - per_block  # (B, n_blocks) masked in the blocks after
+        text_cols: list[torch.Tensor] = []
+        open_block: list[int] = []
+        if bool(text_masked.any()):
+            for j in range(n_blocks):  # LLaDA splits the steps evenly over the blocks
+                steps_j = text_steps // n_blocks + (j < text_steps % n_blocks)
+                text_cols.append(self.text_schedule(per_block[:, j], steps_j) + later[:, j : j + 1])  # (B, steps_j)
+                open_block += [j] * steps_j
+        image_masked = (masked & is_image).sum(1)  # (B,)
+        image_cols = [self.image_schedule(image_masked, image_steps)] if bool(image_masked.any()) else []
+        text_left = torch.cat(text_cols, 1) if text_cols else per_block[:, :0]  # (B, S_text)
+        image_left = torch.cat(image_cols, 1) if image_cols else per_block[:, :0]  # (B, S_image)
+        steps = max(text_left.shape[1], image_left.shape[1])
+        # a modality with fewer steps is done early: nothing of it is left in the later steps
+        remaining = torch.stack([F.pad(x, (0, steps - x.shape[1])) for x in (text_left, image_left)])  # (2, B, S)
+        open_ = torch.tensor(open_block + [n_blocks - 1] * (steps - len(open_block)), device=target.device)
+        return _Plan(block, n_blocks, remaining, open_, steps)
+
+    # ---- one step -------------------------------------------------------------------------------------
+    def model_inputs(self, state: MaskedState) -> dict[str, Any]:
+        """The canvas rows, then self-correction's check rows (the least sure committed tokens masked), then,
+        with guidance, the same rows again with the condition dropped (`pad | cond`): one call."""
+        s, o, plan = state, state.config, state.plan
+        mask = self.vocab.mask
+        masked = (s.canvas == mask) & s.fill  # (B, T); anchors and prompt never hold <mask>
+        last = s.i == s.max_steps - 1  # the final step commits everything, whatever the rule
+        if last:
+            eligible = masked
+        elif plan.open_block is not None:  # image positions always, text by open block
+            open_ = plan.open_block[min(s.i, plan.steps - 1)]
+            eligible = masked & (s.is_image | (plan.block <= open_))  # (B, T)
+        else:  # threshold decoding: the first block with never-committed tokens is open, per row
+            first = plan.block.masked_fill(~(s.fresh & masked & ~s.is_image), plan.n_blocks).amin(1)  # (B,)
+            first = first.clamp(max=plan.n_blocks - 1)
+            eligible = masked & (s.is_image | (plan.block <= first[:, None]))  # (B, T)
+
+        check = torch.zeros_like(s.fill)
+        sc = o.self_correction
+        if sc is not None and not last:
+            committed = s.fill & ~masked  # (B, T)
+            score = (-s.p_commit).masked_fill(~committed, float("-inf"))  # (B, T) least sure = highest
+            check = top_k_mask(score, torch.full((s.canvas.shape[0],), sc.max_per_step, device=s.canvas.device))
+        s.masked, s.eligible, s.check = masked, eligible, check
+
+        b = s.batch
+        checking = bool(check.any())
+        ids = torch.cat([s.canvas, s.canvas.masked_fill(check, mask)]) if checking else s.canvas  # (rep*B, T)
+        rep = 2 if checking else 1
+        pad, image_index = b.pad.repeat(rep, 1), b.image_index.repeat(rep, 1)  # (rep*B, T)
+        if o.guidance_scale == 0:
+            return {"ids": ids, "pad": pad, "image_index": image_index}
+        cond = b.cond.repeat(rep, 1)  # (rep*B, T)
+        return {"ids": torch.cat([ids, ids]), "pad": torch.cat([pad, pad | cond]),
+                "image_index": torch.cat([image_index, image_index])}  # (2*rep*B, T)
+
+    def _guided(self, logits: torch.Tensor, state: MaskedState) -> torch.Tensor:
+        """Raw logits of `model_inputs` -> Float[rep*B, T, V] (guidance combined)."""
+        o = state.config
+        if o.guidance_scale == 0:
+            return logits
+        c, u = logits.float().chunk(2)  # (rep*B, T, V) each
+        rep = c.shape[0] // state.canvas.shape[0]
+        reference = restrict(c, state.modality.repeat(rep, 1), state.allowed) if o.guidance_plausibility > 0 else None
+        return guided_logits(c, u, o.guidance_scale, o.guidance_plausibility, reference)
+
+    def step(self, logits: torch.Tensor, state: MaskedState) -> None:
+        s, o, plan = state, state.config, state.plan
+        masked, eligible, check = s.masked, s.eligible, s.check
+        assert masked is not None and eligible is not None and check is not None, "model_inputs first"
+        B, T = s.canvas.shape
+        logits = self._guided(logits, s)
+        s.nfe, s.rows = s.nfe + 1, s.rows + logits.shape[0] * (2 if o.guidance_scale else 1)
+        last = s.i == s.max_steps - 1
+
+        # predict the eligible positions
+        where = eligible.nonzero(as_tuple=True)
+        lg = restrict(logits[:B][where].double(), s.modality[where], s.allowed)  # (N, V)
+        chosen = sample_tokens(lg, o.temperature, s.generator, o.top_k)  # (N,)
+        probs = lg.softmax(dim=-1)  # (N, V)
+        conf = torch.full((B, T), float("-inf"), dtype=torch.float64, device=s.canvas.device)
+        conf[where] = CONFIDENCE[o.confidence](probs, chosen, s.generator)
+        proposal = s.canvas.clone()
+        proposal[where] = chosen
+        p_chosen = torch.zeros_like(s.p_commit)
+        p_chosen[where] = probability_confidence(probs, chosen)
+
+        # choose the commits
+        if last:
+            commit = eligible
+        elif plan.remaining is not None:  # the schedule: commit down to the tokens left after this step
+            commit = torch.zeros_like(eligible)
+            for m in Modality:
+                of_m = s.modality == m  # (B, T)
+                left = plan.remaining[m, :, s.i] if s.i < plan.steps else 0  # (B,); past it: revisions
+                k = ((masked & of_m).sum(1) - left).clamp(min=0)  # (B,)
+                commit |= top_k_mask(conf.masked_fill(~of_m, float("-inf")), k)  # (B, T)
+        else:  # Fast-dLLM: all above the threshold, and at least the most confident one
+            one = torch.ones(B, dtype=torch.long, device=s.canvas.device)
+            commit = (eligible & (conf > o.threshold)) | top_k_mask(conf, one)
+        s.canvas = torch.where(commit, proposal, s.canvas)
+        s.p_commit = torch.where(commit, p_chosen, s.p_commit)
+        s.fresh &= ~commit
+
+        # re-mask the checked tokens the model no longer believes in
+        if bool(check.any()):
+            sc = o.self_correction
+            cw = check.nonzero(as_tuple=True)
+            lc = restrict(logits[B:][cw].double(), s.modality[cw], s.allowed)  # (C, V)
+            pc = lc.softmax(dim=-1)  # (C, V)
+            p_now = pc.gather(1, s.canvas[cw][:, None]).squeeze(1)  # (C,)
+            drop = p_now < sc.threshold
+            if sc.only_if_disagrees:
+                drop &= pc.argmax(dim=-1) != s.canvas[cw]
+            s.p_commit[cw] = p_now
+            again = torch.zeros_like(check)
+            again[cw] = drop
+            s.canvas = s.canvas.masked_fill(again, self.vocab.mask)
+            s.remasked += int(drop.sum())
+        s.i += 1

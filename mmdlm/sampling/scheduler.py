@@ -1,0 +1,102 @@
+"""The scheduler interface of mmdlm's samplers and the one decoding loop that drives every scheduler.
+
+As in diffusers, a scheduler owns the decoding rule and the pipeline owns the model: `set_timesteps`
+plans a run for a batch, then each step the loop calls the model on `model_inputs(state)` and hands the
+logits to `step(logits, state)`, which updates the canvas. `sample` is that loop. Two schedulers exist:
+`MaskedScheduler` (masked diffusion: LLaDA / MaskGIT / Fast-dLLM / ReMDM) and `ARScheduler` (left to right
+with a KV cache); `scheduler_for` picks the one a model was trained for.
+
+NFE convention: one forward *call* is one function evaluation. Classifier-free guidance puts the
+unconditional rows and self-correction its check rows in the same call (concatenated along the batch), so
+they cost no NFE; `SampleResult.forward_rows` reports the rows actually run, which is the compute.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+from torch import nn
+
+from mmdlm.sampling.config import SamplerConfig
+
+if TYPE_CHECKING:
+    from mmdlm.sequence import Batch
+
+StepCallback = Callable[[int, torch.Tensor], None]
+"""(step index, canvas Long[B, T]) -> None: called after every step (diffusers' `callback_on_step_end`)."""
+
+
+@dataclass
+class SampleResult:
+    ids: torch.Tensor  # Long[B, T]: the batch's ids with the target region filled
+    nfe: int  # forward calls (the sampling cost in the diffusion literature's unit)
+    history: list[torch.Tensor] | None = None  # Long[B, T] canvas after each step, when asked for
+    forward_rows: int = 0  # sequences run through the model in all: guidance and check rows included
+    remasked: int = 0  # committed tokens that self-correction re-masked
+
+
+class State(Protocol):
+    """What a scheduler carries from step to step."""
+
+    canvas: torch.Tensor  # Long[B, T]: the batch's ids, target positions filled so far
+    i: int  # steps taken
+
+    @property
+    def done(self) -> bool: ...
+
+    def result(self) -> SampleResult: ...
+
+
+class Scheduler:
+    """Base of the schedulers: subclasses write `set_timesteps`, `model_inputs` and `step`."""
+
+    autoregressive: bool = False  # True: decodes left to right (needs a causal model); no infilling
+
+    def set_timesteps(self, batch: Batch, config: SamplerConfig, *, anchor: torch.Tensor | None = None,
+                      generator: torch.Generator | None = None) -> State:
+        """Plan a run over the batch's target region (`anchor`: Bool[B, T] targets that must stay)."""
+        raise NotImplementedError
+
+    def prepare(self, model: nn.Module, state: State) -> None:
+        """Anything a run needs from the model before its first step (the AR scheduler's KV cache)."""
+
+    def model_inputs(self, state: State) -> dict[str, Any]:
+        """Keyword arguments of the model call of the next step (`Transformer.forward`)."""
+        raise NotImplementedError
+
+    def step(self, logits: torch.Tensor, state: State) -> None:
+        """Update `state.canvas` (and the rest of the state) from the logits of `model_inputs(state)`."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def sample(self, model: nn.Module, batch: Batch, config: SamplerConfig = SamplerConfig(), *,
+               anchor: torch.Tensor | None = None, generator: torch.Generator | None = None,
+               history: bool = False, callback: StepCallback | None = None) -> SampleResult:
+        """Fill the batch's `<mask>` targets: the loop model -> `step` until the scheduler is done.
+
+        The model should be in eval mode; with a fixed `generator` (on the batch's device) the result is
+        deterministic. `history` keeps the canvas after every step; `callback(i, canvas)` sees it live.
+        """
+        state = self.set_timesteps(batch, config, anchor=anchor, generator=generator)
+        self.prepare(model, state)
+        frames: list[torch.Tensor] | None = [] if history else None
+        while not state.done:
+            self.step(model(**self.model_inputs(state)), state)
+            if frames is not None:
+                frames.append(state.canvas.clone())
+            if callback is not None:
+                callback(state.i, state.canvas)
+        out = state.result()
+        out.history = frames
+        return out
+
+
+def scheduler_for(model_config: Any, vocab: Any) -> Scheduler:
+    """The scheduler a model was trained for: `ARScheduler` for a causal model, else `MaskedScheduler`."""
+    from mmdlm.sampling.autoregressive import ARScheduler
+    from mmdlm.sampling.masked import MaskedScheduler
+
+    return ARScheduler(vocab) if model_config.causal else MaskedScheduler(vocab)
