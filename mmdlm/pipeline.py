@@ -62,6 +62,10 @@ class ImageOutput:
     nfe: int
     history: list[torch.Tensor] | None = None  # Long[B, h, w] codes after each step (mask = -1)
 
+    def pil(self) -> list[Image.Image]:
+        """The images as RGB PIL images."""
+        return to_pil_images(self.images)
+
 
 @dataclass
 class JointOutput:
@@ -69,6 +73,17 @@ class JointOutput:
     codes: torch.Tensor  # Long[B, h, w]
     captions: list[str]
     nfe: int
+
+    def pil(self) -> list[Image.Image]:
+        """The images as RGB PIL images."""
+        return to_pil_images(self.images)
+
+
+def to_pil_images(images: torch.Tensor) -> list[Image.Image]:
+    """Float[B, 3, H, W] in [0, 1] -> RGB PIL images."""
+    from torchvision.transforms.functional import to_pil_image
+
+    return [to_pil_image(im.clamp(0, 1)) for im in images.cpu()]
 
 
 # Each task's sampler, chosen on the quickstart model (BENCHMARKS.md): captions one token per step in blocks
@@ -140,6 +155,20 @@ class MMDLMPipeline:
         self.vq.save_pretrained(path / "vq")
         write_weights_and_config(self.model, self.vocab, self.layout, path)
         return path
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> MMDLMPipeline:
+        """Move the model (and the image tokenizer) to a device and/or the model to a dtype, in place, as
+        diffusers' `pipe.to("cuda", torch.bfloat16)`; returns the pipeline."""
+        if device is not None:
+            self.device = torch.device(device)
+            self.vq.to(self.device)
+        self.model.to(device=self.device, dtype=dtype)
+        return self
+
+    def __call__(self, prompts: str | list[str], sampler: SamplerConfig | None = None, seed: int = 0,
+                 **overrides) -> ImageOutput:
+        """Text-to-image, the pipeline's main generation (diffusers' `pipe(prompt)`); `.pil()` for PIL images."""
+        return self.text_to_image([prompts] if isinstance(prompts, str) else prompts, sampler, seed, **overrides)
 
     @property
     def is_autoregressive(self) -> bool:

@@ -1,0 +1,49 @@
+"""The pipeline's user-level API on the tiny model folder: diffusers-style `pipe(prompt)`, `.to(device, dtype)`,
+PIL images out, one `SamplerConfig` per call with per-task defaults."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from mmdlm.pipeline import DEFAULT_SAMPLERS, MMDLMPipeline
+from mmdlm.sampling import MaskedScheduler, SamplerConfig
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_model_dir) -> MMDLMPipeline:
+    torch.set_num_threads(1)
+    return MMDLMPipeline.from_pretrained(tiny_model_dir, device="cpu")
+
+
+def test_call_is_text_to_image_and_gives_pil_images(pipe):
+    out = pipe("a large red circle at the top left", steps=2, seed=3)
+    same = pipe.text_to_image(["a large red circle at the top left"], steps=2, seed=3)
+    assert torch.equal(out.codes, same.codes) and out.nfe == 2
+    images = out.pil()
+    assert len(images) == 1 and images[0].size == (pipe.vq.image_size,) * 2 and images[0].mode == "RGB"
+
+
+def test_the_pipeline_holds_the_scheduler_and_a_default_sampler_per_task(pipe):
+    assert isinstance(pipe.scheduler, MaskedScheduler) and not pipe.is_autoregressive
+    assert pipe.sampler("caption") == DEFAULT_SAMPLERS["caption"]
+    assert pipe.sampler("text_to_image", steps=3) == dataclasses.replace(DEFAULT_SAMPLERS["text_to_image"], steps=3)
+    mine = SamplerConfig(steps=2)
+    assert pipe.sampler("text_to_image", mine) == mine  # a whole config replaces the default
+    with pytest.raises(TypeError):
+        pipe.sampler("answer", stepz=3)  # a misspelt option is an error, not ignored
+    image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    assert pipe.caption(image, sampler=mine).nfe == 2 and pipe.caption(image, steps=3, block_length=None).nfe == 3
+
+
+def test_to_moves_the_model_to_a_dtype_and_back(pipe):
+    pipe.to(dtype=torch.bfloat16)
+    try:
+        assert next(pipe.model.parameters()).dtype == torch.bfloat16
+        out = pipe.text_to_image(["a small blue square"], steps=2)
+        assert out.images.dtype == torch.float32 and out.codes.shape == (1, *pipe.vq.grid)
+    finally:
+        pipe.to("cpu", torch.float32)
+    assert next(pipe.model.parameters()).dtype == torch.float32 and pipe.device == torch.device("cpu")
