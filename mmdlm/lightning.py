@@ -190,6 +190,30 @@ ARCHITECTURE = ("n_layer", "n_head", "n_embd", "causal", "qk_norm", "tie_head", 
                 "shift_logits")
 
 
+@torch.no_grad()
+def image_grid(batch: Batch, pred: torch.Tensor, vocab: Vocab, vq: Any) -> torch.Tensor | None:
+    """Float[3, H', W']: the image targets of a batch, truth (top row) over prediction (bottom row), decoded
+    by the image tokenizer (torchvision's `make_grid`); None when no row generates an image."""
+    from torchvision.utils import make_grid
+
+    rows = [i for i in range(len(batch)) if bool((batch.target[i] & (batch.image_index[i] >= 0)).any())]
+    if not rows:
+        return None
+    h, w = vq.grid
+
+    def codes(ids: torch.Tensor) -> torch.Tensor:
+        out = []
+        for i in rows:
+            at = batch.image_index[i] >= 0  # (T,)
+            order = batch.image_index[i][at].argsort()  # raster order of the image positions
+            tok = ids[i][at][order]  # (h*w,)
+            out.append(torch.where(vocab.is_image(tok), tok - vocab.image_offset, 0).view(h, w))
+        return torch.stack(out).cpu()  # (R, h, w): the DataModule's tokenizer stays on the CPU
+
+    truth, made = vq.decode(codes(batch.ids)), vq.decode(codes(pred))  # (R, 3, H, W) each
+    return make_grid(torch.cat([truth, made]).float().clamp(0, 1).cpu(), nrow=len(rows))
+
+
 def absolute_path(path: str | Path) -> str:
     """An existing local path made absolute; anything else (`open_clip`, a path gone since) as given."""
     local = Path(path).expanduser()
@@ -459,16 +483,23 @@ class LitMDM(LightningModule):
             self._log_samples(batch)
 
     def _log_samples(self, batch: Batch) -> None:
-        """Decode a few understanding/text targets of the val batch and log them next to the truth."""
+        """Decode the targets of a few val rows (greedy, 8 steps) and log them next to the truth: texts
+        (captions, answers) as `val/samples`, generated images (text-to-image, joint) as the grid
+        `val/images`, truth above prediction, as a diffusion trainer's validation images."""
         from mmdlm.pipeline import decode_targets, fill_targets, select_rows
 
         n = self.hparams.samples_at_val
         sub = select_rows(batch, slice(0, n))
         pred = fill_targets(self.model, sub, self.vocab, steps=8)
-        lines = decode_targets(sub, pred, self.vocab, self.trainer.datamodule.tokenizer)
+        dm = self.trainer.datamodule
         experiment = getattr(self.logger, "experiment", None)
         if hasattr(experiment, "add_text"):
+            lines = decode_targets(sub, pred, self.vocab, dm.tokenizer)
             experiment.add_text("val/samples", "\n\n".join(lines), self.global_step)
+        if hasattr(experiment, "add_image"):
+            grid = image_grid(sub, pred, self.vocab, dm.vq)
+            if grid is not None:
+                experiment.add_image("val/images", grid, self.global_step)
 
     # ---- optimisation ------------------------------------------------------------------------------
     def configure_optimizers(self) -> dict:

@@ -191,3 +191,22 @@ def test_compile_speeds_the_training_forward_only_and_keeps_numbers_and_paramete
         with torch.no_grad():  # eval / sampling: eager, no new graph
             torch.testing.assert_close(compiled.model.eval()(ids), plain.model.eval()(ids))
         assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_validation_logs_text_samples_and_an_image_grid_to_tensorboard(tiny_model_dir, tiny_shards, tmp_path,
+                                                                       causal) -> None:
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    L.seed_everything(0)
+    module = LitMDM(**(TINY | {"samples_at_val": 16, "causal": causal}))
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    L.Trainer(max_steps=2, accelerator="cpu", devices=1, logger=logger, enable_progress_bar=False,
+              enable_model_summary=False, enable_checkpointing=False, limit_val_batches=1, val_check_interval=2,
+              num_sanity_val_steps=0).fit(module, datamodule=datamodule(tiny_model_dir, tiny_shards, batch_size=16))
+    events = EventAccumulator(str(Path(logger.log_dir)), size_guidance={"images": 0, "tensors": 0}).Reload()
+    assert "val/images" in events.Tags()["images"]  # 16 mixed-task rows always hold a text-to-image or joint one
+    image = events.Images("val/images")[-1]
+    assert image.height > 32 and image.width >= 32  # truth row over prediction row of 32-px images
+    assert any(tag.startswith("val/samples") for tag in events.Tags()["tensors"])
