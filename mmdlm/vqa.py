@@ -245,7 +245,7 @@ def build_parser(prog: str = "python -m mmdlm.vqa") -> argparse.ArgumentParser:
     parser.add_argument("--question", help="the question (single mode)")
     parser.add_argument("--out", type=Path, help="batch mode: the output JSONL (default: stdout)")
     parser.add_argument("--batch-size", type=positive_int, default=32, help="questions per forward batch")
-    add_sampler_arguments(parser, "8 steps, argmax", guidance=False)
+    add_sampler_arguments(parser, "one token per step, left to right, argmax", guidance=False)
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     parser.add_argument("-v", "--verbose", action="store_true", help="print NFE and time on stderr")
