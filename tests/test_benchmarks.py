@@ -366,5 +366,10 @@ def test_caption_decoding(tiny_model_dir, tiny_shards, capsys):
     got = [(r["steps"], r["block_length"], r["nfe_per_call"], r["n"]) for r in rows]
     assert got == [(3, None, 3, 2), (24, 4, 24, 2)]
     assert {"cell", "color", "shape", "size"} <= set(rows[0]["f1"])
+    caption_decoding.main(["--model", tiny_model_dir, "--shards", f"{tiny_shards}/val/*.tar", "--skip", "1",
+                           "--limit", "2", "--task", "vqa", "--setting", "4:1", "--setting", "1:none"])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["steps"], r["block_length"], r["nfe_per_call"]) for r in rows] == [(4, 1, 4), (1, None, 1)]
+    assert all(0 <= r["accuracy"] <= 1 and r["questions"] > 0 for r in rows)
     with pytest.raises(SystemExit):
         caption_decoding.main(["--model", tiny_model_dir, "--shards", "x", "--setting", "four:4"])
