@@ -42,21 +42,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--limit", type=int, default=200, help="val records scored after those")
     parser.add_argument("--setting", type=parse_setting, action="append", required=True, help="STEPS:BLOCK")
     parser.add_argument("--task", choices=("caption", "vqa"), default="caption", help="what to decode")
+    parser.add_argument("--prefix-cache", type=int, default=0,
+                        help="SamplerConfig.prefix_cache of every setting (0 = off); seconds per sample are printed")
     args = parser.parse_args(argv)
     pipe = MMDLMPipeline.from_pretrained(args.model)
     records = load_records(args.shards, pipe.vq.image_size, limit=args.skip + args.limit)[args.skip :]
     for steps, block in args.setting:
         if args.task == "vqa":
-            m = eval_vqa(pipe, records, pipe.sampler("answer", steps=steps, block_length=block), progress=False).metrics
+            m = eval_vqa(pipe, records, pipe.sampler("answer", steps=steps, block_length=block,
+                                                     prefix_cache=args.prefix_cache), progress=False).metrics
             print(json.dumps({"steps": steps, "block_length": block, "accuracy": round(m["accuracy"], 4),
                               "per_type": {k: round(v["accuracy"], 3) for k, v in m["per_type"].items()},
-                              "nfe_per_call": m["cost"]["nfe_per_call"], "questions": m["n"]}), flush=True)
+                              "nfe_per_call": m["cost"]["nfe_per_call"], "questions": m["n"],
+                              "prefix_cache": args.prefix_cache,
+                              "seconds_per_sample": round(m["cost"]["seconds_per_sample"], 5)}), flush=True)
             continue
-        metrics = eval_caption(pipe, records, pipe.sampler("caption", steps=steps, block_length=block),
-                               progress=False).metrics
+        metrics = eval_caption(pipe, records, pipe.sampler("caption", steps=steps, block_length=block,
+                                                           prefix_cache=args.prefix_cache), progress=False).metrics
         f1 = {k: round(v["f1"], 3) for k, v in metrics.get("per_attribute", {}).items()}
         print(json.dumps({"steps": steps, "block_length": block, "f1": f1, "exact": metrics["exact_match"],
-                          "nfe_per_call": metrics["cost"]["nfe_per_call"], "n": len(records)}), flush=True)
+                          "nfe_per_call": metrics["cost"]["nfe_per_call"], "n": len(records),
+                          "prefix_cache": args.prefix_cache,
+                          "seconds_per_sample": round(metrics["cost"]["seconds_per_sample"], 5)}), flush=True)
 
 
 if __name__ == "__main__":

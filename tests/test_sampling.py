@@ -463,3 +463,22 @@ def test_sampler_config_checks_its_values_and_the_cli_flags_map_onto_it() -> Non
     assert sampler_from_args(parser, parser.parse_args([]), base) == base  # absent flags keep the defaults
     with pytest.raises(SystemExit):  # a bad value is a usage error naming it
         sampler_from_args(parser, parser.parse_args(["--steps", "0"]), base)
+
+
+def test_prefix_cache_refreshed_every_step_equals_no_cache_and_runs_only_the_targets_in_between() -> None:
+    model = tiny()
+    for batch, config in ((vqa_batch(), SamplerConfig(steps=4)),
+                          (t2i_batch(), SamplerConfig(steps=4, temperature=1.0, guidance_scale=2.0))):
+        plain = MASKED.sample(model, batch, config, generator=torch.Generator().manual_seed(1))
+        every = MASKED.sample(model, batch, dataclasses.replace(config, prefix_cache=1),
+                              generator=torch.Generator().manual_seed(1))
+        assert torch.equal(plain.ids, every.ids) and plain.nfe == every.nfe
+        counting = Counting(model)
+        once = MASKED.sample(counting, batch, dataclasses.replace(config, prefix_cache=100),
+                             generator=torch.Generator().manual_seed(1))
+        check_filled(batch, once.ids)
+        first = int(batch.target.float().argmax(1).min())
+        widths = [ids.shape[1] for ids, _ in counting.inputs]
+        assert widths == [batch.ids.shape[1]] + [batch.ids.shape[1] - first + 1] * (len(widths) - 1)
+    with pytest.raises(ValueError, match="self_correction"):
+        SamplerConfig(prefix_cache=2, self_correction=SelfCorrection())

@@ -26,6 +26,8 @@ _FLAGS: dict[str, tuple[str, type, str]] = {
     "--block-length": ("block_length", int, "semi-autoregressive blocks of this many text tokens, left to right "
                        "(0 = one block)"),
     "--confidence": ("confidence", Confidence, "which predictions are committed first"),
+    "--prefix-cache": ("prefix_cache", int, "Fast-dLLM's approximate prefix cache: recompute the image / question / "
+                       "caption before the generated region every K steps and reuse it in between (0 = off)"),
 }
 
 

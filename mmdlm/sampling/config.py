@@ -63,10 +63,18 @@ class SamplerConfig:
     #   None = one block. Blocks grow to ceil(region / steps) tokens when steps < blocks
     confidence: Confidence = Confidence.PROBABILITY  # commit order (MDM); margin / random are ablations
     self_correction: SelfCorrection | None = None  # None = a committed token is final (LLaDA, MaskGIT)
+    prefix_cache: int = 0  # MDM, Fast-dLLM's approximate prefix cache: the keys/values of the positions before
+    #   the target region (image + question, caption) are computed in a full pass every `prefix_cache` steps and
+    #   reused in between, so the other steps run only the target region; 0 = off (every step a full pass).
+    #   Approximate for a bidirectional model (the prefix saw older masks); not with self-correction
     use_cache: bool = True  # AR: the KV cache (False recomputes the prefix: the equality test, speed baseline)
     eos_fill: bool = True  # AR: after a row's <eos>, its later text targets are <eos> (the template's fill)
 
     def __post_init__(self) -> None:
+        if self.prefix_cache < 0:
+            raise ValueError(f"prefix_cache must be >= 0 (0 = off), got {self.prefix_cache}")
+        if self.prefix_cache and self.self_correction is not None:
+            raise ValueError("prefix_cache and self_correction do not go together (check rows change the batch)")
         for name in ("steps", "image_steps", "block_length", "top_k"):
             value = getattr(self, name)
             if value is not None and value < 1:

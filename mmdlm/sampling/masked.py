@@ -9,6 +9,8 @@ until none is left. It follows:
 - Fast-dLLM (Wu et al. 2025): threshold parallel decoding, committing every prediction whose confidence
   passes a threshold (at least one per sequence and step), so easy tokens finish early.
 - ReMDM (Wang et al. 2025): committed tokens may be re-masked and predicted again (`SelfCorrection`).
+- Fast-dLLM's approximate prefix cache (`SamplerConfig.prefix_cache`): the keys/values of the positions
+  before the target region come from a full pass every k steps; the steps in between run the rest only.
 Every step's prediction is modality-restricted (`Vocab.allowed_table`): image positions
 (`image_index >= 0`) may only become image codes, text positions only text ids or `<eos>`.
 Target positions that already hold a token are anchors: never changed, nor re-masked ("word 3 must be
@@ -45,6 +47,9 @@ from mmdlm.sampling.tokens import (
 from mmdlm.vocab import Modality, Vocab
 
 if TYPE_CHECKING:
+    from torch import nn
+
+    from mmdlm.model import KVCache
     from mmdlm.sequence import Batch
 
 DEFAULT_IMAGE_STEPS = 16  # image steps when `steps` is None (one token per step is for text)
@@ -82,6 +87,9 @@ class MaskedState:
     nfe: int = 0
     rows: int = 0
     remasked: int = 0
+    cache: KVCache | None = None  # the prefix cache (`SamplerConfig.prefix_cache`)
+    split: int = 0  # positions [0, split) are cached; a cached step runs [split, T)
+    offset: int = 0  # where the last model call's logits start (0 = a full pass)
     # set by model_inputs for the step that follows
     masked: torch.Tensor | None = field(default=None, repr=False)  # Bool[B, T]
     eligible: torch.Tensor | None = field(default=None, repr=False)  # Bool[B, T]
@@ -122,6 +130,18 @@ class MaskedScheduler(Scheduler):
             allowed=vocab.allowed_table(canvas.device), mask_id=vocab.mask, plan=plan, fresh=fill.clone(),
             p_commit=torch.zeros(B, T, dtype=torch.float64, device=canvas.device),
             max_steps=plan.steps + (sc.extra_steps if sc is not None else 0), generator=generator)
+
+    def prepare(self, model: nn.Module, state: MaskedState) -> None:
+        """With `prefix_cache`, a KV cache for every row of the model calls; the split sits one position before
+        the first target, so a model reading position i's logits at i - 1 (`shift_logits`) recomputes it."""
+        o = state.config
+        if not o.prefix_cache:
+            return
+        split = int(state.fill.float().argmax(1).min()) - 1  # (first masked target of any row) - 1
+        if split < 1:
+            return  # nothing to cache before the targets
+        rows, T = state.canvas.shape[0] * (2 if o.guidance_scale else 1), state.canvas.shape[1]
+        state.cache, state.split = model.new_cache(rows, T, device=state.canvas.device), split
 
     def _steps(self, config: SamplerConfig, text_masked: torch.Tensor) -> tuple[int, int]:
         """(text steps, image steps): `steps` None = one text token per step (the largest region)."""
@@ -198,10 +218,16 @@ class MaskedScheduler(Scheduler):
         rep = 2 if checking else 1
         pad, image_index = b.pad.repeat(rep, 1), b.image_index.repeat(rep, 1)  # (rep*B, T)
         if o.guidance_scale == 0:
-            return {"ids": ids, "pad": pad, "image_index": image_index}
-        cond = b.cond.repeat(rep, 1)  # (rep*B, T)
-        return {"ids": torch.cat([ids, ids]), "pad": torch.cat([pad, pad | cond]),
-                "image_index": torch.cat([image_index, image_index])}  # (2*rep*B, T)
+            inputs = {"ids": ids, "pad": pad, "image_index": image_index}
+        else:
+            cond = b.cond.repeat(rep, 1)  # (rep*B, T)
+            inputs = {"ids": torch.cat([ids, ids]), "pad": torch.cat([pad, pad | cond]),
+                      "image_index": torch.cat([image_index, image_index])}  # (2*rep*B, T)
+        if s.cache is None:
+            return inputs
+        s.offset = 0 if s.i % o.prefix_cache == 0 else s.split  # a full pass refreshes the prefix
+        s.cache.length = s.offset
+        return {k: v[:, s.offset :] for k, v in inputs.items()} | {"cache": s.cache}  # (R, T - offset)
 
     def _guided(self, logits: torch.Tensor, state: MaskedState) -> torch.Tensor:
         """Raw logits of `model_inputs` -> Float[rep*B, T, V] (guidance combined)."""
@@ -218,6 +244,8 @@ class MaskedScheduler(Scheduler):
         masked, eligible, check = s.masked, s.eligible, s.check
         assert masked is not None and eligible is not None and check is not None, "model_inputs first"
         B, T = s.canvas.shape
+        if s.offset:  # a cached step's logits cover [offset, T): every target lies there
+            logits = F.pad(logits, (0, 0, s.offset, 0))  # (R, T, V)
         logits = self._guided(logits, s)
         s.nfe, s.rows = s.nfe + 1, s.rows + logits.shape[0] * (2 if o.guidance_scale else 1)
         last = s.i == s.max_steps - 1
