@@ -5,7 +5,10 @@ recognition of handwritten digits set). They are upscaled to `image_size` (neare
 the scanned pixels as blocks; bilinear smooths them), white digit on black, RGB, and written with a
 caption ("a handwritten digit seven") and two questions (which digit; is it even).
 
-    python -m data.digits --out data/shards/digits --image-size 32
+    python -m mmdlm.worlds.digits --out data/shards/digits --image-size 32
+
+From the repository root, `python -m data.digits ...` is the same command (data/digits.py, the recipe's
+wrapper beside its shards). The k-NN scorer of generated digits is `mmdlm/worlds/digits_scorer.py`.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from data.shapes import NUMBERS
+from mmdlm.worlds.shapes import NUMBERS
 
 INTERPOLATIONS = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR}
 
@@ -83,9 +86,9 @@ def write_digits(out: str | Path, image_size: int = 32, val_fraction: float = 0.
 def main(argv: list[str] | None = None) -> None:
     """Write scikit-learn's handwritten digits (real 8x8 scans) as webdataset shards in DIR/train, DIR/val.
 
-    python -m data.digits --out data/shards/digits [--image-size 32] [--val-fraction 0.1] [--seed 0]
+    python -m mmdlm.worlds.digits --out data/shards/digits [--image-size 32] [--val-fraction 0.1] [--seed 0]
     """
-    parser = argparse.ArgumentParser(prog="python -m data.digits", description=main.__doc__,
+    parser = argparse.ArgumentParser(prog="python -m mmdlm.worlds.digits", description=main.__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--image-size", type=int, default=32, help="side in pixels of the upscaled digit")

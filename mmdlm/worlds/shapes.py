@@ -3,15 +3,18 @@
 A scene graph is `min..max` objects; each has a colour (8), a shape (4), a size (2) and its own cell
 of a 3x3 grid. Scenes are rendered with PIL without anti-aliasing, so every object pixel holds its
 exact palette colour, and geometry scales with the image size (32 px default, 64 px supported).
-Because the data come from scene graphs, captions and answers are exact, and `data/oracle.py` can
-read a scene back from pixels, so text-to-image can be scored like VQA (as in the CLEVR-style
+Because the data come from scene graphs, captions and answers are exact, and `mmdlm/worlds/oracle.py`
+can read a scene back from pixels, so text-to-image can be scored like VQA (as in the CLEVR-style
 worlds of Johnson et al. 2017 and the shape worlds used to probe compositional generation).
 
 The held-out split is by scene graph: `split_of(objects)` hashes the canonical `scene_key` with md5,
 so a scene that lands in val never occurs in train (overlap 0 by construction, and measured).
 
-    python -m data.shapes --out data/shards/shapes --train 20000 --val 1000
-    python -m data.shapes --out /tmp/shapes64 --train 2000 --val 200 --image-size 64 --max-objects 3
+    python -m mmdlm.worlds.shapes --out data/shards/shapes --train 20000 --val 1000
+    python -m mmdlm.worlds.shapes --out /tmp/shapes64 --train 2000 --val 200 --image-size 64 --max-objects 3
+
+From the repository root, `python -m data.shapes ...` is the same command (data/shapes.py, the recipe's
+wrapper beside its shards).
 """
 
 from __future__ import annotations
@@ -338,7 +341,7 @@ def make_questions(objects: list[dict], rng: random.Random) -> list[dict]:
 
 @dataclass
 class ShapesConfig:
-    """What `python -m data.shapes` generates."""
+    """What `python -m mmdlm.worlds.shapes` (= `python -m data.shapes`) generates."""
 
     train: int = 20_000  # 20k scenes: seconds to write, many sightings of every colour x shape
     val: int = 1_000  # enough for VQA / text-to-image accuracies with ~1-2% standard error
@@ -437,7 +440,7 @@ def _readme(stats: dict) -> str:
     lines = [
         "# shapes shards",
         "",
-        f"Written by `python -m data.shapes --out <dir> --train {cfg['train']} --val {cfg['val']} "
+        f"Written by `python -m mmdlm.worlds.shapes --out <dir> --train {cfg['train']} --val {cfg['val']} "
         f"--seed {cfg['seed']} --image-size {cfg['image_size']} --min-objects {cfg['min_objects']} "
         f"--max-objects {cfg['max_objects']} --shard-size {cfg['shard_size']}` (see data/README.md).",
         "",
@@ -459,10 +462,10 @@ def _readme(stats: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     """Write the shapes world as webdataset shards: DIR/train/*.tar, DIR/val/*.tar, stats.json, README.md.
 
-    python -m data.shapes --out data/shards/shapes --train 20000 --val 1000 --seed 0
+    python -m mmdlm.worlds.shapes --out data/shards/shapes --train 20000 --val 1000 --seed 0
     """
     defaults = ShapesConfig()
-    parser = argparse.ArgumentParser(prog="python -m data.shapes", description=main.__doc__,
+    parser = argparse.ArgumentParser(prog="python -m mmdlm.worlds.shapes", description=main.__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--train", type=int, default=defaults.train, help="train samples")
