@@ -24,14 +24,14 @@ import random
 
 import torch
 
-from data.shapes import COLORS
 from mmdlm.data import record_pipeline
 from mmdlm.pipeline import MMDLMPipeline
 from mmdlm.sequence import t2i_sample
+from mmdlm.worlds.shapes import COLORS
 
 
 def code_colours(vq: torch.nn.Module) -> torch.Tensor:
-    """Long[K]: the palette index (data.shapes.COLORS order) of each code's decoded patch colour, -1 for
+    """Long[K]: the palette index (mmdlm.worlds.shapes.COLORS order) of each code's decoded patch colour, -1 for
     codes that decode to background only. `vq` is any image tokenizer (`vision.load`)."""
     h, w = vq.grid
     K = vq.codebook_size

@@ -284,7 +284,7 @@ def make_blank(pipe: MMDLMPipeline, record: int, text: str, start: int, end: int
 
 def attribute_blanks(pipe: MMDLMPipeline, records: Sequence[dict], seed: int) -> list[Blank]:
     """One blanked attribute word per record: colour, shape, size and a position word in turn, of a random object."""
-    from data.shapes import describe
+    from mmdlm.worlds.shapes import describe
 
     rng = random.Random(f"compare/blanks/{seed}")
     blanks = []
@@ -305,7 +305,7 @@ def attribute_blanks(pipe: MMDLMPipeline, records: Sequence[dict], seed: int) ->
 
 def first_object_blanks(pipe: MMDLMPipeline, records: Sequence[dict]) -> list[Blank]:
     """The first object phrase of every caption that describes two objects or more."""
-    from data.shapes import describe
+    from mmdlm.worlds.shapes import describe
 
     blanks = []
     for i, r in enumerate(records):
@@ -379,7 +379,7 @@ def rates_by_kind(blanks: Sequence[Blank], right: Sequence[bool]) -> dict[str, A
 
 def chance_by_kind() -> dict[str, float]:
     """Chance of a uniform guess among the world's values (scenes draw attributes uniformly)."""
-    from data.shapes import COLORS, SHAPES, SIZES
+    from mmdlm.worlds.shapes import COLORS, SHAPES, SIZES
 
     return {"color": 1 / len(COLORS), "shape": 1 / len(SHAPES), "size": 1 / len(SIZES)}
 
@@ -411,8 +411,8 @@ def probe_caption_infill(mdm: MMDLMPipeline, ar: MMDLMPipeline, blanks: list[Bla
 
 def reversal_scores(blanks: Sequence[Blank], completed: Sequence[str]) -> dict[str, Any]:
     """valid / consistent / exact rates of completed captions (see the module docstring)."""
-    from data.shapes import caption, parse_caption
     from mmdlm.evaluate import normalize
+    from mmdlm.worlds.shapes import caption, parse_caption
 
     valid, consistent, exact = [], [], []
     for b, text in zip(blanks, completed):
@@ -447,7 +447,7 @@ def probe_reversal(mdm: MMDLMPipeline, ar: MMDLMPipeline, records: list[dict],
 
 def cell_mask(cell: int, image_size: int) -> torch.Tensor:
     """Bool[H, W]: the pixels of one cell of the 3x3 grid."""
-    from data.shapes import cell_bounds
+    from mmdlm.worlds.shapes import cell_bounds
 
     x0, y0, x1, y1 = cell_bounds(cell, image_size)
     m = torch.zeros(image_size, image_size, dtype=torch.bool)
@@ -458,8 +458,8 @@ def cell_mask(cell: int, image_size: int) -> torch.Tensor:
 def object_scores(images: torch.Tensor, records: Sequence[dict], targets: Sequence[dict]) -> list[dict[str, float]]:
     """Per image: whether the target object is read back in its cell (and with which attributes right),
     and whether the whole scene is read exactly."""
-    from data.oracle import read_scene
-    from data.shapes import scene_key
+    from mmdlm.worlds.oracle import read_scene
+    from mmdlm.worlds.shapes import scene_key
 
     rows = []
     for image, r, obj in zip(images, records, targets):

@@ -4,7 +4,7 @@
         --out benchmarks/results --repeats 5
     python -m benchmarks.speed --mdm DIR --ar DIR --out /tmp/speed --device cuda --batch-sizes 1,32,256
 
-Inputs are synthetic shapes scenes (`data.shapes`, seeded), so no shards are needed: their images are
+Inputs are synthetic shapes scenes (`mmdlm.worlds.shapes`, seeded), so no shards are needed: their images are
 encoded by each model's VQ, one question per scene is asked (VQA) and the canonical caption is the
 prompt (text-to-image). Every setting runs `--warmup` times untimed, then `--repeats` times timed;
 the tables give the median per call and per generated answer / image, with min and max. The clock
@@ -159,7 +159,7 @@ class Inputs:
 
 def make_inputs(pipe: MMDLMPipeline, n: int, seed: int = 0) -> Inputs:
     """`n` random shapes scenes (rendered at the VQ's image size), a question and the caption of each."""
-    from data.shapes import caption, make_questions, render, sample_scene
+    from mmdlm.worlds.shapes import caption, make_questions, render, sample_scene
 
     rng = random.Random(f"speed/{seed}")
     images, questions, captions = [], [], []

@@ -5,7 +5,7 @@ Measures, on the round trip decode(encode(x)):
 - colour survival: share of objects whose centre pixel, after decoding, is nearest (in RGB) to their true
   palette colour;
 - codebook usage (share of codes used on the val set) and perplexity (effective number of codes);
-- the oracle's all-correct rate on reconstructions (data/oracle.py): the best text-to-image can score.
+- the oracle's all-correct rate on reconstructions (mmdlm/worlds/oracle.py): the best text-to-image can score.
 
     python -m benchmarks.vq_quality --vq runs/vq-shapes/vq --shards 'data/shards/shapes/val/*.tar'
     python -m benchmarks.vq_quality --vq runs/vq-shapes/vq --json runs/vq-shapes/quality.json
@@ -28,7 +28,7 @@ from vision.load import load_image_tokenizer
 
 def object_centre(obj: dict, image_size: int) -> tuple[int, int]:
     """(x, y) of an object's centre pixel (objects have odd sides, so the centre is exact)."""
-    from data.shapes import object_box
+    from mmdlm.worlds.shapes import object_box
 
     x0, y0, side = object_box(obj["cell"], obj["size"], image_size)
     return x0 + side // 2, y0 + side // 2
@@ -36,7 +36,7 @@ def object_centre(obj: dict, image_size: int) -> tuple[int, int]:
 
 def colour_survival(recon: torch.Tensor, objects: list[list[dict]]) -> tuple[int, int]:
     """(objects whose decoded centre colour is nearest their true palette colour, objects): recon (B,3,H,W)."""
-    from data.shapes import COLORS
+    from mmdlm.worlds.shapes import COLORS
 
     names = list(COLORS)
     palette = torch.tensor(list(COLORS.values()), dtype=torch.float32)  # (8, 3)
@@ -56,7 +56,7 @@ def evaluate(vq: torch.nn.Module, images: torch.Tensor, objects: list[list[dict]
              batch_size: int = 250) -> dict:
     """Round-trip metrics of `vq` on images (N, 3, H, W) in [0, 1], with their scene graphs if known."""
     try:
-        from data.oracle import score_image
+        from mmdlm.worlds.oracle import score_image
     except ImportError:  # the oracle is optional
         score_image = None
     psnrs, sse, counts = [], 0.0, torch.zeros(vq.codebook_size, dtype=torch.long)

@@ -3,8 +3,9 @@
 A Record (docs/INTERFACES.md) is a dict: `__key__`, `image` FloatTensor[3,H,W] in [0,1] (resized and
 centre-cropped to `image_size`), `codes` LongTensor[h,w] (pre-computed VQ codes from an `npy` member),
 `captions` list[str], `qa` list[{question, answer, type}], `meta` (the json member).
+Images are decoded by `vision.images.load_image`, the decoding the image tokenizers are fitted on.
 
-Shards may be ours (`png` + `json`, from data/shapes.py or data/digits.py, + `npy` once pre-tokenized)
+Shards may be ours (`png` + `json`, from mmdlm/worlds/shapes.py or digits.py, + `npy` once pre-tokenized)
 or in the img2dataset layout (`jpg`/`png` + `txt` caption + optional `json`), any image size or mode.
 
 Data pipeline (webdataset's DataPipeline; the usual recipe for multi-worker / multi-GPU reading):
@@ -45,7 +46,6 @@ import sys
 import tarfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any
 
 import lightning as L
@@ -54,15 +54,13 @@ import torch
 import webdataset as wds
 from braceexpand import braceexpand
 from lightning.pytorch.callbacks import Callback
-from PIL import Image
 from torch.utils.data import DataLoader, get_worker_info
 
 from mmdlm.errors import UserError
+from vision.images import IMAGE_EXTENSIONS, load_image
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "bmp")  # tried in this order
-ALPHA_BACKGROUND = (0, 0, 0)  # transparent pixels become black: the shapes and digits worlds' background
 # why a sample was skipped ("text": text that is not valid Unicode: a txt member that is not UTF-8, or a
 # caption / question / answer holding a lone surrogate, as JSON's "\ud800" gives, which no tokenizer encodes)
 REASONS = ("open", "tar", "image", "text", "caption", "json", "codes", "transform")
@@ -362,41 +360,6 @@ class TarSamples:
 
 # ---------------------------------------------------------------------------------------------
 # decoding
-
-
-@lru_cache(maxsize=8)
-def _resize_crop(image_size: int):
-    from torchvision import transforms
-
-    return transforms.Compose([
-        transforms.Resize(image_size, interpolation=transforms.InterpolationMode.BICUBIC, antialias=True),
-        transforms.CenterCrop(image_size),
-    ])
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode -> RGB; transparency is composited onto ALPHA_BACKGROUND."""
-    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (*ALPHA_BACKGROUND, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
-
-
-def load_image(data: bytes, image_size: int) -> torch.Tensor:
-    """Encoded image bytes -> FloatTensor[3, image_size, image_size] in [0,1].
-
-    Shorter side resized to image_size (bicubic, antialiased), then centre-cropped; an image that
-    already has the size is left untouched, so palette colours stay exact.
-    """
-    from torchvision.transforms.functional import pil_to_tensor
-
-    with Image.open(io.BytesIO(data)) as image:
-        image.load()  # decode now: garbage or truncated bytes fail here, not later
-        rgb = to_rgb(image)
-    if rgb.size != (image_size, image_size):
-        rgb = _resize_crop(image_size)(rgb)
-    return pil_to_tensor(rgb).float().div_(255)  # (3, H, W)
 
 
 def _text(data: bytes) -> str:

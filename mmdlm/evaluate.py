@@ -17,10 +17,10 @@ Metrics (`metrics.json`, one section per task; rates are in [0, 1]):
   BLEU-4 (torchmetrics) against all of the record's captions, and for the shapes world per-attribute
   precision / recall / F1 of the objects the caption describes (see `ShapesWorld.caption_counts`).
 - t2i: the prompt is the canonical caption; the generated image is read back by the world's scorer
-  (shapes: `data.oracle.score_image`, GenEval-style: `all_correct` = exactly the described objects
+  (shapes: `mmdlm.worlds.oracle.score_image`, GenEval-style: `all_correct` = exactly the described objects
   with the right colour/shape/size/cell and nothing else, per-attribute rates over the described
   objects, and `extra_objects`, the mean count of objects drawn in empty cells; digits: a k-NN
-  classifier, `mmdlm.digits_classifier`). The same scorer on the ground-truth val images and on their
+  classifier, `mmdlm.worlds.digits_scorer`). The same scorer on the ground-truth val images and on their
   VQ reconstructions decode(encode(x)) gives the scorer's accuracy and the ceiling text-to-image can
   reach through this tokenizer.
 - joint: n image+caption samples from nothing: the share of captions that parse, and of samples whose
@@ -207,7 +207,7 @@ class World(Protocol):
 
 
 class ShapesWorld:
-    """Shapes scenes: captions parsed by `data.shapes.parse_caption`, images read by `data.oracle`."""
+    """Shapes scenes: captions parsed by `mmdlm.worlds.shapes.parse_caption`, images read by `mmdlm.worlds.oracle`."""
 
     source = "shapes"
     scorer = "oracle"
@@ -223,7 +223,7 @@ class ShapesWorld:
         precision_a = TP_a / predicted objects, recall_a = TP_a / true objects, both summed over the
         records (micro average); F1 their harmonic mean.
         """
-        from data.shapes import parse_caption, scene_key
+        from mmdlm.worlds.shapes import parse_caption, scene_key
 
         truth = record["meta"]["objects"]
         parsed = parse_caption(text)
@@ -249,7 +249,7 @@ class ShapesWorld:
                 "all_attributes_f1": prf(total["tp_object"], total["n_pred"], total["n_true"])["f1"]}
 
     def score_images(self, images: torch.Tensor, records: Sequence[dict]) -> list[dict[str, float]]:
-        from data.oracle import score_image
+        from mmdlm.worlds.oracle import score_image
 
         rows = []
         for image, record in zip(images, records):
@@ -259,14 +259,14 @@ class ShapesWorld:
         return rows
 
     def read_caption(self, text: str) -> Hashable | None:
-        from data.shapes import parse_caption, scene_key
+        from mmdlm.worlds.shapes import parse_caption, scene_key
 
         parsed = parse_caption(text)
         return None if parsed is None else scene_key(parsed)
 
     def read_images(self, images: torch.Tensor) -> list[Hashable | None]:
-        from data.oracle import read_scene
-        from data.shapes import SHAPES, scene_key
+        from mmdlm.worlds.oracle import read_scene
+        from mmdlm.worlds.shapes import SHAPES, scene_key
 
         scenes = [read_scene(image) for image in images]
         return [scene_key(s) if s and all(o["shape"] in SHAPES for o in s) else None for s in scenes]
@@ -283,21 +283,21 @@ def _same(pred: dict, true: dict | None, attr: str) -> bool:
 
 @lru_cache(maxsize=1)
 def _digit_words() -> re.Pattern:
-    from data.shapes import NUMBERS
+    from mmdlm.worlds.shapes import NUMBERS
 
     return re.compile(r"\b(" + "|".join(NUMBERS) + r")\b")
 
 
 def parse_digit(text: str) -> int | None:
     """The one digit a caption names ('a handwritten digit seven' -> 7); None for none or several."""
-    from data.shapes import NUMBERS
+    from mmdlm.worlds.shapes import NUMBERS
 
     found = {NUMBERS.index(w) for w in _digit_words().findall(text.lower())}
     return found.pop() if len(found) == 1 else None
 
 
 class DigitsWorld:
-    """Handwritten digits: captions name a digit; images are read by `mmdlm.digits_classifier`.
+    """Handwritten digits: captions name a digit; images are read by `mmdlm.worlds.digits_scorer`.
 
     The classifier is fitted leaving out the scans being evaluated (keys `digits-<index>`), so its
     accuracy on the val images is a held-out one.
@@ -308,7 +308,7 @@ class DigitsWorld:
     image_keys = ("all_correct", "digit")
 
     def __init__(self, records: Sequence[dict], image_size: int) -> None:
-        from mmdlm.digits_classifier import index_of_key, load_or_fit
+        from mmdlm.worlds.digits_scorer import index_of_key, load_or_fit
 
         held_out = [i for r in records if (i := index_of_key(r["__key__"])) is not None]
         self.classifier = load_or_fit(image_size, held_out)

@@ -60,7 +60,7 @@ def step_env() -> dict[str, str]:
 def shapes_data_step(args: argparse.Namespace, shards: Path) -> Step:
     """Render the procedural shapes world (scene graphs -> images, captions, QA)."""
     return Step("make the shapes shards",
-                [sys.executable, "-m", "data.shapes", "--out", str(shards), "--train", str(args.train),
+                [sys.executable, "-m", "mmdlm.worlds.shapes", "--out", str(shards), "--train", str(args.train),
                  "--val", str(args.val), "--seed", str(args.seed)],
                 shards / "stats.json")
 
@@ -68,7 +68,7 @@ def shapes_data_step(args: argparse.Namespace, shards: Path) -> Step:
 def digits_data_step(args: argparse.Namespace, shards: Path) -> Step:
     """Write scikit-learn's 1,797 real digit scans (a fixed set: --train/--val do not apply)."""
     return Step("make the digits shards",
-                [sys.executable, "-m", "data.digits", "--out", str(shards), "--seed", str(args.seed)],
+                [sys.executable, "-m", "mmdlm.worlds.digits", "--out", str(shards), "--seed", str(args.seed)],
                 shards / "stats.json")
 
 
@@ -168,11 +168,11 @@ def steps(args: argparse.Namespace) -> list[Step]:
              out / "text_tokenizer" / "tokenizer.json"),
         TOKENIZER_STEPS[args.tokenizer](args, out, train_glob, val_glob),
         Step("pre-tokenize the train shards",
-             [py, "-m", "vision.pretokenize", "--vq", str(out / "vq"), "--shards", train_glob,
+             [py, "-m", "mmdlm.pretokenize", "--vq", str(out / "vq"), "--shards", train_glob,
               "--out", str(codes / "train")],
              codes / "train" / "DONE"),
         Step("pre-tokenize the val shards",
-             [py, "-m", "vision.pretokenize", "--vq", str(out / "vq"), "--shards", val_glob,
+             [py, "-m", "mmdlm.pretokenize", "--vq", str(out / "vq"), "--shards", val_glob,
               "--out", str(codes / "val")],
              codes / "val" / "DONE"),
         *training_steps(args, out, codes),

@@ -12,7 +12,7 @@ torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
 def shapes_texts(n: int = 300, seed: int = 0) -> list[str]:
     """Captions, questions and answers of `n` random shapes scenes (a BPE training corpus)."""
-    from data.shapes import caption, make_questions, sample_scene
+    from mmdlm.worlds.shapes import caption, make_questions, sample_scene
 
     rng = random.Random(seed)
     texts = []
@@ -53,7 +53,7 @@ def tiny_model_dir(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def tiny_shards(tmp_path_factory) -> str:
     """A few small shapes shards (train 96 / val 24 scenes) with png + json; no pre-computed codes."""
-    from data.shapes import ShapesConfig, write_shapes
+    from mmdlm.worlds.shapes import ShapesConfig, write_shapes
 
     root = tmp_path_factory.mktemp("shapes")
     write_shapes(root, ShapesConfig(train=96, val=24, seed=1, shard_size=32), progress=False)

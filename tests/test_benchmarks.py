@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from benchmarks import caption_decoding, compare, learning_curve, speed, train_speed
-from data.shapes import caption, make_object, render
+from mmdlm.worlds.shapes import caption, make_object, render
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TWO = [make_object("red", "circle", "large", 0), make_object("blue", "square", "small", 4)]
@@ -52,7 +52,7 @@ def pipes(pair):
 
 @pytest.fixture(scope="module")
 def val_shards(tmp_path_factory) -> str:
-    from data.shapes import ShapesConfig, write_shapes
+    from mmdlm.worlds.shapes import ShapesConfig, write_shapes
 
     out = tmp_path_factory.mktemp("shapes")
     write_shapes(out, ShapesConfig(train=0, val=6, shard_size=3), progress=False)

@@ -39,7 +39,7 @@ def assert_lists_subcommands(text: str) -> None:
 
 @pytest.fixture(scope="module")
 def scene(tmp_path_factory) -> Path:
-    from data.shapes import render, sample_scene
+    from mmdlm.worlds.shapes import render, sample_scene
 
     path = tmp_path_factory.mktemp("scene") / "scene.png"
     render(sample_scene(random.Random(3), 2, 2), image_size=32).save(path)

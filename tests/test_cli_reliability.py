@@ -23,9 +23,9 @@ import pytest
 import torch
 
 from benchmarks import train_speed
-from data.shapes import render, sample_scene
 from mmdlm import export, generate, vqa
 from mmdlm.pipeline import MMDLMPipeline
+from mmdlm.worlds.shapes import render, sample_scene
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}

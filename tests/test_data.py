@@ -13,8 +13,6 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from data.digits import write_digits
-from data.shapes import ShapesConfig, render, write_shapes
 from mmdlm.data import (
     BadSample,
     BadSampleCounter,
@@ -25,6 +23,8 @@ from mmdlm.data import (
     expand_shards,
     record_pipeline,
 )
+from mmdlm.worlds.digits import write_digits
+from mmdlm.worlds.shapes import ShapesConfig, render, write_shapes
 
 N_TRAIN, N_VAL = 60, 12
 

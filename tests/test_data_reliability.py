@@ -179,7 +179,7 @@ def test_pretokenize_prints_skips_by_reason_and_refuses_shards_with_nothing_usab
     broken = [*samples[:3], ("broken", {**samples[3][1], "png": b"not a png"}),
               ("imageless", {"json": samples[4][1]["json"]})]
     shard = write_tar(tmp_path / "in" / "a.tar", broken)
-    cmd = [sys.executable, "-m", "vision.pretokenize", "--vq", f"{tiny_model_dir}/vq", "--out", str(tmp_path / "out")]
+    cmd = [sys.executable, "-m", "mmdlm.pretokenize", "--vq", f"{tiny_model_dir}/vq", "--out", str(tmp_path / "out")]
     result, _ = run([*cmd, "--shards", str(shard)], timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "3 samples in 1 shards" in result.stdout and "2 skipped: image 1, no_image 1" in result.stdout
@@ -200,7 +200,7 @@ def test_pretokenize_prints_skips_by_reason_and_refuses_shards_with_nothing_usab
 @pytest.fixture(scope="module")
 def odd_val_shards(tmp_path_factory) -> str:
     """Shapes shards whose val split is a single shard of an odd number of samples (25)."""
-    from data.shapes import ShapesConfig, write_shapes
+    from mmdlm.worlds.shapes import ShapesConfig, write_shapes
 
     root = tmp_path_factory.mktemp("odd_val")
     write_shapes(root, ShapesConfig(train=64, val=25, seed=2, shard_size=32), progress=False)

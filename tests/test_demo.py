@@ -28,10 +28,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data.shapes import make_object, render
 from mmdlm import demo
 from mmdlm.pipeline import MMDLMPipeline
 from mmdlm.vqa import InputError
+from mmdlm.worlds.shapes import make_object, render
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")

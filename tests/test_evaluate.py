@@ -1,4 +1,4 @@
-"""Tests of mmdlm.evaluate (metrics, scorers, CLI) and mmdlm.digits_classifier, on the tiny model fixture."""
+"""Tests of mmdlm.evaluate (metrics, scorers, CLI) and mmdlm.worlds.digits_scorer, on the tiny model fixture."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from data.shapes import ShapesConfig, caption, make_object, paraphrase, render, write_shapes
 from mmdlm import evaluate as ev
+from mmdlm.worlds.shapes import ShapesConfig, caption, make_object, paraphrase, render, write_shapes
 
 RATE_SECTIONS = {
     "vqa": ["accuracy"],
@@ -147,7 +147,7 @@ def test_parse_digit_and_prf():
 def test_digits_classifier_reads_held_out_digits():
     from sklearn.datasets import load_digits
 
-    from mmdlm.digits_classifier import load_or_fit, render, split_indices
+    from mmdlm.worlds.digits_scorer import load_or_fit, render, split_indices
 
     val = split_indices()["val"][:60]
     clf = load_or_fit(32, val)
@@ -240,7 +240,7 @@ def _digit_shards(folder: Path, indices: list[int]) -> str:
     import webdataset as wds
     from sklearn.datasets import load_digits
 
-    from data.digits import digit_image, digit_meta
+    from mmdlm.worlds.digits import digit_image, digit_meta
 
     digits = load_digits()
     folder.mkdir(parents=True)

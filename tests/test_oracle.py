@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from data.oracle import main, read_scene, score_image, validate
-from data.shapes import COLORS, SHAPES, SIZES, cell_bounds, make_object, render, sample_scene
+from mmdlm.worlds.oracle import main, read_scene, score_image, validate
+from mmdlm.worlds.shapes import COLORS, SHAPES, SIZES, cell_bounds, make_object, render, sample_scene
 
 
 @pytest.mark.parametrize("image_size", [32, 64])

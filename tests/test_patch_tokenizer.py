@@ -123,8 +123,8 @@ def test_wrong_inputs_are_clear_errors(fitted: PatchTokenizer) -> None:
 
 def test_cli_fits_on_shards_and_pretokenize_uses_the_folder(tmp_path: Path, capsys) -> None:
     from mmdlm.data import record_pipeline
+    from mmdlm.pretokenize import pretokenize
     from vision.patch_tokenizer import main
-    from vision.pretokenize import pretokenize
 
     images, _ = shapes_images(30, seed=1)
     images = (images * 255).round() / 255
@@ -150,7 +150,7 @@ def test_cli_names_shards_that_match_nothing(tmp_path: Path, capsys) -> None:
 
 def test_the_binding_probe_reads_each_codes_palette_colour() -> None:
     from benchmarks.binding_probe import code_colours
-    from data.shapes import COLORS
+    from mmdlm.worlds.shapes import COLORS
 
     tok = PatchTokenizer(image_size=8, patch_size=4, codebook_size=4)
     patches = torch.zeros(4, 3, 4, 4)

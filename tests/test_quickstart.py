@@ -57,7 +57,7 @@ def test_the_vq_plan_trains_the_vqvae_and_extra_mdm_arguments_are_passed_on(tmp_
 def test_the_digits_world_writes_its_own_shards_and_a_small_exact_codebook(tmp_path: Path) -> None:
     plan_ = plan(tmp_path, world="digits", data=None)
     data = plan_[0].command
-    assert plan_[0].name == "make the digits shards" and data[1:3] == ["-m", "data.digits"]
+    assert plan_[0].name == "make the digits shards" and data[1:3] == ["-m", "mmdlm.worlds.digits"]
     assert data[data.index("--out") + 1] == "data/shards/digits" and "--train" not in data
     fit = plan_[2].command
     assert fit[fit.index("--codebook-size") + 1] == "32"

@@ -41,8 +41,8 @@ trainer:
 
 @pytest.fixture(scope="module")
 def code_shards(tiny_model_dir: str, tiny_shards: str, tmp_path_factory) -> str:
-    """`tiny_shards` pre-tokenized with the tiny VQ (`vision.pretokenize`): no VQ encoder in the training loops."""
-    from vision.pretokenize import pretokenize
+    """`tiny_shards` pre-tokenized with the tiny VQ (`mmdlm.pretokenize`): no VQ encoder in the training loops."""
+    from mmdlm.pretokenize import pretokenize
 
     root = tmp_path_factory.mktemp("codes")
     for split in ("train", "val"):

@@ -17,9 +17,9 @@ import pytest
 import torch
 from PIL import Image
 
-from data.shapes import render, sample_scene
 from mmdlm import generate, vqa
 from mmdlm.pipeline import MMDLMPipeline
+from mmdlm.worlds.shapes import render, sample_scene
 
 REPO = Path(__file__).resolve().parents[1]
 PAD = generate.PADDING

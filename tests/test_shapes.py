@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data.shapes import (
+from mmdlm.worlds.shapes import (
     CELL_NAMES,
     COLORS,
     NUMBERS,

@@ -30,8 +30,8 @@ def tiny() -> VQTokenizer:
 
 
 def shapes_images(n: int, image_size: int = 32, seed: int = 0) -> tuple[torch.Tensor, list[list[dict]]]:
-    """n shapes scenes rendered by data/shapes.py: (n, 3, S, S) in [0, 1] and their scene graphs."""
-    from data.shapes import render, sample_scene
+    """n shapes scenes rendered by mmdlm/worlds/shapes.py: (n, 3, S, S) in [0, 1] and their scene graphs."""
+    from mmdlm.worlds.shapes import render, sample_scene
 
     rng = random.Random(seed)
     scenes = [sample_scene(rng, 1, 2) for _ in range(n)]
@@ -247,7 +247,7 @@ def read_tar(path: Path) -> dict[str, dict[str, bytes]]:
 
 def test_pretokenize_writes_the_codes_of_encode_beside_the_original_members(tiny: VQTokenizer,
                                                                             tmp_path: Path) -> None:
-    from vision.pretokenize import main
+    from mmdlm.pretokenize import main
 
     tiny.save_pretrained(tmp_path / "vq")
     x = torch.rand(7, 3, 16, 16)
@@ -275,7 +275,7 @@ def test_pretokenize_writes_the_codes_of_encode_beside_the_original_members(tiny
 
 def test_pretokenized_codes_read_back_through_the_data_reader(tiny: VQTokenizer, tmp_path: Path) -> None:
     from mmdlm.data import record_pipeline
-    from vision.pretokenize import pretokenize
+    from mmdlm.pretokenize import pretokenize
 
     tiny.save_pretrained(tmp_path / "vq")
     x = (torch.rand(3, 3, 16, 16) * 255).round() / 255
@@ -290,7 +290,7 @@ def test_pretokenized_codes_read_back_through_the_data_reader(tiny: VQTokenizer,
 
 
 def test_pretokenize_names_a_pattern_that_matches_nothing(tiny: VQTokenizer, tmp_path: Path) -> None:
-    from vision.pretokenize import pretokenize
+    from mmdlm.pretokenize import pretokenize
 
     tiny.save_pretrained(tmp_path / "vq")
     with pytest.raises(FileNotFoundError, match="nothing-here"):

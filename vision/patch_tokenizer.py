@@ -38,6 +38,7 @@ from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from torch import nn
 
+from vision.images import shard_images
 from vision.tokenizer import EXTRA_FILE, CodeGrid, check_codes
 
 log = logging.getLogger(__name__)
@@ -202,8 +203,6 @@ class PatchTokenizer(CodeGrid, ModelMixin, ConfigMixin):
 
 def main(argv: list[str] | None = None) -> None:
     """Fit a patch-dictionary tokenizer on the images of webdataset shards and save it as a folder."""
-    from mmdlm.data import record_pipeline
-
     parser = argparse.ArgumentParser(prog="python -m vision.patch_tokenizer", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shards", required=True, help="training shards (glob or brace pattern)")
@@ -220,8 +219,8 @@ def main(argv: list[str] | None = None) -> None:
 
     def batches() -> Iterable[torch.Tensor]:
         buffer, seen = [], 0
-        for record in record_pipeline(args.shards, args.image_size, load_codes=False, require_captions=False):
-            buffer.append(record["image"])
+        for image in shard_images(args.shards, args.image_size):
+            buffer.append(image)
             seen += 1
             if len(buffer) == 1024 or (args.limit and seen >= args.limit):
                 yield torch.stack(buffer)

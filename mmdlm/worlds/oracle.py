@@ -9,8 +9,8 @@ IoU below `min_iou` reads as shape "unknown" (never scored correct): a blob is n
 `validate()` measures the oracle on ground-truth renders (it must read >= 99% of objects exactly);
 `score_image()` compares an image with the scene graph it was generated from.
 
-    python -m data.oracle --validate                 # accuracy on ground-truth renders, 32 and 64 px
-    python -m data.oracle --read runs/sample.png     # the scene graph and caption an image shows
+    python -m mmdlm.worlds.oracle --validate              # accuracy on ground-truth renders, 32 and 64 px
+    python -m mmdlm.worlds.oracle --read runs/sample.png  # the scene graph and caption an image shows
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data.shapes import (
+from mmdlm.worlds.shapes import (
     COLORS,
     SHAPES,
     SIZES,
@@ -179,10 +179,10 @@ def validate(n: int = 500, seed: int = 0, image_size: int = 32, max_objects: int
 def main(argv: list[str] | None = None) -> None:
     """Validate the shapes oracle on ground-truth renders, or read the scene an image shows.
 
-    python -m data.oracle --validate [--n 500] [--image-size 32 64]
-    python -m data.oracle --read image.png
+    python -m mmdlm.worlds.oracle --validate [--n 500] [--image-size 32 64]
+    python -m mmdlm.worlds.oracle --read image.png
     """
-    parser = argparse.ArgumentParser(prog="python -m data.oracle", description=main.__doc__,
+    parser = argparse.ArgumentParser(prog="python -m mmdlm.worlds.oracle", description=main.__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--validate", action="store_true", help="print the accuracy on ground-truth renders")
     parser.add_argument("--n", type=int, default=500, help="scenes to validate on")

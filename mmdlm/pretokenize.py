@@ -1,5 +1,8 @@
 """Pre-tokenize webdataset shards: add each image's VQ codes as an `npy` member beside the original ones.
 
+Glue between the model's data path (`mmdlm.data`: shard patterns, `UserError`) and an image tokenizer
+(`vision.load`); it lives in mmdlm so that `vision` imports nothing of mmdlm.
+
 Model training then reads the codes instead of running the VQ encoder at every step (as aMUSEd / MaskGIT
 pipelines pre-extract tokens). One output shard per input shard, with the same name and the same keys; the
 folder structure under the shards' common parent is kept, so one call can cover both splits
@@ -9,7 +12,7 @@ skip them), never fatal, and a summary of the counts is printed at the end; only
 sample at all are an error (one sentence, exit status 2, as is a pattern that matches nothing). A `DONE`
 file (with the counts) is written last, so a finished run can be recognised.
 
-    python -m vision.pretokenize --vq runs/quickstart/vq --shards 'data/shards/shapes/train/*.tar' \\
+    python -m mmdlm.pretokenize --vq runs/quickstart/vq --shards 'data/shards/shapes/train/*.tar' \\
         --out data/shards/shapes-codes/train
 """
 
@@ -152,7 +155,7 @@ def pretokenize(vq: str, shards: str, out: str, batch_size: int = 256, device: s
 
 def main(argv: list[str] | None = None) -> None:
     """Add VQ codes (`npy`, [h, w] int16/int32) to every sample of webdataset shards."""
-    parser = argparse.ArgumentParser(prog="python -m vision.pretokenize", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m mmdlm.pretokenize", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--vq", required=True, help="VQ tokenizer folder (diffusers VQModel format)")
     parser.add_argument("--shards", required=True, help="input shards: a glob or brace pattern (quote it)")

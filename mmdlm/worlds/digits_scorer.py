@@ -1,9 +1,9 @@
-"""A small digit classifier that scores text-to-image on the digits world (the shapes world has its oracle).
+"""The digits world's scorer: a small digit classifier that scores text-to-image (the shapes world has its oracle).
 
 k-nearest neighbours (k = 3, distance-weighted vote) on 8x8 area-pooled grey levels, fitted on the real
-scans of scikit-learn's `load_digits` rendered exactly as `data/digits.py` renders them (nearest and
-bilinear upscaling both, so either kind of shard is read). Area pooling inverts the nearest upscale
-exactly and smooths a generator's pixel noise. Measured on the held-out split of `data/digits.py`
+scans of scikit-learn's `load_digits` rendered exactly as `mmdlm/worlds/digits.py` renders them (nearest
+and bilinear upscaling both, so either kind of shard is read). Area pooling inverts the nearest upscale
+exactly and smooths a generator's pixel noise. Measured on the held-out split of `mmdlm/worlds/digits.py`
 (seed 0): 99.4% (nearest) / 98.9% (bilinear) right, fitted in about a second; a logistic regression
 reached 96-99% but took 13-20 s to fit on a shared 2-core CPU.
 
@@ -11,7 +11,7 @@ Fitting renders ~3,200 images (about a second); the fitted table (features + lab
 npz (no pickle) under `$MMDLM_CACHE` (default `~/.cache/mmdlm`), keyed by image size and the scans
 left out, so an evaluation can leave out exactly the val digits it scores.
 
-    python -m mmdlm.digits_classifier                  # accuracy on the data/digits.py val split
+    python -m mmdlm.worlds.digits_scorer               # accuracy on the mmdlm/worlds/digits.py val split
     clf = load_or_fit(image_size=32, exclude=val_indices)
     clf.predict(images)                                 # Float[B,3,H,W] in [0,1] -> Long[B]
 """
@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-INTERPOLATIONS = ("nearest", "bilinear")  # data/digits.py's upscaling filters; the classifier sees both
+INTERPOLATIONS = ("nearest", "bilinear")  # mmdlm/worlds/digits.py's upscaling filters; the classifier sees both
 CACHE_VERSION = 1  # bump when the features or the fit change, so old cache files are not reused
 _KEY = re.compile(r"digits-(\d+)$")
 
@@ -45,7 +45,7 @@ def features(images: torch.Tensor) -> torch.Tensor:
 
 
 def split_indices(seed: int = 0, val_fraction: float = 0.1) -> dict[str, list[int]]:
-    """The train/val indices into `load_digits()` that `data.digits.write_digits` uses (same seed logic)."""
+    """The train/val indices into `load_digits()` that `mmdlm.worlds.digits.write_digits` uses (same seed logic)."""
     from sklearn.datasets import load_digits
 
     n = len(load_digits().target)
@@ -87,10 +87,10 @@ class DigitsClassifier:
 
 
 def render(indices: Iterable[int], image_size: int, interpolation: str) -> torch.Tensor:
-    """The `load_digits` scans at `indices`, rendered as data/digits.py does: Float[N,3,S,S] in [0,1]."""
+    """The `load_digits` scans at `indices`, rendered as mmdlm/worlds/digits.py does: Float[N,3,S,S] in [0,1]."""
     from sklearn.datasets import load_digits
 
-    from data.digits import digit_image
+    from mmdlm.worlds.digits import digit_image
 
     data = load_digits().data
     arrays = [np.asarray(digit_image(data[i], image_size, interpolation)) for i in indices]  # (S, S, 3) each
@@ -136,10 +136,10 @@ def load_or_fit(image_size: int = 32, exclude: Iterable[int] = (), folder: str |
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Fit the digits classifier on the train split of data/digits.py and print its val accuracy."""
-    parser = argparse.ArgumentParser(prog="python -m mmdlm.digits_classifier", description=main.__doc__)
+    """Fit the digits classifier on the train split of mmdlm/worlds/digits.py and print its val accuracy."""
+    parser = argparse.ArgumentParser(prog="python -m mmdlm.worlds.digits_scorer", description=main.__doc__)
     parser.add_argument("--image-size", type=int, default=32, help="side the digits are rendered at")
-    parser.add_argument("--seed", type=int, default=0, help="the split seed of data/digits.py")
+    parser.add_argument("--seed", type=int, default=0, help="the split seed of mmdlm/worlds/digits.py")
     args = parser.parse_args(argv)
     from sklearn.datasets import load_digits
 
