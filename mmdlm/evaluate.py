@@ -5,7 +5,11 @@
     python -m mmdlm.evaluate --model DIR --shards 'data/shards/digits/val/*.tar' --out m.json --device cpu \\
         --tasks vqa,t2i --steps 8 --guidance 3 --batch-size 32
 
-The world (shapes or digits) is read from the records' `meta["source"]`; every metric is computed on
+The world (shapes or digits) is read from the records' `meta["source"]`; records of any other source (a
+user's own captioned shards, img2dataset's layout) are evaluated as plain captioned images (`CaptionsWorld`):
+held-out NLL, VQA where records carry `qa`, captions against their references (exact match, BLEU-4, CIDEr-D),
+and text-to-image only with a scorer the user plugs in (`--scorer module:function`, see `load_scorer`).
+Every metric is computed on
 the first `--limit` val records in shard order (all records without it), so two models evaluated with
 the same arguments see the same inputs. The masked-diffusion model and its causal AR twin go through
 the same code: only the sampler behind `MMDLMPipeline` and the NLL (a bound vs exact) differ.
@@ -335,20 +339,91 @@ class DigitsWorld:
         return self.classifier.predict(images).tolist()
 
 
+ImageScorer = Callable[[torch.Tensor, Sequence[dict]], list[dict[str, float]]]
+"""(images Float[B, 3, H, W] in [0, 1], their records) -> one dict of rates in [0, 1] per image, with at least
+`all_correct` (does the image show its record's caption?): a user's text-to-image scorer."""
+
+
+def cider(candidates: Sequence[str], references: Sequence[Sequence[str]]) -> float:
+    """CIDEr-D (Vedantam et al. 2015) of the candidates against their references, as the COCO caption
+    evaluation computes it (pycocoevalcap), on `normalize`d text."""
+    from pycocoevalcap.cider.cider import Cider
+
+    res = {i: [normalize(c) or "."] for i, c in enumerate(candidates)}  # an empty caption scores 0, not a crash
+    gts = {i: [normalize(r) for r in refs] for i, refs in enumerate(references)}
+    score, _ = Cider().compute_score(gts, res)
+    return float(score)
+
+
+class CaptionsWorld:
+    """Plain captioned images (any data source without a world of its own): captions are scored against the
+    record's captions (exact match; BLEU-4 is `eval_caption`'s; CIDEr-D), text-to-image by the user's
+    `scorer` when one is given, joint generation not at all (nothing reads a scene from both sides)."""
+
+    source = "captions"
+
+    def __init__(self, scorer: ImageScorer | None = None, name: str | None = None) -> None:
+        self.image_scorer = scorer
+        self.scorer = name if scorer is not None else None  # None: text-to-image is not scored
+        self.image_keys: tuple[str, ...] = ("all_correct",)
+
+    def caption_counts(self, text: str, record: dict) -> dict[str, float]:
+        return {"exact": float(normalize(text) in {normalize(c) for c in record["captions"]}),
+                "text": text, "refs": record["captions"]}
+
+    def caption_summary(self, counts: Sequence[dict]) -> dict:
+        return {"exact_match": sum(c["exact"] for c in counts) / max(len(counts), 1),
+                "cider": cider([c["text"] for c in counts], [c["refs"] for c in counts]) if counts else 0.0}
+
+    def score_images(self, images: torch.Tensor, records: Sequence[dict]) -> list[dict[str, float]]:
+        if self.image_scorer is None:
+            raise ValueError("no image scorer for this data: pass one (--scorer module:function)")
+        scores = self.image_scorer(images, records)
+        if len(scores) != len(records) or not all("all_correct" in s for s in scores):
+            raise ValueError(f"the scorer {self.scorer!r} must return one dict with 'all_correct' per image")
+        self.image_keys = tuple(scores[0]) if scores else self.image_keys
+        return scores
+
+    def read_caption(self, text: str) -> Hashable | None:
+        return None
+
+    def read_images(self, images: torch.Tensor) -> list[Hashable | None]:
+        return [None] * len(images)
+
+
+def load_scorer(spec: str) -> ImageScorer:
+    """`module:function` -> that callable (an `ImageScorer`); ValueError naming what is wrong."""
+    import importlib
+
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"a scorer is given as module:function, got {spec!r}")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"cannot load the scorer {spec!r}: {err}") from err
+    if not callable(fn):
+        raise ValueError(f"the scorer {spec!r} is not callable")
+    return fn
+
+
 WORLDS: dict[str, Callable[[Sequence[dict], int], World]] = {
     "shapes": lambda records, image_size: ShapesWorld(),
     "digits": DigitsWorld,
 }
 
 
-def world_for(records: Sequence[dict], image_size: int) -> World:
-    """The world of the records, from `meta["source"]` (all records must share it)."""
-    sources = {r["meta"].get("source") for r in records}
+def world_for(records: Sequence[dict], image_size: int, scorer: str | None = None) -> World:
+    """The world of the records, from `meta["source"]` (all records must share it); a source without a world
+    of its own is `CaptionsWorld`, scoring text-to-image with `scorer` (module:function) when given."""
+    sources = {(r.get("meta") or {}).get("source") for r in records}
     if len(sources) != 1:
         raise ValueError(f"records mix data sources {sorted(map(str, sources))}; evaluate one at a time")
     source = sources.pop()
     if source not in WORLDS:
-        raise ValueError(f"no evaluation for data source {source!r}; known: {', '.join(WORLDS)}")
+        return CaptionsWorld(load_scorer(scorer), scorer) if scorer else CaptionsWorld()
+    if scorer:
+        raise ValueError(f"--scorer is for data without a world of its own; {source!r} is scored by its own")
     return WORLDS[source](records, image_size)
 
 
@@ -387,7 +462,7 @@ def _fits(pipe: MMDLMPipeline, text: str, limit: int) -> bool:
 def eval_vqa(pipe: MMDLMPipeline, records: Sequence[dict], sampler: SamplerConfig | None = None,
              batch_size: int = 64, seed: int = 0, progress: bool = True) -> TaskResult:
     """VQA accuracy (exact match after strip/lower) over every QA pair of the records, per type too."""
-    pairs = [(r, qa) for r in records for qa in r["qa"]]
+    pairs = [(r, qa) for r in records for qa in r.get("qa") or []]
     askable = [(r, qa) for r, qa in pairs if _fits(pipe, qa["question"], pipe.layout.question_len)]
     cost = Cost(batch_size)
     answers: dict[int, str] = {}  # id(qa) -> predicted answer
@@ -451,8 +526,12 @@ def eval_t2i(pipe: MMDLMPipeline, records: Sequence[dict], sampler: SamplerConfi
 
     A prompt longer than the model's caption region cannot be given: it scores 0 (`too_long`).
     With `scorer_ceiling`, also the scorer on the ground-truth images and their VQ reconstructions.
+    Data without a scorer (a `CaptionsWorld` given none) is not scored: `skipped` says why.
     """
     world = world or world_for(records, pipe.vq.image_size)
+    if world.scorer is None:
+        return TaskResult({"skipped": "no image scorer for this data (pass --scorer module:function)",
+                           "n": 0})
     prompts = [r["captions"][0] for r in records]
     usable = [i for i, p in enumerate(prompts) if _fits(pipe, p, pipe.layout.caption_len)]
     cost = Cost(batch_size)
@@ -494,7 +573,11 @@ def eval_scorer(pipe: MMDLMPipeline, records: Sequence[dict], world: World | Non
 
 def eval_joint(pipe: MMDLMPipeline, n: int, world: World, sampler: SamplerConfig | None = None,
                batch_size: int = 64, seed: int = 0, progress: bool = True) -> TaskResult:
-    """`n` image+caption pairs from nothing: parseable captions, readable images, and their agreement."""
+    """`n` image+caption pairs from nothing: parseable captions, readable images, and their agreement (only
+    where the world reads scenes from both captions and images: shapes, digits)."""
+    if isinstance(world, CaptionsWorld):
+        return TaskResult({"skipped": "joint generation is scored by a world that reads scenes (shapes, digits)",
+                           "n": 0})
     cost = Cost(batch_size)
     parsed, readable, agree = [], [], []
     examples: list[Example] = []
@@ -596,7 +679,8 @@ TASKS: dict[str, Callable[[_Context], TaskResult]] = {
 def run_evaluation(pipe: MMDLMPipeline, shards: str | Sequence[str] | None = None,
                    tasks: Sequence[str] = ALL_TASKS, limit: int | None = None, *,
                    records: list[dict] | None = None, samplers: Mapping[str, SamplerConfig] | None = None,
-                   batch_size: int = 64, seed: int = 0, nll_draws: int = 4, progress: bool = True) -> Evaluation:
+                   batch_size: int = 64, seed: int = 0, nll_draws: int = 4, progress: bool = True,
+                   scorer: str | None = None) -> Evaluation:
     """`evaluate`, also returning the examples for `write_samples`. Give `shards` or loaded `records`;
     `samplers` maps a task (vqa, caption, t2i, joint) to its `SamplerConfig`; a task left out gets the
     pipeline's default."""
@@ -609,7 +693,7 @@ def run_evaluation(pipe: MMDLMPipeline, shards: str | Sequence[str] | None = Non
         records = load_records(shards, pipe.vq.image_size, limit)
     records = records[:limit] if limit is not None else records
     samplers = {task: (samplers or {}).get(task) or pipe.sampler(name) for task, name in PIPELINE_TASK.items()}
-    ctx = _Context(pipe, records, world_for(records, pipe.vq.image_size), samplers, batch_size, seed, nll_draws,
+    ctx = _Context(pipe, records, world_for(records, pipe.vq.image_size, scorer), samplers, batch_size, seed, nll_draws,
                    progress)
     metrics: dict[str, Any] = {
         "source": ctx.world.source, "records": len(records),
@@ -773,6 +857,9 @@ def build_parser(prog: str = "python -m mmdlm.evaluate") -> argparse.ArgumentPar
                         help=f"comma-separated subset of {','.join(ALL_TASKS)} (default: all)")
     add_sampler_arguments(parser, "mmdlm.pipeline.DEFAULT_SAMPLERS; --guidance and --plausibility apply to "
                                   "text-to-image only")
+    parser.add_argument("--scorer", metavar="MODULE:FUNCTION",
+                        help="text-to-image scorer for data without a world of its own: a function (images "
+                             "Float[B,3,H,W] in [0,1], records) -> one dict of rates with 'all_correct' per image")
     parser.add_argument("--batch-size", type=_positive, default=64, help="samples per model call")
     parser.add_argument("--nll-draws", type=_positive, default=4, help="(t, mask) draws of the MDM's NLL bound")
     parser.add_argument("--seed", type=int, default=0, help="seed of the samplers and the NLL sequences")
@@ -809,12 +896,12 @@ def main(argv: list[str] | None = None, prog: str = "python -m mmdlm.evaluate") 
         parser.error(f"sampler: {err}")
     try:
         records = load_records(args.shards, pipe.vq.image_size, args.limit)
-        world_for(records, pipe.vq.image_size)
+        world_for(records, pipe.vq.image_size, args.scorer)
     except ValueError as err:
         parser.error(str(err))
     result = run_evaluation(pipe, tasks=args.tasks, limit=args.limit, records=records, samplers=samplers,
                             batch_size=args.batch_size, seed=args.seed, nll_draws=args.nll_draws,
-                            progress=not args.quiet)
+                            progress=not args.quiet, scorer=args.scorer)
     metrics = {"command": shlex.join(["python", "-m", "mmdlm.evaluate", *(sys.argv[1:] if argv is None else argv)]),
                "model": str(Path(args.model).resolve()), "shards": args.shards, **result.metrics}
     out = Path(args.out)

@@ -293,12 +293,61 @@ def test_cli_rejects_an_empty_glob(tiny_model_dir, tmp_path, capsys):
     assert "bogus" in err
 
 
-def test_mixed_or_unknown_sources_are_refused():
+def test_mixed_sources_are_refused_and_unknown_ones_are_plain_captioned_images():
     record = _scene_record(TWO)
     with pytest.raises(ValueError, match="mix"):
         ev.world_for([record, {**record, "meta": {"source": "digits"}}], 32)
-    with pytest.raises(ValueError, match="no evaluation"):
-        ev.world_for([{**record, "meta": {"source": "laion"}}], 32)
+    world = ev.world_for([{**record, "meta": {"source": "laion"}}], 32)
+    assert isinstance(world, ev.CaptionsWorld) and world.scorer is None
+    with pytest.raises(ValueError, match="module:function"):
+        ev.world_for([{**record, "meta": {}}], 32, scorer="no_colon")
+    with pytest.raises(ValueError, match="its own"):
+        ev.world_for([record], 32, scorer="test_evaluate:brightness_scorer")
+
+
+def brightness_scorer(images, records):
+    """A user's text-to-image scorer (for the test below): 'all_correct' when the image is not black."""
+    return [{"all_correct": float(im.mean() > 0.01), "brightness": float(im.mean())} for im in images]
+
+
+def _user_shards(folder: Path, n: int = 4) -> str:
+    """A user's own shards in img2dataset's layout: jpg + txt caption + json without a `source`."""
+    import webdataset as wds
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    captions = ["a photo of a red thing", "a photo of a blue thing"]
+    with wds.TarWriter(str(folder / "mine-000000.tar")) as sink:
+        for i in range(n):
+            buffer = io.BytesIO()
+            Image.new("RGB", (40, 30), ((i * 60) % 256, 80, 160)).save(buffer, format="JPEG")
+            sink.write({"__key__": f"{i:05d}", "jpg": buffer.getvalue(), "txt": captions[i % 2],
+                        "json": json.dumps({"url": f"http://example.com/{i}.jpg"}).encode()})
+    return str(folder / "*.tar")
+
+
+def test_evaluation_on_a_users_own_captioned_shards(pipe, tmp_path):
+    shards = _user_shards(tmp_path / "mine")
+    metrics = ev.evaluate(pipe, shards, tasks=list(ev.ALL_TASKS), batch_size=4, progress=False,
+                          samplers={t: pipe.sampler(ev.PIPELINE_TASK[t], steps=2) for t in ev.PIPELINE_TASK})
+    assert metrics["source"] == "captions" and metrics["records"] == 4
+    assert metrics["vqa"]["n"] == 0  # no qa in these records
+    assert 0.0 <= metrics["caption"]["exact_match"] <= 1 and metrics["caption"]["cider"] >= 0.0
+    assert 0.0 <= metrics["caption"]["bleu4"] <= 1
+    assert "scorer" in metrics["t2i"]["skipped"] and "skipped" in metrics["joint"]
+    assert math.isfinite(metrics["nll"]["nll"]) and metrics["nll"]["per_task"]["t2i"]["tokens"] > 0
+    scored = ev.evaluate(pipe, shards, tasks=["t2i"], batch_size=4, progress=False,
+                         scorer="test_evaluate:brightness_scorer",
+                         samplers={"t2i": pipe.sampler("text_to_image", steps=2)})["t2i"]
+    assert scored["scorer"] == "test_evaluate:brightness_scorer" and 0.0 <= scored["all_correct"] <= 1.0
+    assert 0.0 < scored["scorer_on_ground_truth"]["brightness"] < 1.0  # the user's keys come through
+
+
+def test_cider_agrees_with_its_definition():
+    assert ev.cider(["a red circle on the left"] * 2, [["a red circle on the left"], ["a blue square"]]) > 0
+    same = ev.cider(["a red circle", "a blue square"], [["a red circle"], ["a blue square"]])
+    worse = ev.cider(["a red circle", "a red circle"], [["a red circle"], ["a blue square"]])
+    assert same > worse >= 0.0
 
 
 def test_captions_decode_one_token_per_step_in_blocks_by_default(pipe, shapes_val):
