@@ -72,3 +72,12 @@ def test_the_root_recipes_find_data_before_another_installed_data_package(tmp_pa
                                 env=env, timeout=300)
         assert helped.returncode == 0, helped.stderr
         assert f"python -m {module}" in helped.stdout and "--out" in helped.stdout
+
+
+def test_every_module_says_what_it_is() -> None:
+    """Each source file outside tests/ opens with a docstring (docs/ARCHITECTURE.md points into them)."""
+    folders = ("mmdlm", "vision", "data", "benchmarks")
+    files = [p for folder in folders for p in (REPO / folder).rglob("*.py")] + [REPO / "train.py"]
+    missing = [str(p.relative_to(REPO)) for p in files
+               if len((ast.get_docstring(ast.parse(p.read_text(encoding="utf-8"))) or "").split()) < 5]
+    assert not missing, f"modules without a docstring of a sentence: {missing}"
