@@ -32,7 +32,9 @@ SUBCOMMANDS: dict[str, str] = {
     "export": "mmdlm.export",
     "evaluate": "mmdlm.evaluate",
     "vqa": "mmdlm.vqa",
+    "caption": "mmdlm.caption",
     "generate": "mmdlm.generate",
+    "infill": "mmdlm.infill",
     "demo": "mmdlm.demo",
 }
 

@@ -21,7 +21,8 @@ import train
 from mmdlm import cli, train_cli, vqa
 
 REPO = Path(__file__).resolve().parents[1]
-SUBCOMMANDS = ["train", "vqa", "generate", "evaluate", "export", "demo", "quickstart"]  # the list
+SUBCOMMANDS = ["train", "vqa", "generate", "evaluate", "export", "demo", "quickstart",  # the list
+               "caption", "infill"]  # and the sampler's other tasks
 CONSOLE_SCRIPT = Path(sys.executable).parent / "mmdlm"  # what `pip install -e .` writes beside the venv's python
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 

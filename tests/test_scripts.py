@@ -242,3 +242,33 @@ def test_generate_input_errors_exit_2(case, tiny_model_dir, scene, tmp_path, cap
     status = generate.main(argv + ["--device", "cpu", "--out", str(tmp_path / "x.png")])
     err = capsys.readouterr().err
     assert status == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1
+
+
+# ---- caption and infill ----------------------------------------------------------------------------------
+def test_caption_prints_the_pipeline_caption_and_takes_sampler_flags(tiny_model_dir, pipe, scene, tmp_path, capsys):
+    from mmdlm import caption
+
+    status = caption.main(["--model", tiny_model_dir, "--device", "cpu", "--image", str(scene), "--steps", "4",
+                           "--block-length", "0", "-v"])
+    out, err = capsys.readouterr()
+    expected = pipe.caption([Image.open(scene)], steps=4, block_length=None)
+    assert status in (caption.EXIT_OK, caption.EXIT_NO_ANSWER) and out == expected.texts[0] + "\n"
+    assert f"NFE {expected.nfe}" in err and expected.nfe == 4
+    two = caption.main(["--model", tiny_model_dir, "--device", "cpu", "--image", str(scene), "--image", str(scene)])
+    lines = capsys.readouterr().out.splitlines()
+    assert two in (caption.EXIT_OK, caption.EXIT_NO_ANSWER)
+    assert [line.split("\t")[0] for line in lines] == [str(scene)] * 2
+    assert caption.main(["--model", tiny_model_dir, "--image", str(tmp_path / "nope.png")]) == caption.EXIT_USAGE
+    assert "error:" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a bad sampler value is a usage error
+        caption.main(["--model", tiny_model_dir, "--image", str(scene), "--threshold", "2"])
+
+
+def test_infill_fills_the_blanks_and_refuses_texts_without_one(tiny_model_dir, pipe, capsys):
+    from mmdlm import infill
+
+    text = "a large [MASK] circle at the top left"
+    assert infill.main(["--model", tiny_model_dir, "--device", "cpu", "--text", text]) == infill.EXIT_OK
+    assert capsys.readouterr().out == pipe.infill([text]).texts[0] + "\n"
+    assert infill.main(["--model", tiny_model_dir, "--text", "no blank here"]) == infill.EXIT_USAGE
+    assert "no blank" in capsys.readouterr().err
