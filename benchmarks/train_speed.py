@@ -193,34 +193,41 @@ def _identity(batch):
     return batch
 
 
+class SyntheticProcessor:
+    """What `LitMDM.configure_model` reads from `dm.processor` (an `MMDLMProcessor`), from sizes alone: the
+    vocabulary, layout, image grid, longest sequence and a codebook of random vectors (no tokenizer folders)."""
+
+    def __init__(self, sizes: Sizes, layout, seed: int) -> None:
+        from mmdlm.vocab import Vocab
+
+        self.vocab = Vocab(sizes.text_vocab, sizes.codebook_size)
+        self.layout, self.image_grid, self.codebook_dim, self.seed = layout, sizes.grid, sizes.codebook_dim, seed
+
+    @property
+    def max_seq_len(self) -> int:  # as MMDLMProcessor.max_seq_len: the longest template
+        from mmdlm.processor import longest_sequence
+
+        return longest_sequence(self.vocab, self.layout, self.image_grid)
+
+    def code_features(self) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed)
+        # on the CPU, as the generator: configure_model runs under the trainer's device context
+        return torch.randn(self.vocab.codebook_size, self.codebook_dim, generator=g, device="cpu")
+
+
 def synthetic_datamodule(recipe: Recipe, sizes: Sizes, n_batches: int, seed: int):
-    """A DataModule with what `LitMDM.configure_model` reads (vocab, layout, grid, max_seq_len, codebook)."""
+    """A DataModule with the processor's values `LitMDM.configure_model` reads, and synthetic batches."""
     import lightning as L
     from torch.utils.data import DataLoader
 
-    from mmdlm.sequence import Layout, caption_prompt, joint_prompt, t2i_prompt, text_prompt, vqa_prompt
-    from mmdlm.vocab import Vocab
+    from mmdlm.sequence import Layout
 
     class SyntheticData(L.LightningDataModule):
         def __init__(self) -> None:
             super().__init__()
-            self.vocab = Vocab(sizes.text_vocab, sizes.codebook_size)
-            self.layout = Layout(**recipe.data.get("layout", {}))
-            self.image_grid = sizes.grid
-            self.batches = synthetic_batches(recipe, self.vocab, self.layout, sizes.grid, n_batches, seed)
-
-        @property
-        def max_seq_len(self) -> int:  # as MDMDataModule.max_seq_len: the longest template
-            n, lay, v = sizes.grid[0] * sizes.grid[1], self.layout, self.vocab
-            codes = torch.zeros(sizes.grid, dtype=torch.long, device="cpu")  # not the GPU's init context
-            return max(len(t) for t in (t2i_prompt([], v, lay, n), caption_prompt(codes, v, lay),
-                                        joint_prompt(v, lay, n), text_prompt([], v, lay),
-                                        vqa_prompt(codes, [[0]] * lay.qa_per_sample, v, lay)))
-
-        def codebook_vectors(self) -> torch.Tensor:
-            g = torch.Generator().manual_seed(seed)
-            # on the CPU, as the generator: configure_model runs under the trainer's device context
-            return torch.randn(sizes.codebook_size, sizes.codebook_dim, generator=g, device="cpu")
+            self.processor = SyntheticProcessor(sizes, Layout(**recipe.data.get("layout", {})), seed)
+            p = self.processor
+            self.batches = synthetic_batches(recipe, p.vocab, p.layout, sizes.grid, n_batches, seed)
 
         def train_dataloader(self) -> DataLoader:
             return DataLoader(self.batches, batch_size=None, shuffle=False, collate_fn=_identity)

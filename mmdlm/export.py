@@ -2,12 +2,14 @@
 
     python -m mmdlm.export --ckpt runs/quickstart/mdm-run/checkpoints/last.ckpt --out runs/my-model
 
-Folder layout (diffusers/transformers style, no Lightning needed to load it):
+Folder layout (diffusers/transformers style, no Lightning needed to load it), written by
+`write_model_folder` alone (for this export, `MMDLMPipeline.save_pretrained` and the end of a training run):
 
     config.json          model config, vocab sizes, sequence layout, and the sha256 of model.safetensors
     model.safetensors    transformer weights (the EMA weights when the run kept them)
-    text_tokenizer/      the text tokenizer (tokenizer.json)
-    vq/                  the image tokenizer (a diffusers VQModel or PatchTokenizer folder)
+    text_tokenizer/      the text tokenizer (tokenizer.json)           } the `MMDLMProcessor`
+    vq/                  the image tokenizer (a diffusers VQModel or   } (`mmdlm.processor`)
+                         PatchTokenizer folder)
 
 The checkpoint is read with `torch.load(..., weights_only=True)`: tensors and plain Python values only,
 so a crafted `.ckpt` cannot run code; one that names any other Python object is refused. The sha256 of
@@ -24,19 +26,18 @@ import hashlib
 import json
 import pickle
 import re
-import shutil
 import warnings
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import save_file
 
 from mmdlm.model import Transformer
-from mmdlm.sequence import Layout
-from mmdlm.text_tokenizer import load_text_tokenizer
-from mmdlm.vocab import Vocab
+
+if TYPE_CHECKING:
+    from mmdlm.processor import MMDLMProcessor
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -61,13 +62,32 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def write_weights_and_config(model: Transformer, vocab: Vocab, layout: Layout, out: Path) -> None:
-    """model.safetensors, then config.json with the model/vocab/layout and the weights' sha256."""
+def read_config(folder: str | Path) -> dict[str, Any]:
+    """A model folder's config.json as a dict; `FileNotFoundError` / `ValueError` saying what is wrong with it."""
+    config_file = Path(folder) / CONFIG_FILE
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{str(folder)!r} is not an mmdlm model folder (no {CONFIG_FILE})")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{str(config_file)!r} is not valid JSON ({err})") from err
+    if not isinstance(config, dict) or "model" not in config or "vocab" not in config:
+        raise ValueError(f"{str(config_file)!r} is not an mmdlm model config (no 'model'/'vocab' keys)")
+    return config
+
+
+def write_model_folder(model: Transformer, processor: MMDLMProcessor, out_dir: str | Path) -> Path:
+    """The one writer of a model folder: the processor's `text_tokenizer/` and `vq/`, model.safetensors (the
+    model's current weights), then config.json with the model config, vocab sizes, layout and the weights'
+    sha256."""
+    out = Path(out_dir)
+    processor.save_pretrained(out)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(out / WEIGHTS_FILE))
-    config = {"model": asdict(model.config), "vocab": vocab.to_dict(), "layout": asdict(layout),
+    config = {"model": asdict(model.config), "vocab": processor.vocab.to_dict(), "layout": asdict(processor.layout),
               "format": FORMAT, CHECKSUM_KEY: sha256_file(out / WEIGHTS_FILE)}
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+    return out
 
 
 def verify_weights(folder: str | Path, config: dict) -> bool:
@@ -83,22 +103,6 @@ def verify_weights(folder: str | Path, config: dict) -> bool:
         raise CorruptModelError(f"{str(weights)!r} is damaged: its sha256 differs from the one recorded in "
                                 f"{CONFIG_FILE} at export (copy or export the model again)")
     return True
-
-
-def export_model(model: Transformer, vocab: Vocab, layout: Layout, text_tokenizer: str | Path,
-                 vq: str | Path, out_dir: str | Path) -> Path:
-    """Write `model` (its current weights), its tokenizers and layout into `out_dir`."""
-    out = Path(out_dir)
-    vq = Path(vq)
-    if not (vq / "config.json").is_file():
-        raise FileNotFoundError(f"VQ tokenizer folder {str(vq)!r} has no config.json")
-    tokenizer = load_text_tokenizer(text_tokenizer)
-    out.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(out / "text_tokenizer")
-    if vq.resolve() != (out / "vq").resolve():
-        shutil.copytree(vq, out / "vq", dirs_exist_ok=True)
-    write_weights_and_config(model, vocab, layout, out)
-    return out
 
 
 def load_checkpoint(ckpt: str | Path) -> dict[str, Any]:
@@ -129,6 +133,9 @@ def load_checkpoint(ckpt: str | Path) -> dict[str, Any]:
 def export_checkpoint(ckpt: str | Path, out_dir: str | Path, use_ema: bool = True) -> Path:
     """Export a Lightning checkpoint of `mmdlm.lightning.LitMDM` (EMA weights when present)."""
     from mmdlm.model import ModelConfig
+    from mmdlm.processor import MMDLMProcessor
+    from mmdlm.sequence import Layout
+    from mmdlm.vocab import Vocab
 
     state = load_checkpoint(ckpt)
     meta = state.get("mmdlm")
@@ -150,7 +157,14 @@ def export_checkpoint(ckpt: str | Path, out_dir: str | Path, use_ema: bool = Tru
     except (TypeError, ValueError, RuntimeError, AttributeError) as err:  # wrong config fields, mismatched weights
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"{str(ckpt)!r} holds a model that cannot be rebuilt: {first}") from err
-    return export_model(model, vocab, layout, text_tokenizer, vq, out_dir)
+    if not (Path(vq) / CONFIG_FILE).is_file():  # before loading: the message names the recorded folder
+        raise FileNotFoundError(f"VQ tokenizer folder {str(vq)!r} has no {CONFIG_FILE}")
+    processor = MMDLMProcessor.from_paths(text_tokenizer, vq, layout)
+    if processor.vocab != vocab:
+        raise CheckpointError(f"{str(ckpt)!r} was trained with {vocab.text_size} text ids and {vocab.codebook_size} "
+                              f"image codes, but the tokenizers it names ({text_tokenizer}, {vq}) now have "
+                              f"{processor.vocab.text_size} and {processor.vocab.codebook_size}")
+    return write_model_folder(model, processor, out_dir)
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m mmdlm.export") -> None:

@@ -1,8 +1,10 @@
 """Lightning glue for the masked-diffusion model and its autoregressive twin (thin: logic lives elsewhere).
 
 - `MDMDataModule`: shards -> records (mmdlm.data) -> task sequences (mmdlm.sequence) -> `Batch`.
-  It owns the tokenizers, so the values known only at run time (vocab size, sequence length, image
-  grid, VQ codebook) are read from it by the model in `configure_model`, never typed twice.
+  It builds the `MMDLMProcessor` (tokenizers, vocab, layout) from its paths and exposes it as
+  `dm.processor`, so the values known only at run time (vocab size, sequence length, image grid, VQ
+  codebook) are read from it by the model in `configure_model`, never typed twice; the model's
+  checkpoints record it and its export at the end of fit writes it.
 - `LitMDM`: AdamW with warmup + cosine, EMA weights swapped in for validation and export, per-task loss,
   ELBO NLL and tokens/s logged to TensorBoard, a few samples shown at each validation, and an export of
   a self-contained model folder (`MMDLMPipeline.from_pretrained`) at the end of fit.
@@ -28,20 +30,9 @@ from mmdlm.data import MAX_BAD_IN_A_ROW, LengthBuckets, ShardDataModule, ShardLo
 from mmdlm.diffusion import ImageSchedule, LossOutput, Weighting, ar_loss, cond_dropout, masked_diffusion_loss
 from mmdlm.errors import UserError
 from mmdlm.model import ModelConfig, Transformer
-from mmdlm.sequence import (
-    DEFAULT_TASK_WEIGHTS,
-    Batch,
-    Layout,
-    SequenceBuilder,
-    Task,
-    caption_prompt,
-    collate,
-    joint_prompt,
-    t2i_prompt,
-    text_prompt,
-    vqa_prompt,
-)
-from mmdlm.text_tokenizer import TextTokenizer, load_text_tokenizer
+from mmdlm.processor import MMDLMProcessor
+from mmdlm.sequence import DEFAULT_TASK_WEIGHTS, Batch, Layout, SequenceBuilder, Task, collate
+from mmdlm.text_tokenizer import TextTokenizer
 from mmdlm.vocab import Vocab
 
 
@@ -59,6 +50,10 @@ class MDMDataModule(ShardDataModule):
         bucket_pool: training batches are cut from a pool of this many batches' samples sorted by length
             (`LengthBuckets`), so a batch pads to about its own length instead of the longest template's;
             1 = plain batching. Validation batches are never bucketed.
+
+    Attributes:
+        processor: the `MMDLMProcessor` of `text_tokenizer`, `vq` and `layout`: the sequences are built with
+            it, and `LitMDM` builds the model from it, records it in checkpoints and exports it.
     """
 
     def __init__(
@@ -86,52 +81,21 @@ class MDMDataModule(ShardDataModule):
                          resampled=resampled, epoch_length=epoch_length, seed=seed,
                          load_images=False, load_codes=True,  # images are decoded only where codes are missing
                          max_bad_in_a_row=max_bad_in_a_row)
-        from vision.load import load_image_tokenizer
-
-        self.text_tokenizer_path = text_tokenizer
-        self.vq_path = vq
-        self.tokenizer: TextTokenizer = load_text_tokenizer(text_tokenizer)
-        self.vq = load_image_tokenizer(vq).eval()
-        self.vocab = Vocab(self.tokenizer.vocab_size, self.vq.codebook_size)
-        self.layout = layout or Layout()
+        self.processor = MMDLMProcessor.from_paths(text_tokenizer, vq, layout)  # what the model is built from
         self.task_weights = (dict(DEFAULT_TASK_WEIGHTS) if task_weights is None
                              else {Task[name.upper()]: w for name, w in task_weights.items()})
-        self.builder = SequenceBuilder(self.vocab, self.tokenizer, self.layout, self.task_weights, seed=seed)
+        p = self.processor
+        self.builder = SequenceBuilder(p.vocab, p.tokenizer, p.layout, self.task_weights, seed=seed)
         self.bucket_pool = bucket_pool
-
-    # values the model reads at run time
-    @property
-    def image_grid(self) -> tuple[int, int]:
-        return tuple(self.vq.grid)
-
-    @property
-    def max_seq_len(self) -> int:
-        """Longest template under this layout (VQA with `qa_per_sample` pairs, usually)."""
-        n, layout, vocab = self.vq.tokens_per_image, self.layout, self.vocab
-        codes = torch.zeros(self.vq.grid, dtype=torch.long)
-        templates = [
-            t2i_prompt([], vocab, layout, n), caption_prompt(codes, vocab, layout), joint_prompt(vocab, layout, n),
-            vqa_prompt(codes, [[0]] * layout.qa_per_sample, vocab, layout), text_prompt([], vocab, layout),
-        ]
-        return max(len(t) for t in templates)
-
-    def codebook_vectors(self) -> torch.Tensor:
-        """Float[K, e + 3*f*f]: what the tokenizer knows about each code, for the image-token embeddings.
-
-        The code vector alone (e = 8 dims here) encodes colour only through the decoder's nonlinearity;
-        the f x f RGB patch a code decodes to (on a canvas of itself) states it outright, so the transformer
-        sees a code's colour and edge shape from step 1 instead of learning them from ~1k sightings.
-        """
-        return code_features(self.vq)
 
     def transform(self, record: dict) -> Any:
         if "codes" not in record:  # raw images: run the VQ encoder here (pre-tokenize to skip this)
             with torch.no_grad():
-                record["codes"] = self.vq.encode(record["image"][None])[0]  # (h, w)
+                record["codes"] = self.processor.vq.encode(record["image"][None])[0]  # (h, w)
         return self.builder.build(record)
 
     def collate(self, samples: list) -> Batch:
-        return collate(samples, self.vocab)
+        return collate(samples, self.processor.vocab)
 
     def train_dataloader(self) -> ResumableLoader:
         dataset = self.dataset(self.train_shards, train=True)
@@ -173,18 +137,6 @@ class ResumableLoader(ShardLoader):
         self._skip = int(state.get("batches", 0))
 
 
-@torch.no_grad()
-def code_features(vq) -> torch.Tensor:
-    """Float[K, e + 3*f*f]: each VQ code's vector and the centre f x f patch of an image of only that code."""
-    K, (h, w) = vq.codebook_size, vq.grid
-    images = torch.cat([vq.decode(torch.full((n, h, w), 0, dtype=torch.long) + torch.arange(i, i + n)[:, None, None])
-                        for i in range(0, K, 64) for n in [min(64, K - i)]])  # (K, 3, H, W)
-    f = images.shape[-1] // w
-    r, c = (h // 2) * f, (w // 2) * f
-    patches = images[:, :, r : r + f, c : c + f].reshape(K, -1)  # (K, 3*f*f)
-    return torch.cat([vq.codebook_vectors().float().cpu(), patches.float().cpu()], dim=1)
-
-
 # ModelConfig fields that LitMDM takes as arguments: with `init_from`, the model folder's values are used
 ARCHITECTURE = ("n_layer", "n_head", "n_embd", "causal", "qk_norm", "tie_head", "head_codebook", "mask_positions",
                 "shift_logits")
@@ -214,12 +166,6 @@ def image_grid(batch: Batch, pred: torch.Tensor, vocab: Vocab, vq: Any) -> torch
     return make_grid(torch.cat([truth, made]).float().clamp(0, 1).cpu(), nrow=len(rows))
 
 
-def absolute_path(path: str | Path) -> str:
-    """An existing local path made absolute; anything else (`open_clip`, a path gone since) as given."""
-    local = Path(path).expanduser()
-    return str(local.resolve()) if str(path) != "open_clip" and local.exists() else str(path)
-
-
 def _text_vocabulary(tokenizer: TextTokenizer) -> Any:
     """What a text tokenizer's ids mean: a HF tokenizer's token -> id table, else its class (CLIP's is fixed)."""
     inner = getattr(tokenizer, "tok", None)
@@ -228,27 +174,28 @@ def _text_vocabulary(tokenizer: TextTokenizer) -> Any:
     return type(tokenizer).__name__
 
 
-def incompatibility(pipe: Any, dm: MDMDataModule) -> str | None:
-    """Why a model folder's weights (an `MMDLMPipeline`) cannot be trained on `dm`'s sequences; None if they can.
+def incompatibility(pipe: Any, data: MMDLMProcessor) -> str | None:
+    """Why a model folder's weights (an `MMDLMPipeline`) cannot be trained on sequences of the data's processor;
+    None if they can.
 
     Token ids must mean the same on both sides: the same vocabulary sizes, the same text tokens and the same
     image codes (codebook vectors); and the data's longest sequence must fit the model's positions.
     """
-    ours, theirs = dm.vocab, pipe.vocab
+    ours, theirs = data.vocab, pipe.vocab
     if (ours.text_size, ours.codebook_size) != (theirs.text_size, theirs.codebook_size):
         return (f"its vocabulary has {theirs.text_size} text ids and {theirs.codebook_size} image codes, the data's "
                 f"tokenizers have {ours.text_size} and {ours.codebook_size}")
-    if type(pipe.tokenizer) is not type(dm.tokenizer) or _text_vocabulary(pipe.tokenizer) != _text_vocabulary(
-            dm.tokenizer):
+    if type(pipe.tokenizer) is not type(data.tokenizer) or _text_vocabulary(pipe.tokenizer) != _text_vocabulary(
+            data.tokenizer):
         return "its text tokenizer maps tokens to different ids than the data's --data.text_tokenizer"
-    if tuple(pipe.vq.grid) != tuple(dm.vq.grid):
-        return f"its images are {tuple(pipe.vq.grid)} codes, the data's --data.vq gives {tuple(dm.vq.grid)}"
+    if tuple(pipe.vq.grid) != tuple(data.vq.grid):
+        return f"its images are {tuple(pipe.vq.grid)} codes, the data's --data.vq gives {tuple(data.vq.grid)}"
     with torch.no_grad():
-        a, b = pipe.vq.codebook_vectors().float().cpu(), dm.vq.codebook_vectors().float().cpu()
+        a, b = pipe.vq.codebook_vectors().float().cpu(), data.vq.codebook_vectors().float().cpu()
     if a.shape != b.shape or not torch.allclose(a, b, rtol=1e-5, atol=1e-6):
         return "its image codebook differs from the data's --data.vq, so image ids would mean other pictures"
-    if dm.max_seq_len > pipe.model.config.max_seq_len:
-        return (f"the data's longest sequence is {dm.max_seq_len} tokens, the model's limit is "
+    if data.max_seq_len > pipe.model.config.max_seq_len:
+        return (f"the data's longest sequence is {data.max_seq_len} tokens, the model's limit is "
                 f"{pipe.model.config.max_seq_len} (shorten --data.layout)")
     return None
 
@@ -373,19 +320,19 @@ class LitMDM(LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        dm = self.trainer.datamodule
+        processor = self.trainer.datamodule.processor  # an MMDLMProcessor (train_speed: a stand-in of sizes)
         hp = self.hparams
         if hp.get("init_from"):
-            self.init_from_folder(hp.init_from, dm)
+            self.init_from_folder(hp.init_from, processor)
             return
-        vocab: Vocab = dm.vocab
-        codebook = dm.codebook_vectors() if hp.codebook_embeddings else None
+        vocab: Vocab = processor.vocab
+        codebook = processor.code_features() if hp.codebook_embeddings else None
         config = ModelConfig(
             vocab_size=vocab.size, n_layer=hp.n_layer, n_head=hp.n_head, n_embd=hp.n_embd,
-            max_seq_len=dm.max_seq_len, causal=hp.causal, qk_norm=hp.qk_norm, tie_head=hp.tie_head,
+            max_seq_len=processor.max_seq_len, causal=hp.causal, qk_norm=hp.qk_norm, tie_head=hp.tie_head,
             head_codebook=hp.head_codebook, mask_positions=hp.get("mask_positions", False), mask_id=vocab.mask,
             shift_logits=hp.get("shift_logits", False),
-            dropout=hp.dropout, image_grid=dm.image_grid,
+            dropout=hp.dropout, image_grid=processor.image_grid,
             codebook_size=vocab.codebook_size, image_offset=vocab.image_offset,
             codebook_dim=0 if codebook is None else codebook.shape[1],
         )
@@ -491,13 +438,13 @@ class LitMDM(LightningModule):
         n = self.hparams.samples_at_val
         sub = select_rows(batch, slice(0, n))
         pred = fill_targets(self.model, sub, self.vocab, steps=8)
-        dm = self.trainer.datamodule
+        processor = self.trainer.datamodule.processor
         experiment = getattr(self.logger, "experiment", None)
         if hasattr(experiment, "add_text"):
-            lines = decode_targets(sub, pred, self.vocab, dm.tokenizer)
+            lines = decode_targets(sub, pred, self.vocab, processor.tokenizer)
             experiment.add_text("val/samples", "\n\n".join(lines), self.global_step)
         if hasattr(experiment, "add_image"):
-            grid = image_grid(sub, pred, self.vocab, dm.vq)
+            grid = image_grid(sub, pred, self.vocab, processor.vq)
             if grid is not None:
                 experiment.add_image("val/images", grid, self.global_step)
 
@@ -524,15 +471,13 @@ class LitMDM(LightningModule):
     # ---- checkpoints and export --------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["mmdlm"] = {"model_config": asdict(self.config), "vocab": self.vocab.to_dict()}
-        dm = getattr(self.trainer, "datamodule", None)
-        if dm is not None:
-            # absolute: `python -m mmdlm.export --ckpt ...` may run from any directory
-            checkpoint["mmdlm"].update(text_tokenizer=absolute_path(dm.text_tokenizer_path),
-                                       vq=absolute_path(dm.vq_path), layout=asdict(dm.layout))
+        processor = getattr(getattr(self.trainer, "datamodule", None), "processor", None)
+        if isinstance(processor, MMDLMProcessor):  # what `mmdlm.export --ckpt` rebuilds it from (absolute paths)
+            checkpoint["mmdlm"].update(processor.sources(), layout=asdict(processor.layout))
         if self.ema is not None:
             checkpoint["ema"] = self.ema.shadow
 
-    def init_from_folder(self, folder: str | Path, dm: MDMDataModule) -> None:
+    def init_from_folder(self, folder: str | Path, data: MMDLMProcessor) -> None:
         """Build the model from a model folder's config and weights (fine-tuning): the folder's architecture,
         this run's dropout, EMA restarted from the loaded weights. The data's tokenizers must be the folder's."""
         from mmdlm.pipeline import MMDLMPipeline
@@ -541,7 +486,7 @@ class LitMDM(LightningModule):
             pipe = MMDLMPipeline.from_pretrained(folder, device="cpu")
         except (OSError, ValueError) as err:  # no such folder, not a model folder, damaged weights
             raise UserError(f"--model.init_from {str(folder)!r} cannot be loaded: {err}") from err
-        problem = incompatibility(pipe, dm)
+        problem = incompatibility(pipe, data)
         if problem:
             raise UserError(f"--model.init_from {str(folder)!r} does not fit this data: {problem} (train on the "
                             f"folder's own tokenizers: --data.text_tokenizer {Path(folder) / 'text_tokenizer'} "
@@ -564,14 +509,12 @@ class LitMDM(LightningModule):
 
     def on_fit_end(self) -> None:
         if self.hparams.export_dir and self.trainer.is_global_zero:
-            from mmdlm.export import export_model
+            from mmdlm.export import write_model_folder
 
-            dm = self.trainer.datamodule
             if self.ema is not None:
                 self.ema.swap(self.model)
             try:
-                export_model(self.model, self.vocab, dm.layout, dm.text_tokenizer_path, dm.vq_path,
-                             self.hparams.export_dir)
+                write_model_folder(self.model, self.trainer.datamodule.processor, self.hparams.export_dir)
             finally:
                 if self.ema is not None:
                     self.ema.swap(self.model)

@@ -1,10 +1,12 @@
-"""`MMDLMPipeline`: text tokenizer + image tokenizer + transformer + scheduler, with one method per task.
+"""`MMDLMPipeline`: processor (text + image tokenizer) + transformer + scheduler, with one method per task.
 
-diffusers-style: the pipeline holds its components, `from_pretrained(DIR)` loads a folder written by
-`mmdlm.export` (or `save_pretrained`), and every task lays out a sequence with a masked target region
-(`mmdlm.sequence`) and hands it to the scheduler the model was trained for (`mmdlm.sampling`): masked
-diffusion, or left to right with a KV cache for the AR twin. Each task has a default `SamplerConfig`
-(`DEFAULT_SAMPLERS`); a call passes another (`sampler=`) and/or overrides some of its fields by name.
+diffusers-style: the pipeline holds its components (the `MMDLMProcessor` turns inputs into ids and ids
+back into text and images), `from_pretrained(DIR)` loads a folder written by `mmdlm.export` (or
+`save_pretrained`: both through `mmdlm.export.write_model_folder`), and every task lays out a sequence with
+a masked target region (`mmdlm.sequence`) and hands it to the scheduler the model was trained for
+(`mmdlm.sampling`): masked diffusion, or left to right with a KV cache for the AR twin. Each task has a
+default `SamplerConfig` (`DEFAULT_SAMPLERS`); a call passes another (`sampler=`) and/or overrides some of its
+fields by name.
 
     pipe = MMDLMPipeline.from_pretrained("runs/quickstart/model")
     pipe.answer([image], ["what color is the circle?"]).texts      # ['red']
@@ -17,17 +19,18 @@ All methods are batched, deterministic given `seed`, and return the number of fo
 
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from mmdlm.export import CHECKSUM_KEY, CONFIG_FILE, WEIGHTS_FILE, verify_weights, write_weights_and_config
+from mmdlm.export import CHECKSUM_KEY, CONFIG_FILE, WEIGHTS_FILE, read_config, verify_weights, write_model_folder
 from mmdlm.model import ModelConfig, Transformer
+from mmdlm.processor import MMDLMProcessor
 from mmdlm.sampling import SamplerConfig, SampleResult, StepCallback, scheduler_for
 from mmdlm.sequence import (
     Batch,
@@ -42,7 +45,7 @@ from mmdlm.sequence import (
     text_prompt,
     vqa_prompt,
 )
-from mmdlm.text_tokenizer import TextTokenizer, load_text_tokenizer
+from mmdlm.text_tokenizer import TextTokenizer
 from mmdlm.vocab import Vocab
 
 BLANK = "[MASK]"  # marks a span to fill in `infill`
@@ -105,15 +108,30 @@ DEFAULT_SAMPLERS: dict[str, SamplerConfig] = {
 
 
 class MMDLMPipeline:
-    """A trained mmdlm model with its tokenizers; see the module docstring for usage."""
+    """A trained mmdlm model with its processor (tokenizers, vocab, layout); see the module docstring."""
 
-    def __init__(self, model: Transformer, vocab: Vocab, layout: Layout, text_tokenizer: TextTokenizer,
-                 vq, device: str | torch.device = "cpu") -> None:  # vq: a vision.load image tokenizer
+    def __init__(self, model: Transformer, processor: MMDLMProcessor, device: str | torch.device = "cpu") -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
-        self.vocab, self.layout, self.tokenizer = vocab, layout, text_tokenizer
-        self.vq = vq.to(self.device).eval()
-        self.scheduler = scheduler_for(model.config, vocab)
+        self.processor = processor.to(self.device)
+        self.scheduler = scheduler_for(model.config, processor.vocab)
+
+    # the processor's parts, as many callers read them
+    @property
+    def tokenizer(self) -> TextTokenizer:
+        return self.processor.tokenizer
+
+    @property
+    def vq(self) -> torch.nn.Module:  # a vision.load image tokenizer
+        return self.processor.vq
+
+    @property
+    def vocab(self) -> Vocab:
+        return self.processor.vocab
+
+    @property
+    def layout(self) -> Layout:
+        return self.processor.layout
 
     # ---- loading / saving -------------------------------------------------------------------------
     @classmethod
@@ -123,20 +141,10 @@ class MMDLMPipeline:
         model.safetensors is checked against the sha256 that config.json records (`CorruptModelError`, a
         ValueError, when it differs); a folder exported before checksums loads with a warning.
         """
-        from vision.load import load_image_tokenizer
-
         path = Path(path)
-        config_file = path / CONFIG_FILE
-        if not config_file.is_file():
-            raise FileNotFoundError(f"{str(path)!r} is not an mmdlm model folder (no config.json)")
-        try:
-            config = json.loads(config_file.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ValueError(f"{str(config_file)!r} is not valid JSON ({err})") from err
-        if not isinstance(config, dict) or "model" not in config or "vocab" not in config:
-            raise ValueError(f"{str(config_file)!r} is not an mmdlm model config (no 'model'/'vocab' keys)")
+        config = read_config(path)
         if not verify_weights(path, config):
-            warnings.warn(f"{str(config_file)!r} records no {CHECKSUM_KEY} (exported by an older mmdlm): "
+            warnings.warn(f"{str(path / CONFIG_FILE)!r} records no {CHECKSUM_KEY} (exported by an older mmdlm): "
                           f"the weights are loaded unverified", stacklevel=2)
         mc = config["model"]
         if isinstance(mc.get("image_grid"), list):
@@ -144,26 +152,19 @@ class MMDLMPipeline:
         model = Transformer(ModelConfig(**mc))
         model.load_state_dict(load_file(str(path / WEIGHTS_FILE)))
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        return cls(model, Vocab(**config["vocab"]), Layout(**config["layout"]),
-                   load_text_tokenizer(path / "text_tokenizer"), load_image_tokenizer(path / "vq"),
-                   device)
+        return cls(model, MMDLMProcessor.from_pretrained(path), device)
 
     def save_pretrained(self, path: str | Path) -> Path:
         """Write the pipeline as a self-contained folder (config.json with the weights' sha256, safetensors,
-        tokenizers)."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        self.tokenizer.save(path / "text_tokenizer")
-        self.vq.save_pretrained(path / "vq")
-        write_weights_and_config(self.model, self.vocab, self.layout, path)
-        return path
+        tokenizers), as `mmdlm.export` does."""
+        return write_model_folder(self.model, self.processor, path)
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> MMDLMPipeline:
         """Move the model (and the image tokenizer) to a device and/or the model to a dtype, in place, as
         diffusers' `pipe.to("cuda", torch.bfloat16)`; returns the pipeline."""
         if device is not None:
             self.device = torch.device(device)
-            self.vq.to(self.device)
+            self.processor.to(self.device)
         self.model.to(device=self.device, dtype=dtype)
         return self
 
@@ -182,45 +183,21 @@ class MMDLMPipeline:
         `overrides` (field names of `SamplerConfig`) replaced."""
         return replace(sampler or DEFAULT_SAMPLERS[task], **overrides)
 
-    # ---- inputs -----------------------------------------------------------------------------------
-    def image_tensor(self, images) -> torch.Tensor:
+    # ---- inputs (the processor's) -------------------------------------------------------------------
+    def image_tensor(self, images: Any) -> torch.Tensor:
         """PIL images / paths / Float[B,3,H,W] in [0,1] -> Float[B,3,S,S] at the VQ's image size."""
-        from torchvision.transforms import v2
+        return self.processor.image_tensor(images)
 
-        if isinstance(images, torch.Tensor):
-            x = images if images.dim() == 4 else images[None]
-        else:
-            size = self.vq.image_size
-            tf = v2.Compose([v2.Resize(size), v2.CenterCrop(size)])
-            tensors = []
-            for im in images:
-                if isinstance(im, str | Path):
-                    try:
-                        im = Image.open(im)
-                        im.load()
-                    except (OSError, ValueError) as err:
-                        raise ValueError(f"cannot read image {str(im)!r}: {err}") from err
-                rgb = im.convert("RGB")
-                t = torch.from_numpy(__import__("numpy").asarray(rgb).copy()).permute(2, 0, 1)  # (3, H, W)
-                tensors.append(tf(t).float() / 255.0)
-            x = torch.stack(tensors)
-        size = self.vq.image_size
-        if x.shape[-1] != size or x.shape[-2] != size:
-            from torchvision.transforms import v2
-
-            x = v2.Compose([v2.Resize(size, antialias=True), v2.CenterCrop(size)])(x)
-        return x.to(self.device)
-
-    @torch.no_grad()
-    def encode_images(self, images) -> torch.Tensor:
+    def encode_images(self, images: Any) -> torch.Tensor:
         """Images -> VQ codes Long[B, h, w]."""
-        return self.vq.encode(self.image_tensor(images))
+        return self.processor.encode_images(images)
+
+    def token_mask(self, region_mask: torch.Tensor) -> torch.Tensor:
+        """Pixel mask Bool[B, H, W] -> token mask Bool[B, h, w] (max-pool); token masks pass through."""
+        return self.processor.token_mask(region_mask)
 
     def _encode_text(self, text: str, limit: int, what: str) -> list[int]:
-        ids = self.tokenizer.encode(text)
-        if len(ids) > limit:
-            raise ValueError(f"{what} is {len(ids)} tokens, longer than the model's limit of {limit}: {text!r}")
-        return ids
+        return self.processor.encode_text(text, limit, what)
 
     # ---- running a sampler ------------------------------------------------------------------------
     def _generate(self, samples: list[Sample], config: SamplerConfig, seed: int, history: bool = False,
@@ -234,7 +211,7 @@ class MMDLMPipeline:
         """The text target regions of each row, decoded (a row may hold several: VQA answers)."""
         out = []
         for row, s in zip(ids.cpu(), samples):
-            out.append([self.tokenizer.decode(self.vocab.text_ids_only(row[region]))
+            out.append([self.processor.decode_text(row[region])
                         for region in target_regions(s.target & (s.image_index < 0))])
         return out
 
@@ -281,8 +258,7 @@ class MMDLMPipeline:
 
     def _image_output(self, res: SampleResult, samples: list[Sample]) -> ImageOutput:
         codes = self._codes(res.ids, samples)
-        with torch.no_grad():
-            images = self.vq.decode(codes)
+        images = self.processor.decode_images(codes)
         frames = None
         if res.history is not None:
             frames = [self._canvas_codes(f, samples) for f in res.history]
@@ -303,8 +279,7 @@ class MMDLMPipeline:
         samples = [joint_prompt(self.vocab, self.layout, self.vq.tokens_per_image) for _ in range(n)]
         res = self._generate(samples, self.sampler("joint", sampler, **overrides), seed)
         codes = self._codes(res.ids, samples)
-        with torch.no_grad():
-            images = self.vq.decode(codes)
+        images = self.processor.decode_images(codes)
         return JointOutput(images.cpu(), codes.cpu(), [t[0] for t in self._texts(res.ids, samples)], res.nfe)
 
     def inpaint(self, images, region_mask: torch.Tensor, prompt: list[str] | None = None,
@@ -332,17 +307,6 @@ class MMDLMPipeline:
         res = self._generate(samples, self.sampler("inpaint", sampler, **overrides), seed)
         return self._image_output(res, samples)
 
-    def token_mask(self, region_mask: torch.Tensor) -> torch.Tensor:
-        """Pixel mask Bool[B, H, W] -> token mask Bool[B, h, w] (max-pool); token masks pass through."""
-        h, w = self.vq.grid
-        m = region_mask.bool()
-        if m.dim() == 2:
-            m = m[None]
-        if m.shape[-2:] == (h, w):
-            return m
-        f = m.shape[-1] // w
-        return torch.nn.functional.max_pool2d(m.float()[:, None], f)[:, 0].bool()
-
     def infill(self, texts: list[str], tokens_per_blank: int = 1, sampler: SamplerConfig | None = None,
                seed: int = 0, **overrides) -> TextOutput:
         """Fill every `[MASK]` in each text with `tokens_per_blank` tokens; returns the completed texts."""
@@ -356,7 +320,7 @@ class MMDLMPipeline:
             ids: list[int] = []
             for i, part in enumerate(parts):
                 part = part.rstrip() if i < len(parts) - 1 else part  # the blank brings its own space
-                ids += self.tokenizer.encode(part) if part else []
+                ids += self.processor.encode_text(part) if part else []
                 if i < len(parts) - 1:
                     ids += [self.vocab.mask] * tokens_per_blank
             if len(ids) >= self.layout.text_len:
@@ -366,7 +330,7 @@ class MMDLMPipeline:
         out = []
         for row, s in zip(res.ids.cpu(), samples):
             region = row[: len(s)][(s.image_index < 0) & ~s.pad & (row[: len(s)] != self.vocab.text_task)]
-            out.append(self.tokenizer.decode(self.vocab.text_ids_only(region)))
+            out.append(self.processor.decode_text(region))
         return TextOutput(out, res.nfe, res.ids)
 
 

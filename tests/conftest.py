@@ -27,11 +27,10 @@ def shapes_texts(n: int = 300, seed: int = 0) -> list[str]:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> str:
     """A self-contained model folder: BPE trained on shapes text, an untrained tiny VQ, a random MDM."""
-    from mmdlm.export import export_model
+    from mmdlm.export import write_model_folder
     from mmdlm.model import ModelConfig, Transformer
-    from mmdlm.sequence import Layout
+    from mmdlm.processor import MMDLMProcessor
     from mmdlm.text_tokenizer import BPETokenizer
-    from mmdlm.vocab import Vocab
     from vision.tokenizer import VQTokenizer
 
     root = tmp_path_factory.mktemp("tiny_model")
@@ -40,14 +39,14 @@ def tiny_model_dir(tmp_path_factory) -> str:
     torch.manual_seed(0)
     vq = VQTokenizer.new(image_size=32, codebook_size=64, channels=16, max_channels=32, norm_groups=4)
     vq.save_pretrained(root / "vq")
-    vocab = Vocab(tok.vocab_size, vq.codebook_size)
-    layout = Layout()
+    processor = MMDLMProcessor.from_paths(root / "tok", root / "vq")  # the default Layout
+    vocab = processor.vocab
     cfg = ModelConfig(vocab_size=vocab.size, n_layer=2, n_head=2, n_embd=32, max_seq_len=256,
                       image_grid=vq.grid, codebook_size=vq.codebook_size, image_offset=vocab.image_offset,
                       codebook_dim=vq.embed_dim)
     model = Transformer(cfg)
     model.set_codebook(vq.codebook_vectors().detach())
-    return str(export_model(model, vocab, layout, root / "tok", root / "vq", root / "model"))
+    return str(write_model_folder(model, processor, root / "model"))
 
 
 @pytest.fixture(scope="session")

@@ -254,8 +254,7 @@ def silent_model(tiny_model_dir, scene, tmp_path_factory) -> str:
         table = pipe.model.tok_emb.weight
         table[[predicted, eos]] = table[[eos, predicted]]
     root = tmp_path_factory.mktemp("silent")
-    path = export.export_model(pipe.model, pipe.vocab, pipe.layout, Path(tiny_model_dir) / "text_tokenizer",
-                               Path(tiny_model_dir) / "vq", root / "model")
+    path = pipe.save_pretrained(root / "model")
     silent = MMDLMPipeline.from_pretrained(path, device="cpu")
     assert silent.answer([image] * 2, ["what shape?", "how many?"], steps=2).texts == ["", ""]  # the premise
     return str(path)

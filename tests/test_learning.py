@@ -98,7 +98,7 @@ def test_an_ar_warm_start_adapted_to_masked_diffusion_learns_the_toy_world(tiny_
 
 def check_learned(module: LitMDM, dm: MDMDataModule) -> None:
     """The model answers, captions from the image (masked-diffusion sampler, fresh prompts)."""
-    model, vocab, layout, tok = module.model.eval(), dm.vocab, dm.layout, dm.tokenizer
+    model, vocab, layout, tok = module.model.eval(), dm.processor.vocab, dm.processor.layout, dm.processor.tokenizer
 
     def run(samples):
         batch = collate(samples, vocab)

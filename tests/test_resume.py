@@ -199,11 +199,11 @@ def test_init_from_other_tokenizers_is_refused_in_one_sentence(tiny_model_dir, c
              "image codebook differs": dict(vq=str(tmp_path / "vq"))}
     for message, kw in cases.items():
         dm = datamodule(tiny_model_dir, code_shards, **kw)
-        assert dm.vocab.text_size == 300 and dm.vocab.codebook_size == 64  # the sizes alone would pass
+        assert dm.processor.vocab.text_size == 300 and dm.processor.vocab.codebook_size == 64  # sizes alone pass
         with pytest.raises(UserError, match=message):
-            LitMDM(init_from=tiny_model_dir).init_from_folder(tiny_model_dir, dm)
+            LitMDM(init_from=tiny_model_dir).init_from_folder(tiny_model_dir, dm.processor)
     with pytest.raises(UserError, match="cannot be loaded"):
-        LitMDM().init_from_folder(tmp_path / "no-model-here", datamodule(tiny_model_dir, code_shards))
+        LitMDM().init_from_folder(tmp_path / "no-model-here", datamodule(tiny_model_dir, code_shards).processor)
 
     # through the CLI: a text tokenizer of another size, one sentence on stderr and exit status 2
     BPETokenizer.train(shapes_texts(100), vocab_size=280).save(tmp_path / "small")
