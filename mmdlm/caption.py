@@ -16,8 +16,8 @@ import argparse
 import sys
 import time
 
+from mmdlm.inputs import EXIT_NO_ANSWER, EXIT_OK, EXIT_USAGE, InputError, load_image, load_pipeline
 from mmdlm.sampling.arguments import add_sampler_arguments, sampler_from_args
-from mmdlm.vqa import EXIT_NO_ANSWER, EXIT_OK, EXIT_USAGE, InputError, load_image, load_pipeline
 
 
 def build_parser(prog: str = "python -m mmdlm.caption") -> argparse.ArgumentParser:

@@ -67,8 +67,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from mmdlm import inputs
 from mmdlm.generate import captioned_grid, decode_canvas, make_grid, paint_masked, printable, to_pil
-from mmdlm.vqa import InputError, load_pipeline
+from mmdlm.inputs import InputError, load_pipeline
 
 if TYPE_CHECKING:
     import gradio as gr
@@ -104,18 +105,15 @@ class TooLarge(InputError):
 
 # ---- input checks (each raises InputError with one sentence) ------------------------------------------------
 def check_text(value: object, what: str, allow_empty: bool = False) -> str:
-    """`value` as text of at most MAX_TEXT_CHARS characters of valid Unicode, checked before tokenizing."""
+    """`value` as text of at most MAX_TEXT_CHARS characters of valid Unicode (`mmdlm.inputs.check_text`, the
+    commands' own check), checked before tokenizing."""
     if value is None:
         value = ""
     if not isinstance(value, str):
         raise InputError(f"the {what} must be text, got {type(value).__name__}")
     if len(value) > MAX_TEXT_CHARS:
         raise InputError(f"the {what} is {len(value)} characters long; the demo accepts at most {MAX_TEXT_CHARS}")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as err:
-        raise InputError(f"the {what} is not valid Unicode text (a lone surrogate U+{ord(value[err.start]):04X} "
-                         f"at character {err.start + 1})") from None
+    inputs.check_text(value, what)
     if not allow_empty and not value.strip():
         raise InputError(f"the {what} is empty")
     return value

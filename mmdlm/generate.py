@@ -35,8 +35,7 @@ from typing import TYPE_CHECKING
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from mmdlm.sampling.arguments import add_sampler_arguments, sampler_from_args
-from mmdlm.vqa import (
+from mmdlm.inputs import (
     EXIT_OK,
     EXIT_USAGE,
     InputError,
@@ -45,6 +44,7 @@ from mmdlm.vqa import (
     load_pipeline,
     positive_int,
 )
+from mmdlm.sampling.arguments import add_sampler_arguments, sampler_from_args
 
 if TYPE_CHECKING:
     from mmdlm.pipeline import ImageOutput, MMDLMPipeline

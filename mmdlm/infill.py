@@ -16,8 +16,8 @@ import argparse
 import sys
 import time
 
+from mmdlm.inputs import EXIT_OK, EXIT_USAGE, InputError, check_text, load_pipeline, positive_int
 from mmdlm.sampling.arguments import add_sampler_arguments, sampler_from_args
-from mmdlm.vqa import EXIT_OK, EXIT_USAGE, InputError, check_text, load_pipeline, positive_int
 
 
 def build_parser(prog: str = "python -m mmdlm.infill") -> argparse.ArgumentParser:

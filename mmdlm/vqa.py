@@ -41,73 +41,24 @@ from typing import TYPE_CHECKING, TextIO
 
 from PIL import Image
 
+from mmdlm.inputs import (  # noqa: F401 (EXIT_OK, ...: this command's exit statuses, read as vqa.EXIT_*)
+    EXIT_NO_ANSWER,
+    EXIT_OK,
+    EXIT_SKIPPED,
+    EXIT_USAGE,
+    InputError,
+    check_question,
+    check_text,
+    load_image,
+    load_pipeline,
+    positive_int,
+)
 from mmdlm.sampling.arguments import add_sampler_arguments, sampler_from_args
 
 if TYPE_CHECKING:  # torch and the pipeline load lazily so `--help` and argument errors answer at once
     from mmdlm.pipeline import MMDLMPipeline
 
-EXIT_OK, EXIT_USAGE, EXIT_SKIPPED, EXIT_NO_ANSWER = 0, 2, 3, 4
 NO_ANSWER = "(no answer: the model produced only end-of-text)"
-
-
-class InputError(ValueError):
-    """A bad input, reported in one sentence (never with a traceback)."""
-
-
-# ---- shared by the command-line tools (mmdlm.generate and mmdlm.demo import these) -------------------
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def load_pipeline(model: str, device: str | None = None) -> MMDLMPipeline:
-    """`MMDLMPipeline.from_pretrained`, with any failure turned into one `InputError` sentence."""
-    from mmdlm.pipeline import MMDLMPipeline
-
-    if not Path(model).is_dir():
-        raise InputError(f"model folder {model!r} does not exist")
-    try:
-        return MMDLMPipeline.from_pretrained(model, device=device)
-    except Exception as err:  # a loading boundary: missing files, bad config, mismatched weights, ...
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise InputError(f"cannot load the model from {model!r}: {first_line}") from err
-
-
-def load_image(path: str | Path) -> Image.Image:
-    """An RGB image from a file, or an `InputError` saying why not."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"image {str(path)!r} does not exist")
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as err:
-        raise InputError(f"cannot read image {str(path)!r}: {err}") from err
-
-
-def check_text(text: str, what: str) -> str:
-    """`text` unchanged, or an `InputError` if it is not valid UTF-8 text: a lone surrogate (a JSON
-    "\\ud800") or a byte that is not UTF-8 (which Python hands over from argv or a file as a surrogate
-    escape, U+DC80..U+DCFF) cannot be tokenized."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as err:
-        code = ord(text[err.start])
-        bad = f"the byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"the lone surrogate U+{code:04X}"
-        raise InputError(f"the {what} is not valid UTF-8 text (character {err.start + 1} is {bad})") from None
-    return text
-
-
-def check_question(question: object, what: str = "question") -> str:
-    """A non-empty question of valid text, or an `InputError` saying what is wrong with it."""
-    if not isinstance(question, str):
-        raise InputError(f"the {what} must be a string, got {type(question).__name__}")
-    if not question.strip():
-        raise InputError(f"the {what} is empty")
-    return check_text(question, what)
 
 
 def is_empty_answer(answer: str) -> bool:

@@ -82,8 +82,8 @@ def test_text_at_the_character_limit_reaches_the_token_check(handlers):
 
 
 @pytest.mark.parametrize("text, message", [
-    ("a red \ud800 circle", "the prompt is not valid Unicode text (a lone surrogate U+D800 at character 7)"),
-    ("\udfffwhat?", "the prompt is not valid Unicode text (a lone surrogate U+DFFF at character 1)"),
+    ("a red \ud800 circle", "the prompt is not valid UTF-8 text (character 7 is the lone surrogate U+D800)"),
+    ("\udfffwhat?", "the prompt is not valid UTF-8 text (character 1 is the lone surrogate U+DFFF)"),
     ("   ", "the prompt is empty"),
     (None, "the prompt is empty"),
     (12, "the prompt must be text, got int"),
