@@ -251,6 +251,7 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)  # (L, D/2)
         self.register_buffer("rope_sin", sin, persistent=False)  # (L, D/2)
         self._compiled_blocks: tuple[nn.Module, ...] = ()  # `compile_for_training`; a tuple: not submodules
+        self._tables: tuple[tuple, torch.Tensor, torch.Tensor] | None = None  # `tables` without autograd
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -303,6 +304,23 @@ class Transformer(nn.Module):
         if self.lm_head is None:
             return embedding
         return self._with_codes(self.lm_head.weight) if self.config.head_codebook else self.lm_head.weight
+
+    def tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(embedding Float[V, C], head Float[V, C]). Without autograd (sampling, evaluation) both are kept
+        between calls until a tensor they are built from changes (its identity, dtype or in-place version:
+        an optimizer step, an EMA swap, `load_state_dict`, `.to()`), so a decoding step does not rebuild the
+        codebook projection every call (issue 17: about a quarter of a batch-1 step)."""
+        if torch.is_grad_enabled():
+            embedding = self.embedding_table()
+            return embedding, self.head_table(embedding)
+        sources = [self.tok_emb.weight, *(m.weight for m in (self.lm_head, self.code_proj) if m is not None)]
+        if self.code_proj is not None:
+            sources.append(self.codebook)
+        key = tuple((id(t), t._version, t.dtype, t.device) for t in sources)
+        if self._tables is None or self._tables[0] != key:
+            embedding = self.embedding_table()
+            self._tables = (key, embedding, self.head_table(embedding))
+        return self._tables[1], self._tables[2]
 
     # ---- compilation ---------------------------------------------------------------------------------
     def compile_for_training(self) -> None:
@@ -383,7 +401,7 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence of {start + T} positions exceeds max_seq_len={cfg.max_seq_len}")
         if pos is None:
             pos = torch.arange(start, start + T, device=ids.device)[None]  # (1, T): same for every row
-        table = self.embedding_table()  # (V, C)
+        table, head = self.tables()  # (V, C) each
         x = F.embedding(ids, table)  # (B, T, C)
         if image_index is not None:
             is_image = image_index >= 0  # (B, T)
@@ -422,7 +440,7 @@ class Transformer(nn.Module):
         if logits_at is not None:
             x = x[logits_at]  # (M, C): only the positions that are scored
         x = self.norm(x)  # (B, T, C) or (M, C)
-        logits = F.linear(x, self.head_table(table))  # (B, T, V) or (M, V)
+        logits = F.linear(x, head)  # (B, T, V) or (M, V)
         if cache is not None:
             cache.length = start + T
         return logits

@@ -238,3 +238,38 @@ def test_shift_logits_reads_the_previous_hidden_state_and_causal_calls_are_unshi
     causal = Transformer(replace(cfg, causal=True)).eval()
     causal.load_state_dict(plain.state_dict())
     torch.testing.assert_close(shifted(ids, causal=True), causal(ids))
+
+
+def test_inference_keeps_the_tables_until_a_weight_they_come_from_changes() -> None:
+    """Without autograd the embedding / head tables are cached; every way weights change in this project
+    (an optimizer step, an EMA-style copy into the state_dict, load_state_dict, set_codebook) refreshes them."""
+    model = make(tie_head=False, head_codebook=True)
+    model.set_codebook(torch.randn(VOCAB.codebook_size, 4))
+    ids, pad, image_index = example()
+
+    def fresh() -> torch.Tensor:  # the uncached path: autograd on
+        with torch.enable_grad():
+            return model(ids, pad, image_index).detach()
+
+    with torch.no_grad():
+        first = model(ids, pad, image_index)
+        assert model._tables is not None and torch.equal(first, fresh())
+        cached = model._tables[1]
+        assert model(ids, pad, image_index) is not None and model._tables[1] is cached  # reused
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model.train()
+    model(ids, pad, image_index).sum().backward()
+    opt.step()
+    model.eval()
+    changes = [
+        lambda: None,  # the optimizer step above
+        lambda: model.state_dict()["tok_emb.weight"].copy_(torch.randn_like(model.tok_emb.weight)),  # EMA swap
+        lambda: model.load_state_dict({k: v + 0.01 for k, v in model.state_dict().items()}),
+        lambda: model.set_codebook(torch.randn(VOCAB.codebook_size, 4)),
+        lambda: model.state_dict()["code_proj.weight"].mul_(2.0),
+    ]
+    for change in changes:
+        with torch.no_grad():
+            change()
+            out = model(ids, pad, image_index)
+        assert torch.equal(out, fresh()), change
