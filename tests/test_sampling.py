@@ -60,11 +60,11 @@ class Counting(nn.Module):
         self.calls = self.rows = 0
         self.inputs: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-    def forward(self, ids, pad=None, image_index=None, cache=None):
+    def forward(self, ids, pad=None, image_index=None, cache=None, logits_at=None):
         self.calls += 1
         self.rows += ids.shape[0]
         self.inputs.append((ids.clone(), pad.clone()))
-        logits = self.model(ids, pad=pad, image_index=image_index, cache=cache)
+        logits = self.model(ids, pad=pad, image_index=image_index, cache=cache, logits_at=logits_at)
         return logits if self.bias is None else logits + self.bias
 
     def new_cache(self, *args, **kwargs):

@@ -89,7 +89,8 @@ class MaskedState:
     remasked: int = 0
     cache: KVCache | None = None  # the prefix cache (`SamplerConfig.prefix_cache`)
     split: int = 0  # positions [0, split) are cached; a cached step runs [split, T)
-    offset: int = 0  # where the last model call's logits start (0 = a full pass)
+    offset: int = 0  # where the last model call's positions start (0 = a full pass)
+    call_rows: int = 0  # sequences in the last model call (guidance and check rows included)
     # set by model_inputs for the step that follows
     masked: torch.Tensor | None = field(default=None, repr=False)  # Bool[B, T]
     eligible: torch.Tensor | None = field(default=None, repr=False)  # Bool[B, T]
@@ -189,7 +190,9 @@ class MaskedScheduler(Scheduler):
     # ---- one step -------------------------------------------------------------------------------------
     def model_inputs(self, state: MaskedState) -> dict[str, Any]:
         """The canvas rows, then self-correction's check rows (the least sure committed tokens masked), then,
-        with guidance, the same rows again with the condition dropped (`pad | cond`): one call."""
+        with guidance, the same rows again with the condition dropped (`pad | cond`): one call. Only the
+        positions `step` reads are scored (`logits_at`: the eligible masks, the checked tokens): the output
+        head is ~18% of a tiny model's per-position FLOPs and most positions are prompt."""
         s, o, plan = state, state.config, state.plan
         mask = self.vocab.mask
         masked = (s.canvas == mask) & s.fill  # (B, T); anchors and prompt never hold <mask>
@@ -217,12 +220,15 @@ class MaskedScheduler(Scheduler):
         ids = torch.cat([s.canvas, s.canvas.masked_fill(check, mask)]) if checking else s.canvas  # (rep*B, T)
         rep = 2 if checking else 1
         pad, image_index = b.pad.repeat(rep, 1), b.image_index.repeat(rep, 1)  # (rep*B, T)
+        at = torch.cat([eligible, check]) if checking else eligible  # (rep*B, T) the positions step() reads
         if o.guidance_scale == 0:
-            inputs = {"ids": ids, "pad": pad, "image_index": image_index}
+            inputs = {"ids": ids, "pad": pad, "image_index": image_index, "logits_at": at}
         else:
             cond = b.cond.repeat(rep, 1)  # (rep*B, T)
             inputs = {"ids": torch.cat([ids, ids]), "pad": torch.cat([pad, pad | cond]),
-                      "image_index": torch.cat([image_index, image_index])}  # (2*rep*B, T)
+                      "image_index": torch.cat([image_index, image_index]),
+                      "logits_at": torch.cat([at, at])}  # (2*rep*B, T)
+        s.call_rows = inputs["ids"].shape[0]
         if s.cache is None:
             return inputs
         s.offset = 0 if s.i % o.prefix_cache == 0 else s.split  # a full pass refreshes the prefix
@@ -230,13 +236,14 @@ class MaskedScheduler(Scheduler):
         return {k: v[:, s.offset :] for k, v in inputs.items()} | {"cache": s.cache}  # (R, T - offset)
 
     def _guided(self, logits: torch.Tensor, state: MaskedState) -> torch.Tensor:
-        """Raw logits of `model_inputs` -> Float[rep*B, T, V] (guidance combined)."""
+        """Logits Float[M, V] of `model_inputs`' scored positions -> Float[N, V] of the eligible positions (in
+        row-major order), then the checked ones: the conditional half, guidance combined."""
         o = state.config
         if o.guidance_scale == 0:
             return logits
-        c, u = logits.float().chunk(2)  # (rep*B, T, V) each
-        rep = c.shape[0] // state.canvas.shape[0]
-        reference = restrict(c, state.modality.repeat(rep, 1), state.allowed) if o.guidance_plausibility > 0 else None
+        c, u = logits.float().chunk(2)  # (N, V) each: the uncond rows score the same positions
+        modality = torch.cat([state.modality[state.eligible], state.modality[state.check]])  # (N,)
+        reference = restrict(c, modality, state.allowed) if o.guidance_plausibility > 0 else None
         return guided_logits(c, u, o.guidance_scale, o.guidance_plausibility, reference)
 
     def step(self, logits: torch.Tensor, state: MaskedState) -> None:
@@ -244,15 +251,14 @@ class MaskedScheduler(Scheduler):
         masked, eligible, check = s.masked, s.eligible, s.check
         assert masked is not None and eligible is not None and check is not None, "model_inputs first"
         B, T = s.canvas.shape
-        if s.offset:  # a cached step's logits cover [offset, T): every target lies there
-            logits = F.pad(logits, (0, 0, s.offset, 0))  # (R, T, V)
-        logits = self._guided(logits, s)
-        s.nfe, s.rows = s.nfe + 1, s.rows + logits.shape[0] * (2 if o.guidance_scale else 1)
+        logits = self._guided(logits, s)  # (N + C, V): eligible, then checked positions
+        n_eligible = int(eligible.sum())
+        s.nfe, s.rows = s.nfe + 1, s.rows + s.call_rows
         last = s.i == s.max_steps - 1
 
         # predict the eligible positions
         where = eligible.nonzero(as_tuple=True)
-        lg = restrict(logits[:B][where].double(), s.modality[where], s.allowed)  # (N, V)
+        lg = restrict(logits[:n_eligible].double(), s.modality[where], s.allowed)  # (N, V)
         chosen = sample_tokens(lg, o.temperature, s.generator, o.top_k)  # (N,)
         probs = lg.softmax(dim=-1)  # (N, V)
         conf = torch.full((B, T), float("-inf"), dtype=torch.float64, device=s.canvas.device)
@@ -283,7 +289,7 @@ class MaskedScheduler(Scheduler):
         if bool(check.any()):
             sc = o.self_correction
             cw = check.nonzero(as_tuple=True)
-            lc = restrict(logits[B:][cw].double(), s.modality[cw], s.allowed)  # (C, V)
+            lc = restrict(logits[n_eligible:].double(), s.modality[cw], s.allowed)  # (C, V)
             pc = lc.softmax(dim=-1)  # (C, V)
             p_now = pc.gather(1, s.canvas[cw][:, None]).squeeze(1)  # (C,)
             drop = p_now < sc.threshold
