@@ -89,7 +89,6 @@ class MaskedState:
     remasked: int = 0
     cache: KVCache | None = None  # the prefix cache (`SamplerConfig.prefix_cache`)
     split: int = 0  # positions [0, split) are cached; a cached step runs [split, T)
-    offset: int = 0  # where the last model call's positions start (0 = a full pass)
     call_rows: int = 0  # sequences in the last model call (guidance and check rows included)
     # set by model_inputs for the step that follows
     masked: torch.Tensor | None = field(default=None, repr=False)  # Bool[B, T]
@@ -231,9 +230,9 @@ class MaskedScheduler(Scheduler):
         s.call_rows = inputs["ids"].shape[0]
         if s.cache is None:
             return inputs
-        s.offset = 0 if s.i % o.prefix_cache == 0 else s.split  # a full pass refreshes the prefix
-        s.cache.length = s.offset
-        return {k: v[:, s.offset :] for k, v in inputs.items()} | {"cache": s.cache}  # (R, T - offset)
+        start = 0 if s.i % o.prefix_cache == 0 else s.split  # a full pass refreshes the prefix
+        s.cache.length = start
+        return {k: v[:, start:] for k, v in inputs.items()} | {"cache": s.cache}  # (R, T - start)
 
     def _guided(self, logits: torch.Tensor, state: MaskedState) -> torch.Tensor:
         """Logits Float[M, V] of `model_inputs`' scored positions -> Float[N, V] of the eligible positions (in
