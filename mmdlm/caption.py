@@ -16,18 +16,15 @@ import argparse
 import sys
 import time
 
-from mmdlm.inputs import EXIT_NO_ANSWER, EXIT_OK, EXIT_USAGE, InputError, load_image, load_pipeline
+from mmdlm.inputs import EXIT_NO_ANSWER, EXIT_OK, EXIT_USAGE, InputError, add_model_arguments, load_image, load_pipeline
 from mmdlm.sampling.arguments import add_sampler_arguments, sampler_from_args
 
 
 def build_parser(prog: str = "python -m mmdlm.caption") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="model folder (written by mmdlm.export)")
+    add_model_arguments(parser)
     parser.add_argument("--image", action="append", required=True, help="an image to describe (repeatable)")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
-    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
-    parser.add_argument("-v", "--verbose", action="store_true", help="print NFE and time on stderr")
     add_sampler_arguments(parser, "one token per step, left to right in blocks of 4, argmax", guidance=False)
     return parser
 

@@ -39,6 +39,7 @@ from mmdlm.inputs import (
     EXIT_OK,
     EXIT_USAGE,
     InputError,
+    add_model_arguments,
     check_text,
     load_image,
     load_pipeline,
@@ -265,7 +266,7 @@ def save_grid(grid: torch.Tensor, path: Path) -> None:
 def build_parser(prog: str = "python -m mmdlm.generate") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="model folder (written by mmdlm.export)")
+    add_model_arguments(parser, verbose=False)
     text = parser.add_mutually_exclusive_group()
     text.add_argument("--prompt", help="the caption to draw (text-to-image), or to guide --inpaint")
     text.add_argument("--prompts", type=Path, help="a file of prompts, one a line: one grid row each")
@@ -276,12 +277,10 @@ def build_parser(prog: str = "python -m mmdlm.generate") -> argparse.ArgumentPar
     parser.add_argument("--num", type=positive_int, default=4, help="samples per prompt (default 4)")
     add_sampler_arguments(parser, "16 steps at temperature 1; guidance 2 for text-to-image, 0 for inpainting "
                                   "and joint generation; plausibility 0.1")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument("--scale", type=positive_int, default=4, help="nearest-neighbour upscaling (default 4)")
     parser.add_argument("--out", type=Path, default=Path("samples.png"), help="output PNG (default samples.png)")
     parser.add_argument("--progress", type=Path, metavar="DIR",
                         help="text-to-image: save a frame per step and progress.gif into DIR")
-    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     return parser
 
 

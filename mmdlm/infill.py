@@ -16,19 +16,16 @@ import argparse
 import sys
 import time
 
-from mmdlm.inputs import EXIT_OK, EXIT_USAGE, InputError, check_text, load_pipeline, positive_int
+from mmdlm.inputs import EXIT_OK, EXIT_USAGE, InputError, add_model_arguments, check_text, load_pipeline, positive_int
 from mmdlm.sampling.arguments import add_sampler_arguments, sampler_from_args
 
 
 def build_parser(prog: str = "python -m mmdlm.infill") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="model folder (written by mmdlm.export)")
+    add_model_arguments(parser)
     parser.add_argument("--text", required=True, help="the text, with [MASK] where words are to be filled in")
     parser.add_argument("--tokens-per-blank", type=positive_int, default=1, help="BPE tokens per [MASK] (default 1)")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
-    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
-    parser.add_argument("-v", "--verbose", action="store_true", help="print NFE and time on stderr")
     add_sampler_arguments(parser, "one token per step, argmax", guidance=False)
     return parser
 

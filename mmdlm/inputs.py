@@ -21,6 +21,15 @@ class InputError(ValueError):
     """A bad input, reported in one sentence (never with a traceback)."""
 
 
+def add_model_arguments(parser: argparse.ArgumentParser, verbose: bool = True) -> None:
+    """The flags every sampling command takes: --model, --seed, --device (and -v/--verbose)."""
+    parser.add_argument("--model", required=True, help="model folder (written by mmdlm.export)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    if verbose:
+        parser.add_argument("-v", "--verbose", action="store_true", help="print NFE and time on stderr")
+
+
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1."""
     value = int(text)

@@ -47,8 +47,8 @@ from mmdlm.inputs import (  # noqa: F401 (EXIT_OK, ...: this command's exit stat
     EXIT_SKIPPED,
     EXIT_USAGE,
     InputError,
+    add_model_arguments,
     check_question,
-    check_text,
     load_image,
     load_pipeline,
     positive_int,
@@ -189,7 +189,7 @@ def answer_one(pipe: MMDLMPipeline, image: Image.Image, question: str, options: 
 def build_parser(prog: str = "python -m mmdlm.vqa") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="model folder (written by mmdlm.export)")
+    add_model_arguments(parser)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--image", help="the image to ask about (single mode; needs --question)")
     source.add_argument("--questions", type=Path, help="JSONL file of {'image', 'question'} lines (batch mode)")
@@ -197,9 +197,6 @@ def build_parser(prog: str = "python -m mmdlm.vqa") -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, help="batch mode: the output JSONL (default: stdout)")
     parser.add_argument("--batch-size", type=positive_int, default=32, help="questions per forward batch")
     add_sampler_arguments(parser, "one token per step, left to right, argmax", guidance=False)
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
-    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
-    parser.add_argument("-v", "--verbose", action="store_true", help="print NFE and time on stderr")
     return parser
 
 
