@@ -42,7 +42,7 @@ def add_sampler_arguments(parser: argparse.ArgumentParser, task_defaults: str = 
             continue
         choices = [str(c) for c in Confidence] if kind is Confidence else None
         group.add_argument(flag, dest=f"sampler_{name}", type=str if choices else kind, choices=choices,
-                           default=None, help=help_)
+                           default=None, help=help_, metavar=None if choices else flag[2:].upper().replace("-", "_"))
     group.add_argument("--self-correction", dest="sampler_self_correction", action="store_true",
                        help="ReMDM-style revision: re-mask committed tokens the model no longer believes in "
                             "(at most 8 extra steps)")
