@@ -186,14 +186,15 @@ class World(Protocol):
     """What the task evaluators need to know about a data source."""
 
     source: str
-    scorer: str  # what reads images: "oracle", "digits classifier"
+    scorer: str | None  # what reads images: "oracle", "digits classifier"; None: text-to-image is not scored
     image_keys: tuple[str, ...]  # the keys of `score_images`' dicts
 
-    def caption_counts(self, text: str, record: dict) -> dict[str, float]:
-        """Per-record counts of a generated caption, summed/averaged by `caption_summary`."""
+    def caption_counts(self, text: str, record: dict) -> dict[str, Any]:
+        """Per-record counts of a generated caption, summed/averaged by `caption_summary` (a world with a
+        corpus-level metric, as CIDEr-D, also keeps the text and its references)."""
         ...
 
-    def caption_summary(self, counts: Sequence[dict[str, float]]) -> dict:
+    def caption_summary(self, counts: Sequence[dict[str, Any]]) -> dict:
         """Dataset-level caption metrics from the per-record counts."""
         ...
 
@@ -367,7 +368,7 @@ class CaptionsWorld:
         self.scorer = name if scorer is not None else None  # None: text-to-image is not scored
         self.image_keys: tuple[str, ...] = ("all_correct",)
 
-    def caption_counts(self, text: str, record: dict) -> dict[str, float]:
+    def caption_counts(self, text: str, record: dict) -> dict[str, Any]:
         return {"exact": float(normalize(text) in {normalize(c) for c in record["captions"]}),
                 "text": text, "refs": record["captions"]}
 
