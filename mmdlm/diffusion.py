@@ -258,7 +258,7 @@ def masked_diffusion_loss(model: torch.nn.Module, batch: Batch, vocab: Vocab, *,
     target = batch.target & ~batch.pad  # (B, T)
     w = torch.where(is_image, schedule.weight(t)[:, None], LINEAR.weight(t)[:, None])  # (B, T)
     w = torch.where(forced, 1.0, w)  # see the docstring: a forced token is not weighted by w(t)
-    pad, image_index, task, ids = batch.pad, batch.image_index, batch.task, batch.ids
+    pad, image_index, task, ids, prefix = batch.pad, batch.image_index, batch.task, batch.ids, batch.prefix
     if paired:  # the complementary view: mask exactly what the first view kept, at the complementary time
         masked2 = target & ~masked  # (B, T)
         t_image = schedule.time_of(1.0 - schedule.mask_prob(t)).clamp_min(eps)  # (B,)
@@ -267,8 +267,8 @@ def masked_diffusion_loss(model: torch.nn.Module, batch: Batch, vocab: Vocab, *,
         noisy = torch.cat([noisy, torch.where(masked2, torch.full_like(ids, vocab.mask), ids)])  # (2B, T)
         masked, w = torch.cat([masked, masked2]), torch.cat([w, w2])  # (2B, T)
         pad, image_index, ids = pad.repeat(2, 1), image_index.repeat(2, 1), ids.repeat(2, 1)  # (2B, T)
-        task, is_image, target = task.repeat(2), is_image.repeat(2, 1), target.repeat(2, 1)
-    logits = model(noisy, pad, image_index, logits_at=masked)  # (M, V): masked positions only
+        task, is_image, target, prefix = task.repeat(2), is_image.repeat(2, 1), target.repeat(2, 1), prefix.repeat(2)
+    logits = model(noisy, pad, image_index, logits_at=masked, prefix=prefix)  # (M, V): masked positions only
 
     ce = torch.zeros(masked.shape, device=logits.device)  # (B, T), 0 where not masked
     ce[masked] = F.cross_entropy(logits.float(), ids[masked], reduction="none")  # (M,)

@@ -139,7 +139,7 @@ class ResumableLoader(ShardLoader):
 
 # ModelConfig fields that LitMDM takes as arguments: with `init_from`, the model folder's values are used
 ARCHITECTURE = ("n_layer", "n_head", "n_embd", "causal", "qk_norm", "tie_head", "head_codebook", "mask_positions",
-                "shift_logits")
+                "shift_logits", "prefix_attention")
 
 
 @torch.no_grad()
@@ -262,6 +262,9 @@ class LitMDM(LightningModule):
         shift_logits: read position i's logits from the hidden state at i - 1, as a causal LM does (Dream):
             the masked-diffusion and AR objectives then share one head. `init_from` an AR folder with
             `causal: false` turns this on: the AR checkpoint is adapted to masked diffusion.
+        prefix_attention: LaViDa's Prefix-DLM attention (`ModelConfig.prefix_attention`): the prompt (image +
+            question, caption) does not attend to the generated region, so a sampler computes it once per request
+            and reuses it exactly at every step (issue 17). With `init_from`, a folder trained with it keeps it.
         ar_rows: share of each batch trained with the AR objective (causal attention, same weights) beside
             the masked-diffusion rows: one model on both objectives. Needs `shift_logits`; sampling stays
             masked diffusion.
@@ -301,6 +304,7 @@ class LitMDM(LightningModule):
         paired_masks: bool = False,
         task_t: dict[str, list[float]] | None = None,
         shift_logits: bool = False,
+        prefix_attention: bool = False,
         ar_rows: float = 0.0,
         ema_decay: float = 0.995,
         export_dir: str | None = None,
@@ -331,7 +335,7 @@ class LitMDM(LightningModule):
             vocab_size=vocab.size, n_layer=hp.n_layer, n_head=hp.n_head, n_embd=hp.n_embd,
             max_seq_len=processor.max_seq_len, causal=hp.causal, qk_norm=hp.qk_norm, tie_head=hp.tie_head,
             head_codebook=hp.head_codebook, mask_positions=hp.get("mask_positions", False), mask_id=vocab.mask,
-            shift_logits=hp.get("shift_logits", False),
+            shift_logits=hp.get("shift_logits", False), prefix_attention=hp.get("prefix_attention", False),
             dropout=hp.dropout, image_grid=processor.image_grid,
             codebook_size=vocab.codebook_size, image_offset=vocab.image_offset,
             codebook_dim=0 if codebook is None else codebook.shape[1],
@@ -362,7 +366,7 @@ class LitMDM(LightningModule):
             self.ema = EMA(self.model, self.hparams.ema_decay)
 
     def forward(self, batch: Batch) -> torch.Tensor:
-        return self.model(batch.ids, pad=batch.pad, image_index=batch.image_index)
+        return self.model(batch.ids, pad=batch.pad, image_index=batch.image_index, prefix=batch.prefix)
 
     # ---- training ----------------------------------------------------------------------------------
     def _generator(self, salt: int) -> torch.Generator:
@@ -491,7 +495,8 @@ class LitMDM(LightningModule):
             raise UserError(f"--model.init_from {str(folder)!r} does not fit this data: {problem} (train on the "
                             f"folder's own tokenizers: --data.text_tokenizer {Path(folder) / 'text_tokenizer'} "
                             f"--data.vq {Path(folder) / 'vq'})")
-        config = replace(pipe.model.config, dropout=self.hparams.dropout)
+        prefix_attention = pipe.model.config.prefix_attention or self.hparams.get("prefix_attention", False)
+        config = replace(pipe.model.config, dropout=self.hparams.dropout, prefix_attention=prefix_attention)
         if config.causal and not self.hparams.causal:  # adapt an AR checkpoint to masked diffusion (Dream)
             config = replace(config, causal=False, shift_logits=True)
         self.build(config, pipe.vocab)  # no codebook argument: the folder's is in its weights

@@ -57,6 +57,11 @@ class ModelConfig:
     #   i - 1, as a causal LM's next-token head does (Dream / DiffuLLaMA's AR-to-diffusion adaptation):
     #   the same weights then serve an AR objective (causal calls, unshifted) and the masked-diffusion one,
     #   and an AR checkpoint's head is reused as is. Position 0 (a task token, never a target) reads itself.
+    prefix_attention: bool = False  # LaViDa's Prefix-DLM mask: the prompt (positions before a row's `prefix`,
+    #   the image + question, the caption) attends only to itself, never to the generated region. Its keys and
+    #   values then do not change while the target is decoded, so a sampler computes them once per request and
+    #   reuses them exactly at every step (issue 17). Must match training: a model trained without it reads
+    #   its prompt through the targets' masks. Causal calls ignore it (causal already hides the future).
     image_tokens: int = 0  # N = h*w image tokens; > 0 turns on the learned 2D image-position embedding
     image_grid: tuple[int, int] = (0, 0)  # (h, w) of the VQ grid; (0, 0) = square; either field is enough
     codebook_size: int = 0  # K: number of VQ codes (Vocab.codebook_size); used by the codebook projection
@@ -352,15 +357,16 @@ class Transformer(nn.Module):
         )
 
     # ---- forward -------------------------------------------------------------------------------------
-    def _attention_mask(self, key_pad: torch.Tensor | None, start: int, T: int,
-                        device: torch.device, causal: bool) -> tuple[torch.Tensor | None, bool]:
+    def _attention_mask(self, key_pad: torch.Tensor | None, start: int, T: int, device: torch.device,
+                        causal: bool, prefix: torch.Tensor | None = None) -> tuple[torch.Tensor | None, bool]:
         """(mask Bool[B|1, 1, T, S] with True = may attend, or None; is_causal) for SDPA.
 
         Queries are positions start..start+T-1, keys 0..S-1 with S = start + T. Pad keys are hidden;
-        causal hides the future. A query always sees itself, so no row is all-masked (which would make
+        causal hides the future; `prefix` (Long[B], prefix attention) hides keys at or after a row's prefix
+        from the queries before it. A query always sees itself, so no row is all-masked (which would make
         SDPA return NaN): this only matters for pad queries, whose outputs nobody reads.
         """
-        if key_pad is None and start == 0:
+        if key_pad is None and start == 0 and prefix is None:
             return None, causal  # the fast paths: full or plain causal attention
         S = start + T
         q_pos = torch.arange(start, S, device=device)  # (T,)
@@ -370,13 +376,16 @@ class Transformer(nn.Module):
             allowed = allowed & ~key_pad[:, None, :]  # (B, T, S)
         if causal:
             allowed = allowed & (k_pos[None, :] <= q_pos[:, None])  # (B, T, S)
+        elif prefix is not None:  # Prefix-DLM: a prompt query sees the prompt only
+            p = prefix[:, None, None]  # (B, 1, 1)
+            allowed = allowed & ~((q_pos[None, :, None] < p) & (k_pos[None, None, :] >= p))  # (B, T, S)
         allowed = allowed | (k_pos[None, :] == q_pos[:, None])  # every query sees itself
         return allowed.unsqueeze(1), False  # (B, 1, T, S)
 
     def forward(self, ids: torch.Tensor, pad: torch.Tensor | None = None,
                 image_index: torch.Tensor | None = None, cache: KVCache | None = None, *,
                 pos: torch.Tensor | None = None, logits_at: torch.Tensor | None = None,
-                causal: bool | None = None) -> torch.Tensor:
+                causal: bool | None = None, prefix: torch.Tensor | None = None) -> torch.Tensor:
         """Logits Float[B, T, V] for ids Long[B, T] (Float[M, V] with `logits_at`).
 
         Args:
@@ -393,6 +402,9 @@ class Transformer(nn.Module):
                 at masked targets: the head is ~20% of a tiny model's per-token FLOPs. Keyword only.
             causal: attend causally in this call (default: `config.causal`): a bidirectional model trained
                 on the AR objective too (`shift_logits`). Causal calls are never shifted. Keyword only.
+            prefix: Long[B], each row's prompt length (`Batch.prefix`); read only by a model built with
+                `prefix_attention` (then positions before it see only each other), ignored otherwise, so
+                callers pass it whatever the model. Absolute positions: with a cache too. Keyword only.
         """
         cfg = self.config
         B, T = ids.shape
@@ -430,7 +442,8 @@ class Transformer(nn.Module):
         else:
             key_pad = pad
         causal = cfg.causal if causal is None else causal
-        mask, is_causal = self._attention_mask(key_pad, start, T, ids.device, causal)
+        prefix = prefix if cfg.prefix_attention and not causal else None
+        mask, is_causal = self._attention_mask(key_pad, start, T, ids.device, causal, prefix)
         train_graph = self._compiled_blocks and self.training and torch.is_grad_enabled() and cache is None
         for i, block in enumerate(self._compiled_blocks if train_graph else self.blocks):
             kv = (cache.k[i], cache.v[i]) if cache is not None else None

@@ -50,9 +50,13 @@ class Sample:
     image_index: torch.Tensor  # Long[T] -1 at non-image positions, else 0..N-1 raster index
     cond: torch.Tensor  # Bool[T] condition positions dropped for classifier-free guidance
     task: int  # a Task
+    prefix: int = -1  # positions [0, prefix) are the prompt: everything before the template's first generated
+    #   region (`ModelConfig.prefix_attention` keeps them from attending to the rest). -1: the first target
 
     def __post_init__(self) -> None:
         T = self.ids.shape[0]
+        if self.prefix < 0:
+            self.prefix = int(self.target.long().argmax()) if bool(self.target.any()) else T
         for f in ("target", "pad", "image_index", "cond"):
             if getattr(self, f).shape != (T,):
                 raise ValueError(f"Sample.{f} has shape {tuple(getattr(self, f).shape)}, ids has ({T},)")
@@ -73,6 +77,13 @@ class Batch:
     image_index: torch.Tensor  # Long[B, T]
     cond: torch.Tensor  # Bool[B, T]
     task: torch.Tensor  # Long[B]
+    prefix: torch.Tensor | None = None  # Long[B] `Sample.prefix`; None: each row's first target (T if none)
+
+    def __post_init__(self) -> None:
+        if self.prefix is None:
+            T = self.target.shape[1]
+            first = self.target.long().argmax(1)  # (B,)
+            self.prefix = torch.where(self.target.any(1), first, T)  # (B,)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         return Batch(**{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
@@ -118,10 +129,13 @@ class _Builder:
         self.pad: list[bool] = []
         self.image_index: list[int] = []
         self.cond: list[bool] = []
+        self.prefix: int | None = None  # where the first generated region starts
 
     def _push(self, ids: Sequence[int], target: bool = False, pad: Sequence[bool] | None = None,
               image_index: Sequence[int] | None = None, cond: bool = False) -> None:
         n = len(ids)
+        if target and self.prefix is None:
+            self.prefix = len(self.ids)
         self.ids += list(ids)
         self.pad += list(pad) if pad is not None else [False] * n
         self.target += [target and not p for p in (pad if pad is not None else [False] * n)]
@@ -176,6 +190,7 @@ class _Builder:
             image_index=torch.tensor(self.image_index, dtype=torch.long),
             cond=torch.tensor(self.cond, dtype=torch.bool),
             task=int(task),
+            prefix=len(self.ids) if self.prefix is None else self.prefix,
         )
 
 
@@ -392,6 +407,7 @@ def collate(samples: Sequence[Sample], vocab: Vocab) -> Batch:
         image_index=torch.full((B, T), -1, dtype=torch.long),
         cond=torch.zeros(B, T, dtype=torch.bool),
         task=torch.tensor([s.task for s in samples], dtype=torch.long),
+        prefix=torch.tensor([s.prefix for s in samples], dtype=torch.long),
     )
     for i, s in enumerate(samples):
         n = len(s)

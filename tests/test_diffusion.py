@@ -40,7 +40,7 @@ class FixedLogits(nn.Module):
         self.config = SimpleNamespace(causal=causal)
         self.seen: torch.Tensor | None = None
 
-    def forward(self, ids, pad=None, image_index=None, logits_at=None):
+    def forward(self, ids, pad=None, image_index=None, logits_at=None, prefix=None):
         self.seen = ids.clone()
         return self.logits if logits_at is None else self.logits[logits_at]
 
@@ -279,7 +279,7 @@ def test_masked_mean_and_task_balanced_weighting_by_hand() -> None:
                   cond=torch.zeros(2, 4, dtype=torch.bool), task=torch.tensor([int(Task.T2I), int(Task.VQA)]))
     logits = torch.randn(2, 4, V)
 
-    def model(noisy, pad, image_index, logits_at=None):
+    def model(noisy, pad, image_index, logits_at=None, prefix=None):
         return logits if logits_at is None else logits[logits_at]
 
     t = torch.tensor([1.0, 1.0])  # everything in the target is masked

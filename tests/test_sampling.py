@@ -60,11 +60,11 @@ class Counting(nn.Module):
         self.calls = self.rows = 0
         self.inputs: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-    def forward(self, ids, pad=None, image_index=None, cache=None, logits_at=None):
+    def forward(self, ids, pad=None, image_index=None, cache=None, logits_at=None, prefix=None):
         self.calls += 1
         self.rows += ids.shape[0]
         self.inputs.append((ids.clone(), pad.clone()))
-        logits = self.model(ids, pad=pad, image_index=image_index, cache=cache, logits_at=logits_at)
+        logits = self.model(ids, pad=pad, image_index=image_index, cache=cache, logits_at=logits_at, prefix=prefix)
         return logits if self.bias is None else logits + self.bias
 
     def new_cache(self, *args, **kwargs):
@@ -477,8 +477,8 @@ def test_prefix_cache_refreshed_every_step_equals_no_cache_and_runs_only_the_tar
         once = MASKED.sample(counting, batch, dataclasses.replace(config, prefix_cache=100),
                              generator=torch.Generator().manual_seed(1))
         check_filled(batch, once.ids)
-        first = int(batch.target.float().argmax(1).min())
+        first = int(batch.target.float().argmax(1).min())  # a model without shift_logits caches all before it
         widths = [ids.shape[1] for ids, _ in counting.inputs]
-        assert widths == [batch.ids.shape[1]] + [batch.ids.shape[1] - first + 1] * (len(widths) - 1)
+        assert widths == [batch.ids.shape[1]] + [batch.ids.shape[1] - first] * (len(widths) - 1)
     with pytest.raises(ValueError, match="self_correction"):
         SamplerConfig(prefix_cache=2, self_correction=SelfCorrection())

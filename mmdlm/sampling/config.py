@@ -67,7 +67,9 @@ class SamplerConfig:
     #   the target region (image + question, caption) are computed in a full pass every `prefix_cache` steps and
     #   reused in between, so the other steps run only the target region; 0 = off (every step a full pass).
     #   Approximate for a bidirectional model (the prefix saw older masks); not with self-correction
-    use_cache: bool = True  # AR: the KV cache (False recomputes the prefix: the equality test, speed baseline)
+    use_cache: bool = True  # the exact caches: AR's KV cache; a masked-diffusion model trained with prefix
+    #   attention computes its prompt once (ignored with self-correction). False recomputes everything every
+    #   step: the equality tests and the speed baselines
     eos_fill: bool = True  # AR: after a row's <eos>, its later text targets are <eos> (the template's fill)
 
     def __post_init__(self) -> None:

@@ -9,8 +9,12 @@ until none is left. It follows:
 - Fast-dLLM (Wu et al. 2025): threshold parallel decoding, committing every prediction whose confidence
   passes a threshold (at least one per sequence and step), so easy tokens finish early.
 - ReMDM (Wang et al. 2025): committed tokens may be re-masked and predicted again (`SelfCorrection`).
-- Fast-dLLM's approximate prefix cache (`SamplerConfig.prefix_cache`): the keys/values of the positions
-  before the target region come from a full pass every k steps; the steps in between run the rest only.
+- LaViDa's exact prefix cache: a model trained with `ModelConfig.prefix_attention` keeps its prompt from
+  attending to the generated region, so the prompt's keys/values are computed in the first step and reused
+  unchanged by every later one, which runs the rest of the sequence only (`SamplerConfig.use_cache`).
+- Fast-dLLM's approximate prefix cache (`SamplerConfig.prefix_cache`), for models trained without it: the
+  keys/values of the positions before the target region come from a full pass every k steps; the steps in
+  between run the rest only.
 Every step's prediction is modality-restricted (`Vocab.allowed_table`): image positions
 (`image_index >= 0`) may only become image codes, text positions only text ids or `<eos>`.
 Target positions that already hold a token are anchors: never changed, nor re-masked ("word 3 must be
@@ -87,8 +91,9 @@ class MaskedState:
     nfe: int = 0
     rows: int = 0
     remasked: int = 0
-    cache: KVCache | None = None  # the prefix cache (`SamplerConfig.prefix_cache`)
+    cache: KVCache | None = None  # the prefix cache (exact, or `SamplerConfig.prefix_cache`)
     split: int = 0  # positions [0, split) are cached; a cached step runs [split, T)
+    refresh: int = 0  # a full pass every `refresh` steps (the approximate cache); 0 = only the first
     call_rows: int = 0  # sequences in the last model call (guidance and check rows included)
     # set by model_inputs for the step that follows
     masked: torch.Tensor | None = field(default=None, repr=False)  # Bool[B, T]
@@ -132,12 +137,19 @@ class MaskedScheduler(Scheduler):
             max_steps=plan.steps + (sc.extra_steps if sc is not None else 0), generator=generator)
 
     def prepare(self, model: nn.Module, state: MaskedState) -> None:
-        """With `prefix_cache`, a KV cache for every row of the model calls; the split sits one position before
-        the first target, so a model reading position i's logits at i - 1 (`shift_logits`) recomputes it."""
-        o = state.config
-        if not o.prefix_cache:
+        """A KV cache for every row of the model calls, when the model was trained with prefix attention (exact:
+        the prompt, up to every row's `Batch.prefix`, is computed once) or with `prefix_cache` (approximate: up
+        to the first masked target, refreshed every `prefix_cache` steps). The split sits one position early
+        for a model reading position i's logits at i - 1 (`shift_logits`), which recomputes that position."""
+        o, config = state.config, model.config
+        exact = config.prefix_attention and o.use_cache and o.self_correction is None
+        if exact:
+            split, state.refresh = int(state.batch.prefix.min()), 0
+        elif o.prefix_cache:
+            split, state.refresh = int(state.fill.float().argmax(1).min()), o.prefix_cache
+        else:
             return
-        split = int(state.fill.float().argmax(1).min()) - 1  # (first masked target of any row) - 1
+        split -= int(config.shift_logits)
         if split < 1:
             return  # nothing to cache before the targets
         rows, T = state.canvas.shape[0] * (2 if o.guidance_scale else 1), state.canvas.shape[1]
@@ -220,6 +232,7 @@ class MaskedScheduler(Scheduler):
         rep = 2 if checking else 1
         pad, image_index = b.pad.repeat(rep, 1), b.image_index.repeat(rep, 1)  # (rep*B, T)
         at = torch.cat([eligible, check]) if checking else eligible  # (rep*B, T) the positions step() reads
+        prefix = b.prefix.repeat(rep)  # (rep*B,)
         if o.guidance_scale == 0:
             inputs = {"ids": ids, "pad": pad, "image_index": image_index, "logits_at": at}
         else:
@@ -227,12 +240,14 @@ class MaskedScheduler(Scheduler):
             inputs = {"ids": torch.cat([ids, ids]), "pad": torch.cat([pad, pad | cond]),
                       "image_index": torch.cat([image_index, image_index]),
                       "logits_at": torch.cat([at, at])}  # (2*rep*B, T)
+            prefix = prefix.repeat(2)  # (2*rep*B,)
         s.call_rows = inputs["ids"].shape[0]
         if s.cache is None:
-            return inputs
-        start = 0 if s.i % o.prefix_cache == 0 else s.split  # a full pass refreshes the prefix
+            return inputs | {"prefix": prefix}
+        full = s.i == 0 or (s.refresh > 0 and s.i % s.refresh == 0)  # a full pass (re)computes the prefix
+        start = 0 if full else s.split
         s.cache.length = start
-        return {k: v[:, start:] for k, v in inputs.items()} | {"cache": s.cache}  # (R, T - start)
+        return {k: v[:, start:] for k, v in inputs.items()} | {"cache": s.cache, "prefix": prefix}  # (R, T - start)
 
     def _guided(self, logits: torch.Tensor, state: MaskedState) -> torch.Tensor:
         """Logits Float[M, V] of `model_inputs`' scored positions -> Float[N, V] of the eligible positions (in
