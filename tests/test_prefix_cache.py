@@ -53,7 +53,7 @@ def prefix_pipe(tiny_model_dir) -> MMDLMPipeline:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     assert sum(losses[-5:]) < sum(losses[:5])  # it did learn something with the option on
     pipe.model = model.eval()
     return pipe

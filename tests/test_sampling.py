@@ -203,6 +203,23 @@ def test_threshold_one_equals_one_token_per_step() -> None:
     check_filled(batch, fast.ids)
 
 
+def test_image_threshold_decoding_commits_at_least_the_schedule_and_more_when_sure() -> None:
+    batch = t2i_batch()
+    common = dict(image_steps=6, temperature=1.0)
+    plain = MASKED.sample(tiny(), batch, SamplerConfig(**common), generator=torch.Generator().manual_seed(2),
+                          history=True)
+    never = MASKED.sample(tiny(), batch, SamplerConfig(threshold=1.0, **common),
+                          generator=torch.Generator().manual_seed(2), history=True)
+    assert never.nfe == plain.nfe == 6 and torch.equal(never.ids, plain.ids)  # nothing passes: the schedule
+    some = MASKED.sample(tiny(), batch, SamplerConfig(threshold=0.05, **common),
+                         generator=torch.Generator().manual_seed(2), history=True)
+    left = [int((h == VOCAB.mask).sum()) for h in some.history]
+    floor = [int((h == VOCAB.mask).sum()) for h in plain.history]
+    assert all(a <= b for a, b in zip(left, floor)) and sum(left) < sum(floor)  # ahead of the schedule
+    assert MASKED.sample(tiny(), batch, SamplerConfig(threshold=0.0, **common)).nfe == 1
+    check_filled(batch, some.ids)
+
+
 def test_cfg_zero_is_the_conditional_pass_and_uncond_rows_drop_the_condition() -> None:
     batch = t2i_batch()
     assert bool(batch.cond.any())

@@ -7,7 +7,9 @@ until none is left. It follows:
   `steps` steps, semi-autoregressive blocks over long text, classifier-free guidance.
 - MaskGIT (Chang et al. 2022): the cosine schedule for image tokens.
 - Fast-dLLM (Wu et al. 2025): threshold parallel decoding, committing every prediction whose confidence
-  passes a threshold (at least one per sequence and step), so easy tokens finish early.
+  passes a threshold, so easy tokens finish early: text at least one token per sequence and step (its blocks
+  open as the previous one fills), images at least MaskGIT's schedule, so an image takes at most its steps
+  and fewer when its predictions are sure (issue 17: how many tokens a step commits is decided by confidence).
 - ReMDM (Wang et al. 2025): committed tokens may be re-masked and predicted again (`SelfCorrection`).
 - LaViDa's exact prefix cache: a model trained with `ModelConfig.prefix_attention` keeps its prompt from
   attending to the generated region, so the prompt's keys/values are computed in the first step and reused
@@ -22,7 +24,8 @@ Target positions that already hold a token are anchors: never changed, nor re-ma
 
 Steps: scheduled decoding runs max(text steps, image steps) steps over the modalities present (each on its
 own schedule), so NFE = steps unless every token is placed earlier (a region of n < steps tokens takes n
-steps); threshold decoding runs until no mask is left (<= one step per masked token). Self-correction adds
+steps); threshold decoding runs until no mask is left (<= one step per masked text token, <= the image steps).
+Self-correction adds
 at most `extra_steps`. The final step commits whatever is still masked.
 """
 
@@ -65,9 +68,11 @@ class _Plan:
 
     block: torch.Tensor  # Long[B, T] block of each text target position (0 elsewhere)
     n_blocks: int
-    remaining: torch.Tensor | None  # Long[2, B, S] per Modality: masked tokens left after step s
-    open_block: torch.Tensor | None  # Long[S]: text blocks <= this one may be committed at step s
-    steps: int  # steps of the schedule (threshold decoding: the worst case, one token per step)
+    remaining: torch.Tensor  # Long[2, B, S] per Modality: masked tokens left after step s (a modality's
+    #   floor; threshold decoding commits more, and its text floor is one token per step instead)
+    open_block: torch.Tensor | None  # Long[S]: text blocks <= this one may be committed at step s; None:
+    #   threshold decoding, whose rows open the next block when the previous one is filled
+    steps: int  # steps of the schedule (threshold decoding: the worst case, one text token per step)
 
 
 @dataclass
@@ -175,9 +180,6 @@ class MaskedScheduler(Scheduler):
         else:  # LLaDA: blocks of block_length consecutive target positions, left to right
             block = ((text_target.long().cumsum(1) - 1).clamp(min=0) // block_length) * text_target  # (B, T)
             n_blocks = max(1, math.ceil(longest / block_length))
-        if o.threshold is not None:
-            return _Plan(block, n_blocks, None, None, int(masked.sum(1).max()))
-
         per_block = torch.zeros(B, n_blocks, dtype=torch.long, device=target.device)
         per_block.scatter_add_(1, block, text_masked.long())  # (B, n_blocks) masked text tokens per block
         later = per_block.flip(1).cumsum(1).flip(1) - per_block  # (B, n_blocks) masked in the blocks after
@@ -195,6 +197,8 @@ class MaskedScheduler(Scheduler):
         steps = max(text_left.shape[1], image_left.shape[1])
         # a modality with fewer steps is done early: nothing of it is left in the later steps
         remaining = torch.stack([F.pad(x, (0, steps - x.shape[1])) for x in (text_left, image_left)])  # (2, B, S)
+        if o.threshold is not None:  # text: one token per step at worst; images: at most their schedule
+            return _Plan(block, n_blocks, remaining, None, max(int(text_masked.sum(1).max()), image_left.shape[1]))
         open_ = torch.tensor(open_block + [n_blocks - 1] * (steps - len(open_block)), device=target.device)
         return _Plan(block, n_blocks, remaining, open_, steps)
 
@@ -282,19 +286,24 @@ class MaskedScheduler(Scheduler):
         p_chosen = torch.zeros_like(s.p_commit)
         p_chosen[where] = probability_confidence(probs, chosen)
 
-        # choose the commits
+        # choose the commits: each modality down to its floor (the schedule's tokens left after this step), then
+        # with a threshold every prediction above it (Fast-dLLM); threshold decoding's text floor is one token
         if last:
             commit = eligible
-        elif plan.remaining is not None:  # the schedule: commit down to the tokens left after this step
+        else:
             commit = torch.zeros_like(eligible)
+            S = plan.remaining.shape[2]
             for m in Modality:
                 of_m = s.modality == m  # (B, T)
-                left = plan.remaining[m, :, s.i] if s.i < plan.steps else 0  # (B,); past it: revisions
-                k = ((masked & of_m).sum(1) - left).clamp(min=0)  # (B,)
+                n_masked = (masked & of_m).sum(1)  # (B,)
+                if m == Modality.TEXT and plan.open_block is None:
+                    k = n_masked.clamp(max=1)  # (B,)
+                else:
+                    left = plan.remaining[m, :, s.i] if s.i < S else 0  # (B,); past it: revisions
+                    k = (n_masked - left).clamp(min=0)  # (B,)
                 commit |= top_k_mask(conf.masked_fill(~of_m, float("-inf")), k)  # (B, T)
-        else:  # Fast-dLLM: all above the threshold, and at least the most confident one
-            one = torch.ones(B, dtype=torch.long, device=s.canvas.device)
-            commit = (eligible & (conf > o.threshold)) | top_k_mask(conf, one)
+            if o.threshold is not None:
+                commit |= eligible & (conf > o.threshold)
         s.canvas = torch.where(commit, proposal, s.canvas)
         s.p_commit = torch.where(commit, p_chosen, s.p_commit)
         s.fresh &= ~commit
