@@ -1,27 +1,30 @@
-"""Sampling speed of the masked-diffusion model and its AR twin: NFE and wall-clock per answer and per image.
+"""Sampling speed and quality in one run: the masked-diffusion model as it was, each fast-sampling trick alone,
+all of them together, and the AR twin with and without its KV cache (issue 17).
 
-    OMP_NUM_THREADS=2 python -m benchmarks.speed --mdm runs/quickstart/model --ar runs/ar/model \\
+    OMP_NUM_THREADS=2 python -m benchmarks.speed --mdm runs/quickstart/model --fast runs/fast/model \\
+        --ar runs/quickstart/ar --shards 'data/shards/shapes-codes/val/*.tar' --limit 200 \\
         --out benchmarks/results --repeats 5
-    python -m benchmarks.speed --mdm DIR --ar DIR --out /tmp/speed --device cuda --batch-sizes 1,32,256
 
-Inputs are synthetic shapes scenes (`mmdlm.worlds.shapes`, seeded), so no shards are needed: their images are
-encoded by each model's VQ, one question per scene is asked (VQA) and the canonical caption is the
-prompt (text-to-image). Every setting runs `--warmup` times untimed, then `--repeats` times timed;
-the tables give the median per call and per generated answer / image, with min and max. The clock
-covers the sampler alone (`mmdlm.sampling` on the laid-out prompts, CUDA synchronised around it): the
-VQ's image encoding and decoding cost the same for both models and are left out.
+Per task (VQA answer, caption, text-to-image) and sampler variant: NFE, generated tokens per forward and
+milliseconds per sample at each batch size (median of `--repeats` timed runs after `--warmup` untimed ones; the
+clock covers the sampler alone on the laid-out prompts, CUDA synchronised around it, VQ encoding and decoding
+left out), and the quality on the first `--limit` val records (VQA accuracy, caption attribute F1, text-to-image
+all-correct by the oracle, as `mmdlm evaluate` scores them, batches of 64).
 
-Settings:
-- MDM: fixed steps `--steps` (confidence remasking; a step count above the target region's length is
-  capped at it, so a 4-token answer takes at most 4 steps and a 64-token image 64); text-to-image with
-  classifier-free guidance `--guidance` (the pipeline's default; its unconditional rows ride in the same
-  forward call, so NFE is unchanged and the compute is two rows: see `rows_per_call`).
-- AR: greedy / temperature decoding with its KV cache, and without it (the whole prefix recomputed at
-  every token), to show what the cache buys. AR NFE = the number of target tokens.
-VQA decodes greedily, text-to-image samples at temperature 1 (the pipeline's defaults).
+Variants (`variants`):
+- MDM (before): `--mdm` with the samplers the pipeline defaulted to before issue 17 (`BEFORE`): answers and
+  captions one token per step, images 16 cosine steps with guidance 2, every step a full forward.
+- + approximate prefix cache: the same, the prompt's keys/values computed once (Fast-dLLM, never refreshed).
+- + fast decoding: `--mdm` with the pipeline's defaults now (`DEFAULT_SAMPLERS`).
+- prefix MDM, no cache / + exact prefix cache: `--fast`, a model trained with prefix attention, with the
+  `BEFORE` samplers, recomputing the prompt every step or computing it once (exact: same tokens).
+- MDM fast: `--fast` with the pipeline's defaults and the exact cache: every trick together.
+- AR + KV cache / AR, no cache: `--ar`, greedy answers and captions, sampled images (temperature 1).
 
-Writes speed.json (every measurement and the machine) and speed.md (one table per task) under --out.
+Writes sampling_speed.json (every measurement, the machine, the command) and sampling_speed.md (one table per
+task, and the issue's acceptance checks) under --out.
 """
+
 
 from __future__ import annotations
 
@@ -29,13 +32,12 @@ import argparse
 import json
 import os
 import platform
-import random
 import shlex
 import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -43,11 +45,8 @@ import torch
 
 if TYPE_CHECKING:  # the model stack loads lazily: `--help` answers at once
     from mmdlm.pipeline import MMDLMPipeline
-    from mmdlm.sampling import SampleResult
+    from mmdlm.sampling import SamplerConfig
     from mmdlm.sequence import Sample
-
-TASKS: tuple[str, ...] = ("vqa", "t2i")
-TASK_TITLES = {"vqa": "VQA: seconds per answer", "t2i": "Text-to-image: seconds per image"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,156 +146,245 @@ def cap_steps(steps: Sequence[int], region: int) -> dict[int, list[int]]:
 
 
 # ---------------------------------------------------------------------------------------------
-# inputs and samplers
+# variants
 
 
-@dataclass
-class Inputs:
-    codes: torch.Tensor  # Long[n, h, w] the scenes' VQ codes
-    questions: list[list[int]]  # one question's text ids per scene
-    captions: list[list[int]]  # the canonical caption's text ids per scene
+TASKS = ("vqa", "caption", "t2i")
+TITLES = {"vqa": "VQA answers", "caption": "Captions", "t2i": "Text-to-image"}
+QUALITY = {"vqa": "VQA accuracy", "caption": "caption attribute F1 (mean; worst attribute)",
+           "t2i": "all-correct (oracle)"}
 
 
-def make_inputs(pipe: MMDLMPipeline, n: int, seed: int = 0) -> Inputs:
-    """`n` random shapes scenes (rendered at the VQ's image size), a question and the caption of each."""
-    from mmdlm.worlds.shapes import caption, make_questions, render, sample_scene
-
-    rng = random.Random(f"speed/{seed}")
-    images, questions, captions = [], [], []
-    while len(images) < n:
-        objects = sample_scene(rng, 1, 2)
-        qas = [qa for qa in make_questions(objects, rng)
-               if len(pipe.tokenizer.encode(qa["question"])) <= pipe.layout.question_len]
-        cap = pipe.tokenizer.encode(caption(objects))
-        if not qas or len(cap) > pipe.layout.caption_len:
-            continue
-        images.append(render(objects, pipe.vq.image_size))
-        questions.append(pipe.tokenizer.encode(rng.choice(qas)["question"]))
-        captions.append(cap)
-    return Inputs(pipe.encode_images(images).cpu(), questions, captions)
-
-
-def prompts(pipe: MMDLMPipeline, task: str, inputs: Inputs, batch_size: int) -> list[Sample]:
-    """The first `batch_size` prompts of a task, laid out as the pipeline lays them out."""
-    from mmdlm.sequence import t2i_prompt, vqa_prompt
-
-    if task == "vqa":
-        return [vqa_prompt(c, q, pipe.vocab, pipe.layout) for c, q in zip(inputs.codes[:batch_size],
-                                                                          inputs.questions[:batch_size])]
-    n = pipe.vq.tokens_per_image
-    return [t2i_prompt(c, pipe.vocab, pipe.layout, n) for c in inputs.captions[:batch_size]]
-
-
-@dataclass
-class Setting:
-    name: str  # "steps=8", "KV cache", "no cache"
-    run: Callable[[Any, torch.Generator], SampleResult]  # (batch on device, generator) -> result
-    steps: int | None = None
-    requested: list[int] | None = None
-
-
-def settings(pipe: MMDLMPipeline, task: str, steps: Sequence[int], guidance: float) -> list[Setting]:
-    """The sampler settings to time for one model and task."""
+def before_samplers() -> dict[str, SamplerConfig]:
+    """The pipeline's defaults before issue 17 (session 8), per evaluation task."""
     from mmdlm.sampling import SamplerConfig
 
-    temperature = 0.0 if task == "vqa" else 1.0
-    model, scheduler = pipe.model, pipe.scheduler
-    if pipe.is_autoregressive:
-        return [Setting(name, lambda b, g, c=cache: scheduler.sample(
-                    model, b, SamplerConfig(temperature=temperature, use_cache=c), generator=g))
-                for name, cache in (("KV cache", True), ("no cache", False))]
-    region = pipe.layout.answer_len if task == "vqa" else pipe.vq.tokens_per_image
-    scale = guidance if task == "t2i" else 0.0
+    return {"vqa": SamplerConfig(steps=None, block_length=1), "caption": SamplerConfig(steps=None, block_length=4),
+            "t2i": SamplerConfig(steps=16, temperature=1.0, guidance_scale=2.0)}
+
+
+def current_samplers() -> dict[str, SamplerConfig]:
+    """The pipeline's defaults now (`DEFAULT_SAMPLERS`), per evaluation task."""
+    from mmdlm.evaluate import PIPELINE_TASK
+    from mmdlm.pipeline import DEFAULT_SAMPLERS
+
+    return {task: DEFAULT_SAMPLERS[PIPELINE_TASK[task]] for task in TASKS}
+
+
+@dataclass
+class Variant:
+    name: str
+    model: str  # "mdm", "fast" or "ar": which --model folder
+    samplers: dict[str, SamplerConfig]  # per task
+
+
+def variants(has_fast: bool) -> list[Variant]:
+    """The rows of the tables, in order: as it was, each trick alone, all together, the AR twin."""
+    from mmdlm.sampling import SamplerConfig
+
+    before, now = before_samplers(), current_samplers()
+
+    def with_(samplers: dict[str, SamplerConfig], **changes: Any) -> dict[str, SamplerConfig]:
+        return {t: replace(c, **changes) for t, c in samplers.items()}
+
+    rows = [Variant("MDM (before)", "mdm", before),
+            Variant("+ approximate prefix cache", "mdm", with_(before, prefix_cache=1000)),
+            Variant("+ fast decoding", "mdm", now)]
+    if has_fast:
+        rows += [Variant("prefix MDM, no cache", "fast", with_(before, use_cache=False)),
+                 Variant("+ exact prefix cache", "fast", before),
+                 Variant("MDM fast (all)", "fast", now)]
+    ar = dict.fromkeys(TASKS, SamplerConfig())
+    ar = {t: replace(c, temperature=1.0) if t == "t2i" else c for t, c in ar.items()}
+    return rows + [Variant("AR + KV cache", "ar", ar), Variant("AR, no cache", "ar", with_(ar, use_cache=False))]
+
+
+# ---------------------------------------------------------------------------------------------
+# measuring
+
+
+def prompts(pipe: MMDLMPipeline, task: str, records: Sequence[dict], codes: torch.Tensor, n: int) -> list[Sample]:
+    """The first `n` prompts of a task, laid out as the pipeline lays them out (the first question of a record)."""
+    from mmdlm.sequence import caption_prompt, t2i_prompt, vqa_prompt
+
     out = []
-    for s, asked in cap_steps(steps, region).items():
-        o = SamplerConfig(steps=s, temperature=temperature, guidance_scale=scale)
-        out.append(Setting(f"steps={s}", lambda b, g, o=o: scheduler.sample(model, b, o, generator=g), s, asked))
+    for record, c in zip(records, codes):
+        if len(out) == n:
+            break
+        if task == "vqa":
+            q = pipe.tokenizer.encode(record["qa"][0]["question"])
+            if len(q) <= pipe.layout.question_len:
+                out.append(vqa_prompt(c, q, pipe.vocab, pipe.layout))
+        elif task == "caption":
+            out.append(caption_prompt(c, pipe.vocab, pipe.layout))
+        else:
+            cap = pipe.tokenizer.encode(record["captions"][0])
+            if len(cap) <= pipe.layout.caption_len:
+                out.append(t2i_prompt(cap, pipe.vocab, pipe.layout, pipe.vq.tokens_per_image))
+    if len(out) < n:
+        raise ValueError(f"only {len(out)} usable {task} prompts in the records, need {n}")
     return out
 
 
-def measure(pipe: MMDLMPipeline, samples: list[Sample], setting: Setting, warmup: int, repeats: int,
-            seed: int) -> dict[str, Any]:
-    """Warm-up runs (untimed), then `repeats` timed runs of one setting on one batch."""
+def timing(pipe: MMDLMPipeline, samples: list[Sample], sampler: SamplerConfig, warmup: int, repeats: int,
+           seed: int) -> dict[str, Any]:
+    """Warm-up runs (untimed), then `repeats` timed runs of one sampler on one batch."""
     from mmdlm.sequence import collate
 
     batch = collate(samples, pipe.vocab).to(pipe.device)
-    seconds, nfe, rows = [], set(), set()
+    tokens = int(batch.target.sum()) / len(samples)  # generated tokens per sample
+    seconds, nfe, rows = [], [], []
     for i in range(warmup + repeats):
         g = torch.Generator(device=pipe.device).manual_seed(seed + i)
-        t, res = timed(lambda g=g: setting.run(batch, g), pipe.device)
+        t, res = timed(lambda g=g: pipe.scheduler.sample(pipe.model, batch, sampler, generator=g), pipe.device)
         if i >= warmup:
             seconds.append(t)
-            nfe.add(res.nfe)
-            rows.add(res.forward_rows)
-    n = len(samples)
-    per_call = stats(seconds)
-    return {"nfe": max(nfe), "nfe_varies": len(nfe) > 1, "rows_per_call": max(rows) / max(max(nfe), 1) / n,
-            "target_tokens": int(batch.target[0].sum()), "seconds_per_call": per_call,
-            "seconds_per_sample": {k: v / n if k != "n" else v for k, v in per_call.items()},
-            "samples_per_s": n / per_call["median"] if per_call["median"] > 0 else None}
+            nfe.append(res.nfe)
+            rows.append(res.forward_rows / max(res.nfe, 1) / len(samples))
+    per_sample = stats([s / len(samples) for s in seconds])
+    nfe_median = statistics.median(nfe)
+    return {"nfe": nfe_median, "tokens_per_forward": tokens / nfe_median, "rows_per_call": max(rows),
+            "ms_per_sample": {k: v * 1e3 if k != "n" else v for k, v in per_sample.items()}}
 
 
-def benchmark(pipe: MMDLMPipeline, kind: str, args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Every (task, batch size, setting) of one model."""
-    inputs = make_inputs(pipe, max(args.batch_sizes), args.seed)
+def quality(pipe: MMDLMPipeline, task: str, records: Sequence[dict], sampler: SamplerConfig,
+            seed: int) -> dict[str, Any]:
+    """The task's metric on the records, as `mmdlm evaluate` computes it."""
+    from mmdlm.evaluate import eval_caption, eval_t2i, eval_vqa
+
+    if task == "vqa":
+        m = eval_vqa(pipe, records, sampler, seed=seed, progress=False).metrics
+        return {"value": m["accuracy"], "n": m["n"], "nfe_per_call": m["cost"]["nfe_per_call"]}
+    if task == "caption":
+        m = eval_caption(pipe, records, sampler, seed=seed, progress=False).metrics
+        f1 = {k: v["f1"] for k, v in m["per_attribute"].items()}
+        return {"value": sum(f1.values()) / len(f1), "f1": f1, "n": m["n"], "nfe_per_call": m["cost"]["nfe_per_call"]}
+    m = eval_t2i(pipe, records, sampler, seed=seed, progress=False, scorer_ceiling=False).metrics
+    return {"value": m["all_correct"], "n": m["n"], "nfe_per_call": m["cost"]["nfe_per_call"]}
+
+
+def run(pipes: dict[str, MMDLMPipeline], records: list[dict], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Every (variant, task): quality once, timing at each batch size."""
+    codes = {kind: pipe.encode_images(_images(records[: max(args.batch_sizes) * 2])).cpu()
+             for kind, pipe in pipes.items()}
     rows = []
-    for task in args.tasks:
-        for setting in settings(pipe, task, args.steps, args.guidance):
+    for variant in variants("fast" in pipes):
+        pipe = pipes[variant.model]
+        for task in args.tasks:
+            sampler = variant.samplers[task]
+            row: dict[str, Any] = {"variant": variant.name, "model": variant.model, "task": task,
+                                   "sampler": sampler.to_dict()}
+            if args.limit > 0:
+                row["quality"] = quality(pipe, task, records[: args.limit], sampler, args.seed)
+            row["timing"] = {}
             for bs in args.batch_sizes:
-                m = measure(pipe, prompts(pipe, task, inputs, bs), setting, args.warmup, args.repeats, args.seed)
-                rows.append({"model": kind, "task": task, "batch_size": bs, "sampler": setting.name,
-                             "steps": setting.steps, "requested_steps": setting.requested, **m})
-                if not args.quiet:
-                    print(f"{kind} {task} b={bs} {setting.name}: nfe {m['nfe']}, "
-                          f"{m['seconds_per_sample']['median'] * 1e3:.2f} ms/sample", flush=True)
+                samples = prompts(pipe, task, records, codes[variant.model], bs)
+                row["timing"][str(bs)] = timing(pipe, samples, sampler, args.warmup, args.repeats, args.seed)
+            rows.append(row)
+            if not args.quiet:
+                q = f"quality {row['quality']['value']:.4f}, " if "quality" in row else ""
+                times = ", ".join(f"b{bs} {t['ms_per_sample']['median']:.2f} ms (NFE {t['nfe']:g})"
+                                  for bs, t in row["timing"].items())
+                print(f"{variant.name} | {task}: {q}{times}", flush=True)
     return rows
+
+
+def _images(records: Sequence[dict]) -> torch.Tensor:
+    return torch.stack([r["image"] for r in records])
 
 
 # ---------------------------------------------------------------------------------------------
 # outputs
 
 
+def _row(rows: list[dict[str, Any]], variant: str, task: str) -> dict[str, Any] | None:
+    return next((r for r in rows if r["variant"] == variant and r["task"] == task), None)
+
+
+def checks(result: dict[str, Any]) -> list[tuple[str, str, bool]]:
+    """Issue 17's acceptance lines on this run: (what, measured, holds)."""
+    rows, out = result["rows"], []
+    fast, ar, before = "MDM fast (all)", "AR + KV cache", "MDM (before)"
+    if not all(_row(rows, v, t) for v in (fast, ar, before) for t in result["settings"]["tasks"]):
+        return out
+    if "1" not in rows[0]["timing"] or "quality" not in rows[0]:
+        return out
+
+    def ms(v: str, t: str) -> float:
+        return _row(rows, v, t)["timing"]["1"]["ms_per_sample"]["median"]
+
+    def q(v: str, t: str) -> dict[str, Any]:
+        return _row(rows, v, t)["quality"]
+
+    tasks = result["settings"]["tasks"]
+    if "t2i" in tasks:
+        speedup, drop = ms(ar, "t2i") / ms(fast, "t2i"), q(before, "t2i")["value"] - q(fast, "t2i")["value"]
+        out.append(("text-to-image, batch 1: MDM fast >= 3x faster than AR + KV, all-correct within 2 points of "
+                    "the MDM's default", f"{speedup:.2f}x, {-100 * drop:+.1f} points", speedup >= 3 and drop <= 0.02))
+    if "vqa" in tasks:
+        speedup, gap = ms(ar, "vqa") / ms(fast, "vqa"), q(fast, "vqa")["value"] - q(ar, "vqa")["value"]
+        out.append(("VQA, batch 1: MDM fast >= 1.5x faster than AR + KV at equal accuracy (+-1 point)",
+                    f"{speedup:.2f}x, {100 * gap:+.1f} points", speedup >= 1.5 and abs(gap) <= 0.01))
+    if "caption" in tasks:
+        tpf = _row(rows, fast, "caption")["timing"]["1"]["tokens_per_forward"]
+        f_before, f_fast = q(before, "caption")["f1"], q(fast, "caption")["f1"]
+        worst = max(f_before[k] - f_fast[k] for k in f_before)
+        measured = f"{tpf:.2f} tokens/forward, worst attribute {-100 * worst:+.1f} points"
+        out.append(("captions: >= 3 tokens per forward at <= 1 point attribute-F1 loss", measured,
+                    tpf >= 3 and worst <= 0.01))
+    return out
+
+
 def render_markdown(result: dict[str, Any]) -> str:
     m = result["machine"]
-    lines = ["# Sampling speed: MDM vs AR", "", f"`{result['command']}`", "",
+    s = result["settings"]
+    lines = ["# Sampling speed and quality: MDM vs AR", "", f"`{result['command']}`", "",
              f"Machine: {m['processor']}, {m['cpu_count']} CPUs, torch {m['torch']} with {m['torch_threads']} "
              f"threads, device {m['device']}{', ' + m['gpu'] if m.get('gpu') else ''}, load average "
-             f"{load_text(m)}. "
-             f"Median of {result['settings']['repeats']} timed runs after {result['settings']['warmup']} warm-up "
-             f"run(s), [min - max]; sampler only (VQ encode/decode excluded).", ""]
-    header = ["model", "sampler", "batch", "NFE", "rows/call", "s/call (median)", "ms/sample (median [min - max])",
-              "samples/s"]
-    for task in TASKS:
-        rows = [r for r in result["rows"] if r["task"] == task]
-        if not rows:
-            continue
+             f"{load_text(m)}. Median of {s['repeats']} timed runs after {s['warmup']} warm-up run(s); sampler "
+             f"only (VQ encode/decode excluded). Quality on the first {s['limit']} val records.", ""]
+    sizes = s["batch_sizes"]
+    for task in s["tasks"]:
+        header = ["variant", QUALITY[task]] + [x for b in sizes for x in (f"b{b} NFE", f"b{b} tok/fwd",
+                                                                          f"b{b} ms/sample")]
         table = []
-        for r in rows:
-            s = r["seconds_per_sample"]
-            sampler = r["sampler"] + (f" (asked {','.join(map(str, r['requested_steps']))})"
-                                      if r["requested_steps"] and r["requested_steps"] != [r["steps"]] else "")
-            table.append([r["model"].upper(), sampler, r["batch_size"], r["nfe"], round(r["rows_per_call"], 2),
-                          r["seconds_per_call"]["median"],
-                          f"{s['median'] * 1e3:.3g} [{s['min'] * 1e3:.3g} - {s['max'] * 1e3:.3g}]",
-                          r["samples_per_s"] or "-"])
-        lines += [f"## {TASK_TITLES[task]}", ""] + md_table(header, table) + [""]
-    lines.append("NFE = forward calls per sampler call; AR NFE = target tokens; rows/call = sequences per "
-                 "forward per sample (2 with classifier-free guidance).")
+        for r in (r for r in result["rows"] if r["task"] == task):
+            qv = r.get("quality")
+            if qv is None:
+                cell = "-"
+            elif task == "caption":
+                cell = f"{qv['value']:.3f}; {min(qv['f1'].values()):.3f}"
+            else:
+                cell = f"{100 * qv['value']:.1f}%"
+            timing_cells = []
+            for b in sizes:
+                t = r["timing"][str(b)]
+                timing_cells += [f"{t['nfe']:g}", f"{t['tokens_per_forward']:.2f}",
+                                 f"{t['ms_per_sample']['median']:.3g}"]
+            table.append([r["variant"], cell, *timing_cells])
+        lines += [f"## {TITLES[task]}", ""] + md_table(header, table) + [""]
+    found = checks(result)
+    if found:
+        lines += ["## Acceptance (issue 17)", ""] + md_table(["target", "measured", "holds"],
+                                                             [[a, b, "yes" if c else "no"] for a, b, c in found])
+        lines.append("")
+    lines.append("NFE = forward calls per sampler call (median); tok/fwd = generated target tokens per sample / NFE.")
     return "\n".join(lines) + "\n"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.speed", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mdm", required=True, help="masked-diffusion model folder")
-    parser.add_argument("--ar", required=True, help="its causal twin's model folder")
-    parser.add_argument("--out", required=True, help="folder for speed.json and speed.md")
+    parser.add_argument("--mdm", required=True, help="masked-diffusion model folder (as it was)")
+    parser.add_argument("--fast", help="a masked-diffusion model trained with prefix attention (optional)")
+    parser.add_argument("--ar", required=True, help="the causal twin's model folder")
+    parser.add_argument("--shards", required=True, help="val shards (glob): prompts and quality")
+    parser.add_argument("--limit", type=int, default=200, help="val records scored for quality (0: timing only)")
+    parser.add_argument("--out", required=True, help="folder for sampling_speed.json and sampling_speed.md")
     parser.add_argument("--repeats", type=positive, default=5, help="timed runs per setting (median reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs before them")
-    parser.add_argument("--steps", type=int_list, default=[4, 8, 16, 32, 64], help="MDM step counts")
     parser.add_argument("--batch-sizes", type=int_list, default=[1, 32], help="prompts per sampler call")
-    parser.add_argument("--tasks", default="vqa,t2i", help="comma-separated subset of vqa,t2i")
-    parser.add_argument("--guidance", type=float, default=2.0, help="MDM classifier-free guidance of text-to-image")
+    parser.add_argument("--tasks", default="vqa,caption,t2i", help="comma-separated subset of vqa,caption,t2i")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", help="cpu, cuda ... (default: cuda if available)")
     parser.add_argument("--quiet", action="store_true", help="no per-setting lines")
@@ -304,31 +392,40 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Time both models' samplers; write speed.json and speed.md; returns the result."""
+    """Time and score every sampler variant; write sampling_speed.json and .md; returns the result."""
+    from mmdlm.evaluate import load_records
+    from mmdlm.pipeline import MMDLMPipeline
+
     parser = build_parser()
     args = parser.parse_args(argv)
     args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not args.tasks or set(args.tasks) - set(TASKS):
         parser.error(f"--tasks must be a subset of {','.join(TASKS)}")
-    if args.warmup < 0:
-        parser.error("--warmup must be >= 0")
+    if args.warmup < 0 or args.limit < 0:
+        parser.error("--warmup and --limit must be >= 0")
     try:
-        pipes = load_pair(args.mdm, args.ar, args.device)
+        mdm, ar = load_pair(args.mdm, args.ar, args.device)
+        pipes = {"mdm": mdm, "ar": ar}
+        if args.fast:
+            pipes["fast"] = MMDLMPipeline.from_pretrained(args.fast, device=args.device)
+            if not pipes["fast"].model.config.prefix_attention:
+                raise ValueError(f"--fast {args.fast!r} was not trained with prefix attention")
+        records = load_records(args.shards, mdm.vq.image_size, max(args.limit, 2 * max(args.batch_sizes)))
     except (OSError, ValueError, KeyError) as err:
         parser.error(str(err))
     torch.manual_seed(args.seed)
-    rows = [row for pipe, kind in zip(pipes, ("mdm", "ar")) for row in benchmark(pipe, kind, args)]
-    result = {"command": command_line("benchmarks.speed", argv), "machine": machine_info(pipes[0].device),
-              "settings": {"repeats": args.repeats, "warmup": args.warmup, "steps": args.steps,
-                           "batch_sizes": args.batch_sizes, "guidance": args.guidance, "seed": args.seed,
-                           "answer_len": pipes[0].layout.answer_len,
-                           "image_tokens": pipes[0].vq.tokens_per_image},
+    rows = run(pipes, records, args)
+    result = {"command": command_line("benchmarks.speed", argv), "machine": machine_info(mdm.device),
+              "settings": {"repeats": args.repeats, "warmup": args.warmup, "batch_sizes": args.batch_sizes,
+                           "tasks": args.tasks, "limit": args.limit, "seed": args.seed,
+                           "models": {"mdm": args.mdm, "fast": args.fast, "ar": args.ar}},
               "rows": rows}
+    result["checks"] = [{"target": a, "measured": b, "holds": c} for a, b, c in checks(result)]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "speed.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "speed.md").write_text(render_markdown(result))
-    print(f"wrote {out / 'speed.json'} and {out / 'speed.md'}")
+    (out / "sampling_speed.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "sampling_speed.md").write_text(render_markdown(result))
+    print(f"wrote {out / 'sampling_speed.json'} and {out / 'sampling_speed.md'}")
     return result
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -227,32 +228,39 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 
 def run_text_to_image(pipe: MMDLMPipeline, args: argparse.Namespace) -> None:
     prompts = read_prompts(args)
+    n = len(prompts) * args.num
+    start = time.perf_counter()
     out = pipe.text_to_image([p for p in prompts for _ in range(args.num)], args.sampler, seed=args.seed,
                              history=args.progress is not None)
+    ms = (time.perf_counter() - start) * 1e3 / n  # sampling and VQ decoding, per image
     save_grid(make_grid(out.images, args.num, args.scale), args.out)
-    print(f"wrote {args.out}: {len(prompts)} prompt(s) x {args.num} image(s), NFE {out.nfe}")
+    print(f"wrote {args.out}: {len(prompts)} prompt(s) x {args.num} image(s), NFE {out.nfe}, {ms:.1f} ms per image")
     if args.progress is not None:
         frames = write_progress(pipe, out.history, args.num, args.scale, args.progress)
         print(f"wrote {len(frames)} frames and {args.progress / 'progress.gif'}")
 
 
 def run_joint(pipe: MMDLMPipeline, args: argparse.Namespace) -> None:
+    start = time.perf_counter()
     out = pipe.generate_joint(args.num, args.sampler, seed=args.seed)
+    ms = (time.perf_counter() - start) * 1e3 / args.num
     args.out.parent.mkdir(parents=True, exist_ok=True)
     captioned_grid(out.images, out.captions, min(args.num, 8), args.scale).save(args.out)
     for i, caption in enumerate(out.captions):
         print(f"{i}: {printable(caption)}")
-    print(f"wrote {args.out}: {args.num} image+caption pair(s), NFE {out.nfe}")
+    print(f"wrote {args.out}: {args.num} image+caption pair(s), NFE {out.nfe}, {ms:.1f} ms per pair")
 
 
 def run_inpaint(pipe: MMDLMPipeline, args: argparse.Namespace) -> None:
+    start = time.perf_counter()
     result = inpaint(pipe, load_image(args.inpaint), args.box, args.prompt, args.num, sampler=args.sampler,
                      seed=args.seed)
+    ms = (time.perf_counter() - start) * 1e3 / args.num
     masked = paint_masked(result.original, result.token_mask)
     row = torch.cat([result.original, masked, result.output.images])
     save_grid(make_grid(row, len(row), args.scale), args.out)
     print(f"wrote {args.out}: original | masked | {args.num} result(s), "
-          f"{int(result.token_mask.sum())} token(s) regenerated, NFE {result.output.nfe}")
+          f"{int(result.token_mask.sum())} token(s) regenerated, NFE {result.output.nfe}, {ms:.1f} ms per image")
 
 
 def save_grid(grid: torch.Tensor, path: Path) -> None:

@@ -61,7 +61,8 @@ class ModelConfig:
     #   the image + question, the caption) attends only to itself, never to the generated region. Its keys and
     #   values then do not change while the target is decoded, so a sampler computes them once per request and
     #   reuses them exactly at every step (issue 17). Must match training: a model trained without it reads
-    #   its prompt through the targets' masks. Causal calls ignore it (causal already hides the future).
+    #   its prompt through the targets' masks. Causal calls ignore it (causal already hides the future). With
+    #   shift_logits the prompt's last position, which predicts the first target, is not hidden from the rest.
     image_tokens: int = 0  # N = h*w image tokens; > 0 turns on the learned 2D image-position embedding
     image_grid: tuple[int, int] = (0, 0)  # (h, w) of the VQ grid; (0, 0) = square; either field is enough
     codebook_size: int = 0  # K: number of VQ codes (Vocab.codebook_size); used by the codebook projection
@@ -442,7 +443,13 @@ class Transformer(nn.Module):
         else:
             key_pad = pad
         causal = cfg.causal if causal is None else causal
-        prefix = prefix if cfg.prefix_attention and not causal else None
+        if cfg.prefix_attention and not causal and prefix is not None:
+            # a model reading position i's logits at i - 1 predicts the first target from the position before
+            # it: that one must see the generated region too, or the first token is chosen blind to the rest
+            # (measured: captions began "there large ...", "a is a ...": F1 0.95 -> 0.72 on cell)
+            prefix = prefix - int(cfg.shift_logits)  # (B,)
+        else:
+            prefix = None
         mask, is_causal = self._attention_mask(key_pad, start, T, ids.device, causal, prefix)
         train_graph = self._compiled_blocks and self.training and torch.is_grad_enabled() and cache is None
         for i, block in enumerate(self._compiled_blocks if train_graph else self.blocks):

@@ -210,34 +210,35 @@ def test_compare(pair, pipes, val_shards, tmp_path, capsys):
         assert r["consistent"] <= r["valid"]
 
 
-def test_speed(pair, pipes, tmp_path):
+def test_speed(pair, val_shards, tmp_path):
     mdm_dir, ar_dir = pair
-    mdm, _ = pipes
+    fast_dir = tmp_path / "fast"  # the tiny MDM with prefix attention (untrained for it: exactness needs no training)
+    shutil.copytree(mdm_dir, fast_dir)
+    config = json.loads((fast_dir / "config.json").read_text())
+    config["model"]["prefix_attention"] = True
+    (fast_dir / "config.json").write_text(json.dumps(config))
     out = tmp_path / "speed"
-    result = speed.main(["--mdm", mdm_dir, "--ar", ar_dir, "--out", str(out), "--repeats", "2", "--warmup", "1",
-                         "--steps", "2,100", "--batch-sizes", "1,3", "--device", "cpu", "--quiet"])
-    saved = json.loads((out / "speed.json").read_text())
+    result = speed.main(["--mdm", mdm_dir, "--fast", str(fast_dir), "--ar", ar_dir, "--shards", val_shards,
+                         "--limit", "2", "--out", str(out), "--repeats", "2", "--warmup", "1", "--batch-sizes", "1,2",
+                         "--device", "cpu", "--quiet"])
+    saved = json.loads((out / "sampling_speed.json").read_text())
     assert saved["rows"] == json.loads(json.dumps(result["rows"]))
     assert {"cpu_count", "torch_threads", "torch"} <= set(saved["machine"])
-    md = (out / "speed.md").read_text()
-    assert "python -m benchmarks.speed" in md and "KV cache" in md and "no cache" in md
-    region = {"vqa": mdm.layout.answer_len, "t2i": mdm.vq.tokens_per_image}
-    seen = set()
+    names = [v.name for v in speed.variants(True)]
+    assert [(r["variant"], r["task"]) for r in saved["rows"]] == [(v, t) for v in names for t in speed.TASKS]
+    rows = {(r["variant"], r["task"]): r for r in saved["rows"]}
     for row in saved["rows"]:
-        seen.add((row["model"], row["task"], row["batch_size"], row["sampler"]))
-        assert row["nfe"] > 0 and row["samples_per_s"] > 0
-        s = row["seconds_per_sample"]
-        assert 0 < s["min"] <= s["median"] <= s["max"] and s["n"] == 2
-        if row["model"] == "mdm":
-            assert row["nfe"] <= row["steps"] <= region[row["task"]]
-            assert row["rows_per_call"] == (2 if row["task"] == "t2i" else 1)  # guidance rows ride along
-        else:
-            assert row["nfe"] == row["target_tokens"] == region[row["task"]]
-    expected = {(m, t, b, s) for b in (1, 3) for t in ("vqa", "t2i") for m, s in
-                [("ar", "KV cache"), ("ar", "no cache"), ("mdm", "steps=2"), ("mdm", f"steps={region[t]}")]}
-    assert seen == expected  # 100 steps are capped at the region: the answer (8 tokens) and the image (64)
-    capped = [r for r in saved["rows"] if r["model"] == "mdm" and r["steps"] == region[r["task"]]]
-    assert all(r["requested_steps"] == [100] for r in capped)
+        assert 0 <= row["quality"]["value"] <= 1 and row["quality"]["n"] > 0
+        for t in row["timing"].values():
+            assert t["nfe"] > 0 and t["tokens_per_forward"] > 0
+            assert 0 < t["ms_per_sample"]["min"] <= t["ms_per_sample"]["median"] <= t["ms_per_sample"]["max"]
+    assert rows[("MDM (before)", "t2i")]["timing"]["1"]["rows_per_call"] == 2  # guidance rows ride along
+    for task in speed.TASKS:  # exact caches change no token: the same quality
+        assert rows[("+ exact prefix cache", task)]["quality"] == rows[("prefix MDM, no cache", task)]["quality"]
+        assert rows[("AR + KV cache", task)]["quality"] == rows[("AR, no cache", task)]["quality"]
+    assert len(saved["checks"]) == 3 and all(isinstance(c["holds"], bool) for c in saved["checks"])
+    md = (out / "sampling_speed.md").read_text()
+    assert "python -m benchmarks.speed" in md and "Acceptance (issue 17)" in md and "AR + KV cache" in md
 
 
 def test_train_speed(pair, tmp_path):
@@ -288,7 +289,7 @@ def test_help_is_the_docstring(module, capsys):
 def test_bad_arguments(pair, tmp_path, capsys):
     mdm_dir, ar_dir = pair
     with pytest.raises(SystemExit):  # the twins swapped
-        speed.main(["--mdm", ar_dir, "--ar", mdm_dir, "--out", str(tmp_path)])
+        speed.main(["--mdm", ar_dir, "--ar", mdm_dir, "--shards", "x", "--out", str(tmp_path)])
     assert "causal" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         train_speed.main(["--config", str(tmp_path / "missing.yaml"), "--out", str(tmp_path)])
