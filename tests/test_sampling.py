@@ -499,3 +499,32 @@ def test_prefix_cache_refreshed_every_step_equals_no_cache_and_runs_only_the_tar
         assert widths == [batch.ids.shape[1]] + [batch.ids.shape[1] - first] * (len(widths) - 1)
     with pytest.raises(ValueError, match="self_correction"):
         SamplerConfig(prefix_cache=2, self_correction=SelfCorrection())
+
+
+def test_finished_rows_leave_the_batch_and_change_no_token() -> None:
+    """Rows with fewer masks finish earlier; a finished row is not run again (nor kept in the prefix cache), and
+    every row decodes as it would alone."""
+
+    def anchored(batch: Batch, per_row: int) -> Batch:  # row i: its first i * per_row targets given
+        ids = batch.ids.clone()
+        for i in range(len(batch)):
+            at = batch.target[i].nonzero().squeeze(1)[: i * per_row]
+            is_image = batch.image_index[i, at] >= 0
+            ids[i, at] = torch.where(is_image, VOCAB.image_offset + 1, 5)
+        return dataclasses.replace(batch, ids=ids)
+
+    prefixed = Transformer(dataclasses.replace(tiny().config, prefix_attention=True)).eval()
+    prefixed.load_state_dict(tiny(seed=3).state_dict())
+    cases = [(tiny(seed=3), anchored(caption_batch(4), 2), SamplerConfig(steps=None, threshold=0.5)),
+             (prefixed, anchored(caption_batch(4), 2), SamplerConfig(steps=None, threshold=0.5)),
+             (prefixed, anchored(t2i_batch(), 12), SamplerConfig(image_steps=8, threshold=0.9, guidance_scale=2.0))]
+    for model, batch, config in cases:
+        counting = Counting(model)
+        together = MASKED.sample(counting, batch, config)
+        rows = [ids.shape[0] for ids, _ in counting.inputs]
+        copies = 2 if config.guidance_scale else 1
+        assert rows[0] == copies * len(batch) and rows[-1] < rows[0], rows  # some rows left before the end
+        for i in range(len(batch)):
+            alone = MASKED.sample(model, batch.select(slice(i, i + 1)), config)
+            assert torch.equal(together.ids[i], alone.ids[0])
+        check_filled(batch, together.ids)

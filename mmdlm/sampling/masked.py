@@ -99,6 +99,8 @@ class MaskedState:
     cache: KVCache | None = None  # the prefix cache (exact, or `SamplerConfig.prefix_cache`)
     split: int = 0  # positions [0, split) are cached; a cached step runs [split, T)
     refresh: int = 0  # a full pass every `refresh` steps (the approximate cache); 0 = only the first
+    live: torch.Tensor | None = None  # Long[L]: the rows in the model calls (and the cache); None = all. A row
+    #   with nothing left to decode leaves the batch (threshold decoding finishes rows at different steps)
     call_rows: int = 0  # sequences in the last model call (guidance and check rows included)
     # set by model_inputs for the step that follows
     masked: torch.Tensor | None = field(default=None, repr=False)  # Bool[B, T]
@@ -245,13 +247,42 @@ class MaskedScheduler(Scheduler):
                       "image_index": torch.cat([image_index, image_index]),
                       "logits_at": torch.cat([at, at])}  # (2*rep*B, T)
             prefix = prefix.repeat(2)  # (2*rep*B,)
+        inputs["prefix"] = prefix
+        if not checking:  # rows with no mask left leave the batch: their logits are never read
+            inputs = self._live_rows(s, masked.any(1), inputs)
         s.call_rows = inputs["ids"].shape[0]
         if s.cache is None:
-            return inputs | {"prefix": prefix}
+            return inputs
         full = s.i == 0 or (s.refresh > 0 and s.i % s.refresh == 0)  # a full pass (re)computes the prefix
         start = 0 if full else s.split
         s.cache.length = start
-        return {k: v[:, start:] for k, v in inputs.items()} | {"cache": s.cache, "prefix": prefix}  # (R, T - start)
+        sliced = {k: v[:, start:] if v.dim() == 2 else v for k, v in inputs.items()}  # (R, T - start)
+        return sliced | {"cache": s.cache}
+
+    @staticmethod
+    def _live_rows(s: MaskedState, live: torch.Tensor, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`inputs` for the rows that still hold masks (Bool[B] `live`); the cache keeps only their rows. The
+        logits of `logits_at` are row-major over the scored positions, and a finished row has none: `step`
+        reads the same order with or without it."""
+        B = live.shape[0]
+        rows = live.nonzero().squeeze(1)  # (L,)
+        if s.live is None and len(rows) == B:
+            return inputs
+        if s.live is not None and torch.equal(rows, s.live):
+            keep = None
+        else:
+            held = s.live if s.live is not None else torch.arange(B, device=live.device)  # rows in the cache
+            keep = torch.isin(held, rows).nonzero().squeeze(1)  # (L,) positions of the live rows among them
+            s.live = rows
+        copies = inputs["ids"].shape[0] // B  # 2 with guidance: the uncond rows follow the cond rows
+        index = torch.cat([rows + j * B for j in range(copies)])  # (copies * L,)
+        if s.cache is not None and keep is not None:
+            cached = len(s.cache.pad) // copies  # rows per copy in the cache before this step
+            at = torch.cat([keep + j * cached for j in range(copies)])
+            s.cache.k = [k[at] for k in s.cache.k]
+            s.cache.v = [v[at] for v in s.cache.v]
+            s.cache.pad = s.cache.pad[at]
+        return {k: v[index] for k, v in inputs.items()}
 
     def _guided(self, logits: torch.Tensor, state: MaskedState) -> torch.Tensor:
         """Logits Float[M, V] of `model_inputs`' scored positions -> Float[N, V] of the eligible positions (in
