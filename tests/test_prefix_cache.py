@@ -113,7 +113,7 @@ def test_cached_and_uncached_sampling_give_identical_tokens_for_every_task(prefi
     region[:, :2] = True
     tasks = {
         "caption": lambda **o: pipe.caption(images, temperature=0.0, **o).ids,
-        "answer": lambda **o: pipe.answer(images, ["what colour is the circle?"] * 2, **o).ids,
+        "answer": lambda **o: pipe.answer(images, ["what colour is the circle?"] * 2, eos_fill=False, **o).ids,
         "text_to_image": lambda **o: pipe.text_to_image(["a large red circle", "a small blue square"],
                                                         temperature=0.0, **o).codes,
         "joint": lambda **o: pipe.generate_joint(2, temperature=0.0, steps=4, **o).codes,

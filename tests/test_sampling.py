@@ -528,3 +528,31 @@ def test_finished_rows_leave_the_batch_and_change_no_token() -> None:
             alone = MASKED.sample(model, batch.select(slice(i, i + 1)), config)
             assert torch.equal(together.ids[i], alone.ids[0])
         check_filled(batch, together.ids)
+
+
+def test_eos_fill_marks_the_masks_after_a_regions_eos_and_nothing_else() -> None:
+    from mmdlm.sampling.masked import eos_fill
+
+    E, M = VOCAB.eos, VOCAB.mask
+    canvas = torch.tensor([[1, 5, E, M, M, 0, 5, M, E, M, M],  # two regions: each fills after its <eos>
+                           [1, 5, M, E, 6, M, 0, M, M, M, M],  # content after the <eos>: not a fill
+                           [1, M, M, 5, E, E, 0, M, E, 7, M]])  # a mask before the <eos>; content after it
+    text = torch.tensor([[0, 1, 1, 1, 1, 0, 1, 1, 1, 1, 1],
+                         [0, 1, 1, 1, 1, 1, 0, 1, 1, 1, 1],
+                         [0, 1, 1, 1, 1, 1, 0, 1, 1, 1, 1]], dtype=torch.bool)
+    expected = torch.zeros_like(text)
+    expected[0, [3, 4, 9, 10]] = True
+    assert torch.equal(eos_fill(canvas, text, E, M), expected)
+
+
+def test_an_mdm_answer_ends_in_the_step_that_chooses_its_eos() -> None:
+    model = tiny(seed=1)
+    batch = vqa_batch()
+    eos = torch.zeros(VOCAB.size)
+    eos[VOCAB.eos] = 30.0  # <eos> everywhere: an answer's first step ends it
+    biased = Counting(model, bias=eos)
+    config = SamplerConfig(steps=None, block_length=1)
+    filled = MASKED.sample(biased, batch, config)
+    assert filled.nfe == 2 and bool((filled.ids[batch.target] == VOCAB.eos).all())  # a step per answer
+    plain = MASKED.sample(Counting(model, bias=eos), batch, dataclasses.replace(config, eos_fill=False))
+    assert plain.nfe == int(batch.target[0].sum()) and torch.equal(plain.ids, filled.ids)  # a step per token

@@ -70,7 +70,8 @@ class SamplerConfig:
     use_cache: bool = True  # the exact caches: AR's KV cache; a masked-diffusion model trained with prefix
     #   attention computes its prompt once (ignored with self-correction). False recomputes everything every
     #   step: the equality tests and the speed baselines
-    eos_fill: bool = True  # AR: after a row's <eos>, its later text targets are <eos> (the template's fill)
+    eos_fill: bool = True  # after a row's <eos> its later text targets are <eos> (the template's fill); MDM: the
+    #   masked ones of the same region, so a caption or answer ends in the step that chooses its <eos>
 
     def __post_init__(self) -> None:
         if self.prefix_cache < 0:

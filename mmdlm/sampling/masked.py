@@ -20,7 +20,9 @@ until none is left. It follows:
 Every step's prediction is modality-restricted (`Vocab.allowed_table`): image positions
 (`image_index >= 0`) may only become image codes, text positions only text ids or `<eos>`.
 Target positions that already hold a token are anchors: never changed, nor re-masked ("word 3 must be
-'red'", inpainting).
+'red'", inpainting). With `eos_fill`, an `<eos>` committed in a text region fills the region's masked positions
+after it with `<eos>` (the templates' fill, which the model was trained on), so an answer or caption ends in
+the step its `<eos>` is chosen, as the AR twin stops at its `<eos>`.
 
 Steps: scheduled decoding runs max(text steps, image steps) steps over the modalities present (each on its
 own schedule), so NFE = steps unless every token is placed earlier (a region of n < steps tokens takes n
@@ -113,6 +115,22 @@ class MaskedState:
 
     def result(self) -> SampleResult:
         return SampleResult(self.canvas, self.nfe, None, self.rows, self.remasked)
+
+
+def eos_fill(canvas: torch.Tensor, text: torch.Tensor, eos: int, mask: int) -> torch.Tensor:
+    """Bool[B, T]: the `<mask>` positions of a text region (a run of `text`, Bool[B, T]) that follow an `<eos>` of
+    the same region with no content token (neither `<eos>` nor `<mask>`) after that `<eos>` in it: the fill."""
+    B, T = canvas.shape
+    pos = torch.arange(T, device=canvas.device).expand(B, T)  # (B, T)
+    start = text & ~F.pad(text[:, :-1], (1, 0))  # (B, T) first position of each run
+    region = start.long().cumsum(1) * text  # (B, T) 1, 2, ... per run; 0 outside
+    last_eos = torch.where(text & (canvas == eos), pos, -1).cummax(1).values  # (B, T) latest <eos> at or before
+    eos_here = (last_eos >= 0) & (region.gather(1, last_eos.clamp(min=0)) == region)  # (B, T)
+    content = text & (canvas != eos) & (canvas != mask)  # (B, T)
+    last_content = torch.where(content, pos, -1).cummax(1).values  # (B, T) latest content at or before
+    next_content = torch.where(content, pos, T).flip(1).cummin(1).values.flip(1)  # (B, T) first at or after
+    content_after = (next_content < T) & (region.gather(1, next_content.clamp(max=T - 1)) == region)  # (B, T)
+    return text & (canvas == mask) & eos_here & (last_content < last_eos) & ~content_after
 
 
 class MaskedScheduler(Scheduler):
@@ -216,9 +234,11 @@ class MaskedScheduler(Scheduler):
         last = s.i == s.max_steps - 1  # the final step commits everything, whatever the rule
         if last:
             eligible = masked
-        elif plan.open_block is not None:  # image positions always, text by open block
-            open_ = plan.open_block[min(s.i, plan.steps - 1)]
-            eligible = masked & (s.is_image | (plan.block <= open_))  # (B, T)
+        elif plan.open_block is not None:  # image positions always, text by the schedule's open block, or
+            # the first block with masks left when the <eos> fill emptied the scheduled ones
+            first = plan.block.masked_fill(~(masked & ~s.is_image), plan.n_blocks).amin(1)  # (B,)
+            open_ = plan.open_block[min(s.i, plan.steps - 1)].clamp(min=first)  # (B,)
+            eligible = masked & (s.is_image | (plan.block <= open_[:, None]))  # (B, T)
         else:  # threshold decoding: the first block with never-committed tokens is open, per row
             first = plan.block.masked_fill(~(s.fresh & masked & ~s.is_image), plan.n_blocks).amin(1)  # (B,)
             first = first.clamp(max=plan.n_blocks - 1)
@@ -337,6 +357,14 @@ class MaskedScheduler(Scheduler):
                 commit |= eligible & (conf > o.threshold)
         s.canvas = torch.where(commit, proposal, s.canvas)
         s.p_commit = torch.where(commit, p_chosen, s.p_commit)
+        if o.eos_fill:
+            fill = eos_fill(s.canvas, s.fill & ~s.is_image, self.vocab.eos, self.vocab.mask)  # (B, T)
+            s.canvas = s.canvas.masked_fill(fill, self.vocab.eos)
+            s.p_commit = s.p_commit.masked_fill(fill, 1.0)
+            commit |= fill
+            # the filled tokens count as the schedule's later commits: what is left shrinks by them
+            left = plan.remaining[Modality.TEXT, :, s.i + 1 :]  # (B, S - i - 1), a view
+            left.sub_(fill.sum(1, keepdim=True)).clamp_(min=0)
         s.fresh &= ~commit
 
         # re-mask the checked tokens the model no longer believes in
