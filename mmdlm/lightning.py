@@ -288,7 +288,7 @@ class LitMDM(LightningModule):
         n_embd: int = 128,
         causal: bool = False,
         qk_norm: bool = True,
-        tie_head: bool = False,
+        tie_head: bool = ModelConfig.tie_head,  # one default, with its reason, in ModelConfig
         head_codebook: bool = False,
         mask_positions: bool = False,
         dropout: float = 0.0,
