@@ -201,7 +201,11 @@ def incompatibility(pipe: Any, data: MMDLMProcessor) -> str | None:
 
 
 class EMA:
-    """Exponential moving average of a module's floating-point parameters (swapped in for eval/export)."""
+    """Exponential moving average of a module's floating-point parameters (swapped in for eval/export).
+
+    Kept over Lightning's `EMAWeightAveraging`: that callback's average starts after the first step (ours at
+    the initial weights), and it ignores the `checkpoint["ema"]` of our checkpoints on resume (BENCHMARKS.md,
+    issue 16, `benchmarks/library_equivalence.py`)."""
 
     def __init__(self, module: torch.nn.Module, decay: float) -> None:
         self.decay = decay
@@ -288,7 +292,7 @@ class LitMDM(LightningModule):
         n_embd: int = 128,
         causal: bool = False,
         qk_norm: bool = True,
-        tie_head: bool = False,
+        tie_head: bool = ModelConfig.tie_head,  # one default, with its reason, in ModelConfig
         head_codebook: bool = False,
         mask_positions: bool = False,
         dropout: float = 0.0,
@@ -463,7 +467,7 @@ class LitMDM(LightningModule):
         )
         total = max(self.trainer.max_steps, hp.warmup_steps + 1)
 
-        def schedule(step: int) -> float:
+        def schedule(step: int) -> float:  # not transformers' cosine-with-min-lr: its warmup starts at lr 0
             if step < hp.warmup_steps:
                 return (step + 1) / hp.warmup_steps
             progress = min(1.0, (step - hp.warmup_steps) / max(1, total - hp.warmup_steps))

@@ -39,7 +39,10 @@ class ModelConfig:
     max_seq_len: int = 256  # longest template (VQA with 3 QA pairs at 64 image tokens) is ~142
     causal: bool = False  # False: masked-diffusion denoiser; True: the AR baseline with the same parameters
     qk_norm: bool = True  # RMS-normalised q/k keep attention logits bounded: tolerates higher learning rates
-    tie_head: bool = True  # output = embedding table: fewer parameters, and codebook structure in the logits
+    tie_head: bool = False  # True: output = embedding table (fewer parameters, codebook structure in all
+    #   logits). Untied by default, the head every recipe trains: tying the text rows slowed a tiny model's
+    #   text answers (tests/test_learning.py) and kept prompt binding at chance; `head_codebook` gives the
+    #   image rows the codebook structure instead (BENCHMARKS.md, "Output heads"). LitMDM takes this default.
     head_codebook: bool = False  # untied head whose image rows also get the codebook projection: code
     #   structure in the image logits (a code's colour shared by all codes of that colour) while text keeps
     #   its own free rows (tying text rows slowed a tiny model's text answers: tests/test_learning.py)

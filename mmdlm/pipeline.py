@@ -160,8 +160,9 @@ class MMDLMPipeline:
         return write_model_folder(self.model, self.processor, path)
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> MMDLMPipeline:
-        """Move the model (and the image tokenizer) to a device and/or the model to a dtype, in place, as
-        diffusers' `pipe.to("cuda", torch.bfloat16)`; returns the pipeline."""
+        """Move the model and the image tokenizer to a device and/or the model to a dtype, in place, as
+        diffusers' `pipe.to("cuda", torch.bfloat16)`; returns the pipeline. The image tokenizer keeps float32
+        (its codebook lookup and decoder are small; the transformer is what a low precision speeds up)."""
         if device is not None:
             self.device = torch.device(device)
             self.processor.to(self.device)

@@ -1,7 +1,9 @@
 """Pre-tokenize webdataset shards: add each image's VQ codes as an `npy` member beside the original ones.
 
-Glue between the model's data path (`mmdlm.data`: shard patterns, `UserError`) and an image tokenizer
-(`vision.load`); it lives in mmdlm so that `vision` imports nothing of mmdlm.
+Glue between the model's data path (`mmdlm.data`: shard patterns, the image decoding, `UserError`) and an
+image tokenizer (`vision.load`); it lives in mmdlm so that `vision` imports nothing of mmdlm. Images are
+decoded by the data path's `load_image`, so a sample's stored codes are exactly the ones the DataModule would
+encode on the fly (transparency onto black, non-square images resized and centre-cropped alike).
 
 Model training then reads the codes instead of running the VQ encoder at every step (as aMUSEd / MaskGIT
 pipelines pre-extract tokens). One output shard per input shard, with the same name and the same keys; the
@@ -29,34 +31,17 @@ from pathlib import Path
 import numpy as np
 import torch
 import webdataset as wds
-from PIL import Image
 from tqdm import tqdm
 
-from mmdlm.data import expand_shards
+from mmdlm.data import IMAGE_EXTENSIONS, expand_shards, load_image
 from mmdlm.errors import UserError
 from vision.load import load_image_tokenizer
-
-IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")  # the members a sample's image may be stored in
 
 
 def expand(pattern: str) -> list[str]:
     """Shard paths of a glob and/or brace pattern (`a/{000..009}.tar`), sorted; ShardsNotFound (a UserError
     and a FileNotFoundError) naming the pattern if it matches nothing."""
     return sorted(str(p) for p in expand_shards(pattern))
-
-
-def load_image(data: bytes, image_size: int) -> torch.Tensor:
-    """Image bytes -> (3, S, S) float in [0, 1]: RGB, shorter side resized to S, centre crop."""
-    with Image.open(io.BytesIO(data)) as im:
-        im = im.convert("RGB")
-        if im.size != (image_size, image_size):
-            scale = image_size / min(im.size)
-            w, h = max(image_size, round(im.width * scale)), max(image_size, round(im.height * scale))
-            im = im.resize((w, h), Image.BICUBIC)
-            left, top = (w - image_size) // 2, (h - image_size) // 2
-            im = im.crop((left, top, left + image_size, top + image_size))
-        arr = np.asarray(im, dtype=np.uint8).copy()  # (S, S, 3)
-    return torch.from_numpy(arr).permute(2, 0, 1).float() / 255  # (3, S, S)
 
 
 def npy_bytes(codes: np.ndarray) -> bytes:
@@ -105,7 +90,7 @@ class ShardTokenizer:
         images: list[torch.Tensor] = []
         with wds.TarWriter(str(tmp)) as writer:
             for sample in raw_samples(src, counts):
-                ext = next((e for e in IMAGE_EXTS if e in sample), None)
+                ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
                 try:
                     if ext is None:
                         raise ValueError(f"no image member among {sorted(sample)}")

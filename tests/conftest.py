@@ -43,7 +43,7 @@ def tiny_model_dir(tmp_path_factory) -> str:
     vocab = processor.vocab
     cfg = ModelConfig(vocab_size=vocab.size, n_layer=2, n_head=2, n_embd=32, max_seq_len=256,
                       image_grid=vq.grid, codebook_size=vq.codebook_size, image_offset=vocab.image_offset,
-                      codebook_dim=vq.embed_dim)
+                      codebook_dim=vq.embed_dim, tie_head=True)  # tied: the weights the tests were written on
     model = Transformer(cfg)
     model.set_codebook(vq.codebook_vectors().detach())
     return str(write_model_folder(model, processor, root / "model"))

@@ -241,6 +241,41 @@ def test_precomputed_codes(tmp_path: Path) -> None:
     assert all("image" not in r and "codes" not in r for r in neither)
 
 
+def test_pretokenize_and_the_datamodule_encode_alpha_and_non_square_images_alike(tiny_model_dir, tmp_path: Path,
+                                                                                   monkeypatch) -> None:
+    """Non-square images with transparency (RGBA; palette with a transparent index) get the same codes from
+    `mmdlm.pretokenize` as from the DataModule's on-the-fly encoding: both decode with the data path's
+    `load_image` (alpha onto black, bicubic resize, centre crop)."""
+    from mmdlm.lightning import MDMDataModule
+    from mmdlm.pretokenize import pretokenize
+
+    rgba = Image.new("RGBA", (50, 37), (0, 0, 255, 255))
+    rgba.paste((255, 255, 255, 0), (0, 0, 50, 18))  # top transparent, white underneath
+    rgba.paste((255, 0, 0, 128), (30, 20, 45, 37))  # half-transparent red
+    palette = Image.new("P", (40, 64), 1)
+    palette.putpalette([255, 255, 255, 0, 200, 0, 255, 0, 0])
+    palette.paste(2, (5, 30, 35, 60))
+    palette.info["transparency"] = 0  # index 0 (white) transparent
+    palette.paste(0, (0, 0, 40, 20))
+    caption = json.dumps({"captions": ["a picture"]}).encode()
+    url = str(write_tar(tmp_path / "in" / "alpha.tar", [("rgba", {"png": png_bytes(rgba), "json": caption}),
+                                                          ("palette", {"png": png_bytes(palette), "json": caption})]))
+    pretokenize(f"{tiny_model_dir}/vq", url, str(tmp_path / "out"))
+    with tarfile.open(tmp_path / "out" / "alpha.tar") as tar:
+        assert {"rgba.npy", "palette.npy"} <= set(tar.getnames())  # the codes are read, not encoded again
+    dm = MDMDataModule(url, text_tokenizer=f"{tiny_model_dir}/text_tokenizer", vq=f"{tiny_model_dir}/vq",
+                       image_size=32)
+    monkeypatch.setattr(dm.builder, "build", lambda record: (record["__key__"], record["codes"]))
+
+    def codes(shards: str) -> dict[str, torch.Tensor]:  # what `transform` hands the sequence builder
+        return dict(dm.dataset(shards, train=False))
+
+    on_the_fly, stored = codes(url), codes(str(tmp_path / "out" / "alpha.tar"))
+    assert sorted(on_the_fly) == sorted(stored) == ["palette", "rgba"]
+    for key in on_the_fly:
+        assert torch.equal(stored[key], on_the_fly[key]), key
+
+
 def test_resampled_epoch_length(shapes: Path) -> None:
     urls = f"{shapes}/train/*.tar"
     pipeline = record_pipeline(urls, resampled=True, epoch_length=30, shuffle=8, load_images=False, seed=5)

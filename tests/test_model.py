@@ -180,7 +180,7 @@ def test_config_checks_and_accounting() -> None:
         ModelConfig(vocab_size=10, image_tokens=6)
     assert ModelConfig(vocab_size=10, image_tokens=16).image_grid == (4, 4)
     assert ModelConfig(vocab_size=10, image_grid=[2, 5]).image_tokens == 10  # either one is enough
-    tied, untied = make(), make(tie_head=False)
+    tied, untied = make(tie_head=True), make()
     V, d = VOCAB.size, 32
     assert untied.num_params() - tied.num_params() == V * d
     n_blocks = sum(p.numel() for p in tied.blocks.parameters())

@@ -46,7 +46,8 @@ MASKED, AR = MaskedScheduler(VOCAB), ARScheduler(VOCAB)
 def tiny(causal: bool = False, seed: int = 0) -> Transformer:
     torch.manual_seed(seed)
     cfg = ModelConfig(vocab_size=VOCAB.size, n_layer=2, n_head=2, n_embd=32, max_seq_len=64, causal=causal,
-                      image_tokens=N_IMG, codebook_size=VOCAB.codebook_size, image_offset=VOCAB.image_offset)
+                      image_tokens=N_IMG, codebook_size=VOCAB.codebook_size, image_offset=VOCAB.image_offset,
+                      tie_head=True)  # the head these tests were written on
     return Transformer(cfg).eval()
 
 
@@ -392,7 +393,8 @@ def train_toy(causal: bool, steps: int) -> Transformer:
     torch.manual_seed(0)
     # one layer of d=64 learns the toy in ~120 steps for every seed tried (2 layers stall for some seeds)
     cfg = ModelConfig(vocab_size=VOCAB.size, n_layer=1, n_head=4, n_embd=64, max_seq_len=32,
-                      causal=causal, image_tokens=4, codebook_size=VOCAB.codebook_size, image_offset=VOCAB.image_offset)
+                      causal=causal, image_tokens=4, codebook_size=VOCAB.codebook_size, image_offset=VOCAB.image_offset,
+                      tie_head=True)  # tied: the learning bars below were set on this head
     model = Transformer(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     g = torch.Generator().manual_seed(0)
