@@ -19,7 +19,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -133,13 +132,14 @@ class MMDLMProcessor:
     def image_tensor(self, images: Any) -> torch.Tensor:
         """PIL images / paths / Float[B,3,H,W] in [0,1] -> Float[B,3,S,S] at the image tokenizer's size, on
         its device."""
-        from torchvision.transforms import v2
+        from torchvision.transforms import InterpolationMode, v2
+
+        from vision.images import image_to_tensor
 
         size = self.vq.image_size
         if isinstance(images, torch.Tensor):
             x = images if images.dim() == 4 else images[None]
         else:
-            tf = v2.Compose([v2.Resize(size), v2.CenterCrop(size)])
             tensors = []
             for im in images:
                 if isinstance(im, str | Path):
@@ -148,12 +148,11 @@ class MMDLMProcessor:
                         im.load()
                     except (OSError, ValueError) as err:
                         raise ValueError(f"cannot read image {str(im)!r}: {err}") from err
-                rgb = im.convert("RGB")
-                t = torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1)  # (3, H, W)
-                tensors.append(tf(t).float() / 255.0)
+                tensors.append(image_to_tensor(im, size))  # the data path's decoding: alpha onto black, bicubic
             x = torch.stack(tensors)  # (B, 3, S, S)
         if x.shape[-1] != size or x.shape[-2] != size:
-            x = v2.Compose([v2.Resize(size, antialias=True), v2.CenterCrop(size)])(x)  # (B, 3, S, S)
+            resize = v2.Resize(size, interpolation=InterpolationMode.BICUBIC, antialias=True)
+            x = v2.Compose([resize, v2.CenterCrop(size)])(x).clamp(0, 1)  # (B, 3, S, S)
         return x.to(self.device)
 
     @torch.no_grad()

@@ -144,3 +144,26 @@ def test_a_folder_whose_config_disagrees_with_its_tokenizers_is_refused(tiny_mod
     with pytest.raises(ValueError, match="records a vocabulary of 301 text ids and 64 image codes, but the "
                                          "folder's tokenizers have 300 and 64"):
         MMDLMProcessor.from_pretrained(folder)
+
+
+def test_user_images_are_decoded_as_the_data_path_decodes_them(processor, tmp_path) -> None:
+    """A non-square RGBA photo: transparency onto black, bicubic resize and centre crop, as in training."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from vision.images import load_image
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (30, 50, 4), dtype=np.uint8)
+    pixels[:, :10, 3] = 0  # a transparent band
+    path = tmp_path / "photo.png"
+    Image.fromarray(pixels, "RGBA").save(path)
+    size = processor.vq.image_size
+    expected = load_image(path.read_bytes(), size)  # (3, S, S): what pretokenize and the DataModule see
+    for given in (str(path), Image.open(path)):
+        torch.testing.assert_close(processor.image_tensor([given])[0].cpu(), expected)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels[:, :, :3], "RGB").save(buffer, format="PNG")
+    assert not torch.allclose(load_image(buffer.getvalue(), size), expected)  # the alpha band matters here

@@ -59,11 +59,17 @@ def load_image(data: bytes, image_size: int) -> torch.Tensor:
     Shorter side resized to image_size (bicubic, antialiased), then centre-cropped; an image that
     already has the size is left untouched, so palette colours stay exact.
     """
-    from torchvision.transforms.functional import pil_to_tensor
-
     with Image.open(io.BytesIO(data)) as image:
         image.load()  # decode now: garbage or truncated bytes fail here, not later
-        rgb = to_rgb(image)
+        return image_to_tensor(image, image_size)
+
+
+def image_to_tensor(image: Image.Image, image_size: int) -> torch.Tensor:
+    """A PIL image -> FloatTensor[3, image_size, image_size] in [0,1], as `load_image` decodes (the pipeline's
+    user images go through it too, so inference sees the pixels training saw)."""
+    from torchvision.transforms.functional import pil_to_tensor
+
+    rgb = to_rgb(image)
     if rgb.size != (image_size, image_size):
         rgb = _resize_crop(image_size)(rgb)
     return pil_to_tensor(rgb).float().div_(255)  # (3, H, W)
