@@ -89,18 +89,19 @@ def to_pil_images(images: torch.Tensor) -> list[Image.Image]:
     return [to_pil_image(im.clamp(0, 1)) for im in images.cpu()]
 
 
-# Each task's sampler, chosen on the quickstart model (BENCHMARKS.md): captions one token per step in blocks
-# of 4, left to right (LLaDA's semi-AR decoding; one block commits the trailing <eos> fill first and cuts
-# captions short: F1 0.76/0.66/0.67/0.72 -> 0.88/0.73/0.75/0.79); answers (1-3 tokens and <eos>) likewise, one
-# token per step left to right, at the same 4 NFE as 8 confidence-ordered steps (VQA 78.1% -> 78.8%, position
-# questions 76.4% -> 80%, val scenes 500-699, BENCHMARKS.md issue 15 session 8);
-# images are sampled (temperature 1) in MaskGIT's 16 cosine steps with guidance 2 under the plausibility
-# constraint (text-to-image all-correct 3.5% -> 13% at 1,300 steps, 0% -> 65.5% at 4,000); infilling one
+# Each task's sampler, chosen on held-out val scenes 500-699 (not the evaluation's 0-199) of the quickstart model
+# (BENCHMARKS.md issue 17): the fastest settings that keep its quality. Captions one token per step left to right in
+# blocks of 2, and every token above 0.8 confidence at once (Fast-dLLM): F1 0.911/0.781/0.755/0.822 (blocks of 4, one
+# token per step) -> 0.936/0.815/0.786/0.892 at fewer steps; answers (1-3 tokens) one token per step left to right
+# (VQA 78.1% -> 78.8% against confidence order, session 8); a text ends in the step that picks its <eos>
+# (`SamplerConfig.eos_fill`: answers 4 -> 2.95 NFE at the same accuracy); images in 8 MaskGIT cosine steps, sampled
+# (temperature 1), guidance 2 under the plausibility constraint (8 steps: all-correct 56.5% against 57% at 16 for a
+# model trained with prefix attention; a model without it loses 7 points at 8, so pass steps=16 to it); infilling one
 # token per step.
 DEFAULT_SAMPLERS: dict[str, SamplerConfig] = {
-    "caption": SamplerConfig(steps=None, block_length=4),
+    "caption": SamplerConfig(steps=None, block_length=2, threshold=0.8),
     "answer": SamplerConfig(steps=None, block_length=1),
-    "text_to_image": SamplerConfig(steps=16, temperature=1.0, guidance_scale=2.0),
+    "text_to_image": SamplerConfig(steps=8, temperature=1.0, guidance_scale=2.0),
     "joint": SamplerConfig(steps=16, temperature=1.0),
     "inpaint": SamplerConfig(steps=16, temperature=1.0),
     "infill": SamplerConfig(steps=None),

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from mmdlm import evaluate as ev
+from mmdlm.pipeline import DEFAULT_SAMPLERS
 from mmdlm.worlds.shapes import ShapesConfig, caption, make_object, paraphrase, render, write_shapes
 
 RATE_SECTIONS = {
@@ -187,7 +188,9 @@ def test_cli_writes_metrics_report_and_samples(tiny_model_dir, shapes_val, tmp_p
     assert "--limit 4" in metrics["command"] and metrics["model"] == str(Path(tiny_model_dir).resolve())
     samplers = metrics["settings"]["sampler"]  # every generating task's whole config, --steps in each
     assert {t: c["steps"] for t, c in samplers.items()} == {"vqa": 2, "caption": 2, "t2i": 2, "joint": 2}
-    assert samplers["t2i"]["guidance_scale"] == 2.0 and samplers["caption"]["block_length"] == 4
+    defaults = {t: DEFAULT_SAMPLERS[ev.PIPELINE_TASK[t]] for t in samplers}
+    assert samplers["t2i"]["guidance_scale"] == defaults["t2i"].guidance_scale == 2.0
+    assert samplers["caption"]["block_length"] == defaults["caption"].block_length  # the rest: the task defaults
     assert metrics["settings"]["batch_size"] == 3
     _check_sections(metrics, list(ev.ALL_TASKS))
     assert metrics["caption"]["cost"]["nfe_per_call"] == 2  # --steps reaches the sampler

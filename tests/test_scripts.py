@@ -251,9 +251,9 @@ def test_caption_prints_the_pipeline_caption_and_takes_sampler_flags(tiny_model_
     from mmdlm import caption
 
     status = caption.main(["--model", tiny_model_dir, "--device", "cpu", "--image", str(scene), "--steps", "4",
-                           "--block-length", "0", "-v"])
+                           "--block-length", "0", "--threshold", "none", "-v"])
     out, err = capsys.readouterr()
-    expected = pipe.caption([Image.open(scene)], steps=4, block_length=None)
+    expected = pipe.caption([Image.open(scene)], steps=4, block_length=None, threshold=None)
     assert status in (caption.EXIT_OK, caption.EXIT_NO_ANSWER) and out == expected.texts[0] + "\n"
     assert f"NFE {expected.nfe}" in err and expected.nfe == 4
     two = caption.main(["--model", tiny_model_dir, "--device", "cpu", "--image", str(scene), "--image", str(scene)])

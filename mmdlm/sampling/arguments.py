@@ -11,9 +11,21 @@ from typing import Any
 
 from mmdlm.sampling.config import Confidence, SamplerConfig, SelfCorrection
 
+NONE = "none"  # a flag's value that sets its field to None (e.g. `--threshold none`: the fixed schedule)
+
+
+def _or_none(kind: type) -> Any:
+    def parse(text: str) -> Any:
+        return NONE if text.lower() == NONE else kind(text)
+
+    parse.__name__ = kind.__name__  # argparse names the type in its error message
+    return parse
+
+
 # flag -> (SamplerConfig field, argparse type, help); the value None (flag absent) keeps the task default
 _FLAGS: dict[str, tuple[str, type, str]] = {
-    "--steps": ("steps", int, "denoising steps (masked diffusion; the AR twin takes one per token)"),
+    "--steps": ("steps", int, "denoising steps (masked diffusion; the AR twin takes one per token; none = one "
+                "text token per step)"),
     "--image-steps": ("image_steps", int, "steps for image regions, when they should differ from --steps"),
     "--temperature": ("temperature", float, "0 = argmax; > 0 Gumbel-max sampling"),
     "--top-k": ("top_k", int, "sample among the k most likely tokens"),
@@ -22,7 +34,7 @@ _FLAGS: dict[str, tuple[str, type, str]] = {
                        "guidance acts only on tokens with p_cond >= this * max p_cond, so it cannot paint the "
                        "prompt's objects into the background (0 = plain guidance)"),
     "--threshold": ("threshold", float, "Fast-dLLM parallel decoding: commit every prediction whose confidence "
-                    "passes it (at least one per step), instead of the fixed schedule"),
+                    "passes it, beyond the schedule (text: at least one token per step; none = the schedule only)"),
     "--block-length": ("block_length", int, "semi-autoregressive blocks of this many text tokens, left to right "
                        "(0 = one block)"),
     "--confidence": ("confidence", Confidence, "which predictions are committed first"),
@@ -41,7 +53,9 @@ def add_sampler_arguments(parser: argparse.ArgumentParser, task_defaults: str = 
         if not guidance and name.startswith("guidance"):
             continue
         choices = [str(c) for c in Confidence] if kind is Confidence else None
-        group.add_argument(flag, dest=f"sampler_{name}", type=str if choices else kind, choices=choices,
+        nullable = name in ("steps", "threshold", "image_steps", "top_k")  # fields that may be None
+        group.add_argument(flag, dest=f"sampler_{name}", type=str if choices else _or_none(kind) if nullable else kind,
+                           choices=choices,
                            default=None, help=help_, metavar=None if choices else flag[2:].upper().replace("-", "_"))
     group.add_argument("--self-correction", dest="sampler_self_correction", action="store_true",
                        help="ReMDM-style revision: re-mask committed tokens the model no longer believes in "
@@ -54,7 +68,7 @@ def sampler_overrides(args: argparse.Namespace) -> dict[str, Any]:
     for name, _kind, _help in _FLAGS.values():
         value = getattr(args, f"sampler_{name}", None)
         if value is not None:
-            out[name] = None if name == "block_length" and value == 0 else value
+            out[name] = None if value == NONE or (name == "block_length" and value == 0) else value
     if getattr(args, "sampler_self_correction", False):
         out["self_correction"] = SelfCorrection()
     return out

@@ -57,8 +57,9 @@ class SamplerConfig:
     guidance_scale: float = 0.0  # classifier-free guidance w (MDM); 0 = conditional only, no uncond rows
     guidance_plausibility: float = 0.1  # guide only tokens with p_cond >= this * max p_cond: at guidance 2,
     #   text-to-image all-correct 0% -> 65.5% (4,000 steps), 3.5% -> 13% (1,300; BENCHMARKS.md, guidance)
-    threshold: float | None = None  # Fast-dLLM (MDM): commit every prediction above it, at least one per
-    #   row and step, instead of the fixed schedule (0: everything in one step)
+    threshold: float | None = None  # Fast-dLLM (MDM): besides the schedule's tokens, commit every prediction
+    #   above it (at least one token per row and step), so a row finishes in fewer steps when its predictions are
+    #   sure; NFE stays <= steps (0: everything in one step)
     block_length: int | None = None  # LLaDA's semi-autoregressive blocks over the text target (MDM);
     #   None = one block. Blocks grow to ceil(region / steps) tokens when steps < blocks
     confidence: Confidence = Confidence.PROBABILITY  # commit order (MDM); margin / random are ablations

@@ -7,9 +7,9 @@ until none is left. It follows:
   `steps` steps, semi-autoregressive blocks over long text, classifier-free guidance.
 - MaskGIT (Chang et al. 2022): the cosine schedule for image tokens.
 - Fast-dLLM (Wu et al. 2025): threshold parallel decoding, committing every prediction whose confidence
-  passes a threshold, so easy tokens finish early: text at least one token per sequence and step (its blocks
-  open as the previous one fills), images at least MaskGIT's schedule, so an image takes at most its steps
-  and fewer when its predictions are sure (issue 17: how many tokens a step commits is decided by confidence).
+  passes a threshold on top of the schedule (and at least one token per step), so a text or an image takes at
+  most its steps and fewer when its predictions are sure; a row's next text block opens as soon as the open
+  ones are filled (issue 17: how many tokens a step commits is decided by confidence).
 - ReMDM (Wang et al. 2025): committed tokens may be re-masked and predicted again (`SelfCorrection`).
 - LaViDa's exact prefix cache: a model trained with `ModelConfig.prefix_attention` keeps its prompt from
   attending to the generated region, so the prompt's keys/values are computed in the first step and reused
@@ -26,8 +26,7 @@ the step its `<eos>` is chosen, as the AR twin stops at its `<eos>`.
 
 Steps: scheduled decoding runs max(text steps, image steps) steps over the modalities present (each on its
 own schedule), so NFE = steps unless every token is placed earlier (a region of n < steps tokens takes n
-steps); threshold decoding runs until no mask is left (<= one step per masked text token, <= the image steps).
-Self-correction adds
+steps), and threshold decoding or the `<eos>` fill end it earlier when every mask is placed. Self-correction adds
 at most `extra_steps`. The final step commits whatever is still masked.
 """
 
@@ -70,11 +69,11 @@ class _Plan:
 
     block: torch.Tensor  # Long[B, T] block of each text target position (0 elsewhere)
     n_blocks: int
-    remaining: torch.Tensor  # Long[2, B, S] per Modality: masked tokens left after step s (a modality's
-    #   floor; threshold decoding commits more, and its text floor is one token per step instead)
-    open_block: torch.Tensor | None  # Long[S]: text blocks <= this one may be committed at step s; None:
-    #   threshold decoding, whose rows open the next block when the previous one is filled
-    steps: int  # steps of the schedule (threshold decoding: the worst case, one text token per step)
+    remaining: torch.Tensor  # Long[2, B, S] per Modality: masked tokens left after step s (threshold
+    #   decoding: the floor, at least one token per step and modality; it commits more when sure)
+    open_block: torch.Tensor  # Long[S]: text blocks <= this one may be committed at step s (a row whose open
+    #   blocks are filled early, by a threshold or the <eos> fill, opens its next block)
+    steps: int  # steps of the schedule: NFE without self-correction is at most this
 
 
 @dataclass
@@ -90,7 +89,6 @@ class MaskedState:
     allowed: torch.Tensor  # Bool[2, V]
     mask_id: int
     plan: _Plan
-    fresh: torch.Tensor  # Bool[B, T]: never committed yet (threshold decoding opens blocks by these)
     p_commit: torch.Tensor  # Float64[B, T]: p(token) when last judged
     max_steps: int
     generator: torch.Generator | None
@@ -157,7 +155,7 @@ class MaskedScheduler(Scheduler):
         sc = config.self_correction
         return MaskedState(
             canvas=canvas, config=config, batch=batch, fill=fill, is_image=is_image, modality=is_image.long(),
-            allowed=vocab.allowed_table(canvas.device), mask_id=vocab.mask, plan=plan, fresh=fill.clone(),
+            allowed=vocab.allowed_table(canvas.device), mask_id=vocab.mask, plan=plan,
             p_commit=torch.zeros(B, T, dtype=torch.float64, device=canvas.device),
             max_steps=plan.steps + (sc.extra_steps if sc is not None else 0), generator=generator)
 
@@ -217,8 +215,6 @@ class MaskedScheduler(Scheduler):
         steps = max(text_left.shape[1], image_left.shape[1])
         # a modality with fewer steps is done early: nothing of it is left in the later steps
         remaining = torch.stack([F.pad(x, (0, steps - x.shape[1])) for x in (text_left, image_left)])  # (2, B, S)
-        if o.threshold is not None:  # text: one token per step at worst; images: at most their schedule
-            return _Plan(block, n_blocks, remaining, None, max(int(text_masked.sum(1).max()), image_left.shape[1]))
         open_ = torch.tensor(open_block + [n_blocks - 1] * (steps - len(open_block)), device=target.device)
         return _Plan(block, n_blocks, remaining, open_, steps)
 
@@ -234,15 +230,11 @@ class MaskedScheduler(Scheduler):
         last = s.i == s.max_steps - 1  # the final step commits everything, whatever the rule
         if last:
             eligible = masked
-        elif plan.open_block is not None:  # image positions always, text by the schedule's open block, or
-            # the first block with masks left when the <eos> fill emptied the scheduled ones
+        else:  # image positions always, text by the schedule's open block, or the first block with masks left
+            # when a threshold or the <eos> fill emptied the scheduled ones early
             first = plan.block.masked_fill(~(masked & ~s.is_image), plan.n_blocks).amin(1)  # (B,)
             open_ = plan.open_block[min(s.i, plan.steps - 1)].clamp(min=first)  # (B,)
             eligible = masked & (s.is_image | (plan.block <= open_[:, None]))  # (B, T)
-        else:  # threshold decoding: the first block with never-committed tokens is open, per row
-            first = plan.block.masked_fill(~(s.fresh & masked & ~s.is_image), plan.n_blocks).amin(1)  # (B,)
-            first = first.clamp(max=plan.n_blocks - 1)
-            eligible = masked & (s.is_image | (plan.block <= first[:, None]))  # (B, T)
 
         check = torch.zeros_like(s.fill)
         sc = o.self_correction
@@ -337,8 +329,8 @@ class MaskedScheduler(Scheduler):
         p_chosen = torch.zeros_like(s.p_commit)
         p_chosen[where] = probability_confidence(probs, chosen)
 
-        # choose the commits: each modality down to its floor (the schedule's tokens left after this step), then
-        # with a threshold every prediction above it (Fast-dLLM); threshold decoding's text floor is one token
+        # choose the commits: each modality down to the schedule's tokens left after this step, then with a
+        # threshold every prediction above it too (Fast-dLLM), and at least one token per step
         if last:
             commit = eligible
         else:
@@ -347,11 +339,10 @@ class MaskedScheduler(Scheduler):
             for m in Modality:
                 of_m = s.modality == m  # (B, T)
                 n_masked = (masked & of_m).sum(1)  # (B,)
-                if m == Modality.TEXT and plan.open_block is None:
-                    k = n_masked.clamp(max=1)  # (B,)
-                else:
-                    left = plan.remaining[m, :, s.i] if s.i < S else 0  # (B,); past it: revisions
-                    k = (n_masked - left).clamp(min=0)  # (B,)
+                left = plan.remaining[m, :, s.i] if s.i < S else 0  # (B,); past it: revisions
+                k = (n_masked - left).clamp(min=0)  # (B,)
+                if o.threshold is not None:  # ahead of the schedule: still one token, so no step is idle
+                    k = torch.maximum(k, n_masked.clamp(max=1))  # (B,)
                 commit |= top_k_mask(conf.masked_fill(~of_m, float("-inf")), k)  # (B, T)
             if o.threshold is not None:
                 commit |= eligible & (conf > o.threshold)
@@ -365,7 +356,6 @@ class MaskedScheduler(Scheduler):
             # the filled tokens count as the schedule's later commits: what is left shrinks by them
             left = plan.remaining[Modality.TEXT, :, s.i + 1 :]  # (B, S - i - 1), a view
             left.sub_(fill.sum(1, keepdim=True)).clamp_(min=0)
-        s.fresh &= ~commit
 
         # re-mask the checked tokens the model no longer believes in
         if bool(check.any()):
