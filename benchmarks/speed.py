@@ -12,12 +12,13 @@ left out), and the quality on the first `--limit` val records (VQA accuracy, cap
 all-correct by the oracle, as `mmdlm evaluate` scores them, batches of 64).
 
 Variants (`variants`):
-- MDM (before): `--mdm` with the samplers the pipeline defaulted to before issue 17 (`BEFORE`): answers and
-  captions one token per step, images 16 cosine steps with guidance 2, every step a full forward.
+- MDM (before): `--mdm` with the samplers the pipeline defaulted to before issue 17 (`before_samplers`): answers
+  and captions one token per step (no `<eos>` fill), images 16 cosine steps with guidance 2, every step a full
+  forward.
 - + approximate prefix cache: the same, the prompt's keys/values computed once (Fast-dLLM, never refreshed).
 - + fast decoding: `--mdm` with the pipeline's defaults now (`DEFAULT_SAMPLERS`).
 - prefix MDM, no cache / + exact prefix cache: `--fast`, a model trained with prefix attention, with the
-  `BEFORE` samplers, recomputing the prompt every step or computing it once (exact: same tokens).
+  `before_samplers`, recomputing the prompt every step or computing it once (exact: same tokens).
 - MDM fast: `--fast` with the pipeline's defaults and the exact cache: every trick together.
 - AR + KV cache / AR, no cache: `--ar`, greedy answers and captions, sampled images (temperature 1).
 
@@ -159,8 +160,9 @@ def before_samplers() -> dict[str, SamplerConfig]:
     """The pipeline's defaults before issue 17 (session 8), per evaluation task."""
     from mmdlm.sampling import SamplerConfig
 
-    return {"vqa": SamplerConfig(steps=None, block_length=1), "caption": SamplerConfig(steps=None, block_length=4),
-            "t2i": SamplerConfig(steps=16, temperature=1.0, guidance_scale=2.0)}
+    return {"vqa": SamplerConfig(steps=None, block_length=1, eos_fill=False),
+            "caption": SamplerConfig(steps=None, block_length=4, eos_fill=False),
+            "t2i": SamplerConfig(steps=16, temperature=1.0, guidance_scale=2.0, eos_fill=False)}
 
 
 def current_samplers() -> dict[str, SamplerConfig]:
