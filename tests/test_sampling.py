@@ -558,3 +558,24 @@ def test_an_mdm_answer_ends_in_the_step_that_chooses_its_eos() -> None:
     assert filled.nfe == 2 and bool((filled.ids[batch.target] == VOCAB.eos).all())  # a step per answer
     plain = MASKED.sample(Counting(model, bias=eos), batch, dataclasses.replace(config, eos_fill=False))
     assert plain.nfe == int(batch.target[0].sum()) and torch.equal(plain.ids, filled.ids)  # a step per token
+
+
+def test_guidance_on_the_first_steps_only_drops_the_unconditional_rows_after_them() -> None:
+    batch = t2i_batch()
+    B = len(batch)
+    prefixed = Transformer(dataclasses.replace(tiny().config, prefix_attention=True)).eval()
+    prefixed.load_state_dict(tiny(seed=2).state_dict())
+    for model in (tiny(seed=2), prefixed):
+        config = SamplerConfig(image_steps=6, temperature=1.0, guidance_scale=2.0)
+        every = MASKED.sample(model, batch, config, generator=torch.Generator().manual_seed(4))
+        same = MASKED.sample(model, batch, dataclasses.replace(config, guidance_steps=6),
+                             generator=torch.Generator().manual_seed(4))
+        assert torch.equal(every.ids, same.ids)
+        counting = Counting(model)
+        some = MASKED.sample(counting, batch, dataclasses.replace(config, guidance_steps=2),
+                             generator=torch.Generator().manual_seed(4))
+        assert [ids.shape[0] for ids, _ in counting.inputs] == [2 * B] * 2 + [B] * 4
+        check_filled(batch, some.ids)
+        plain = MASKED.sample(model, batch, dataclasses.replace(config, guidance_steps=2, use_cache=False),
+                              generator=torch.Generator().manual_seed(4))
+        assert torch.equal(plain.ids, some.ids)  # the cache, halved when guidance ends, is still exact

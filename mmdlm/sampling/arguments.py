@@ -30,6 +30,7 @@ _FLAGS: dict[str, tuple[str, type, str]] = {
     "--temperature": ("temperature", float, "0 = argmax; > 0 Gumbel-max sampling"),
     "--top-k": ("top_k", int, "sample among the k most likely tokens"),
     "--guidance": ("guidance_scale", float, "classifier-free guidance scale (0 = none)"),
+    "--guidance-steps": ("guidance_steps", int, "guide only the first N steps (none = every step)"),
     "--plausibility": ("guidance_plausibility", float,
                        "guidance acts only on tokens with p_cond >= this * max p_cond, so it cannot paint the "
                        "prompt's objects into the background (0 = plain guidance)"),
@@ -53,7 +54,7 @@ def add_sampler_arguments(parser: argparse.ArgumentParser, task_defaults: str = 
         if not guidance and name.startswith("guidance"):
             continue
         choices = [str(c) for c in Confidence] if kind is Confidence else None
-        nullable = name in ("steps", "threshold", "image_steps", "top_k")  # fields that may be None
+        nullable = name in ("steps", "threshold", "image_steps", "top_k", "guidance_steps")  # fields that may be None
         group.add_argument(flag, dest=f"sampler_{name}", type=str if choices else _or_none(kind) if nullable else kind,
                            choices=choices,
                            default=None, help=help_, metavar=None if choices else flag[2:].upper().replace("-", "_"))

@@ -55,6 +55,8 @@ class SamplerConfig:
     temperature: float = 0.0  # 0 = argmax (LLaDA's benchmark setting); > 0 Gumbel-max sampling
     top_k: int | None = None  # sample among the k most likely allowed tokens; None = all
     guidance_scale: float = 0.0  # classifier-free guidance w (MDM); 0 = conditional only, no uncond rows
+    guidance_steps: int | None = None  # guide only the first n steps (MDM), whose few commits lay out the image;
+    #   the later steps run without the unconditional rows (None = every step)
     guidance_plausibility: float = 0.1  # guide only tokens with p_cond >= this * max p_cond: at guidance 2,
     #   text-to-image all-correct 0% -> 65.5% (4,000 steps), 3.5% -> 13% (1,300; BENCHMARKS.md, guidance)
     threshold: float | None = None  # Fast-dLLM (MDM): besides the schedule's tokens, commit every prediction
@@ -79,7 +81,7 @@ class SamplerConfig:
             raise ValueError(f"prefix_cache must be >= 0 (0 = off), got {self.prefix_cache}")
         if self.prefix_cache and self.self_correction is not None:
             raise ValueError("prefix_cache and self_correction do not go together (check rows change the batch)")
-        for name in ("steps", "image_steps", "block_length", "top_k"):
+        for name in ("steps", "image_steps", "block_length", "top_k", "guidance_steps"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1 (or None), got {value}")

@@ -102,6 +102,7 @@ class MaskedState:
     live: torch.Tensor | None = None  # Long[L]: the rows in the model calls (and the cache); None = all. A row
     #   with nothing left to decode leaves the batch (threshold decoding finishes rows at different steps)
     call_rows: int = 0  # sequences in the last model call (guidance and check rows included)
+    guided: bool = False  # the last model call had the unconditional rows (guidance at this step)
     # set by model_inputs for the step that follows
     masked: torch.Tensor | None = field(default=None, repr=False)  # Bool[B, T]
     eligible: torch.Tensor | None = field(default=None, repr=False)  # Bool[B, T]
@@ -251,8 +252,11 @@ class MaskedScheduler(Scheduler):
         pad, image_index = b.pad.repeat(rep, 1), b.image_index.repeat(rep, 1)  # (rep*B, T)
         at = torch.cat([eligible, check]) if checking else eligible  # (rep*B, T) the positions step() reads
         prefix = b.prefix.repeat(rep)  # (rep*B,)
-        if o.guidance_scale == 0:
+        s.guided = o.guidance_scale > 0 and (o.guidance_steps is None or s.i < o.guidance_steps)
+        if not s.guided:
             inputs = {"ids": ids, "pad": pad, "image_index": image_index, "logits_at": at}
+            if s.cache is not None and len(s.cache.pad) == 2 * (len(s.live) if s.live is not None else len(ids)):
+                self._drop_uncond_rows(s.cache)  # guidance has ended: its rows leave the cache
         else:
             cond = b.cond.repeat(rep, 1)  # (rep*B, T)
             inputs = {"ids": torch.cat([ids, ids]), "pad": torch.cat([pad, pad | cond]),
@@ -270,6 +274,13 @@ class MaskedScheduler(Scheduler):
         s.cache.length = start
         sliced = {k: v[:, start:] if v.dim() == 2 else v for k, v in inputs.items()}  # (R, T - start)
         return sliced | {"cache": s.cache}
+
+    @staticmethod
+    def _drop_uncond_rows(cache: KVCache) -> None:
+        """Keep the first half of the cache's rows: the conditional ones (`model_inputs` puts them first)."""
+        half = len(cache.pad) // 2
+        cache.k, cache.v = [k[:half] for k in cache.k], [v[:half] for v in cache.v]
+        cache.pad = cache.pad[:half]
 
     @staticmethod
     def _live_rows(s: MaskedState, live: torch.Tensor, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -300,7 +311,7 @@ class MaskedScheduler(Scheduler):
         """Logits Float[M, V] of `model_inputs`' scored positions -> Float[N, V] of the eligible positions (in
         row-major order), then the checked ones: the conditional half, guidance combined."""
         o = state.config
-        if o.guidance_scale == 0:
+        if not state.guided:
             return logits
         c, u = logits.float().chunk(2)  # (N, V) each: the uncond rows score the same positions
         modality = torch.cat([state.modality[state.eligible], state.modality[state.check]])  # (N,)
