@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from mmdlm.sampling.config import SamplerConfig
+from mmdlm.sampling.config import Confidence, SamplerConfig
 from mmdlm.sampling.scheduler import SampleResult, Scheduler
 from mmdlm.sampling.tokens import (
     CONFIDENCE,
@@ -85,6 +85,7 @@ class MaskedState:
     batch: Batch
     fill: torch.Tensor  # Bool[B, T]: the positions the sampler owns (masked targets, not anchors)
     is_image: torch.Tensor  # Bool[B, T]
+    has_text: bool  # some text target is to be filled (the <eos> fill has work)
     modality: torch.Tensor  # Long[B, T]: a Modality per position
     allowed: torch.Tensor  # Bool[2, V]
     mask_id: int
@@ -155,7 +156,8 @@ class MaskedScheduler(Scheduler):
         plan = self._plan(batch.target, fill, is_image, config)
         sc = config.self_correction
         return MaskedState(
-            canvas=canvas, config=config, batch=batch, fill=fill, is_image=is_image, modality=is_image.long(),
+            canvas=canvas, config=config, batch=batch, fill=fill, is_image=is_image,
+            has_text=bool((fill & ~is_image).any()), modality=is_image.long(),
             allowed=vocab.allowed_table(canvas.device), mask_id=vocab.mask, plan=plan,
             p_commit=torch.zeros(B, T, dtype=torch.float64, device=canvas.device),
             max_steps=plan.steps + (sc.extra_steps if sc is not None else 0), generator=generator)
@@ -333,12 +335,14 @@ class MaskedScheduler(Scheduler):
         lg = restrict(logits[:n_eligible].double(), s.modality[where], s.allowed)  # (N, V)
         chosen = sample_tokens(lg, o.temperature, s.generator, o.top_k)  # (N,)
         probs = lg.softmax(dim=-1)  # (N, V)
+        p = probability_confidence(probs, chosen)  # (N,)
         conf = torch.full((B, T), float("-inf"), dtype=torch.float64, device=s.canvas.device)
-        conf[where] = CONFIDENCE[o.confidence](probs, chosen, s.generator)
+        conf[where] = p if o.confidence == Confidence.PROBABILITY else CONFIDENCE[o.confidence](probs, chosen,
+                                                                                               s.generator)
         proposal = s.canvas.clone()
         proposal[where] = chosen
         p_chosen = torch.zeros_like(s.p_commit)
-        p_chosen[where] = probability_confidence(probs, chosen)
+        p_chosen[where] = p
 
         # choose the commits: each modality down to the schedule's tokens left after this step, then with a
         # threshold every prediction above it too (Fast-dLLM), and at least one token per step
@@ -359,7 +363,7 @@ class MaskedScheduler(Scheduler):
                 commit |= eligible & (conf > o.threshold)
         s.canvas = torch.where(commit, proposal, s.canvas)
         s.p_commit = torch.where(commit, p_chosen, s.p_commit)
-        if o.eos_fill:
+        if o.eos_fill and s.has_text:
             fill = eos_fill(s.canvas, s.fill & ~s.is_image, self.vocab.eos, self.vocab.mask)  # (B, T)
             s.canvas = s.canvas.masked_fill(fill, self.vocab.eos)
             s.p_commit = s.p_commit.masked_fill(fill, 1.0)

@@ -71,7 +71,6 @@ class Scheduler:
         """Update `state.canvas` (and the rest of the state) from the logits of `model_inputs(state)`."""
         raise NotImplementedError
 
-    @torch.no_grad()
     def sample(self, model: nn.Module, batch: Batch, config: SamplerConfig = SamplerConfig(), *,
                anchor: torch.Tensor | None = None, generator: torch.Generator | None = None,
                history: bool = False, callback: StepCallback | None = None) -> SampleResult:
@@ -79,18 +78,22 @@ class Scheduler:
 
         The model should be in eval mode; with a fixed `generator` (on the batch's device) the result is
         deterministic. `history` keeps the canvas after every step; `callback(i, canvas)` sees it live.
+        The loop runs in `torch.inference_mode` (no autograd bookkeeping: ~5% of a batch-1 CPU step); the
+        returned tensors are ordinary ones.
         """
-        state = self.set_timesteps(batch, config, anchor=anchor, generator=generator)
-        self.prepare(model, state)
-        frames: list[torch.Tensor] | None = [] if history else None
-        while not state.done:
-            self.step(model(**self.model_inputs(state)), state)
-            if frames is not None:
-                frames.append(state.canvas.clone())
-            if callback is not None:
-                callback(state.i, state.canvas)
-        out = state.result()
-        out.history = frames
+        with torch.inference_mode():
+            state = self.set_timesteps(batch, config, anchor=anchor, generator=generator)
+            self.prepare(model, state)
+            frames: list[torch.Tensor] | None = [] if history else None
+            while not state.done:
+                self.step(model(**self.model_inputs(state)), state)
+                if frames is not None:
+                    frames.append(state.canvas.clone())
+                if callback is not None:
+                    callback(state.i, state.canvas)
+            out = state.result()
+        out.ids = out.ids.clone()  # outside inference mode: a tensor callers may write into
+        out.history = None if frames is None else [f.clone() for f in frames]
         return out
 
 
