@@ -5,8 +5,9 @@ all of them together, and the AR twin with and without its KV cache (issue 17).
         --ar runs/quickstart/ar --shards 'data/shards/shapes-codes/val/*.tar' --limit 200 \\
         --out benchmarks/results --repeats 5
 
-Per task (VQA answer, caption, text-to-image) and sampler variant: NFE, generated tokens per forward and
-milliseconds per sample at each batch size (median of `--repeats` timed runs after `--warmup` untimed ones; the
+Per task (VQA answer, caption, text-to-image) and sampler variant: NFE, generated tokens per forward per row
+(rows that finish early leave the batch) and milliseconds per sample at each batch size (median of `--repeats`
+timed runs after `--warmup` untimed ones, each run on the next prompts of the val records; the
 clock covers the sampler alone on the laid-out prompts, CUDA synchronised around it, VQ encoding and decoding
 left out), and the quality on the first `--limit` val records (VQA accuracy, caption attribute F1, text-to-image
 all-correct by the oracle, as `mmdlm evaluate` scores them, batches of 64).
@@ -233,20 +234,21 @@ def timing(pipe: MMDLMPipeline, samples: list[Sample], sampler: SamplerConfig, w
     """Warm-up runs (untimed), then `repeats` timed runs of one sampler on one batch."""
     from mmdlm.sequence import collate
 
-    batch = collate(samples, pipe.vocab).to(pipe.device)
-    tokens = int(batch.target.sum()) / len(samples)  # generated tokens per sample
-    seconds, nfe, rows = [], [], []
+    n = len(samples) // (warmup + repeats)  # the batch size: each run decodes other prompts
+    seconds, nfe, rows, tokens, row_forwards = [], [], [], 0, 0
     for i in range(warmup + repeats):
+        batch = collate(samples[i * n : (i + 1) * n], pipe.vocab).to(pipe.device)
         g = torch.Generator(device=pipe.device).manual_seed(seed + i)
-        t, res = timed(lambda g=g: pipe.scheduler.sample(pipe.model, batch, sampler, generator=g), pipe.device)
+        t, res = timed(lambda g=g, b=batch: pipe.scheduler.sample(pipe.model, b, sampler, generator=g), pipe.device)
         if i >= warmup:
             seconds.append(t)
             nfe.append(res.nfe)
-            rows.append(res.forward_rows / max(res.nfe, 1) / len(samples))
-    per_sample = stats([s / len(samples) for s in seconds])
-    nfe_median = statistics.median(nfe)
-    return {"nfe": nfe_median, "tokens_per_forward": tokens / nfe_median, "rows_per_call": max(rows),
-            "ms_per_sample": {k: v * 1e3 if k != "n" else v for k, v in per_sample.items()}}
+            rows.append(res.forward_rows / max(res.nfe, 1) / n)
+            tokens += int(batch.target.sum())  # generated tokens
+            row_forwards += int(res.row_nfe.sum()) if res.row_nfe is not None else res.nfe * n
+    per_sample = stats([s / n for s in seconds])
+    return {"nfe": statistics.median(nfe), "tokens_per_forward": tokens / max(row_forwards, 1),
+            "rows_per_call": max(rows), "ms_per_sample": {k: v * 1e3 if k != "n" else v for k, v in per_sample.items()}}
 
 
 def quality(pipe: MMDLMPipeline, task: str, records: Sequence[dict], sampler: SamplerConfig,
@@ -267,8 +269,8 @@ def quality(pipe: MMDLMPipeline, task: str, records: Sequence[dict], sampler: Sa
 
 def run(pipes: dict[str, MMDLMPipeline], records: list[dict], args: argparse.Namespace) -> list[dict[str, Any]]:
     """Every (variant, task): quality once, timing at each batch size."""
-    codes = {kind: pipe.encode_images(_images(records[: max(args.batch_sizes) * 2])).cpu()
-             for kind, pipe in pipes.items()}
+    n = max(args.batch_sizes) * (args.warmup + args.repeats) + 16  # prompts for the timed runs (+ spares)
+    codes = {kind: pipe.encode_images(_images(records[:n])).cpu() for kind, pipe in pipes.items()}
     rows = []
     for variant in variants("fast" in pipes):
         pipe = pipes[variant.model]
@@ -280,7 +282,7 @@ def run(pipes: dict[str, MMDLMPipeline], records: list[dict], args: argparse.Nam
                 row["quality"] = quality(pipe, task, records[: args.limit], sampler, args.seed)
             row["timing"] = {}
             for bs in args.batch_sizes:
-                samples = prompts(pipe, task, records, codes[variant.model], bs)
+                samples = prompts(pipe, task, records, codes[variant.model], bs * (args.warmup + args.repeats))
                 row["timing"][str(bs)] = timing(pipe, samples, sampler, args.warmup, args.repeats, args.seed)
             rows.append(row)
             if not args.quiet:
@@ -371,7 +373,8 @@ def render_markdown(result: dict[str, Any]) -> str:
         lines += ["## Acceptance (issue 17)", ""] + md_table(["target", "measured", "holds"],
                                                              [[a, b, "yes" if c else "no"] for a, b, c in found])
         lines.append("")
-    lines.append("NFE = forward calls per sampler call (median); tok/fwd = generated target tokens per sample / NFE.")
+    lines.append("NFE = forward calls per sampler call (median); tok/fwd = generated target tokens / forward calls "
+                 "a row was in, over the timed runs.")
     return "\n".join(lines) + "\n"
 
 
@@ -413,7 +416,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             pipes["fast"] = MMDLMPipeline.from_pretrained(args.fast, device=args.device)
             if not pipes["fast"].model.config.prefix_attention:
                 raise ValueError(f"--fast {args.fast!r} was not trained with prefix attention")
-        records = load_records(args.shards, mdm.vq.image_size, max(args.limit, 2 * max(args.batch_sizes)))
+        need = max(args.limit, max(args.batch_sizes) * (args.warmup + args.repeats) + 16)
+        records = load_records(args.shards, mdm.vq.image_size, need)
     except (OSError, ValueError, KeyError) as err:
         parser.error(str(err))
     torch.manual_seed(args.seed)

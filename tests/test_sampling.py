@@ -579,3 +579,21 @@ def test_guidance_on_the_first_steps_only_drops_the_unconditional_rows_after_the
         plain = MASKED.sample(model, batch, dataclasses.replace(config, guidance_steps=2, use_cache=False),
                               generator=torch.Generator().manual_seed(4))
         assert torch.equal(plain.ids, some.ids)  # the cache, halved when guidance ends, is still exact
+
+
+def test_predict_over_a_modalitys_ids_equals_restricting_all_ids() -> None:
+    from mmdlm.sampling.tokens import CONFIDENCE, predict, sample_tokens
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(10, VOCAB.size, generator=g)
+    modality = torch.tensor([0, 1] * 5)
+    allowed = VOCAB.allowed_table()
+    columns = [row.nonzero().squeeze(1) for row in allowed]
+    chosen, p, conf = predict(logits, modality, columns, 0.0, None, None, CONFIDENCE["margin"])
+    full = restrict(logits.double(), modality, allowed)
+    probs = full.softmax(-1)
+    assert torch.equal(chosen, sample_tokens(full, 0.0))
+    torch.testing.assert_close(p, probs.gather(1, chosen[:, None]).squeeze(1))
+    torch.testing.assert_close(conf, CONFIDENCE["margin"](probs, chosen))
+    sampled, _, _ = predict(logits, modality, columns, 1.0, g, None, CONFIDENCE["probability"])
+    assert bool(allowed[modality, sampled].all())  # a sample stays in its modality

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from mmdlm.sampling.config import Confidence, SamplerConfig
+from mmdlm.sampling.config import SamplerConfig
 from mmdlm.sampling.scheduler import SampleResult, Scheduler
 from mmdlm.sampling.tokens import (
     CONFIDENCE,
@@ -47,9 +47,8 @@ from mmdlm.sampling.tokens import (
     cosine_schedule,
     guided_logits,
     linear_schedule,
-    probability_confidence,
+    predict,
     restrict,
-    sample_tokens,
     top_k_mask,
 )
 from mmdlm.vocab import Modality, Vocab
@@ -88,6 +87,7 @@ class MaskedState:
     has_text: bool  # some text target is to be filled (the <eos> fill has work)
     modality: torch.Tensor  # Long[B, T]: a Modality per position
     allowed: torch.Tensor  # Bool[2, V]
+    columns: list[torch.Tensor]  # Long[V_m] per Modality: the ids a position of that modality may take
     mask_id: int
     plan: _Plan
     p_commit: torch.Tensor  # Float64[B, T]: p(token) when last judged
@@ -103,6 +103,7 @@ class MaskedState:
     live: torch.Tensor | None = None  # Long[L]: the rows in the model calls (and the cache); None = all. A row
     #   with nothing left to decode leaves the batch (threshold decoding finishes rows at different steps)
     call_rows: int = 0  # sequences in the last model call (guidance and check rows included)
+    row_nfe: torch.Tensor | None = None  # Long[B] model calls each row has been in
     guided: bool = False  # the last model call had the unconditional rows (guidance at this step)
     # set by model_inputs for the step that follows
     masked: torch.Tensor | None = field(default=None, repr=False)  # Bool[B, T]
@@ -114,7 +115,7 @@ class MaskedState:
         return self.i >= self.max_steps or not bool(((self.canvas == self.mask_id) & self.fill).any())
 
     def result(self) -> SampleResult:
-        return SampleResult(self.canvas, self.nfe, None, self.rows, self.remasked)
+        return SampleResult(self.canvas, self.nfe, None, self.rows, self.remasked, self.row_nfe)
 
 
 def eos_fill(canvas: torch.Tensor, text: torch.Tensor, eos: int, mask: int) -> torch.Tensor:
@@ -158,7 +159,8 @@ class MaskedScheduler(Scheduler):
         return MaskedState(
             canvas=canvas, config=config, batch=batch, fill=fill, is_image=is_image,
             has_text=bool((fill & ~is_image).any()), modality=is_image.long(),
-            allowed=vocab.allowed_table(canvas.device), mask_id=vocab.mask, plan=plan,
+            allowed=(allowed := vocab.allowed_table(canvas.device)),
+            columns=[row.nonzero().squeeze(1) for row in allowed], mask_id=vocab.mask, plan=plan,
             p_commit=torch.zeros(B, T, dtype=torch.float64, device=canvas.device),
             max_steps=plan.steps + (sc.extra_steps if sc is not None else 0), generator=generator)
 
@@ -328,17 +330,16 @@ class MaskedScheduler(Scheduler):
         logits = self._guided(logits, s)  # (N + C, V): eligible, then checked positions
         n_eligible = int(eligible.sum())
         s.nfe, s.rows = s.nfe + 1, s.rows + s.call_rows
+        in_call = masked.any(1) | check.any(1)  # (B,) the rows of this call (a finished row has left)
+        s.row_nfe = in_call.long() if s.row_nfe is None else s.row_nfe + in_call.long()
         last = s.i == s.max_steps - 1
 
         # predict the eligible positions
         where = eligible.nonzero(as_tuple=True)
-        lg = restrict(logits[:n_eligible].double(), s.modality[where], s.allowed)  # (N, V)
-        chosen = sample_tokens(lg, o.temperature, s.generator, o.top_k)  # (N,)
-        probs = lg.softmax(dim=-1)  # (N, V)
-        p = probability_confidence(probs, chosen)  # (N,)
+        chosen, p, c = predict(logits[:n_eligible], s.modality[where], s.columns, o.temperature, s.generator,
+                               o.top_k, CONFIDENCE[o.confidence])  # (N,) each
         conf = torch.full((B, T), float("-inf"), dtype=torch.float64, device=s.canvas.device)
-        conf[where] = p if o.confidence == Confidence.PROBABILITY else CONFIDENCE[o.confidence](probs, chosen,
-                                                                                               s.generator)
+        conf[where] = c
         proposal = s.canvas.clone()
         proposal[where] = chosen
         p_chosen = torch.zeros_like(s.p_commit)

@@ -36,6 +36,8 @@ class SampleResult:
     history: list[torch.Tensor] | None = None  # Long[B, T] canvas after each step, when asked for
     forward_rows: int = 0  # sequences run through the model in all: guidance and check rows included
     remasked: int = 0  # committed tokens that self-correction re-masked
+    row_nfe: torch.Tensor | None = None  # Long[B]: forward calls each row was in (rows that finish early leave
+    #   the batch); None = every row was in all `nfe`
 
 
 class State(Protocol):
