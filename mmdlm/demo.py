@@ -570,11 +570,16 @@ def mask_to_size(mask: np.ndarray, side: int) -> torch.Tensor:
 
 
 # ---- the app ----------------------------------------------------------------------------------------------
-def sampling_controls(steps: int, temperature: float, guidance: float | None, ar: bool
-                      ) -> list[gr.components.Component]:
-    """A tab's sampler controls, one row: [steps, (guidance,) temperature, threshold, self-correction, seed]."""
+def sampling_controls(task: str, region: int, guidance: bool, ar: bool) -> list[gr.components.Component]:
+    """A tab's sampler controls, one row: [steps, (guidance,) temperature, threshold, self-correction, seed],
+    set to the task's default sampler (`DEFAULT_SAMPLERS`; steps None = one per token of the `region`)."""
     import gradio as gr
 
+    from mmdlm.pipeline import DEFAULT_SAMPLERS
+
+    default = DEFAULT_SAMPLERS[task]
+    steps, temperature = default.steps or region, default.temperature
+    guidance = default.guidance_scale if guidance else None
     mdm = not ar
     unused = "not used by the autoregressive baseline"
     with gr.Accordion("sampling", open=True), gr.Row(equal_height=True):
@@ -584,7 +589,7 @@ def sampling_controls(steps: int, temperature: float, guidance: float | None, ar
             controls.append(gr.Slider(0, 10, value=guidance, step=0.5, label="guidance", interactive=mdm,
                                       info="classifier-free guidance scale" if mdm else unused))
         controls.append(gr.Slider(0, 2, value=temperature, step=0.1, label="temperature", info="0 = argmax"))
-        controls.append(gr.Slider(0, 1, value=0, step=0.05, label="threshold", interactive=mdm,
+        controls.append(gr.Slider(0, 1, value=default.threshold or 0, step=0.05, label="threshold", interactive=mdm,
                                   info="commit all this sure (Fast-dLLM); 0 = the schedule" if mdm else unused))
         controls.append(gr.Checkbox(value=False, label="self-correction", interactive=mdm,
                                     info="re-mask what the model changes its mind on (ReMDM)" if mdm else unused))
@@ -597,7 +602,10 @@ def build_app(pipe: MMDLMPipeline, title: str | None = None) -> gr.Blocks:
     """The Gradio Blocks app on `pipe`: one tab per task (see the module docstring)."""
     import gradio as gr
 
+    from mmdlm.pipeline import DEFAULT_SAMPLERS
+
     demo = Demo(pipe)
+    caption_block = DEFAULT_SAMPLERS["caption"].block_length or 0
     ar = demo.autoregressive
     kind = "autoregressive baseline" if ar else "masked-diffusion model"
     side, (gh, gw) = pipe.vq.image_size, pipe.vq.grid
@@ -618,14 +626,14 @@ def build_app(pipe: MMDLMPipeline, title: str | None = None) -> gr.Blocks:
                 with gr.Row():
                     with gr.Column():
                         image = gr.Image(label="image", elem_id="caption-image", **image_in)
-                        block = gr.Slider(0, pipe.layout.caption_len, value=4, step=1, label="block length",
+                        block = gr.Slider(0, pipe.layout.caption_len, value=caption_block, step=1, label="block length",
                                           info="decode left to right in blocks of this many tokens (LLaDA's "
                                                "semi-autoregressive decoding); 0 = one block", interactive=not ar)
                         button = gr.Button("Caption", variant="primary", elem_id="caption-run")
                     with gr.Column():
                         out = gr.Textbox(label="caption", elem_id="caption-out", interactive=False)
                         status = gr.Markdown(elem_id="caption-info")
-                controls = sampling_controls(pipe.layout.caption_len, 0.0, 0.0, ar)
+                controls = sampling_controls("caption", pipe.layout.caption_len, True, ar)
                 button.click(user_errors(demo.caption), [image, block, *controls], [out, status], api_name="caption",
                              preprocess=False, **model_events)
 
@@ -639,7 +647,7 @@ def build_app(pipe: MMDLMPipeline, title: str | None = None) -> gr.Blocks:
                     with gr.Column():
                         out = gr.Textbox(label="answer", elem_id="vqa-out", interactive=False)
                         status = gr.Markdown(elem_id="vqa-info")
-                controls = sampling_controls(8, 0.0, 0.0, ar)
+                controls = sampling_controls("answer", pipe.layout.answer_len, True, ar)
                 gr.on([button.click, question.submit], user_errors(demo.answer), [image, question, *controls],
                       [out, status], api_name="answer", preprocess=False, **model_events)
 
@@ -654,7 +662,7 @@ def build_app(pipe: MMDLMPipeline, title: str | None = None) -> gr.Blocks:
                         out = gr.Image(label="images (live: the canvas after each step)", elem_id="t2i-out",
                                        **image_out)
                         status = gr.Markdown(elem_id="t2i-info")
-                controls = sampling_controls(12, 1.0, 2.0, ar)
+                controls = sampling_controls("text_to_image", 16, True, ar)
                 gr.on([button.click, prompt.submit], user_errors(demo.text_to_image), [prompt, num, *controls],
                       [out, status], api_name="text_to_image", **model_events)
 
@@ -668,7 +676,7 @@ def build_app(pipe: MMDLMPipeline, title: str | None = None) -> gr.Blocks:
                     with gr.Column():
                         out = gr.Image(label="images and captions (live)", elem_id="joint-out", **image_out)
                         status = gr.Markdown(elem_id="joint-info")
-                controls = sampling_controls(16, 1.0, None, ar)
+                controls = sampling_controls("joint", 16, False, ar)
                 button.click(user_errors(demo.joint), [num, *controls], [out, captions, status], api_name="joint",
                              **model_events)
 
@@ -693,7 +701,7 @@ def build_app(pipe: MMDLMPipeline, title: str | None = None) -> gr.Blocks:
                         out = gr.Image(label="original | regenerated cells | results (live)", elem_id="inpaint-out",
                                        **{**image_out, "height": 240})
                         status = gr.Markdown(elem_id="inpaint-info")
-                controls = sampling_controls(12, 1.0, 0.0, ar)
+                controls = sampling_controls("inpaint", 16, True, ar)
                 source.change(user_errors(demo.inpaint_canvas), [source], [editor], preprocess=False,
                               api_name="inpaint_canvas", **model_events)
                 button.click(user_errors(demo.inpaint), [editor, prompt, num, *controls], [out, status],
@@ -712,7 +720,7 @@ def build_app(pipe: MMDLMPipeline, title: str | None = None) -> gr.Blocks:
                     with gr.Column():
                         out = gr.Textbox(label="filled in", elem_id="infill-out", interactive=False)
                         status = gr.Markdown(elem_id="infill-info")
-                controls = sampling_controls(8, 0.0, None, ar)
+                controls = sampling_controls("infill", pipe.layout.text_len, False, ar)
                 gr.on([button.click, text.submit], user_errors(demo.infill), [text, per_blank, *controls],
                       [out, status], api_name="infill", **model_events)
     app.queue(default_concurrency_limit=1, max_size=MAX_QUEUE)
