@@ -117,7 +117,8 @@ def test_controls_map_to_the_sampler():
     assert config == dataclasses.replace(DEFAULT_SAMPLERS["text_to_image"], steps=8, temperature=0.5, threshold=0.9,
                              guidance_scale=3, self_correction=SelfCorrection())
     config = demo.sampler_config("caption", 8.0, 0, 0, False, block_length=None)  # threshold 0: the schedule
-    assert config == dataclasses.replace(DEFAULT_SAMPLERS["caption"], steps=8, temperature=0, block_length=None)
+    assert config == dataclasses.replace(DEFAULT_SAMPLERS["caption"], steps=8, temperature=0, block_length=None,
+                                         threshold=None)
 
 
 # ---- images: size from the header, common formats ---------------------------------------------------------
