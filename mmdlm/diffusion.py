@@ -217,7 +217,8 @@ def masked_diffusion_loss(model: torch.nn.Module, batch: Batch, vocab: Vocab, *,
                           generator: torch.Generator | None = None,
                           t: torch.Tensor | None = None, weighting: Weighting | str = Weighting.ELBO,
                           task_balanced: bool = False, paired: bool = False,
-                          t_ranges: Mapping[int, tuple[float, float]] | None = None) -> LossOutput:
+                          t_ranges: Mapping[int, tuple[float, float]] | None = None,
+                          corrupt: float = 0.0) -> LossOutput:
     """The masked-diffusion training loss of one batch.
 
     `loss` = sum over masked target tokens of w(t) * CE, divided by the number of target tokens (the
@@ -236,6 +237,12 @@ def masked_diffusion_loss(model: torch.nn.Module, batch: Batch, vocab: Vocab, *,
     same sequence with exactly the target tokens the first view left clean masked, at the complementary
     time. Every target token is then supervised once per pair, and a short answer that one view leaves
     unmasked is learned in the other. The forward runs on 2B rows; halve the batch size for equal compute.
+
+    `corrupt` = c > 0 trains correction (issue 18; LLaDA 2.1, RemeDi): each target token the mask left clean is
+    replaced, with probability c, by a uniformly random token of its modality, and scored too: the model learns
+    that a visible token may be wrong and what it should be, which a corrective sampler needs (a masked-diffusion
+    model otherwise only ever sees `<mask>` or the truth). Their mean CE joins the loss as masked tokens' does
+    (weight 1); `nll` stays the ELBO of the masked tokens. The first view only, with `paired`.
 
     Logits are computed only at the masked positions (`Transformer.forward(logits_at=...)`): the head
     would otherwise score every position of the batch for nothing.
@@ -256,6 +263,12 @@ def masked_diffusion_loss(model: torch.nn.Module, batch: Batch, vocab: Vocab, *,
     noisy, masked, forced = _mask(batch, t, vocab, generator, schedule, LINEAR)
     is_image = batch.image_index >= 0  # (B, T)
     target = batch.target & ~batch.pad  # (B, T)
+    corrupted = torch.zeros_like(masked)  # (B, T) clean targets replaced by a wrong token
+    if corrupt > 0:
+        shape = tuple(masked.shape)
+        wrong = vocab.uniform_tokens(_rand(shape, generator, noisy.device), is_image)  # (B, T)
+        corrupted = target & ~masked & (_rand(shape, generator, noisy.device) < corrupt) & (wrong != batch.ids)
+        noisy = torch.where(corrupted, wrong, noisy)  # (B, T)
     w = torch.where(is_image, schedule.weight(t)[:, None], LINEAR.weight(t)[:, None])  # (B, T)
     w = torch.where(forced, 1.0, w)  # see the docstring: a forced token is not weighted by w(t)
     pad, image_index, task, ids, prefix = batch.pad, batch.image_index, batch.task, batch.ids, batch.prefix
@@ -266,29 +279,32 @@ def masked_diffusion_loss(model: torch.nn.Module, batch: Batch, vocab: Vocab, *,
         w2 = torch.where(is_image, schedule.weight(t_image)[:, None], LINEAR.weight(t_text)[:, None])  # (B, T)
         noisy = torch.cat([noisy, torch.where(masked2, torch.full_like(ids, vocab.mask), ids)])  # (2B, T)
         masked, w = torch.cat([masked, masked2]), torch.cat([w, w2])  # (2B, T)
+        corrupted = torch.cat([corrupted, torch.zeros_like(corrupted)])  # (2B, T)
         pad, image_index, ids = pad.repeat(2, 1), image_index.repeat(2, 1), ids.repeat(2, 1)  # (2B, T)
         task, is_image, target, prefix = task.repeat(2), is_image.repeat(2, 1), target.repeat(2, 1), prefix.repeat(2)
-    logits = model(noisy, pad, image_index, logits_at=masked, prefix=prefix)  # (M, V): masked positions only
+    scored = masked | corrupted  # (B, T)
+    logits = model(noisy, pad, image_index, logits_at=scored, prefix=prefix)  # (M, V): scored positions only
 
-    ce = torch.zeros(masked.shape, device=logits.device)  # (B, T), 0 where not masked
-    ce[masked] = F.cross_entropy(logits.float(), ids[masked], reduction="none")  # (M,)
-    elbo = ce * w  # (B, T) each position's term of the bound
+    ce = torch.zeros(masked.shape, device=logits.device)  # (B, T), 0 where not scored
+    ce[scored] = F.cross_entropy(logits.float(), ids[scored], reduction="none")  # (M,)
+    elbo = ce * w * masked  # (B, T) each position's term of the bound
+    fix = ce * corrupted  # (B, T) the corrected tokens' CE (weight 1)
     n_target = int(target.sum())  # over both views when paired: nll is then their mean
     if n_target == 0:
         zero = _zero_loss(logits)
         return LossOutput(zero, zero.detach(), {}, 0)
     nll = elbo.sum() / n_target
     if Weighting(weighting) == Weighting.MASKED_MEAN:
-        loss = _pooled(ce, masked & target, task, task_balanced)
+        loss = _pooled(ce, scored & target, task, task_balanced)
     elif task_balanced:
-        loss = _pooled(elbo, target, task, True)
+        loss = _pooled(elbo + fix, target, task, True)
     elif kind == ImageSchedule.ELBO:
-        loss = nll
+        loss = nll + fix.sum() / n_target
     else:
         image_masked = masked & is_image  # (B, T)
         image_mean = (ce * image_masked).sum() / image_masked.sum().clamp_min(1)  # MaskGIT: mean CE
         text_sum = (elbo * ~is_image).sum()
-        loss = (text_sum + (target & is_image).sum() * image_mean) / n_target
+        loss = (text_sum + (target & is_image).sum() * image_mean + fix.sum()) / n_target
     return LossOutput(loss, nll.detach(), _per_task(elbo, target, task), n_target // (2 if paired else 1))
 
 

@@ -269,6 +269,9 @@ class LitMDM(LightningModule):
         prefix_attention: LaViDa's Prefix-DLM attention (`ModelConfig.prefix_attention`): the prompt (image +
             question, caption) does not attend to the generated region, so a sampler computes it once per request
             and reuses it exactly at every step (issue 17). With `init_from`, a folder trained with it keeps it.
+        corrupt: correction training (issue 18): the share of the clean target tokens replaced by a random token
+            of their modality and scored (`masked_diffusion_loss(corrupt=)`), so the model learns to spot and fix
+            a wrong committed token; training only (validation's NLL stays the ELBO). 0 = off.
         ar_rows: share of each batch trained with the AR objective (causal attention, same weights) beside
             the masked-diffusion rows: one model on both objectives. Needs `shift_logits`; sampling stays
             masked diffusion.
@@ -309,6 +312,7 @@ class LitMDM(LightningModule):
         task_t: dict[str, list[float]] | None = None,
         shift_logits: bool = False,
         prefix_attention: bool = False,
+        corrupt: float = 0.0,
         ar_rows: float = 0.0,
         ema_decay: float = 0.995,
         export_dir: str | None = None,
@@ -364,8 +368,10 @@ class LitMDM(LightningModule):
             masked_diffusion_loss, vocab=vocab, image_schedule=ImageSchedule(hp.image_schedule),
             weighting=Weighting(hp.weighting), task_balanced=hp.task_balanced))
         t_ranges = {Task[name.upper()]: tuple(r) for name, r in (hp.get("task_t") or {}).items()}
+        if not 0.0 <= hp.get("corrupt", 0.0) < 1.0:
+            raise UserError(f"--model.corrupt must be in [0, 1), got {hp.corrupt}")
         self.train_objective = (self.objective if config.causal else partial(
-            self.objective, paired=hp.get("paired_masks", False), t_ranges=t_ranges))
+            self.objective, paired=hp.get("paired_masks", False), t_ranges=t_ranges, corrupt=hp.get("corrupt", 0.0)))
         if self.hparams.ema_decay > 0:
             self.ema = EMA(self.model, self.hparams.ema_decay)
 

@@ -143,6 +143,13 @@ class Vocab:
         return ids.long() - self.image_offset
 
     # ---- predicates -----------------------------------------------------------------------------
+    def uniform_tokens(self, u: torch.Tensor, is_image: torch.Tensor) -> torch.Tensor:
+        """Long like `u`: the ids that uniforms `u` (Float in [0, 1)) pick uniformly within each position's
+        modality: an image code where `is_image` (Bool), a text id (never a special) elsewhere."""
+        text = (u * self.text_size).long().clamp(max=self.text_size - 1)
+        image = self.image_offset + (u * self.codebook_size).long().clamp(max=self.codebook_size - 1)
+        return torch.where(is_image, image, text)
+
     def is_text(self, ids: torch.Tensor) -> torch.Tensor:
         return ids < self.text_size
 

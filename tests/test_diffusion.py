@@ -344,3 +344,41 @@ def test_ar_loss_force_causal_runs_a_bidirectional_model_as_its_causal_twin() ->
     with pytest.raises(ValueError, match="causal model"):
         ar_loss(bidir, batch)
     assert ar_loss(bidir, batch, force_causal=True).loss.item() == pytest.approx(ar_loss(twin, batch).loss.item())
+
+
+def test_corruption_replaces_clean_targets_in_their_modality_and_scores_them() -> None:
+    """Correction training (issue 18): some clean targets become a wrong token of their modality; the loss
+    adds their CE (weight 1) to the ELBO of the masked ones, which `nll` keeps alone."""
+    batch = small_batch()
+    B, T = batch.ids.shape
+    model = FixedLogits(torch.randn(B, T, V.size, generator=torch.Generator().manual_seed(0)), causal=False)
+    t = torch.tensor([0.3, 0.5, 0.5, 0.4])
+    plain = masked_diffusion_loss(model, batch, V, t=t, generator=torch.Generator().manual_seed(2))
+    masked = model.seen == V.mask
+    out = masked_diffusion_loss(model, batch, V, t=t, generator=torch.Generator().manual_seed(2), corrupt=0.6)
+    assert torch.equal(model.seen == V.mask, masked)  # the same masks: corruption draws after them
+    wrong = (model.seen != batch.ids) & ~masked  # (B, T)
+    assert bool(wrong.any()) and bool((wrong <= (batch.target & ~batch.pad)).all())  # only clean targets
+    is_image = batch.image_index >= 0
+    assert bool(V.is_image(model.seen[wrong & is_image]).all())
+    assert bool(V.is_text(model.seen[wrong & ~is_image]).all())  # text ids, never a special
+    fix = sum(-log_prob(model.logits, b, i, int(batch.ids[b, i])) for b, i in wrong.nonzero().tolist())
+    n_target = int(batch.target.sum())
+    assert out.nll.item() == pytest.approx(plain.nll.item(), rel=1e-6)
+    assert out.loss.item() == pytest.approx(plain.loss.item() + fix / n_target, rel=1e-5)
+    none = masked_diffusion_loss(model, batch, V, t=t, generator=torch.Generator().manual_seed(2), corrupt=0.0)
+    assert torch.equal(none.loss, plain.loss)  # corrupt=0 draws nothing extra: training unchanged
+
+
+def test_litmdm_trains_with_corruption_and_validates_without() -> None:
+    from mmdlm.errors import UserError
+    from mmdlm.lightning import LitMDM
+
+    config = ModelConfig(vocab_size=V.size, n_layer=1, n_head=2, n_embd=32, max_seq_len=64)
+    lit = LitMDM(ema_decay=0.0, corrupt=0.3)
+    lit.build(config, V)
+    assert lit.train_objective.keywords["corrupt"] == 0.3 and "corrupt" not in lit.objective.keywords
+    out = lit.train_objective(lit.model, small_batch(), generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(out.loss)
+    with pytest.raises(UserError, match="corrupt"):
+        LitMDM(corrupt=1.0).build(config, V)
