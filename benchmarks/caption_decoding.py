@@ -12,7 +12,8 @@ that the pipeline's defaults are chosen from), for captions, VQA answers or text
 
 A `--setting` is either STEPS:BLOCK, decoding in STEPS steps in blocks of BLOCK tokens left to right (LLaDA's
 semi-autoregressive decoding; `none` = one block, confidence order only), or comma-separated `field=value`
-overrides of the task's default `SamplerConfig` (`none` for None), e.g. `steps=none,threshold=0.9`. `--skip`
+overrides of the task's default `SamplerConfig` (`none` for None; `self_correction=true` for ReMDM-style
+revision), e.g. `steps=none,threshold=0.9`. `--skip`
 leaves out the first val records, so a setting can be chosen on scenes that `mmdlm evaluate --limit 200` does
 not score. Prints one JSON line per setting: the per-attribute F1s (shapes scenes) and the exact-match rate,
 or the VQA accuracy per question type, or text-to-image all-correct and per attribute; NFE per call, generated
@@ -28,10 +29,10 @@ from typing import Any
 
 from mmdlm.evaluate import PIPELINE_TASK, eval_caption, eval_t2i, eval_vqa, load_records
 from mmdlm.pipeline import MMDLMPipeline
-from mmdlm.sampling import SamplerConfig
+from mmdlm.sampling import SamplerConfig, SelfCorrection
 
 TASKS = {"caption": eval_caption, "vqa": eval_vqa, "t2i": eval_t2i}
-FIELDS = {f.name for f in fields(SamplerConfig)} - {"self_correction"}
+FIELDS = {f.name for f in fields(SamplerConfig)}  # self_correction=true: `SelfCorrection()`
 
 
 def _value(text: str) -> Any:
@@ -63,6 +64,8 @@ def parse_setting(text: str) -> dict[str, Any]:
             raise argparse.ArgumentTypeError(f"{name.strip()!r} is not a SamplerConfig field; known: "
                                              f"{', '.join(sorted(FIELDS))}")
         out[name.strip()] = _value(value.strip())
+    if "self_correction" in out:  # true -> ReMDM-style revision with its defaults, false -> none
+        out["self_correction"] = SelfCorrection() if out["self_correction"] is True else None
     return out
 
 
@@ -104,7 +107,8 @@ def main(argv: list[str] | None = None) -> None:
         kwargs = {"scorer_ceiling": False} if args.task == "t2i" else {}
         metrics = evaluate(pipe, records, sampler, progress=False, **kwargs).metrics
         cost = metrics["cost"]
-        print(json.dumps({"task": args.task, **overrides, **summary(args.task, metrics),
+        shown = {k: v if k != "self_correction" else v is not None for k, v in overrides.items()}
+        print(json.dumps({"task": args.task, **shown, **summary(args.task, metrics),
                           "nfe_per_call": cost["nfe_per_call"], "prefix_cache": args.prefix_cache,
                           "seconds_per_sample": round(cost["seconds_per_sample"], 5),
                           "sampler": sampler.to_dict()}), flush=True)

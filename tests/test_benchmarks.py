@@ -373,9 +373,12 @@ def test_caption_decoding(tiny_model_dir, tiny_shards, capsys):
     assert [(r["steps"], r["block_length"], r["nfe_per_call"]) for r in rows] == [(4, 1, 4), (1, None, 1)]
     assert all(0 <= r["accuracy"] <= 1 and r["questions"] > 0 for r in rows)
     caption_decoding.main(["--model", tiny_model_dir, "--shards", f"{tiny_shards}/val/*.tar", "--skip", "1",
-                           "--limit", "2", "--task", "t2i", "--setting", "steps=3,threshold=none,guidance_scale=0"])
-    row = json.loads(capsys.readouterr().out)
+                           "--limit", "2", "--task", "t2i", "--setting", "steps=3,threshold=none,guidance_scale=0",
+                           "--setting", "steps=3,self_correction=true"])
+    row, revised = (json.loads(line) for line in capsys.readouterr().out.splitlines())
     assert row["nfe_per_call"] == 3 and row["sampler"]["guidance_scale"] == 0 and 0 <= row["all_correct"] <= 1
+    assert revised["self_correction"] is True and revised["sampler"]["self_correction"]["extra_steps"] == 8
+    assert 3 <= revised["nfe_per_call"] <= 3 + 8
     for bad in ("four:4", "stepz=4", "steps=0"):
         with pytest.raises(SystemExit):
             caption_decoding.main(["--model", tiny_model_dir, "--shards", f"{tiny_shards}/val/*.tar", "--skip", "1",
