@@ -259,8 +259,8 @@ class MaskedScheduler(Scheduler):
         s.guided = o.guidance_scale > 0 and (o.guidance_steps is None or s.i < o.guidance_steps)
         if not s.guided:
             inputs = {"ids": ids, "pad": pad, "image_index": image_index, "logits_at": at}
-            if s.cache is not None and len(s.cache.pad) == 2 * (len(s.live) if s.live is not None else len(ids)):
-                self._drop_uncond_rows(s.cache)  # guidance has ended: its rows leave the cache
+            if s.cache is not None and o.guidance_scale > 0 and s.i == o.guidance_steps:
+                self._drop_uncond_rows(s.cache)  # guidance has just ended: its rows leave the cache
         else:
             cond = b.cond.repeat(rep, 1)  # (rep*B, T)
             inputs = {"ids": torch.cat([ids, ids]), "pad": torch.cat([pad, pad | cond]),
@@ -368,7 +368,6 @@ class MaskedScheduler(Scheduler):
             fill = eos_fill(s.canvas, s.fill & ~s.is_image, self.vocab.eos, self.vocab.mask)  # (B, T)
             s.canvas = s.canvas.masked_fill(fill, self.vocab.eos)
             s.p_commit = s.p_commit.masked_fill(fill, 1.0)
-            commit |= fill
             # the filled tokens count as the schedule's later commits: what is left shrinks by them
             left = plan.remaining[Modality.TEXT, :, s.i + 1 :]  # (B, S - i - 1), a view
             left.sub_(fill.sum(1, keepdim=True)).clamp_(min=0)
