@@ -108,7 +108,10 @@ def task_sampler(pipe: MMDLMPipeline, task: str, guidance: float, **fields: Any)
 
 
 def stack_images(records: Sequence[dict]) -> torch.Tensor:
-    return torch.stack([r["image"] for r in records])  # (B, 3, H, W)
+    """`mmdlm.evaluate.stack_images` (the model stack loads lazily: `--help` answers at once)."""
+    from mmdlm.evaluate import stack_images as stack
+
+    return stack(records)
 
 
 def warm_up(pipe: MMDLMPipeline, records: Sequence[dict]) -> None:

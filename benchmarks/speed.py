@@ -269,8 +269,10 @@ def quality(pipe: MMDLMPipeline, task: str, records: Sequence[dict], sampler: Sa
 
 def run(pipes: dict[str, MMDLMPipeline], records: list[dict], args: argparse.Namespace) -> list[dict[str, Any]]:
     """Every (variant, task): quality once, timing at each batch size."""
+    from mmdlm.evaluate import stack_images
+
     n = max(args.batch_sizes) * (args.warmup + args.repeats) + 16  # prompts for the timed runs (+ spares)
-    codes = {kind: pipe.encode_images(_images(records[:n])).cpu() for kind, pipe in pipes.items()}
+    codes = {kind: pipe.encode_images(stack_images(records[:n])).cpu() for kind, pipe in pipes.items()}
     rows = []
     for variant in variants("fast" in pipes):
         pipe = pipes[variant.model]
@@ -291,10 +293,6 @@ def run(pipes: dict[str, MMDLMPipeline], records: list[dict], args: argparse.Nam
                                   for bs, t in row["timing"].items())
                 print(f"{variant.name} | {task}: {q}{times}", flush=True)
     return rows
-
-
-def _images(records: Sequence[dict]) -> torch.Tensor:
-    return torch.stack([r["image"] for r in records])
 
 
 # ---------------------------------------------------------------------------------------------

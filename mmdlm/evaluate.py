@@ -448,7 +448,8 @@ def load_records(shards: str | Sequence[str], image_size: int, limit: int | None
     return records
 
 
-def _images(records: Sequence[dict]) -> torch.Tensor:
+def stack_images(records: Sequence[dict]) -> torch.Tensor:
+    """Float[B, 3, H, W]: the decoded images of `load_records` records."""
     return torch.stack([r["image"] for r in records])  # (B, 3, H, W)
 
 
@@ -470,7 +471,7 @@ def eval_vqa(pipe: MMDLMPipeline, records: Sequence[dict], sampler: SamplerConfi
     with _progress(len(askable), "vqa", progress) as bar:
         for b, chunk in _batches(askable, batch_size):
             with _Timer(pipe.device) as t:
-                out = pipe.answer(_images([r for r, _ in chunk]), [qa["question"] for _, qa in chunk],
+                out = pipe.answer(stack_images([r for r, _ in chunk]), [qa["question"] for _, qa in chunk],
                                   seed=seed + b, sampler=sampler)
             cost.add(out.nfe, t.seconds, len(chunk))
             answers.update({id(qa): text for (_, qa), text in zip(chunk, out.texts)})
@@ -505,7 +506,7 @@ def eval_caption(pipe: MMDLMPipeline, records: Sequence[dict], sampler: SamplerC
     with _progress(len(records), "caption", progress) as bar:
         for b, chunk in _batches(records, batch_size):
             with _Timer(pipe.device) as t:
-                out = pipe.caption(_images(chunk), seed=seed + b, sampler=sampler)
+                out = pipe.caption(stack_images(chunk), seed=seed + b, sampler=sampler)
             cost.add(out.nfe, t.seconds, len(chunk))
             texts += out.texts
             bar.update(len(chunk))
@@ -565,7 +566,7 @@ def eval_scorer(pipe: MMDLMPipeline, records: Sequence[dict], world: World | Non
     world = world or world_for(records, pipe.vq.image_size)
     truth, recon = [], []
     for _, chunk in _batches(records, batch_size):
-        images = _images(chunk)
+        images = stack_images(chunk)
         truth += world.score_images(images, chunk)
         rebuilt = pipe.vq.decode(pipe.encode_images(images)).cpu()  # (B, 3, H, W)
         recon += world.score_images(rebuilt, chunk)
@@ -624,7 +625,7 @@ def eval_nll(pipe: MMDLMPipeline, records: Sequence[dict], tasks: Sequence[str] 
                 masked_diffusion_loss(pipe.model, batch, pipe.vocab, generator=generator) for _ in range(draws)]
         return sum(float(o.nll) * o.num_tokens for o in outs) / draws, outs[0].num_tokens
 
-    codes = torch.cat([pipe.encode_images(_images(chunk)).cpu() for _, chunk in _batches(records, batch_size)])
+    codes = torch.cat([pipe.encode_images(stack_images(chunk)).cpu() for _, chunk in _batches(records, batch_size)])
     rows = [{**r, "codes": c} for r, c in zip(records, codes)]
     task_list = [Task[t.upper()] for t in tasks]
     builder = SequenceBuilder(pipe.vocab, pipe.tokenizer, pipe.layout, dict.fromkeys(task_list, 1.0), seed)

@@ -356,7 +356,7 @@ def test_cider_agrees_with_its_definition():
 def test_captions_decode_one_token_per_step_in_blocks_by_default(pipe, shapes_val):
     """The caption default is LLaDA's semi-AR decoding (the `<eos>` fill would otherwise be committed first):
     as many steps as the caption region has tokens; one block with any step count on request."""
-    images = ev._images(ev.load_records(shapes_val, 32, limit=2))
+    images = ev.stack_images(ev.load_records(shapes_val, 32, limit=2))
     assert pipe.caption(images).nfe == pipe.layout.caption_len
     assert pipe.caption(images, steps=3, block_length=None).nfe == 3
     assert pipe.caption(images, steps=2).nfe == 2  # fewer steps than blocks of 4: two blocks of 12
