@@ -17,7 +17,7 @@ import sys
 import time
 
 from mmdlm.inputs import EXIT_NO_ANSWER, EXIT_OK, EXIT_USAGE, InputError, add_model_arguments, load_image, load_pipeline
-from mmdlm.sampling.arguments import add_sampler_arguments, sampler_from_args
+from mmdlm.sampling.arguments import add_sampler_arguments, defaults_help, sampler_from_args
 
 
 def build_parser(prog: str = "python -m mmdlm.caption") -> argparse.ArgumentParser:
@@ -25,7 +25,7 @@ def build_parser(prog: str = "python -m mmdlm.caption") -> argparse.ArgumentPars
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)
     parser.add_argument("--image", action="append", required=True, help="an image to describe (repeatable)")
-    add_sampler_arguments(parser, "one token per step, left to right in blocks of 4, argmax", guidance=False)
+    add_sampler_arguments(parser, defaults_help("caption"), guidance=False)
     return parser
 
 

@@ -46,7 +46,7 @@ from mmdlm.inputs import (
     load_pipeline,
     positive_int,
 )
-from mmdlm.sampling.arguments import add_sampler_arguments, sampler_from_args
+from mmdlm.sampling.arguments import add_sampler_arguments, defaults_help, sampler_from_args
 
 if TYPE_CHECKING:
     from mmdlm.pipeline import ImageOutput, MMDLMPipeline
@@ -283,8 +283,7 @@ def build_parser(prog: str = "python -m mmdlm.generate") -> argparse.ArgumentPar
     mode.add_argument("--inpaint", metavar="IMAGE", help="the image to inpaint (with --box)")
     parser.add_argument("--box", type=parse_box, help="x0,y0,x1,y1: the pixel box --inpaint regenerates")
     parser.add_argument("--num", type=positive_int, default=4, help="samples per prompt (default 4)")
-    add_sampler_arguments(parser, "16 steps at temperature 1; guidance 2 for text-to-image, 0 for inpainting "
-                                  "and joint generation; plausibility 0.1")
+    add_sampler_arguments(parser, defaults_help("text_to_image", "joint", "inpaint"))
     parser.add_argument("--scale", type=positive_int, default=4, help="nearest-neighbour upscaling (default 4)")
     parser.add_argument("--out", type=Path, default=Path("samples.png"), help="output PNG (default samples.png)")
     parser.add_argument("--progress", type=Path, metavar="DIR",

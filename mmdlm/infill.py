@@ -17,7 +17,7 @@ import sys
 import time
 
 from mmdlm.inputs import EXIT_OK, EXIT_USAGE, InputError, add_model_arguments, check_text, load_pipeline, positive_int
-from mmdlm.sampling.arguments import add_sampler_arguments, sampler_from_args
+from mmdlm.sampling.arguments import add_sampler_arguments, defaults_help, sampler_from_args
 
 
 def build_parser(prog: str = "python -m mmdlm.infill") -> argparse.ArgumentParser:
@@ -26,7 +26,7 @@ def build_parser(prog: str = "python -m mmdlm.infill") -> argparse.ArgumentParse
     add_model_arguments(parser)
     parser.add_argument("--text", required=True, help="the text, with [MASK] where words are to be filled in")
     parser.add_argument("--tokens-per-blank", type=positive_int, default=1, help="BPE tokens per [MASK] (default 1)")
-    add_sampler_arguments(parser, "one token per step, argmax", guidance=False)
+    add_sampler_arguments(parser, defaults_help("infill"), guidance=False)
     return parser
 
 

@@ -53,7 +53,7 @@ from mmdlm.inputs import (  # noqa: F401 (EXIT_OK, ...: this command's exit stat
     load_pipeline,
     positive_int,
 )
-from mmdlm.sampling.arguments import add_sampler_arguments, sampler_from_args
+from mmdlm.sampling.arguments import add_sampler_arguments, defaults_help, sampler_from_args
 
 if TYPE_CHECKING:  # torch and the pipeline load lazily so `--help` and argument errors answer at once
     from mmdlm.pipeline import MMDLMPipeline
@@ -196,7 +196,7 @@ def build_parser(prog: str = "python -m mmdlm.vqa") -> argparse.ArgumentParser:
     parser.add_argument("--question", help="the question (single mode)")
     parser.add_argument("--out", type=Path, help="batch mode: the output JSONL (default: stdout)")
     parser.add_argument("--batch-size", type=positive_int, default=32, help="questions per forward batch")
-    add_sampler_arguments(parser, "one token per step, left to right, argmax", guidance=False)
+    add_sampler_arguments(parser, defaults_help("answer"), guidance=False)
     return parser
 
 

@@ -274,3 +274,18 @@ def test_infill_fills_the_blanks_and_refuses_texts_without_one(tiny_model_dir, p
     assert capsys.readouterr().out == pipe.infill([text]).texts[0] + "\n"
     assert infill.main(["--model", tiny_model_dir, "--text", "no blank here"]) == infill.EXIT_USAGE
     assert "no blank" in capsys.readouterr().err
+
+
+def test_sampler_help_shows_the_task_defaults(capsys):
+    from mmdlm import caption
+    from mmdlm.pipeline import DEFAULT_SAMPLERS
+
+    with pytest.raises(SystemExit):
+        caption.main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    d = DEFAULT_SAMPLERS["caption"]
+    assert f"steps={d.steps}, threshold={d.threshold}, block_length={d.block_length}" in out
+    with pytest.raises(SystemExit):
+        generate.main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"text_to_image: steps={DEFAULT_SAMPLERS['text_to_image'].steps}," in out

@@ -9,7 +9,7 @@ import argparse
 from dataclasses import replace
 from typing import Any
 
-from mmdlm.sampling.config import Confidence, SamplerConfig, SelfCorrection
+from mmdlm.sampling.config import DEFAULT_SAMPLERS, Confidence, SamplerConfig, SelfCorrection
 
 NONE = "none"  # a flag's value that sets its field to None (e.g. `--threshold none`: the fixed schedule)
 
@@ -42,6 +42,19 @@ _FLAGS: dict[str, tuple[str, type, str]] = {
     "--prefix-cache": ("prefix_cache", int, "Fast-dLLM's approximate prefix cache: recompute the image / question / "
                        "caption before the generated region every K steps and reuse it in between (0 = off)"),
 }
+
+
+def defaults_help(*tasks: str) -> str:
+    """The task defaults' settings for `--help`, from `DEFAULT_SAMPLERS` (so the text cannot go stale): the
+    steps and every field that differs from a plain `SamplerConfig()`, e.g. 'steps=None, block_length=2'."""
+    plain = SamplerConfig().to_dict()
+
+    def one(task: str) -> str:
+        d = DEFAULT_SAMPLERS[task].to_dict()
+        shown = [f"steps={d['steps']}"] + [f"{k}={v}" for k, v in d.items() if k != "steps" and v != plain[k]]
+        return ", ".join(shown)
+
+    return "; ".join(f"{task}: {one(task)}" if len(tasks) > 1 else one(task) for task in tasks)
 
 
 def add_sampler_arguments(parser: argparse.ArgumentParser, task_defaults: str = "",

@@ -3,7 +3,8 @@ and the demo alike; `SelfCorrection`, the ReMDM-style revision option inside it.
 
 Like diffusers' per-call pipeline arguments (num_inference_steps, guidance_scale, ...) but one frozen
 dataclass, so a setting can be stored, compared, swept and written into metrics.json (`to_dict`). The
-pipeline keeps one default per task (`mmdlm.pipeline.DEFAULT_SAMPLERS`); a call overrides fields of it.
+pipeline keeps one default per task (`DEFAULT_SAMPLERS`, here so the command lines' `--help` can show them
+without importing torch); a call overrides fields of it.
 Options that only one kind of scheduler reads say so; the other ignores them.
 """
 
@@ -100,3 +101,22 @@ class SamplerConfig:
         d = asdict(self)
         d["confidence"] = str(self.confidence)
         return d
+
+
+# Each task's sampler, chosen on held-out val scenes 500-699 (not the evaluation's 0-199) of the quickstart model
+# (BENCHMARKS.md issue 17): the fastest settings that keep its quality. Captions one token per step left to right in
+# blocks of 2, and every token above 0.8 confidence at once (Fast-dLLM): F1 0.911/0.781/0.755/0.822 (blocks of 4, one
+# token per step) -> 0.936/0.815/0.786/0.892 at fewer steps; answers (1-3 tokens) one token per step left to right
+# (VQA 78.1% -> 78.8% against confidence order, session 8); a text ends in the step that picks its <eos>
+# (`SamplerConfig.eos_fill`: answers 4 -> 2.95 NFE at the same accuracy); images in 7 MaskGIT cosine steps, sampled
+# (temperature 1), guidance 2 under the plausibility constraint (all-correct on 400 scenes: 57.25% at 16 steps,
+# 56.5% at 8, 55.75% at 7, 54.25% at 6, for a model trained with prefix attention; one without it lost 7 points
+# from 16 to 8 steps on 200 scenes: pass steps=16 to it); infilling one token per step.
+DEFAULT_SAMPLERS: dict[str, SamplerConfig] = {
+    "caption": SamplerConfig(steps=None, block_length=2, threshold=0.8),
+    "answer": SamplerConfig(steps=None, block_length=1),
+    "text_to_image": SamplerConfig(steps=7, temperature=1.0, guidance_scale=2.0),
+    "joint": SamplerConfig(steps=16, temperature=1.0),
+    "inpaint": SamplerConfig(steps=16, temperature=1.0),
+    "infill": SamplerConfig(steps=None),
+}
