@@ -3,6 +3,7 @@
     mmdlm caption --model runs/quickstart/model --image scene.png
     mmdlm caption --model runs/quickstart/model --image a.png --image b.png --threshold 0.9 -v
     mmdlm caption --model DIR --image scene.png --steps 8 --block-length 0     # 8 steps, one block
+    mmdlm caption --model DIR --image scene.png --draft runs/quickstart/ar     # the AR drafts, DIR revises
 
 Prints `PATH<TAB>caption` per image (only the caption with a single --image). The sampler flags change the
 task's default (one token per step, left to right in blocks of 4: `mmdlm.pipeline.DEFAULT_SAMPLERS`).
@@ -16,7 +17,17 @@ import argparse
 import sys
 import time
 
-from mmdlm.inputs import EXIT_NO_ANSWER, EXIT_OK, EXIT_USAGE, InputError, add_model_arguments, load_image, load_pipeline
+from mmdlm.inputs import (
+    EXIT_NO_ANSWER,
+    EXIT_OK,
+    EXIT_USAGE,
+    InputError,
+    add_model_arguments,
+    add_revision_arguments,
+    load_image,
+    load_pipeline,
+    revision_options,
+)
 from mmdlm.sampling.arguments import add_sampler_arguments, defaults_help, sampler_from_args
 
 
@@ -26,6 +37,7 @@ def build_parser(prog: str = "python -m mmdlm.caption") -> argparse.ArgumentPars
     add_model_arguments(parser)
     parser.add_argument("--image", action="append", required=True, help="an image to describe (repeatable)")
     add_sampler_arguments(parser, defaults_help("caption"), guidance=False)
+    add_revision_arguments(parser)
     return parser
 
 
@@ -39,8 +51,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m mmdlm.caption") -
     try:
         images = [load_image(path) for path in args.image]  # bad images fail before the model loads
         pipe = load_pipeline(args.model, args.device)
+        options = revision_options(args)
         start = time.perf_counter()
-        out = pipe.caption(images, sampler, seed=args.seed)
+        out = pipe.caption(images, sampler, seed=args.seed, **options)
     except (InputError, OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE

@@ -462,8 +462,10 @@ def _fits(pipe: MMDLMPipeline, text: str, limit: int) -> bool:
 
 
 def eval_vqa(pipe: MMDLMPipeline, records: Sequence[dict], sampler: SamplerConfig | None = None,
-             batch_size: int = 64, seed: int = 0, progress: bool = True) -> TaskResult:
-    """VQA accuracy (exact match after strip/lower) over every QA pair of the records, per type too."""
+             batch_size: int = 64, seed: int = 0, progress: bool = True,
+             options: Mapping[str, Any] | None = None) -> TaskResult:
+    """VQA accuracy (exact match after strip/lower) over every QA pair of the records, per type too.
+    `options`: further keyword arguments of `pipe.answer` (`draft=`, `revision=`)."""
     pairs = [(r, qa) for r in records for qa in r.get("qa") or []]
     askable = [(r, qa) for r, qa in pairs if _fits(pipe, qa["question"], pipe.layout.question_len)]
     cost = Cost(batch_size)
@@ -472,7 +474,7 @@ def eval_vqa(pipe: MMDLMPipeline, records: Sequence[dict], sampler: SamplerConfi
         for b, chunk in _batches(askable, batch_size):
             with _Timer(pipe.device) as t:
                 out = pipe.answer(stack_images([r for r, _ in chunk]), [qa["question"] for _, qa in chunk],
-                                  seed=seed + b, sampler=sampler)
+                                  seed=seed + b, sampler=sampler, **(options or {}))
             cost.add(out.nfe, t.seconds, len(chunk))
             answers.update({id(qa): text for (_, qa), text in zip(chunk, out.texts)})
             bar.update(len(chunk))
@@ -496,8 +498,9 @@ def eval_vqa(pipe: MMDLMPipeline, records: Sequence[dict], sampler: SamplerConfi
 
 def eval_caption(pipe: MMDLMPipeline, records: Sequence[dict], sampler: SamplerConfig | None = None,
                  batch_size: int = 64, seed: int = 0, progress: bool = True,
-                 world: World | None = None) -> TaskResult:
-    """Captioning: exact match, BLEU-4 and the world's caption scores (shapes: per-attribute P/R/F1)."""
+                 world: World | None = None, options: Mapping[str, Any] | None = None) -> TaskResult:
+    """Captioning: exact match, BLEU-4 and the world's caption scores (shapes: per-attribute P/R/F1).
+    `options`: further keyword arguments of `pipe.caption` (`draft=`, `revision=`)."""
     from torchmetrics.text import BLEUScore
 
     world = world or world_for(records, pipe.vq.image_size)
@@ -506,7 +509,7 @@ def eval_caption(pipe: MMDLMPipeline, records: Sequence[dict], sampler: SamplerC
     with _progress(len(records), "caption", progress) as bar:
         for b, chunk in _batches(records, batch_size):
             with _Timer(pipe.device) as t:
-                out = pipe.caption(stack_images(chunk), seed=seed + b, sampler=sampler)
+                out = pipe.caption(stack_images(chunk), seed=seed + b, sampler=sampler, **(options or {}))
             cost.add(out.nfe, t.seconds, len(chunk))
             texts += out.texts
             bar.update(len(chunk))
@@ -523,8 +526,9 @@ def eval_caption(pipe: MMDLMPipeline, records: Sequence[dict], sampler: SamplerC
 
 def eval_t2i(pipe: MMDLMPipeline, records: Sequence[dict], sampler: SamplerConfig | None = None,
              batch_size: int = 64, seed: int = 0, progress: bool = True, world: World | None = None,
-             scorer_ceiling: bool = True) -> TaskResult:
+             scorer_ceiling: bool = True, options: Mapping[str, Any] | None = None) -> TaskResult:
     """Text-to-image from each record's canonical caption, scored by the world's scorer (see module doc).
+    `options`: further keyword arguments of `pipe.text_to_image` (`best_of=`, `draft=`, `revision=`).
 
     A prompt longer than the model's caption region cannot be given: it scores 0 (`too_long`).
     With `scorer_ceiling`, also the scorer on the ground-truth images and their VQ reconstructions.
@@ -542,7 +546,8 @@ def eval_t2i(pipe: MMDLMPipeline, records: Sequence[dict], sampler: SamplerConfi
     with _progress(len(usable), "t2i", progress) as bar:
         for b, chunk in _batches(usable, batch_size):
             with _Timer(pipe.device) as t:
-                out = pipe.text_to_image([prompts[i] for i in chunk], seed=seed + b, sampler=sampler)
+                out = pipe.text_to_image([prompts[i] for i in chunk], seed=seed + b, sampler=sampler,
+                                         **(options or {}))
             cost.add(out.nfe, t.seconds, len(chunk))
             batch_records = [records[i] for i in chunk]
             scores.update(zip(chunk, world.score_images(out.images, batch_records)))

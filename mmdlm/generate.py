@@ -41,10 +41,12 @@ from mmdlm.inputs import (
     EXIT_USAGE,
     InputError,
     add_model_arguments,
+    add_revision_arguments,
     check_text,
     load_image,
     load_pipeline,
     positive_int,
+    revision_options,
 )
 from mmdlm.sampling.arguments import add_sampler_arguments, defaults_help, sampler_from_args
 
@@ -231,7 +233,7 @@ def run_text_to_image(pipe: MMDLMPipeline, args: argparse.Namespace) -> None:
     n = len(prompts) * args.num
     start = time.perf_counter()
     out = pipe.text_to_image([p for p in prompts for _ in range(args.num)], args.sampler, seed=args.seed,
-                             history=args.progress is not None)
+                             history=args.progress is not None, **args.revision)
     ms = (time.perf_counter() - start) * 1e3 / n  # sampling and VQ decoding, per image
     save_grid(make_grid(out.images, args.num, args.scale), args.out)
     print(f"wrote {args.out}: {len(prompts)} prompt(s) x {args.num} image(s), NFE {out.nfe}, {ms:.1f} ms per image")
@@ -284,6 +286,7 @@ def build_parser(prog: str = "python -m mmdlm.generate") -> argparse.ArgumentPar
     parser.add_argument("--box", type=parse_box, help="x0,y0,x1,y1: the pixel box --inpaint regenerates")
     parser.add_argument("--num", type=positive_int, default=4, help="samples per prompt (default 4)")
     add_sampler_arguments(parser, defaults_help("text_to_image", "joint", "inpaint"))
+    add_revision_arguments(parser, best_of=True)
     parser.add_argument("--scale", type=positive_int, default=4, help="nearest-neighbour upscaling (default 4)")
     parser.add_argument("--out", type=Path, default=Path("samples.png"), help="output PNG (default samples.png)")
     parser.add_argument("--progress", type=Path, metavar="DIR",
@@ -302,6 +305,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         (args.inpaint is not None and args.prompts is not None, "--inpaint takes one --prompt, not --prompts"),
         (text_to_image and args.prompt is None and args.prompts is None, "text-to-image needs --prompt or --prompts"),
         (args.progress is not None and not text_to_image, "--progress records text-to-image sampling only"),
+        ((args.draft is not None or args.revise or args.best_of > 1) and not text_to_image,
+         "--draft, --revise and --best-of go with text-to-image"),
     ]
     for wrong, message in rules:
         if wrong:
@@ -325,7 +330,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m mmdlm.generate") 
             read_prompts(args)  # a missing, empty or non-UTF-8 prompts file fails before the model loads
         if args.inpaint is not None:
             load_image(args.inpaint)  # fail on a bad image before the model loads
-        run(load_pipeline(args.model, args.device), args)
+        pipe = load_pipeline(args.model, args.device)
+        args.revision = revision_options(args)
+        run(pipe, args)
     except (InputError, ValueError, OSError) as err:  # ValueError: the pipeline's (a prompt too long, ...)
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE

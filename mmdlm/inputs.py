@@ -30,6 +30,33 @@ def add_model_arguments(parser: argparse.ArgumentParser, verbose: bool = True) -
         parser.add_argument("-v", "--verbose", action="store_true", help="print NFE and time on stderr")
 
 
+def add_revision_arguments(parser: argparse.ArgumentParser, best_of: bool = False) -> None:
+    """Revision flags (issue 18): --draft AR_MODEL (hybrid decoding), --revise; --best-of N for images."""
+    group = parser.add_argument_group("revision")
+    group.add_argument("--draft", metavar="AR_MODEL", help="hybrid decoding: this model folder (the AR twin, same "
+                       "vocabulary) drafts with its KV cache; --model judges the tokens the drafter was unsure of "
+                       "and rewrites those it doubts (mmdlm.pipeline.HYBRID_REVISION)")
+    group.add_argument("--revise", action="store_true", help="--model checks its own output: each token with itself "
+                       "masked; those below p 0.5 that it would now replace (at most 4) are decoded again")
+    if best_of:
+        group.add_argument("--best-of", type=positive_int, default=1, metavar="N", help="draw N images per prompt and "
+                           "keep the one whose prompt --model finds most likely as its caption (N times the cost)")
+
+
+def revision_options(args: argparse.Namespace) -> dict:
+    """The pipeline call's `draft` / `revision` / `best_of` arguments from those flags (loads the draft model)."""
+    from mmdlm.sampling.revise import Revision
+
+    options: dict = {}
+    if args.draft is not None:
+        options["draft"] = load_pipeline(args.draft, args.device)
+    if args.revise and args.draft is None:  # with a draft the pipeline's hybrid default applies
+        options["revision"] = Revision()
+    if getattr(args, "best_of", 1) > 1:
+        options["best_of"] = args.best_of
+    return options
+
+
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1."""
     value = int(text)

@@ -19,6 +19,7 @@ All methods are batched, deterministic given `seed`, and return the number of fo
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -33,23 +34,30 @@ from mmdlm.model import ModelConfig, Transformer
 from mmdlm.processor import MMDLMProcessor
 from mmdlm.sampling import SamplerConfig, SampleResult, StepCallback, scheduler_for
 from mmdlm.sampling.config import DEFAULT_SAMPLERS  # each task's sampler, re-exported here
+from mmdlm.sampling.revise import Revision, content, revise, token_scores
 from mmdlm.sequence import (
     Batch,
     Layout,
     Sample,
     caption_prompt,
+    caption_sample,
     collate,
     joint_prompt,
     mask_target,
     t2i_prompt,
     t2i_sample,
     text_prompt,
+    text_sample,
     vqa_prompt,
 )
 from mmdlm.text_tokenizer import TextTokenizer
 from mmdlm.vocab import Vocab
 
 BLANK = "[MASK]"  # marks a span to fill in `infill`
+# Hybrid decoding's default revision, chosen on held-out val 500-699 (BENCHMARKS.md, issue 18): the MDM judges only
+# the tokens the AR drafter gave p < 0.6 (~3% of them), and rewrites those it finds below 0.2 and would replace.
+HYBRID_REVISION = Revision(threshold=0.2, draft_confidence=0.6)
+MAX_LENGTH_CANDIDATES = 256  # `infill(tokens_per_blank=None)`: length combinations tried per text
 
 
 @dataclass
@@ -193,6 +201,63 @@ class MMDLMPipeline:
         return self.scheduler.sample(self.model, batch, config, generator=generator, history=history,
                                      callback=callback)
 
+    def _run(self, task: str, samples: list[Sample], config: SamplerConfig, seed: int,
+             draft: MMDLMPipeline | None = None, revision: Revision | None = None, history: bool = False,
+             callback: StepCallback | None = None) -> SampleResult:
+        """Decode the samples' targets: with this model (`draft` None), or as drafted by another pipeline with its
+        own default sampler for the task (the hybrid: an AR twin drafts, this model revises); then, when
+        `draft` or `revision` is given, this model rewrites the tokens it doubts (`mmdlm.sampling.revise`).
+        NFE and forward rows are the sums of both passes."""
+        if draft is None and revision is None:
+            return self._generate(samples, config, seed, history, callback)
+        batch = collate(samples, self.vocab).to(self.device)
+        nfe = rows = 0
+        if draft is None:
+            first = self._generate(samples, config, seed)
+            revision = revision or Revision()
+        else:
+            self._check_draft(draft)
+            first = draft._generate(samples, draft.sampler(task), seed)
+            revision = revision or HYBRID_REVISION
+        ids = first.ids.to(self.device)
+        drafted = replace(batch, ids=ids)
+        positions = content(ids, batch.target, self.vocab.eos)  # (B, T)
+        if draft is not None and revision.draft_confidence < 1:  # the draft's own doubts only
+            judged = token_scores(draft.model, drafted, positions, self.vocab)
+            positions &= judged.p < revision.draft_confidence
+            nfe, rows = judged.nfe, judged.rows
+        generator = torch.Generator(device=self.device).manual_seed(seed + 1)
+        out = revise(self.model, self.scheduler, drafted, positions, self.vocab, config, revision, generator)
+        return SampleResult(out.ids, first.nfe + nfe + out.nfe, None, first.forward_rows + rows + out.forward_rows,
+                            remasked=int(out.remasked.sum()))
+
+    def _check_draft(self, draft: MMDLMPipeline) -> None:
+        if draft.vocab != self.vocab or draft.layout != self.layout:
+            raise ValueError(f"the draft model's vocabulary or layout ({draft.vocab}, {draft.layout}) differs from "
+                             f"this model's ({self.vocab}, {self.layout}): it cannot draft for it")
+        if draft.device != self.device:
+            raise ValueError(f"the draft model is on {draft.device}, this one on {self.device}")
+
+    def caption_likelihood(self, images, captions: list[str] | torch.Tensor) -> torch.Tensor:
+        """Float64[B]: how well each caption fits its image in this model's judgement: the pseudo-log-likelihood
+        (sum over the caption's tokens and its `<eos>` of log p(token | image, the rest of the caption), each token
+        masked in its own row: one forward call of ~caption-length rows per image; a causal model: its exact
+        log-likelihood). Self-verification: `text_to_image(best_of=n)` keeps the image whose prompt scores best.
+        `images`: anything `encode_images` takes, or codes Long[B, h, w]; `captions`: texts, or caption-region ids."""
+        given_codes = isinstance(images, torch.Tensor) and images.dtype == torch.long
+        codes = (images if given_codes else self.encode_images(images)).cpu()
+        if isinstance(captions, torch.Tensor):
+            ids = [self.vocab.text_ids_only(c) for c in captions]
+        else:
+            ids = [self._encode_text(c, self.layout.caption_len, "caption") for c in captions]
+        if len(ids) != len(codes):
+            raise ValueError(f"got {len(codes)} images but {len(ids)} captions")
+        samples = [caption_sample(c, i, self.vocab, self.layout) for c, i in zip(codes, ids)]
+        batch = collate(samples, self.vocab).to(self.device)
+        positions = content(batch.ids, batch.target, self.vocab.eos)  # (B, T) the words and the first <eos>
+        scores = token_scores(self.model, batch, positions, self.vocab)
+        return scores.log_likelihood(positions).cpu()
+
     def _texts(self, ids: torch.Tensor, samples: list[Sample]) -> list[list[str]]:
         """The text target regions of each row, decoded (a row may hold several: VQA answers)."""
         out = []
@@ -210,17 +275,40 @@ class MMDLMPipeline:
         return torch.stack(rows)
 
     # ---- tasks ------------------------------------------------------------------------------------
-    def caption(self, images, sampler: SamplerConfig | None = None, seed: int = 0, **overrides) -> TextOutput:
-        """Describe each image. Default sampler: one token per step, left to right in blocks of 4 tokens
-        (`DEFAULT_SAMPLERS`); `block_length=None` decodes the caption as one block."""
+    def caption(self, images, sampler: SamplerConfig | None = None, seed: int = 0, *,
+                draft: MMDLMPipeline | None = None, revision: Revision | None = None, **overrides) -> TextOutput:
+        """Describe each image (default sampler: `DEFAULT_SAMPLERS["caption"]`). `draft`: another pipeline of the
+        same vocabulary (the AR twin) writes the captions and this model revises them (hybrid decoding);
+        `revision`: how the tokens to rewrite are chosen (`Revision`; given alone, this model revises its own
+        captions)."""
         codes = self.encode_images(images).cpu()
         samples = [caption_prompt(c, self.vocab, self.layout) for c in codes]
-        res = self._generate(samples, self.sampler("caption", sampler, **overrides), seed)
+        res = self._run("caption", samples, self.sampler("caption", sampler, **overrides), seed, draft, revision)
         return TextOutput([t[0] for t in self._texts(res.ids, samples)], res.nfe, res.ids)
 
-    def answer(self, images, questions: list[str], sampler: SamplerConfig | None = None, seed: int = 0,
-               **overrides) -> TextOutput:
-        """Answer one question per image (`questions[i]` about `images[i]`)."""
+    def revise_caption(self, images, captions: list[str], revision: Revision = Revision(),
+                       sampler: SamplerConfig | None = None, seed: int = 0, **overrides) -> TextOutput:
+        """Correct given captions of the images: the tokens this model doubts are rewritten, the rest is kept (a
+        causal model keeps the caption up to its first doubtful token and writes the rest again)."""
+        codes = self.encode_images(images).cpu()
+        if len(captions) != len(codes):
+            raise ValueError(f"got {len(codes)} images but {len(captions)} captions")
+        ids = [self._encode_text(c, self.layout.caption_len, "caption") for c in captions]
+        given = [caption_sample(c, i, self.vocab, self.layout) for c, i in zip(codes, ids)]
+        samples = [caption_prompt(c, self.vocab, self.layout) for c in codes]
+        batch = collate(samples, self.vocab).to(self.device)
+        canvas = collate(given, self.vocab).ids.to(self.device)
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        positions = content(canvas, batch.target, self.vocab.eos)  # (B, T)
+        config = self.sampler("caption", sampler, **overrides)
+        out = revise(self.model, self.scheduler, replace(batch, ids=canvas), positions, self.vocab, config, revision,
+                     generator)
+        return TextOutput([t[0] for t in self._texts(out.ids, samples)], out.nfe, out.ids)
+
+    def answer(self, images, questions: list[str], sampler: SamplerConfig | None = None, seed: int = 0, *,
+               draft: MMDLMPipeline | None = None, revision: Revision | None = None, **overrides) -> TextOutput:
+        """Answer one question per image (`questions[i]` about `images[i]`); `draft` / `revision` as in
+        `caption`."""
         codes = self.encode_images(images).cpu()
         if len(questions) != len(codes):
             raise ValueError(f"got {len(codes)} images but {len(questions)} questions")
@@ -230,17 +318,32 @@ class MMDLMPipeline:
                 raise ValueError("empty question")
             ids = self._encode_text(q, self.layout.question_len, "question")
             samples.append(vqa_prompt(c, ids, self.vocab, self.layout))
-        res = self._generate(samples, self.sampler("answer", sampler, **overrides), seed)
+        res = self._run("answer", samples, self.sampler("answer", sampler, **overrides), seed, draft, revision)
         return TextOutput([t[0] for t in self._texts(res.ids, samples)], res.nfe, res.ids)
 
     def text_to_image(self, prompts: list[str], sampler: SamplerConfig | None = None, seed: int = 0,
-                      history: bool = False, callback: StepCallback | None = None, **overrides) -> ImageOutput:
-        """Draw one image per prompt (`history`: the codes after every step; `callback(i, canvas)`: live)."""
+                      history: bool = False, callback: StepCallback | None = None, *, best_of: int = 1,
+                      draft: MMDLMPipeline | None = None, revision: Revision | None = None,
+                      **overrides) -> ImageOutput:
+        """Draw one image per prompt (`history`: the codes after every step; `callback(i, canvas)`: live).
+
+        `best_of` = n > 1: draw n images per prompt and keep the one whose prompt this model finds most likely as
+        its caption (`caption_likelihood`: self-verification; n times the drawing NFE plus one scoring call).
+        `draft` / `revision` as in `caption`."""
+        if best_of < 1:
+            raise ValueError(f"best_of must be >= 1, got {best_of}")
         n = self.vq.tokens_per_image
-        samples = [t2i_prompt(self._encode_text(p, self.layout.caption_len, "prompt"), self.vocab, self.layout, n)
-                   for p in prompts]
-        res = self._generate(samples, self.sampler("text_to_image", sampler, **overrides), seed, history, callback)
-        return self._image_output(res, samples)
+        ids = [self._encode_text(p, self.layout.caption_len, "prompt") for p in prompts]
+        samples = [t2i_prompt(i, self.vocab, self.layout, n) for i in ids for _ in range(best_of)]
+        res = self._run("text_to_image", samples, self.sampler("text_to_image", sampler, **overrides), seed,
+                        draft, revision, history, callback)
+        out = self._image_output(res, samples)
+        if best_of == 1:
+            return out
+        score = self.caption_likelihood(out.codes, [p for p in prompts for _ in range(best_of)])  # (B * n,)
+        keep = score.view(len(prompts), best_of).argmax(1) + torch.arange(len(prompts)) * best_of  # (B,)
+        frames = None if out.history is None else [f[keep] for f in out.history]
+        return ImageOutput(out.images[keep], out.codes[keep], out.nfe + 1, frames)
 
     def _image_output(self, res: SampleResult, samples: list[Sample]) -> ImageOutput:
         codes = self._codes(res.ids, samples)
@@ -293,26 +396,64 @@ class MMDLMPipeline:
         res = self._generate(samples, self.sampler("inpaint", sampler, **overrides), seed)
         return self._image_output(res, samples)
 
-    def infill(self, texts: list[str], tokens_per_blank: int = 1, sampler: SamplerConfig | None = None,
-               seed: int = 0, **overrides) -> TextOutput:
-        """Fill every `[MASK]` in each text with `tokens_per_blank` tokens; returns the completed texts."""
+    def infill(self, texts: list[str], tokens_per_blank: int | None = 1, sampler: SamplerConfig | None = None,
+               seed: int = 0, *, max_blank: int = 4, **overrides) -> TextOutput:
+        """Fill every `[MASK]` in each text with `tokens_per_blank` tokens; returns the completed texts.
+
+        `tokens_per_blank=None`: the model chooses each blank's length, 1 to `max_blank` tokens. Every combination
+        of lengths is filled (at most `MAX_LENGTH_CANDIDATES` per text) and the completed text this model finds most
+        likely is kept: the highest pseudo-log-likelihood per token of the whole text (`mmdlm.sampling.revise`),
+        so a one-word gap is not padded with filler words ("a large and a a small ...").
+        The cost: the candidates' decoding (in one batch) and one scoring call."""
         if self.is_autoregressive:
             raise ValueError("infilling needs the masked-diffusion model; the AR baseline only continues")
-        samples = []
+        parts = []
         for text in texts:
             if BLANK not in text:
                 raise ValueError(f"no {BLANK} in {text!r}")
-            parts = text.split(BLANK)
-            ids: list[int] = []
-            for i, part in enumerate(parts):
-                part = part.rstrip() if i < len(parts) - 1 else part  # the blank brings its own space
-                ids += self.processor.encode_text(part) if part else []
-                if i < len(parts) - 1:
-                    ids += [self.vocab.mask] * tokens_per_blank
-            if len(ids) >= self.layout.text_len:
+            pieces = text.split(BLANK)
+            # the blank brings its own space
+            parts.append([self.processor.encode_text(p.rstrip() if i < len(pieces) - 1 else p) if p.strip() else []
+                          for i, p in enumerate(pieces)])
+        config = self.sampler("infill", sampler, **overrides)
+        if tokens_per_blank is not None:
+            return self._infill([self._with_blanks(p, [tokens_per_blank] * (len(p) - 1)) for p in parts], config, seed)
+        if max_blank < 1:
+            raise ValueError(f"max_blank must be >= 1, got {max_blank}")
+        candidates, owner = [], []
+        for i, p in enumerate(parts):
+            lengths = list(itertools.product(range(1, max_blank + 1), repeat=len(p) - 1))
+            if len(lengths) > MAX_LENGTH_CANDIDATES:
+                raise ValueError(f"{len(p) - 1} blanks of 1-{max_blank} tokens make {len(lengths)} length combinations "
+                                 f"(at most {MAX_LENGTH_CANDIDATES}): give tokens_per_blank or fewer blanks")
+            fitting = [ids for ls in lengths if len(ids := self._with_blanks(p, list(ls))) < self.layout.text_len]
+            if not fitting:
                 raise ValueError(f"text is longer than the model's limit of {self.layout.text_len} tokens")
-            samples.append(text_prompt(ids, self.vocab, self.layout))
-        res = self._generate(samples, self.sampler("infill", sampler, **overrides), seed)
+            candidates += fitting
+            owner += [i] * len(fitting)
+        out = self._infill(candidates, config, seed)
+        region = [self.vocab.text_ids_only(row[1 : self.layout.text_len + 1]) for row in out.ids.cpu()]
+        filled = collate([text_sample(ids, self.vocab, self.layout) for ids in region], self.vocab).to(self.device)
+        positions = content(filled.ids, filled.target, self.vocab.eos)  # (N, T) the text and its first <eos>
+        scores = token_scores(self.model, filled, positions, self.vocab)
+        per_token = (scores.log_likelihood(positions) / positions.sum(1)).cpu()  # (N,)
+        owner_t = torch.tensor(owner)
+        best = [int((per_token.masked_fill(owner_t != i, float("-inf"))).argmax()) for i in range(len(texts))]
+        return TextOutput([out.texts[b] for b in best], out.nfe + scores.nfe, out.ids[best])
+
+    def _with_blanks(self, parts: list[list[int]], lengths: list[int]) -> list[int]:
+        ids: list[int] = []
+        for i, part in enumerate(parts):
+            ids += part
+            if i < len(lengths):
+                ids += [self.vocab.mask] * lengths[i]
+        return ids
+
+    def _infill(self, texts_ids: list[list[int]], config: SamplerConfig, seed: int) -> TextOutput:
+        if any(len(ids) >= self.layout.text_len for ids in texts_ids):
+            raise ValueError(f"text is longer than the model's limit of {self.layout.text_len} tokens")
+        samples = [text_prompt(ids, self.vocab, self.layout) for ids in texts_ids]
+        res = self._generate(samples, config, seed)
         out = []
         for row, s in zip(res.ids.cpu(), samples):
             region = row[: len(s)][(s.image_index < 0) & ~s.pad & (row[: len(s)] != self.vocab.text_task)]

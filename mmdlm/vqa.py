@@ -48,10 +48,12 @@ from mmdlm.inputs import (  # noqa: F401 (EXIT_OK, ...: this command's exit stat
     EXIT_USAGE,
     InputError,
     add_model_arguments,
+    add_revision_arguments,
     check_question,
     load_image,
     load_pipeline,
     positive_int,
+    revision_options,
 )
 from mmdlm.sampling.arguments import add_sampler_arguments, defaults_help, sampler_from_args
 
@@ -197,6 +199,7 @@ def build_parser(prog: str = "python -m mmdlm.vqa") -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, help="batch mode: the output JSONL (default: stdout)")
     parser.add_argument("--batch-size", type=positive_int, default=32, help="questions per forward batch")
     add_sampler_arguments(parser, defaults_help("answer"), guidance=False)
+    add_revision_arguments(parser)
     return parser
 
 
@@ -216,13 +219,15 @@ def main(argv: list[str] | None = None, prog: str = "python -m mmdlm.vqa") -> in
     try:
         if args.image is not None:  # check the cheap inputs before loading the model
             image, question = load_image(args.image), check_question(args.question, "--question")
-            answer = answer_one(load_pipeline(args.model, args.device), image, question, options, args.verbose)
+            pipe = load_pipeline(args.model, args.device)
+            answer = answer_one(pipe, image, question, options | revision_options(args), args.verbose)
             if is_empty_answer(answer):
                 print(NO_ANSWER, file=sys.stderr)
                 return EXIT_NO_ANSWER
             print(answer)
             return EXIT_OK
         pipe = load_pipeline(args.model, args.device)
+        options |= revision_options(args)
         if args.out is None:
             return answer_file(pipe, args.questions, sys.stdout, args.batch_size, options, args.verbose)
         with args.out.open("w", encoding="utf-8") as out:

@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from benchmarks import caption_decoding, compare, learning_curve, speed, train_speed
+from benchmarks import caption_decoding, compare, infill_length, learning_curve, revision, speed, train_speed
 from mmdlm.worlds.shapes import caption, make_object, render
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -278,7 +278,45 @@ data:
     assert "tiny.yaml" in (out / "train_speed.md").read_text()
 
 
-@pytest.mark.parametrize("module", [compare, speed, train_speed, learning_curve, caption_decoding])
+def test_revision(pair, val_shards, tmp_path):
+    mdm_dir, ar_dir = pair
+    out = tmp_path / "revision"
+    result = revision.main(["--ar", ar_dir, "--mdm", mdm_dir, "--corrected", mdm_dir, "--seed-pair",
+                            f"{mdm_dir},{mdm_dir}", "--shards", val_shards, "--limit", "3", "--t2i-limit", "2",
+                            "--latency", "2", "--best-of", "2", "--out", str(out), "--device", "cpu"])
+    saved = json.loads((out / "revision.json").read_text())
+    assert saved["rows"] == json.loads(json.dumps(result["rows"]))
+    rows = {r["name"]: r for r in saved["rows"]}
+    assert {"AR (+ KV cache)", "MDM", "MDM + corrective", "MDM corrected + corrective", "hybrid AR -> MDM",
+            "MDM best-of-2", "MDM corrected (seed 1) + corrective"} <= set(rows)
+    for name in ("AR (+ KV cache)", "MDM", "hybrid AR -> MDM"):
+        r = rows[name]
+        assert all(_is_rate(r[k]) for k in ("t2i", "vqa", "caption_f1_mean")) and r["caption_ms_b1"] > 0
+    assert rows["hybrid AR -> MDM"]["caption_nfe"] > rows["AR (+ KV cache)"]["caption_nfe"]  # draft, then revision
+    assert rows["MDM best-of-2"]["t2i_nfe"] == rows["MDM"]["t2i_nfe"] + 1  # candidates batched, one scoring call
+    assert set(saved["probe"]) == {"AR", "MDM", "MDM corrected"}
+    for p in saved["probe"].values():
+        assert p["n"] == 3 and all(_is_rate(p[k]) for k in ("fixed", "restored", "false_alarms"))
+        assert p["restored"] <= p["fixed"]
+    md = (out / "revision.md").read_text()
+    assert "python -m benchmarks.revision" in md and "Correction probe" in md and "hybrid AR -> MDM" in md
+
+
+def test_infill_length(pair, val_shards, tmp_path):
+    mdm_dir, _ = pair
+    out = tmp_path / "infill"
+    result = infill_length.main(["--model", mdm_dir, "--shards", val_shards, "--limit", "3", "--max-blank", "2",
+                                 "--out", str(out), "--device", "cpu"])
+    rows = result["rows"]
+    assert [(r["gap_words"], r["decoding"]) for r in rows][:3] == [
+        (1, "1 token per blank"), (1, "4 tokens per blank"), (1, "the model chooses")]
+    assert len(rows) == 12 and all(_is_rate(r["valid"]) and _is_rate(r["length_right"]) for r in rows)
+    assert json.loads((out / "infill_length.json").read_text())["rows"] == json.loads(json.dumps(rows))
+    assert "python -m benchmarks.infill_length" in (out / "infill_length.md").read_text()
+
+
+@pytest.mark.parametrize("module", [compare, speed, train_speed, learning_curve, caption_decoding, revision,
+                                    infill_length])
 def test_help_is_the_docstring(module, capsys):
     with pytest.raises(SystemExit) as exit_info:
         module.main(["--help"])

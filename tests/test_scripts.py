@@ -228,6 +228,8 @@ def test_generate_rejects_a_box_outside_or_empty(box, tiny_model_dir, scene, tmp
     ["--prompt", "x", "--plausibility", "1.5"],  # a fraction of the max probability
     ["--joint", "--prompt", "x"],
     ["--joint", "--progress", "frames"],
+    ["--joint", "--best-of", "2"],  # revision flags go with text-to-image
+    ["--inpaint", "SCENE", "--box", "0,0,4,4", "--revise"],
     [],  # text-to-image without a prompt
 ])
 def test_generate_usage_errors_exit_2(argv, tiny_model_dir, scene):
@@ -274,6 +276,32 @@ def test_infill_fills_the_blanks_and_refuses_texts_without_one(tiny_model_dir, p
     assert capsys.readouterr().out == pipe.infill([text]).texts[0] + "\n"
     assert infill.main(["--model", tiny_model_dir, "--text", "no blank here"]) == infill.EXIT_USAGE
     assert "no blank" in capsys.readouterr().err
+
+
+def test_revision_flags_reach_the_pipeline(tiny_model_dir, pipe, scene, tmp_path, capsys):
+    """--revise, --draft (any model folder of the same vocabulary drafts), --best-of and --tokens-per-blank auto."""
+    from mmdlm import caption, infill
+    from mmdlm.sampling.revise import Revision
+
+    image = Image.open(scene)
+    base = ["--model", tiny_model_dir, "--device", "cpu", "--image", str(scene)]
+    assert caption.main([*base, "--revise", "-v"]) in (caption.EXIT_OK, caption.EXIT_NO_ANSWER)
+    out, err = capsys.readouterr()
+    expected = pipe.caption([image], revision=Revision())
+    assert out == expected.texts[0] + "\n" and f"NFE {expected.nfe}" in err
+    assert caption.main([*base, "--draft", tiny_model_dir]) in (caption.EXIT_OK, caption.EXIT_NO_ANSWER)
+    assert capsys.readouterr().out == pipe.caption([image], draft=pipe).texts[0] + "\n"
+    assert caption.main([*base, "--draft", str(tmp_path / "none")]) == caption.EXIT_USAGE
+    assert "does not exist" in capsys.readouterr().err
+    status = vqa.main([*base, "--question", "what color is the circle?", "--revise"])
+    assert status in (vqa.EXIT_OK, vqa.EXIT_NO_ANSWER)
+    assert generate.main(["--model", tiny_model_dir, "--device", "cpu", "--prompt", "a red circle", "--num", "1",
+                          "--steps", "2", "--best-of", "3", "--out", str(tmp_path / "b.png")]) == 0
+    assert "NFE 3," in capsys.readouterr().out  # 2 steps for the 3 candidates together, then 1 scoring call
+    text = "a large [MASK] circle at the top left"
+    assert infill.main(["--model", tiny_model_dir, "--device", "cpu", "--text", text, "--tokens-per-blank", "auto",
+                        "--max-blank", "2"]) == infill.EXIT_OK
+    assert capsys.readouterr().out == pipe.infill([text], tokens_per_blank=None, max_blank=2).texts[0] + "\n"
 
 
 def test_sampler_help_shows_the_task_defaults(capsys):

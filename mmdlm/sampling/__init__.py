@@ -10,6 +10,8 @@
 - `masked`: `MaskedScheduler` (LLaDA, MaskGIT, Fast-dLLM, ReMDM).
 - `autoregressive`: `ARScheduler` (left to right with a KV cache).
 - `tokens`: schedules, confidence scores, modality restriction, Gumbel-max choice, guidance.
+- `revise`: a model's leave-one-out scores of finished tokens, and `revise` (re-mask the doubtful ones, decode
+  them again): self-revision, hybrid AR draft -> MDM refinement, best-of-n by self-scoring.
 
 The names below load their module on first use (PEP 562), so `mmdlm.sampling.config` stays light.
 """
@@ -27,6 +29,7 @@ _EXPORTS = {
     "cosine_schedule": "tokens", "guided_logits": "tokens", "linear_schedule": "tokens",
     "margin_confidence": "tokens", "probability_confidence": "tokens", "random_confidence": "tokens",
     "restrict": "tokens", "sample_tokens": "tokens",
+    "Revision": "revise", "revise": "revise", "token_scores": "revise",
 }
 __all__ = sorted(_EXPORTS)
 
