@@ -238,18 +238,15 @@ class MMDLMPipeline:
         if draft.device != self.device:
             raise ValueError(f"the draft model is on {draft.device}, this one on {self.device}")
 
-    def caption_likelihood(self, images, captions: list[str] | torch.Tensor) -> torch.Tensor:
+    def caption_likelihood(self, images, captions: list[str]) -> torch.Tensor:
         """Float64[B]: how well each caption fits its image in this model's judgement: the pseudo-log-likelihood
         (sum over the caption's tokens and its `<eos>` of log p(token | image, the rest of the caption), each token
         masked in its own row: one forward call of ~caption-length rows per image; a causal model: its exact
         log-likelihood). Self-verification: `text_to_image(best_of=n)` keeps the image whose prompt scores best.
-        `images`: anything `encode_images` takes, or codes Long[B, h, w]; `captions`: texts, or caption-region ids."""
+        `images`: anything `encode_images` takes, or codes Long[B, h, w]."""
         given_codes = isinstance(images, torch.Tensor) and images.dtype == torch.long
         codes = (images if given_codes else self.encode_images(images)).cpu()
-        if isinstance(captions, torch.Tensor):
-            ids = [self.vocab.text_ids_only(c) for c in captions]
-        else:
-            ids = [self._encode_text(c, self.layout.caption_len, "caption") for c in captions]
+        ids = [self._encode_text(c, self.layout.caption_len, "caption") for c in captions]
         if len(ids) != len(codes):
             raise ValueError(f"got {len(codes)} images but {len(ids)} captions")
         samples = [caption_sample(c, i, self.vocab, self.layout) for c, i in zip(codes, ids)]
