@@ -392,20 +392,25 @@ class CaptionsWorld:
         return [None] * len(images)
 
 
-def load_scorer(spec: str) -> ImageScorer:
-    """`module:function` -> that callable (an `ImageScorer`); ValueError naming what is wrong."""
+def load_callable(spec: str, what: str) -> Callable:
+    """`module:function` -> that callable; a ValueError naming `what` (e.g. "scorer") and what is wrong."""
     import importlib
 
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
-        raise ValueError(f"a scorer is given as module:function, got {spec!r}")
+        raise ValueError(f"a {what} is given as module:function, got {spec!r}")
     try:
         fn = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as err:
-        raise ValueError(f"cannot load the scorer {spec!r}: {err}") from err
+        raise ValueError(f"cannot load the {what} {spec!r}: {err}") from err
     if not callable(fn):
-        raise ValueError(f"the scorer {spec!r} is not callable")
+        raise ValueError(f"the {what} {spec!r} is not callable")
     return fn
+
+
+def load_scorer(spec: str) -> ImageScorer:
+    """`module:function` -> that callable (an `ImageScorer`); ValueError naming what is wrong."""
+    return load_callable(spec, "scorer")
 
 
 WORLDS: dict[str, Callable[[Sequence[dict], int], World]] = {
