@@ -7,12 +7,15 @@ completions' log-likelihood with a KL penalty to the frozen starting model:
 
     loss = -mean_i( A_i * r_i ) + beta * mean_i( KL_i ),   r_i = exp((ll_i - sg(ll_i)) / L_i)
 
-`ll_i` is the completion's log-likelihood given its prompt: exact for the AR twin (ordinary GRPO), the coupled
-ELBO estimate for a masked-diffusion model (`mmdlm.likelihood`, coupled-GRPO), the policy and the reference scored
-on the same masks. Dividing by the completion's length L_i is GSPO's sequence-level ratio: a 64-token image's
-log-likelihood would otherwise swing the ratio by e^(tens) for a small update. One update per rollout batch, so
-the ratio is 1 in value and PPO's clipping would never act; it is left out. KL_i is the k3 estimate
-exp(d) - d - 1 with d = (ll_ref - ll) / L_i.
+`ll_i` is the completion's log-likelihood given its prompt: exact for the AR twin (ordinary GRPO), the coupled ELBO
+estimate for a masked-diffusion model (`mmdlm.likelihood`, coupled-GRPO; `full_mask`: diffu-GRPO's one-step
+estimate), the policy and the reference scored on the same masks. When the rollouts are drawn with classifier-free
+guidance, the per-token terms are those of the guided distribution, softmax(cond + w (cond - uncond)): trained on
+the conditional likelihood alone, the policy improved its unguided samples (all-correct +5.25 points) and lost 6.5
+points of guided ones (BENCHMARKS.md, issue 19). Dividing by the completion's length L_i is GSPO's sequence-level
+ratio: a 64-token image's log-likelihood would otherwise swing the ratio by e^(tens) for a small update. One update
+per rollout batch, so the ratio is 1 in value and PPO's clipping would never act; it is left out. KL_i is the k3
+estimate exp(d) - d - 1 with d = (ll_ref - ll) / L_i.
 
 The model is trained as it samples: the rollouts run in eval mode under `torch.inference_mode`, the update in
 train mode. At the end of fit the model is exported as a model folder (`export_dir`).
@@ -29,7 +32,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from mmdlm.errors import UserError
-from mmdlm.likelihood import ar_log_likelihood, elbo
+from mmdlm.likelihood import ar_log_likelihood, elbo, full_mask_log_likelihood
 from mmdlm.rewards import load_reward
 from mmdlm.sampling import scheduler_for
 from mmdlm.sampling.config import DEFAULT_SAMPLERS
@@ -74,12 +77,14 @@ class LitGRPO(L.LightningModule):
         lr: AdamW learning rate.
         beta: weight of the KL penalty to the starting model.
         likelihood_draws: coupled mask pairs per ELBO estimate (masked diffusion).
+        full_mask: masked diffusion: score the completion with all of it masked (diffu-GRPO's one-step estimate)
+            instead of the coupled ELBO.
         sampler: `SamplerConfig` fields overriding the task's default for the rollouts.
         export_dir: where the model folder is written at the end of fit.
     """
 
     def __init__(self, init_from: str, task: str = "t2i", reward: str = "t2i_all_correct", group_size: int = 8,
-                 lr: float = 1e-5, beta: float = 0.02, likelihood_draws: int = 1,
+                 lr: float = 1e-5, beta: float = 0.02, likelihood_draws: int = 1, full_mask: bool = False,
                  sampler: dict[str, Any] | None = None, export_dir: str | None = None, seed: int = 0) -> None:
         super().__init__()
         from mmdlm.pipeline import MMDLMPipeline
@@ -143,8 +148,11 @@ class LitGRPO(L.LightningModule):
         drawn from `seed` (the same for the policy and the reference)."""
         if model.config.causal:
             return ar_log_likelihood(model, batch)
+        w = self.config.guidance_scale  # the distribution the rollouts were drawn from
+        if self.hparams.full_mask:
+            return full_mask_log_likelihood(model, batch, self.processor.vocab, w)
         g = torch.Generator(device=batch.ids.device).manual_seed(seed)
-        return elbo(model, batch, self.processor.vocab, draws=self.hparams.likelihood_draws, generator=g)
+        return elbo(model, batch, self.processor.vocab, draws=self.hparams.likelihood_draws, generator=g, guidance=w)
 
     def training_step(self, items: list[dict], batch_idx: int) -> torch.Tensor | None:
         samples, records = self.prompts(items)

@@ -30,11 +30,20 @@ from mmdlm.sequence import Batch
 from mmdlm.vocab import Vocab
 
 
-def _masked_log_probs(model: torch.nn.Module, batch: Batch, masked: torch.Tensor, vocab: Vocab) -> torch.Tensor:
+def _masked_log_probs(model: torch.nn.Module, batch: Batch, masked: torch.Tensor, vocab: Vocab,
+                      guidance: float = 0.0) -> torch.Tensor:
     """Float[B, T]: log p(x_i | the batch with `masked` (Bool[B, T]) set to `<mask>`) at the masked positions, 0
-    elsewhere."""
+    elsewhere. `guidance` = w > 0: of the classifier-free-guided distribution the sampler draws from,
+    softmax(cond + w (cond - uncond)), the condition dropped as `pad | cond` (both rows in one call)."""
     noisy = batch.ids.masked_fill(masked, vocab.mask)  # (B, T)
-    logits = model(noisy, batch.pad, batch.image_index, logits_at=masked, prefix=batch.prefix)  # (M, V)
+    if guidance > 0:
+        logits = model(noisy.repeat(2, 1), torch.cat([batch.pad, batch.pad | batch.cond]),
+                       batch.image_index.repeat(2, 1), logits_at=masked.repeat(2, 1),
+                       prefix=batch.prefix.repeat(2))  # (2M, V): cond rows, then uncond rows
+        cond, uncond = logits.float().chunk(2)
+        logits = cond + guidance * (cond - uncond)  # (M, V)
+    else:
+        logits = model(noisy, batch.pad, batch.image_index, logits_at=masked, prefix=batch.prefix)  # (M, V)
     out = torch.zeros(masked.shape, dtype=logits.dtype, device=logits.device)
     out[masked] = -F.cross_entropy(logits.float(), batch.ids[masked], reduction="none").to(logits.dtype)  # (M,)
     return out
@@ -50,8 +59,16 @@ def ar_log_likelihood(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     return lp.sum(1)
 
 
+def full_mask_log_likelihood(model: torch.nn.Module, batch: Batch, vocab: Vocab, guidance: float = 0.0) -> torch.Tensor:
+    """Float[B]: sum over the targets of log p(x_i | the rest, every target masked): diffu-GRPO's one-step estimate
+    (d1). One forward; biased (it scores each token as the first step sees it), with none of the ELBO's 1/t
+    variance."""
+    target = batch.target & ~batch.pad  # (B, T)
+    return _masked_log_probs(model, batch, target, vocab, guidance).sum(1)
+
+
 def elbo(model: torch.nn.Module, batch: Batch, vocab: Vocab, draws: int = 1, eps: float = 1e-3,
-         generator: torch.Generator | None = None) -> torch.Tensor:
+         generator: torch.Generator | None = None, guidance: float = 0.0) -> torch.Tensor:
     """Float[B]: a coupled Monte-Carlo estimate of each sequence's ELBO, a lower bound on log p(target | rest).
 
     Per draw: t ~ U(eps, 1 - eps) per row, a mask with each target token masked with probability t (weight 1/t)
@@ -68,7 +85,7 @@ def elbo(model: torch.nn.Module, batch: Batch, vocab: Vocab, draws: int = 1, eps
         u = torch.rand(target.shape, generator=generator, device=batch.ids.device)  # (B, T)
         masked = target & (u < t[:, None])  # (B, T)
         both = torch.cat([masked, target & ~masked])  # (2B, T)
-        lp = _masked_log_probs(model, pair, both, vocab).sum(1)  # (2B,)
+        lp = _masked_log_probs(model, pair, both, vocab, guidance).sum(1)  # (2B,)
         total = total + (lp[:B] / t + lp[B:] / (1 - t)) / 2  # each view alone estimates the bound
     return total / draws
 
