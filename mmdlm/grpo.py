@@ -135,12 +135,11 @@ class LitGRPO(L.LightningModule):
 
     def completions(self, ids: torch.Tensor, samples: list[Sample]) -> Any:
         """The rollouts as the reward reads them: images Float[N, 3, H, W], or the answers' texts."""
+        from mmdlm.pipeline import image_codes
+
         vocab, p = self.processor.vocab, self.processor
         if self.hparams.task == "t2i":
-            h, w = p.vq.grid
-            codes = torch.stack([vocab.token_to_image(row[: len(s)][s.image_index.to(ids.device) >= 0]).view(h, w)
-                                 for row, s in zip(ids, samples)])
-            return p.decode_images(codes.cpu()).cpu()
+            return p.decode_images(image_codes(ids, samples, vocab, p.vq.grid).cpu()).cpu()
         return [p.decode_text(row[: len(s)][s.target.to(ids.device)].cpu()) for row, s in zip(ids, samples)]
 
     def log_likelihood(self, model: torch.nn.Module, batch, seed: int) -> torch.Tensor:

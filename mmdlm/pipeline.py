@@ -210,26 +210,31 @@ class MMDLMPipeline:
         NFE and forward rows are the sums of both passes."""
         if draft is None and revision is None:
             return self._generate(samples, config, seed, history, callback)
-        batch = collate(samples, self.vocab).to(self.device)
-        nfe = rows = 0
         if draft is None:
             first = self._generate(samples, config, seed)
-            revision = revision or Revision()
+            out = self._revise(samples, first.ids, config, revision or Revision(), seed + 1)
         else:
             self._check_draft(draft)
             first = draft._generate(samples, draft.sampler(task), seed)
-            revision = revision or HYBRID_REVISION
-        ids = first.ids.to(self.device)
-        drafted = replace(batch, ids=ids)
+            out = self._revise(samples, first.ids, config, revision or HYBRID_REVISION, seed + 1, judge=draft.model)
+        return replace(out, nfe=first.nfe + out.nfe, forward_rows=first.forward_rows + out.forward_rows)
+
+    def _revise(self, samples: list[Sample], ids: torch.Tensor, config: SamplerConfig, revision: Revision,
+                seed: int, judge: torch.nn.Module | None = None) -> SampleResult:
+        """Revise the samples' targets as filled in `ids` (Long[B, T]); `judge`: the model that wrote them, whose own
+        doubts (p < `revision.draft_confidence`) are the only tokens this model judges."""
+        batch = collate(samples, self.vocab).to(self.device)
+        ids = ids.to(self.device)
+        filled = replace(batch, ids=ids)
         positions = content(ids, batch.target, self.vocab.eos)  # (B, T)
-        if draft is not None and revision.draft_confidence < 1:  # the draft's own doubts only
-            judged = token_scores(draft.model, drafted, positions, self.vocab)
+        nfe = rows = 0
+        if judge is not None and revision.draft_confidence < 1:  # the draft's own doubts only
+            judged = token_scores(judge, filled, positions, self.vocab)
             positions &= judged.p < revision.draft_confidence
             nfe, rows = judged.nfe, judged.rows
-        generator = torch.Generator(device=self.device).manual_seed(seed + 1)
-        out = revise(self.model, self.scheduler, drafted, positions, self.vocab, config, revision, generator)
-        return SampleResult(out.ids, first.nfe + nfe + out.nfe, None, first.forward_rows + rows + out.forward_rows,
-                            remasked=int(out.remasked.sum()))
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        out = revise(self.model, self.scheduler, filled, positions, self.vocab, config, revision, generator)
+        return SampleResult(out.ids, nfe + out.nfe, None, rows + out.forward_rows, remasked=int(out.remasked.sum()))
 
     def _check_draft(self, draft: MMDLMPipeline) -> None:
         if draft.vocab != self.vocab or draft.layout != self.layout:
@@ -264,12 +269,7 @@ class MMDLMPipeline:
         return out
 
     def _codes(self, ids: torch.Tensor, samples: list[Sample]) -> torch.Tensor:
-        h, w = self.vq.grid
-        rows = []
-        for row, s in zip(ids, samples):
-            img = row[: len(s)][s.image_index.to(ids.device) >= 0]  # (N,)
-            rows.append(self.vocab.token_to_image(img).view(h, w))
-        return torch.stack(rows)
+        return image_codes(ids, samples, self.vocab, self.vq.grid)
 
     # ---- tasks ------------------------------------------------------------------------------------
     def caption(self, images, sampler: SamplerConfig | None = None, seed: int = 0, *,
@@ -291,15 +291,9 @@ class MMDLMPipeline:
         if len(captions) != len(codes):
             raise ValueError(f"got {len(codes)} images but {len(captions)} captions")
         ids = [self._encode_text(c, self.layout.caption_len, "caption") for c in captions]
-        given = [caption_sample(c, i, self.vocab, self.layout) for c, i in zip(codes, ids)]
+        given = collate([caption_sample(c, i, self.vocab, self.layout) for c, i in zip(codes, ids)], self.vocab).ids
         samples = [caption_prompt(c, self.vocab, self.layout) for c in codes]
-        batch = collate(samples, self.vocab).to(self.device)
-        canvas = collate(given, self.vocab).ids.to(self.device)
-        generator = torch.Generator(device=self.device).manual_seed(seed)
-        positions = content(canvas, batch.target, self.vocab.eos)  # (B, T)
-        config = self.sampler("caption", sampler, **overrides)
-        out = revise(self.model, self.scheduler, replace(batch, ids=canvas), positions, self.vocab, config, revision,
-                     generator)
+        out = self._revise(samples, given, self.sampler("caption", sampler, **overrides), revision, seed)
         return TextOutput([t[0] for t in self._texts(out.ids, samples)], out.nfe, out.ids)
 
     def answer(self, images, questions: list[str], sampler: SamplerConfig | None = None, seed: int = 0, *,
@@ -456,6 +450,15 @@ class MMDLMPipeline:
             region = row[: len(s)][(s.image_index < 0) & ~s.pad & (row[: len(s)] != self.vocab.text_task)]
             out.append(self.processor.decode_text(region))
         return TextOutput(out, res.nfe, res.ids)
+
+
+def image_codes(ids: torch.Tensor, samples: list[Sample], vocab: Vocab, grid: tuple[int, int]) -> torch.Tensor:
+    """Long[B, h, w]: the image codes of each row of a decoded canvas (Long[B, T]) laid out as `samples`."""
+    rows = []
+    for row, s in zip(ids, samples):
+        img = row[: len(s)][s.image_index.to(ids.device) >= 0]  # (N,)
+        rows.append(vocab.token_to_image(img).view(*grid))
+    return torch.stack(rows)
 
 
 def select_rows(batch: Batch, rows: slice) -> Batch:
