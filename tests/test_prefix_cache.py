@@ -32,12 +32,13 @@ def records(n: int, grid: tuple[int, int], codebook: int, seed: int) -> list[dic
     return out
 
 
-@pytest.fixture(scope="module")
-def prefix_pipe(tiny_model_dir) -> MMDLMPipeline:
-    """The tiny folder's model rebuilt with prefix attention (and the AR-adapted head), trained 40 steps on it."""
-    torch.set_num_threads(1)
-    pipe = MMDLMPipeline.from_pretrained(tiny_model_dir, device="cpu")
-    config = replace(pipe.model.config, prefix_attention=True, shift_logits=True)
+def train_toy(pipe: MMDLMPipeline, config, steps: int, task: str | None = None,
+              corrupt: float = 0.0) -> tuple[Transformer, list[float]]:
+    """The folder's weights in a model built with `config`, trained `steps` steps on the toy `records` (tasks drawn
+    by the builder, or `task`); masked diffusion (with `corrupt`), or the AR loss for a causal config. Returns the
+    model in eval mode and its losses."""
+    from mmdlm.diffusion import ar_loss
+
     torch.manual_seed(0)
     model = Transformer(config)
     model.load_state_dict(pipe.model.state_dict())
@@ -47,15 +48,28 @@ def prefix_pipe(tiny_model_dir) -> MMDLMPipeline:
     g = torch.Generator().manual_seed(0)
     losses = []
     model.train()
-    for step in range(40):
-        batch = collate([builder.build(r) for r in data[(step * 16) % 64:][:16]], pipe.vocab)
-        loss = masked_diffusion_loss(model, batch, pipe.vocab, generator=g).loss
+    for step in range(steps):
+        batch = collate([builder.build(r, task) for r in data[(step * 16) % 64:][:16]], pipe.vocab)
+        if config.causal:
+            loss = ar_loss(model, batch).loss
+        else:
+            loss = masked_diffusion_loss(model, batch, pipe.vocab, generator=g, corrupt=corrupt).loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         losses.append(float(loss.detach()))
+    return model.eval(), losses
+
+
+@pytest.fixture(scope="module")
+def prefix_pipe(tiny_model_dir) -> MMDLMPipeline:
+    """The tiny folder's model rebuilt with prefix attention (and the AR-adapted head), trained 40 steps on it."""
+    torch.set_num_threads(1)
+    pipe = MMDLMPipeline.from_pretrained(tiny_model_dir, device="cpu")
+    config = replace(pipe.model.config, prefix_attention=True, shift_logits=True)
+    model, losses = train_toy(pipe, config, 40)
     assert sum(losses[-5:]) < sum(losses[:5])  # it did learn something with the option on
-    pipe.model = model.eval()
+    pipe.model = model
     return pipe
 
 

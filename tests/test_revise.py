@@ -8,39 +8,18 @@ from dataclasses import replace
 import pytest
 import torch
 
-from mmdlm.diffusion import masked_diffusion_loss
 from mmdlm.model import Transformer
 from mmdlm.pipeline import HYBRID_REVISION, MMDLMPipeline
 from mmdlm.processor import MMDLMProcessor
 from mmdlm.sampling import SamplerConfig
 from mmdlm.sampling.revise import Revision, content, doubtful, revise, token_scores
-from mmdlm.sequence import SequenceBuilder, caption_prompt, caption_sample, collate
-from tests.test_prefix_cache import COLOURS, records
+from mmdlm.sequence import caption_prompt, caption_sample, collate
+from tests.test_prefix_cache import COLOURS, records, train_toy
 
 
 def trained(pipe: MMDLMPipeline, steps: int, causal: bool = False, corrupt: float = 0.0) -> Transformer:
-    """The tiny folder's model trained `steps` steps on scenes whose codes say the caption's colour and shape."""
-    from mmdlm.diffusion import ar_loss
-
-    config = replace(pipe.model.config, causal=causal)
-    torch.manual_seed(0)
-    model = Transformer(config)
-    model.load_state_dict(pipe.model.state_dict())
-    builder = SequenceBuilder(pipe.vocab, pipe.tokenizer, pipe.layout, seed=0)
-    data = records(64, pipe.vq.grid, pipe.vocab.codebook_size, seed=0)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    g = torch.Generator().manual_seed(0)
-    model.train()
-    for step in range(steps):
-        batch = collate([builder.build(r, "caption") for r in data[(step * 16) % 64:][:16]], pipe.vocab)
-        if causal:
-            loss = ar_loss(model, batch).loss
-        else:
-            loss = masked_diffusion_loss(model, batch, pipe.vocab, generator=g, corrupt=corrupt).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return model.eval()
+    """The tiny folder's model trained `steps` steps on captions of scenes whose codes say colour and shape."""
+    return train_toy(pipe, replace(pipe.model.config, causal=causal), steps, "caption", corrupt)[0]
 
 
 @pytest.fixture(scope="module")
