@@ -436,6 +436,10 @@ class RecordDecoder:
             if not isinstance(meta, dict):
                 raise BadSample("json", f"{sample['__key__']}: json must be an object, "
                                         f"got {type(meta).__name__}")
+        if "texts" in meta or "images" in meta:  # an interleaved document (MMC4 / OBELICS)
+            record["segments"], record["targets"] = self._document(sample, meta)
+            record.update(captions=[], qa=[], meta=meta)
+            return record
         txt = _text(sample["txt"]) if "txt" in sample else None
         record["captions"] = _captions(meta, txt)
         if self.require_captions and not record["captions"]:
@@ -449,11 +453,52 @@ class RecordDecoder:
             ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
             if ext is None:
                 raise BadSample("image", f"{sample['__key__']}: no image member (has {sorted(sample)})")
-            try:
-                record["image"] = load_image(sample[ext], self.image_size)
-            except Exception as err:  # noqa: BLE001 (PIL raises OSError, SyntaxError, ValueError, ...)
-                raise BadSample("image", f"{sample['__key__']}: unreadable {ext} ({err!r})") from None
+            record["image"] = self._image(sample, ext)
         return record
+
+    def _image(self, sample: dict, member: str) -> torch.Tensor:
+        try:
+            return load_image(sample[member], self.image_size)
+        except Exception as err:  # noqa: BLE001 (PIL raises OSError, SyntaxError, ValueError, ...)
+            raise BadSample("image", f"{sample['__key__']}: unreadable {member} ({err!r})") from None
+
+    def _document(self, sample: dict, meta: dict) -> tuple[list[dict], list[int] | None]:
+        """An interleaved document's segments ({"text": str} or {"image", "codes"}) and its `targets`.
+
+        The json's `texts` and `images` are lists of one length, one entry per segment, exactly one of the two
+        non-null (MMC4 / OBELICS); `images[i]` names the sample's member holding the image (e.g. "0.png", or
+        "KEY.0.png"), and its codes, once pre-tokenized, are the member of the same stem with `npy` ("0.npy").
+        `targets` (optional): the indices of the segments a recipe generates."""
+        key, texts, images = sample["__key__"], meta.get("texts"), meta.get("images")
+        if not isinstance(texts, list) or not isinstance(images, list) or len(texts) != len(images) or not texts:
+            raise BadSample("json", f"{key}: a document needs 'texts' and 'images' lists of one length, "
+                                    f"got {texts!r:.60} and {images!r:.60}")
+        segments: list[dict] = []
+        for i, (text, image) in enumerate(zip(texts, images)):
+            if (text is None) == (image is None):
+                raise BadSample("json", f"{key}: segment {i} must hold a text or an image (one of them null)")
+            if text is not None:
+                if not isinstance(text, str):
+                    raise BadSample("json", f"{key}: texts[{i}] must be a string, got {text!r:.40}")
+                segments.append({"text": text.strip()})
+                continue
+            member = str(image).removeprefix(key.rpartition("/")[2] + ".").lower()
+            segment: dict[str, Any] = {}
+            codes = member.rpartition(".")[0] + ".npy"
+            if self.load_codes and codes in sample:
+                segment["codes"] = _codes(sample[codes])
+            if self.load_images or (self.load_codes and "codes" not in segment):
+                if member not in sample:
+                    raise BadSample("image", f"{key}: images[{i}] names {member!r}, which the sample lacks")
+                segment["image"] = self._image(sample, member)
+            segments.append(segment)
+        _check_unicode(key, {"captions": [s["text"] for s in segments if "text" in s], "qa": []})
+        targets = meta.get("targets")
+        if targets is not None and (not isinstance(targets, list) or not targets or not all(
+                isinstance(t, int) and 0 <= t < len(segments) for t in targets)):
+            raise BadSample("json", f"{key}: 'targets' must list segment indices in [0, {len(segments)}), "
+                                    f"got {targets!r:.60}")
+        return segments, targets
 
 
 @dataclass

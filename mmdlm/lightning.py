@@ -89,9 +89,10 @@ class MDMDataModule(ShardDataModule):
         self.bucket_pool = bucket_pool
 
     def transform(self, record: dict) -> Any:
-        if "codes" not in record:  # raw images: run the VQ encoder here (pre-tokenize to skip this)
-            with torch.no_grad():
-                record["codes"] = self.processor.vq.encode(record["image"][None])[0]  # (h, w)
+        for item in [record, *record.get("segments", ())]:  # a document's images are its segments
+            if "image" in item and "codes" not in item:  # raw images: run the VQ encoder here (pre-tokenize)
+                with torch.no_grad():
+                    item["codes"] = self.processor.vq.encode(item["image"][None])[0]  # (h, w)
         return self.builder.build(record)
 
     def collate(self, samples: list) -> Batch:

@@ -39,9 +39,11 @@ from mmdlm.sequence import (
     Batch,
     Layout,
     Sample,
+    Segment,
     caption_prompt,
     caption_sample,
     collate,
+    document_prompt,
     joint_prompt,
     mask_target,
     t2i_prompt,
@@ -89,6 +91,22 @@ class JointOutput:
     def pil(self) -> list[Image.Image]:
         """The images as RGB PIL images."""
         return to_pil_images(self.images)
+
+
+@dataclass(frozen=True)
+class Blank:
+    """A segment for `complete_document` to generate: a text of `length` tokens (default `Layout.segment_len`:
+    content, then `<eos>` fill) or, with `image=True`, an image."""
+
+    image: bool = False
+    length: int | None = None
+
+
+@dataclass
+class DocumentOutput:
+    documents: list[list[str | Image.Image]]  # each document with its blanks filled: texts and PIL images
+    nfe: int
+    ids: torch.Tensor | None = field(default=None, repr=False)  # Long[B, T] the final canvas
 
 
 def to_pil_images(images: torch.Tensor) -> list[Image.Image]:
@@ -386,6 +404,38 @@ class MMDLMPipeline:
             samples.append(mask_target(s, self.vocab, where))
         res = self._generate(samples, self.sampler("inpaint", sampler, **overrides), seed)
         return self._image_output(res, samples)
+
+    def complete_document(self, documents: list[list[Any]], sampler: SamplerConfig | None = None, seed: int = 0,
+                          **overrides) -> DocumentOutput:
+        """Fill the blanks of interleaved documents: each document is a list of segments, a `str` (a given text),
+        an image (PIL, `pathlib.Path` or Float[3, H, W] in [0, 1]: a given image) or a `Blank` (a text or an image
+        to generate), in any order and number (`sequence.document_sample` lays them out). Every blank is
+        generated together, seeing every given segment (the AR twin sees only the segments before it)."""
+        n = self.vq.tokens_per_image
+        samples = []
+        for doc in documents:
+            segments = []
+            for part in doc:
+                if isinstance(part, Blank):
+                    segments.append(Segment.of_image(None, True, n) if part.image else
+                                    Segment.of_text(None, True, part.length))
+                elif isinstance(part, str):
+                    segments.append(Segment.of_text(self._encode_text(part, self.layout.text_len, "text")))
+                else:
+                    segments.append(Segment.of_image(self.encode_images([part]).cpu()[0]))
+            if not any(s.target for s in segments):
+                raise ValueError("a document needs at least one Blank to generate")
+            samples.append(document_prompt(segments, self.vocab, self.layout))
+        res = self._generate(samples, self.sampler("document", sampler, **overrides), seed)
+        h, w = self.vq.grid
+        filled = []
+        for row, s, doc in zip(res.ids.cpu(), samples, documents):
+            texts = iter(self._texts(row[None], [s])[0])
+            codes = self.vocab.token_to_image(row[: len(s)][s.target & (s.image_index >= 0)]).view(-1, h, w)
+            images = iter(to_pil_images(self.processor.decode_images(codes.to(self.device))) if len(codes) else [])
+            filled.append([(next(images) if part.image else next(texts)) if isinstance(part, Blank) else part
+                           for part in doc])
+        return DocumentOutput(filled, res.nfe, res.ids)
 
     def infill(self, texts: list[str], tokens_per_blank: int | None = 1, sampler: SamplerConfig | None = None,
                seed: int = 0, *, max_blank: int = 4, **overrides) -> TextOutput:

@@ -1,5 +1,7 @@
 """Pre-tokenize webdataset shards: add each image's VQ codes as an `npy` member beside the original ones.
 
+A document's images (an interleaved sample: json `images`, e.g. "0.png", "1.png") each get theirs ("0.npy").
+
 Glue between the model's data path (`mmdlm.data`: shard patterns, the image decoding, `UserError`) and an
 image tokenizer (`vision.load`); it lives in mmdlm so that `vision` imports nothing of mmdlm. Images are
 decoded by the data path's `load_image`, so a sample's stored codes are exactly the ones the DataModule would
@@ -65,6 +67,27 @@ def raw_samples(shard: str, counts: dict[str, int]) -> Iterator[dict]:
         yield {k: v for k, v in sample.items() if k == "__key__" or not k.startswith("__")}
 
 
+def image_members(sample: dict) -> dict[str, str]:
+    """{image member: its codes member} of a raw sample: a document's images (its json `images`, MMC4 / OBELICS,
+    e.g. "0.png" -> "0.npy") or a single-image sample's image ("png" -> "npy"). ValueError if there is none."""
+    try:
+        meta = json.loads(sample["json"]) if "json" in sample else {}
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        meta = {}  # the readers judge the json; here only the image matters
+    names = meta.get("images") if isinstance(meta, dict) else None
+    if isinstance(names, list):
+        key = sample["__key__"].rpartition("/")[2] + "."
+        members = [str(n).removeprefix(key).lower() for n in names if n is not None]
+        missing = [m for m in members if m not in sample]
+        if missing or not members:
+            raise ValueError(f"document images {missing or names} not among the members {sorted(sample)}")
+        return {m: m.rpartition(".")[0] + ".npy" for m in members}
+    ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
+    if ext is None:
+        raise ValueError(f"no image member among {sorted(sample)}")
+    return {ext: "npy"}
+
+
 class ShardTokenizer:
     """Encodes the images of shards in batches and writes them back with their codes."""
 
@@ -73,12 +96,12 @@ class ShardTokenizer:
         self.batch_size = batch_size
         self.dtype = np.int16 if vq.codebook_size <= np.iinfo(np.int16).max + 1 else np.int32
 
-    def _flush(self, writer: wds.TarWriter, samples: list[dict], images: list[torch.Tensor]) -> None:
+    def _flush(self, writer: wds.TarWriter, samples: list[tuple[dict, list[str]]], images: list[torch.Tensor]) -> None:
         if not samples:
             return
-        codes = self.vq.encode(torch.stack(images)).cpu().numpy().astype(self.dtype)  # (B, h, w)
-        for sample, c in zip(samples, codes):
-            writer.write({**sample, "npy": npy_bytes(c)})
+        codes = iter(self.vq.encode(torch.stack(images)).cpu().numpy().astype(self.dtype))  # (B, h, w)
+        for sample, outputs in samples:
+            writer.write({**sample, **{name: npy_bytes(next(codes)) for name in outputs}})
         samples.clear()
         images.clear()
 
@@ -86,25 +109,25 @@ class ShardTokenizer:
         """Write `dst` with every readable sample of `src` plus its codes; `counts` gets written/skipped."""
         dst.parent.mkdir(parents=True, exist_ok=True)
         tmp = dst.with_name(dst.name + ".tmp")
-        samples: list[dict] = []
+        samples: list[tuple[dict, list[str]]] = []
         images: list[torch.Tensor] = []
         with wds.TarWriter(str(tmp)) as writer:
             for sample in raw_samples(src, counts):
-                ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
+                reason = "skipped_no_image"
                 try:
-                    if ext is None:
-                        raise ValueError(f"no image member among {sorted(sample)}")
-                    images.append(load_image(sample[ext], self.vq.image_size))
+                    members = image_members(sample)
+                    reason = "skipped_image"
+                    decoded = [load_image(sample[m], self.vq.image_size) for m in members]
                 except Exception as e:  # a broken image never kills the run: skip and count it
                     counts["skipped"] += 1
-                    reason = "skipped_no_image" if ext is None else "skipped_image"
                     counts[reason] = counts.get(reason, 0) + 1
                     print(f"[pretokenize] skipped {sample.get('__key__')} in {src}: {e!r}", file=sys.stderr)
                     continue
-                samples.append(sample)
+                samples.append((sample, list(members.values())))
+                images += decoded
                 counts["written"] += 1
                 progress.update(1)
-                if len(samples) >= self.batch_size:
+                if len(images) >= self.batch_size:
                     self._flush(writer, samples, images)
             self._flush(writer, samples, images)
         os.replace(tmp, dst)  # a shard appears only when complete

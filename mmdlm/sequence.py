@@ -8,6 +8,13 @@ UniDisc, with fixed-length text regions so that every sample of a task has the s
     VQA            <mmu> <soi> img*N <eoi> q1(pad-fill) <sep> a1(eos-fill) q2 ...      target: answers
     joint          <joint> <soi> img*N <eoi> <sep> caption(eos-fill)                  target: both
     text-only      <text> text(eos-fill)                                               target: text
+    document       <bos> (<soi> img*N <eoi> | <sep> text)*                             target: any segments
+
+A document is interleaved text and images (MMC4 / OBELICS; UniDisc's interleaved model), e.g. an edit
+`[source image, instruction, edited image]` or two images and a question about them. Any segment may be the
+target; a given text is as long as its content (no fill), a generated one is a fixed region (`Layout.segment_len`)
+with the `<eos>` fill. Each image has its own 2D positions (`image_index` restarts at 0 per image), and the
+segments' order is in the 1D (RoPE) positions.
 
 Condition regions are filled with `<pad>` (not attended, never a target). Generated text regions are
 filled with `<eos>` after the content and the fill is part of the target, as in LLaDA: the model
@@ -38,6 +45,7 @@ class Task(IntEnum):
     VQA = 2  # visual question answering
     JOINT = 3  # image and caption together
     TEXT = 4  # text-only masked-diffusion LM
+    DOC = 5  # an interleaved document: text and image segments, any of them generated
 
 
 @dataclass
@@ -112,6 +120,7 @@ class Layout:
     # 3 pairs triple it for ~25 more positions. The cost: answers can hint at each other (as questions
     # already do); a prompt may ask one question or several (`vqa_prompt`).
     qa_per_sample: int = 3
+    segment_len: int = 24  # a generated text segment of a document (content + <eos> fill): as long as a caption
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -170,7 +179,8 @@ class _Builder:
         ids = self._fit(ids, length, region)
         self._push(ids + [self.vocab.eos] * (length - len(ids)), target=target)
 
-    def image(self, codes: torch.Tensor | None, n_tokens: int | None = None, target: bool = False) -> None:
+    def image(self, codes: torch.Tensor | None, n_tokens: int | None = None, target: bool = False,
+              cond: bool = False) -> None:
         """`<soi> img*N <eoi>`; `codes` Long[h, w] (raster order) or None for N `<mask>` tokens."""
         if codes is not None:
             ids = self.vocab.image_to_token(torch.as_tensor(codes).reshape(-1)).tolist()
@@ -179,7 +189,7 @@ class _Builder:
         else:
             raise ValueError("an image region needs codes or a positive n_tokens")
         self.token(self.vocab.soi)
-        self._push(ids, target=target, image_index=range(len(ids)))
+        self._push(ids, target=target, image_index=range(len(ids)), cond=cond)
         self.token(self.vocab.eoi)
 
     def build(self, task: Task) -> Sample:
@@ -254,6 +264,67 @@ def text_sample(text_ids: Sequence[int] | None, vocab: Vocab, layout: Layout,
     return b.build(Task.TEXT)
 
 
+@dataclass(frozen=True)
+class Segment:
+    """One segment of an interleaved document: a text (`text`, ids) or an image (`codes`, Long[h, w]).
+
+    A target segment is generated. Its content may be unknown (None: all `<mask>`); an image then needs
+    `n_tokens`, and a text region is `length` tokens (default `Layout.segment_len`).
+    """
+
+    image: bool  # the modality: an image segment, else text
+    text: tuple[int, ...] | None = None  # text ids (< vocab.text_size)
+    codes: torch.Tensor | None = None  # Long[h, w] VQ codes, raster order
+    target: bool = False  # generated rather than given
+    length: int | None = None  # a target text's region (content + <eos> fill); None: Layout.segment_len
+    n_tokens: int | None = None  # a target image without codes: its token count
+
+    def __post_init__(self) -> None:
+        if self.image and self.text is not None or not self.image and self.codes is not None:
+            raise ValueError("a segment is either a text (text=) or an image (codes=), not both")
+        if self.image and self.codes is None and not (self.target and self.n_tokens):
+            raise ValueError("an image segment needs codes, or target=True and n_tokens")
+        if not self.image and self.text is None and not self.target:
+            raise ValueError("a given text segment needs its text ids")
+
+    @classmethod
+    def of_text(cls, ids: Sequence[int] | None, target: bool = False, length: int | None = None) -> Segment:
+        return cls(image=False, text=None if ids is None else tuple(int(i) for i in ids), target=target,
+                   length=length)
+
+    @classmethod
+    def of_image(cls, codes: torch.Tensor | None, target: bool = False, n_tokens: int | None = None) -> Segment:
+        return cls(image=True, codes=None if codes is None else torch.as_tensor(codes), target=target,
+                   n_tokens=n_tokens)
+
+
+def document_sample(segments: Sequence[Segment], vocab: Vocab, layout: Layout,
+                    counter: Counter[str] | None = None) -> Sample:
+    """`<bos>` then each segment in order: `<soi> img*N <eoi>` or `<sep> text`; target = the target segments.
+
+    A given text is as long as its content (at most `layout.text_len`, truncation counted); a target text is a
+    `length` region with the `<eos>` fill. When a target is an image, the given segments are the condition that
+    classifier-free guidance drops (`cond`), as the caption of text-to-image is; text targets are read without
+    dropout, as captions and answers are.
+    """
+    if not segments:
+        raise ValueError("a document needs at least one segment")
+    guided = any(s.target and s.image for s in segments)
+    b = _Builder(vocab, counter)
+    b.token(vocab.bos)
+    for s in segments:
+        cond = guided and not s.target
+        if s.image:
+            b.image(s.codes, s.n_tokens, target=s.target, cond=cond)
+            continue
+        b.token(vocab.sep)
+        if s.target:
+            b.target_text(s.text, s.length or layout.segment_len, "segment")
+        else:
+            b.condition_text(s.text, min(len(s.text), layout.text_len), "segment", cond=cond)
+    return b.build(Task.DOC)
+
+
 # ---- prompts for inference: the same layouts with the target region masked -----------------------------
 def mask_target(sample: Sample, vocab: Vocab, where: torch.Tensor | None = None) -> Sample:
     """Set the target positions to `<mask>`. With `where` (Bool[T]) only those target positions are
@@ -297,11 +368,17 @@ def text_prompt(text_ids: Sequence[int], vocab: Vocab, layout: Layout) -> Sample
     return replace(sample, target=sample.target & (sample.ids == vocab.mask))
 
 
+def document_prompt(segments: Sequence[Segment], vocab: Vocab, layout: Layout) -> Sample:
+    """Document prompt: the target segments all `<mask>` (the given content of a target segment, if any, is
+    dropped), the others given."""
+    return mask_target(document_sample(segments, vocab, layout), vocab)
+
+
 # ---- the training-time builder ---------------------------------------------------------------------------
 # the shapes recipes' mix (configs/*-shapes.yaml): captioning at half the rate of text-to-image and VQA (its
 # targets are long and learn fast), joint generation and text-only infilling as side tasks
 DEFAULT_TASK_WEIGHTS: dict[Task, float] = {Task.T2I: 1.0, Task.VQA: 1.0, Task.CAPTION: 0.5, Task.JOINT: 0.25,
-                                           Task.TEXT: 0.25}
+                                           Task.TEXT: 0.25, Task.DOC: 1.0}  # DOC: only documents can do it
 
 
 def _task_of(key: Task | str | int) -> Task:
@@ -351,6 +428,8 @@ class SequenceBuilder:
             Task.VQA: has_codes and bool(record.get("qa")),
             Task.JOINT: has_codes and has_captions,
             Task.TEXT: has_captions,
+            Task.DOC: bool(record.get("segments")) and all(
+                "text" in seg or seg.get("codes") is not None for seg in record.get("segments") or ()),
         }
         return needs[task]
 
@@ -360,9 +439,16 @@ class SequenceBuilder:
             raise ValueError(f"text tokenizer gave ids outside [0, {self.vocab.text_size}) for {text!r}")
         return ids
 
+    def document(self, record: Mapping, rng: random.Random) -> list[Segment]:
+        """A document record's segments, one of them (drawn from the record's `targets`, default any) the target."""
+        segments = record["segments"]
+        target = rng.choice(list(record.get("targets") or range(len(segments))))
+        return [Segment.of_text(self._encode(seg["text"]), target=i == target) if "text" in seg
+                else Segment.of_image(seg["codes"], target=i == target) for i, seg in enumerate(segments)]
+
     def build(self, record: Mapping, task: Task | str | None = None,
               rng: random.Random | None = None) -> Sample:
-        """One training sample from a record (`codes` Long[h, w], `captions`, `qa`)."""
+        """One training sample from a record (`codes` Long[h, w], `captions`, `qa`; or a document's `segments`)."""
         rng = rng or self.rng
         if task is None:
             tasks = [t for t, w in self.task_weights.items() if w > 0 and self.can_do(record, t)]
@@ -382,6 +468,8 @@ class SequenceBuilder:
             pairs = rng.sample(list(record["qa"]), k)
             qa = [(self._encode(p["question"]), self._encode(p["answer"])) for p in pairs]
             sample = vqa_sample(codes, qa, self.vocab, layout, counter)
+        elif task == Task.DOC:
+            sample = document_sample(self.document(record, rng), self.vocab, layout, counter)
         else:
             caption = self._encode(rng.choice(list(record["captions"])))
             templates = {

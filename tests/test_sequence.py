@@ -169,10 +169,12 @@ def test_builder_is_seeded_and_covers_every_task() -> None:
     weights = {t: 1.0 for t in Task}
     b1 = SequenceBuilder(V, WordTokenizer(), L, weights, seed=3)
     b2 = SequenceBuilder(V, WordTokenizer(), L, weights, seed=3)
-    for _ in range(30):
-        x, y = b1.build(RECORD), b2.build(RECORD)
+    document = {"__key__": "d0", "segments": [{"codes": CODES}, {"text": "make it red"}, {"codes": CODES}]}
+    for record in [RECORD] * 30 + [document] * 3:
+        x, y = b1.build(record), b2.build(record)
         assert x.task == y.task and torch.equal(x.ids, y.ids)
-    assert set(b1.built) == set(Task)  # text-only works from captions alone
+    assert set(b1.built) == set(Task)  # text-only works from captions alone; only a document does DOC
+    assert b1.built[Task.DOC] == 3
     with pytest.raises(KeyError, match="unknown task"):
         SequenceBuilder(V, WordTokenizer(), L, {"t2x": 1.0})
 

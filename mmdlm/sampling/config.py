@@ -119,4 +119,5 @@ DEFAULT_SAMPLERS: dict[str, SamplerConfig] = {
     "joint": SamplerConfig(steps=16, temperature=1.0),
     "inpaint": SamplerConfig(steps=16, temperature=1.0),
     "infill": SamplerConfig(steps=None),
+    "document": SamplerConfig(steps=16, temperature=1.0),  # joint generation's: any mix of text and image blanks
 }
