@@ -163,11 +163,16 @@ def forward_mask(batch: Batch, t: torch.Tensor, vocab: Vocab, generator: torch.G
     return noisy, masked
 
 
-def cond_dropout(batch: Batch, p_uncond: float = 0.1, generator: torch.Generator | None = None) -> Batch:
+def cond_dropout(batch: Batch, p_uncond: float = 0.1, generator: torch.Generator | None = None,
+                 p_uncond_text: float = 0.0) -> Batch:
     """Classifier-free guidance training: for a fraction p_uncond of the sequences, hide the condition
-    (the caption of text-to-image) by `pad |= cond`: the empty prompt, same layout (INTERFACES.md)."""
-    drop = _rand((len(batch),), generator, batch.ids.device) < p_uncond  # (B,)
-    return replace(batch, pad=batch.pad | (batch.cond & drop[:, None]))
+    (the caption of text-to-image) by `pad |= cond`: the empty prompt, same layout (INTERFACES.md). For a further
+    fraction `p_uncond_text`, hide only the condition's text (an edit's instruction, its source image kept), the
+    third distribution of InstructPix2Pix's two guidance scales (`SamplerConfig.image_guidance_scale`)."""
+    u = _rand((len(batch),), generator, batch.ids.device)  # (B,)
+    drop, drop_text = u < p_uncond, (u >= p_uncond) & (u < p_uncond + p_uncond_text)  # (B,) each
+    hidden = batch.cond & (drop[:, None] | drop_text[:, None] & (batch.image_index < 0))  # (B, T)
+    return replace(batch, pad=batch.pad | hidden)
 
 
 # ---- losses -----------------------------------------------------------------------------------------------

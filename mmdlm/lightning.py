@@ -252,6 +252,8 @@ class LitMDM(LightningModule):
         weight_decay: AdamW weight decay on matrices (not on norms, biases and embeddings).
         warmup_steps: linear warmup steps.
         p_uncond: probability of dropping the caption for classifier-free guidance.
+        p_uncond_text: probability of dropping only the condition's text (an edit's instruction; its source image
+            kept), for an edit's separate image guidance (`SamplerConfig.image_guidance_scale`).
         image_schedule: `elbo` (1/t-weighted CE, MDLM) or `maskgit` (cosine ratio, unweighted CE) for images.
         weighting: training loss `elbo` (1/t-weighted, the bound) or `masked_mean` (mean CE of masked tokens:
             lower variance); the logged NLL is the ELBO either way.
@@ -306,6 +308,7 @@ class LitMDM(LightningModule):
         weight_decay: float = 0.05,
         warmup_steps: int = 100,
         p_uncond: float = 0.1,
+        p_uncond_text: float = 0.0,
         image_schedule: str = "elbo",
         weighting: str = "elbo",
         task_balanced: bool = False,
@@ -392,8 +395,8 @@ class LitMDM(LightningModule):
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         g = self._generator(salt=0)
-        if self.hparams.p_uncond > 0:
-            batch = cond_dropout(batch, self.hparams.p_uncond, generator=g)
+        if self.hparams.p_uncond > 0 or self.hparams.p_uncond_text > 0:
+            batch = cond_dropout(batch, self.hparams.p_uncond, generator=g, p_uncond_text=self.hparams.p_uncond_text)
         k = round(self.hparams.get("ar_rows", 0.0) * len(batch))  # rows for the AR objective
         out = self._loss(batch.select(slice(k, None)) if k else batch, g, train=True)
         bs = len(batch)

@@ -422,7 +422,8 @@ class MMDLMPipeline:
                 elif isinstance(part, str):
                     segments.append(Segment.of_text(self._encode_text(part, self.layout.text_len, "text")))
                 else:
-                    segments.append(Segment.of_image(self.encode_images([part]).cpu()[0]))
+                    image = part[None] if isinstance(part, torch.Tensor) else [part]  # (1, 3, H, W) or a list
+                    segments.append(Segment.of_image(self.encode_images(image).cpu()[0]))
             if not any(s.target for s in segments):
                 raise ValueError("a document needs at least one Blank to generate")
             samples.append(document_prompt(segments, self.vocab, self.layout))

@@ -12,7 +12,7 @@ import torch
 
 from mmdlm.diffusion import masked_diffusion_loss
 from mmdlm.model import Transformer
-from mmdlm.pipeline import MMDLMPipeline
+from mmdlm.pipeline import Blank, MMDLMPipeline
 from mmdlm.sequence import SequenceBuilder, collate
 
 COLOURS = ("red", "green", "blue", "yellow")
@@ -133,6 +133,9 @@ def test_cached_and_uncached_sampling_give_identical_tokens_for_every_task(prefi
         "joint": lambda **o: pipe.generate_joint(2, temperature=0.0, steps=4, **o).codes,
         "inpaint": lambda **o: pipe.inpaint(images, region, ["a large red circle"] * 2, temperature=0.0,
                                             guidance_scale=2.0, **o).codes,
+        "document": lambda **o: pipe.complete_document([[images[i], "make the circle blue", Blank(image=True)]
+                                                        for i in range(2)], temperature=0.0, steps=4,
+                                                       guidance_scale=2.0, image_guidance_scale=1.0, **o).ids,
         "infill": lambda **o: pipe.infill(["a large [MASK] circle", "a [MASK] red [MASK]"], **o).ids,
     }
     saved = {}
@@ -140,6 +143,6 @@ def test_cached_and_uncached_sampling_give_identical_tokens_for_every_task(prefi
         widths, full = cached_and_uncached(pipe, run)
         saved[task] = (widths, full)
     # the prompt is computed once: every step after the first runs the sequence from the prompt's end on
-    for task in ("caption", "answer", "text_to_image", "inpaint"):
+    for task in ("caption", "answer", "text_to_image", "inpaint", "document"):
         widths, full = saved[task]
         assert widths[0] == full and len(widths) > 1 and all(w < full for w in widths[1:]), (task, widths)

@@ -25,9 +25,11 @@ from mmdlm.sampling import (
 from mmdlm.sequence import (
     Batch,
     Layout,
+    Segment,
     Task,
     caption_prompt,
     collate,
+    document_prompt,
     joint_prompt,
     t2i_prompt,
     vqa_prompt,
@@ -247,6 +249,36 @@ def test_cfg_zero_is_the_conditional_pass_and_uncond_rows_drop_the_condition() -
     assert not torch.allclose(c, u)
     assert torch.equal(guided_logits(c, u, 0.0), c)
     assert torch.allclose(guided_logits(c, u, 1.5), u + 2.5 * (c - u), atol=1e-5)
+
+
+def edit_batch(b: int = 2) -> Batch:
+    """Edit documents: a source image and an instruction given, the edited image the target."""
+    return collate([document_prompt([Segment.of_image(codes(i)), Segment.of_text([5, 6, 7]),
+                                     Segment.of_image(None, target=True, n_tokens=N_IMG)], VOCAB, LAYOUT)
+                    for i in range(b)], VOCAB)
+
+
+def test_image_guidance_guides_an_edits_source_image_and_instruction_apart() -> None:
+    batch = edit_batch()
+    B, text_cond = len(batch), batch.cond & (batch.image_index < 0)
+    assert bool(text_cond.any()) and bool((batch.cond & ~text_cond).any())  # both the instruction and the source
+    config = SamplerConfig(image_steps=3, guidance_scale=1.5, image_guidance_scale=0.5)
+    model = Counting(tiny())
+    res = MASKED.sample(model, batch, config)
+    check_filled(batch, res.ids)
+    assert model.calls == res.nfe == 3 and model.rows == res.forward_rows == 3 * 3 * B  # cond, no text, none
+    ids, pad = model.inputs[0]
+    assert torch.equal(ids[:B], ids[B:2 * B]) and torch.equal(ids[:B], ids[2 * B:])
+    assert torch.equal(pad[:B], batch.pad) and torch.equal(pad[B:2 * B], batch.pad | text_cond)
+    assert torch.equal(pad[2 * B:], batch.pad | batch.cond)
+
+    # InstructPix2Pix's formula; one scale for both is plain guidance
+    c, t, u = torch.randn(3, 5, VOCAB.size).unbind(0)
+    torch.testing.assert_close(guided_logits(c, u, 1.5, text_uncond=t, image_scale=0.5),
+                               c + 1.5 * (c - t) + 0.5 * (t - u))
+    torch.testing.assert_close(guided_logits(c, u, 2.0, text_uncond=t, image_scale=2.0), guided_logits(c, u, 2.0))
+    with pytest.raises(ValueError, match="image_guidance_scale"):
+        SamplerConfig(image_guidance_scale=-1.0)
 
 
 def test_guidance_plausibility_keeps_guidance_to_tokens_the_conditional_model_allows() -> None:

@@ -31,6 +31,8 @@ _FLAGS: dict[str, tuple[str, type, str]] = {
     "--top-k": ("top_k", int, "sample among the k most likely tokens"),
     "--guidance": ("guidance_scale", float, "classifier-free guidance scale (0 = none)"),
     "--guidance-steps": ("guidance_steps", int, "guide only the first N steps (none = every step)"),
+    "--image-guidance": ("image_guidance_scale", float, "an edit: guidance on the source image apart from "
+                         "--guidance on the instruction (InstructPix2Pix; none = one scale for both)"),
     "--plausibility": ("guidance_plausibility", float,
                        "guidance acts only on tokens with p_cond >= this * max p_cond, so it cannot paint the "
                        "prompt's objects into the background (0 = plain guidance)"),
@@ -64,10 +66,11 @@ def add_sampler_arguments(parser: argparse.ArgumentParser, task_defaults: str = 
         "sampler", "How the model decodes; each flag left out keeps the task's default"
         + (f" ({task_defaults})" if task_defaults else "") + ".")
     for flag, (name, kind, help_) in _FLAGS.items():
-        if not guidance and name.startswith("guidance"):
+        if not guidance and "guidance" in name:
             continue
         choices = [str(c) for c in Confidence] if kind is Confidence else None
-        nullable = name in ("steps", "threshold", "image_steps", "top_k", "guidance_steps")  # fields that may be None
+        nullable = name in ("steps", "threshold", "image_steps", "top_k", "guidance_steps",
+                            "image_guidance_scale")  # fields that may be None
         group.add_argument(flag, dest=f"sampler_{name}", type=str if choices else _or_none(kind) if nullable else kind,
                            choices=choices,
                            default=None, help=help_, metavar=None if choices else flag[2:].upper().replace("-", "_"))

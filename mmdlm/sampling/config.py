@@ -58,6 +58,9 @@ class SamplerConfig:
     guidance_scale: float = 0.0  # classifier-free guidance w (MDM); 0 = conditional only, no uncond rows
     guidance_steps: int | None = None  # guide only the first n steps (MDM), whose few commits lay out the image;
     #   the later steps run without the unconditional rows (None = every step)
+    image_guidance_scale: float | None = None  # a condition of text and images (an edit: the source image and the
+    #   instruction) guided on each apart, as InstructPix2Pix: cond + w (cond - no_text) + w_img (no_text - none),
+    #   `no_text` dropping the condition's text only (3 rows per call); None = one scale for the whole condition
     guidance_plausibility: float = 0.1  # guide only tokens with p_cond >= this * max p_cond: at guidance 2,
     #   text-to-image all-correct 0% -> 65.5% (4,000 steps), 3.5% -> 13% (1,300; BENCHMARKS.md, guidance)
     threshold: float | None = None  # Fast-dLLM (MDM): besides the schedule's tokens, commit every prediction
@@ -90,11 +93,21 @@ class SamplerConfig:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if self.guidance_scale < 0:
             raise ValueError(f"guidance_scale must be >= 0, got {self.guidance_scale}")
+        if self.image_guidance_scale is not None and self.image_guidance_scale < 0:
+            raise ValueError(f"image_guidance_scale must be >= 0 (or None), got {self.image_guidance_scale}")
         if not 0 <= self.guidance_plausibility <= 1:
             raise ValueError(f"guidance_plausibility must be in [0, 1], got {self.guidance_plausibility}")
         if self.threshold is not None and not 0 <= self.threshold <= 1:
             raise ValueError(f"threshold must be in [0, 1] (or None), got {self.threshold}")
         object.__setattr__(self, "confidence", Confidence(self.confidence))
+
+    @property
+    def guidance_rows(self) -> int:
+        """Copies of each row a guided call runs: 1 unguided, 2 with one scale (cond, none), 3 with the image's
+        apart (cond, no text, none)."""
+        if self.image_guidance_scale is not None:
+            return 3
+        return 2 if self.guidance_scale > 0 else 1
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able values (for metrics.json)."""

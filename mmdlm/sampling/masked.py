@@ -180,7 +180,7 @@ class MaskedScheduler(Scheduler):
         split -= int(config.shift_logits)
         if split < 1:
             return  # nothing to cache before the targets
-        rows, T = state.canvas.shape[0] * (2 if o.guidance_scale else 1), state.canvas.shape[1]
+        rows, T = state.canvas.shape[0] * o.guidance_rows, state.canvas.shape[1]
         state.cache, state.split = model.new_cache(rows, T, device=state.canvas.device), split
 
     def _steps(self, config: SamplerConfig, text_masked: torch.Tensor) -> tuple[int, int]:
@@ -256,17 +256,19 @@ class MaskedScheduler(Scheduler):
         pad, image_index = b.pad.repeat(rep, 1), b.image_index.repeat(rep, 1)  # (rep*B, T)
         at = torch.cat([eligible, check]) if checking else eligible  # (rep*B, T) the positions step() reads
         prefix = b.prefix.repeat(rep)  # (rep*B,)
-        s.guided = o.guidance_scale > 0 and (o.guidance_steps is None or s.i < o.guidance_steps)
+        copies = o.guidance_rows
+        s.guided = copies > 1 and (o.guidance_steps is None or s.i < o.guidance_steps)
         if not s.guided:
             inputs = {"ids": ids, "pad": pad, "image_index": image_index, "logits_at": at}
-            if s.cache is not None and o.guidance_scale > 0 and s.i == o.guidance_steps:
-                self._drop_uncond_rows(s.cache)  # guidance has just ended: its rows leave the cache
+            if s.cache is not None and copies > 1 and s.i == o.guidance_steps:
+                self._drop_uncond_rows(s.cache, copies)  # guidance has just ended: its rows leave the cache
         else:
             cond = b.cond.repeat(rep, 1)  # (rep*B, T)
-            inputs = {"ids": torch.cat([ids, ids]), "pad": torch.cat([pad, pad | cond]),
-                      "image_index": torch.cat([image_index, image_index]),
-                      "logits_at": torch.cat([at, at])}  # (2*rep*B, T)
-            prefix = prefix.repeat(2)  # (2*rep*B,)
+            dropped = [pad | cond & (image_index < 0), pad | cond] if copies == 3 else [pad | cond]  # no text, none
+            inputs = {"ids": ids.repeat(copies, 1), "pad": torch.cat([pad, *dropped]),
+                      "image_index": image_index.repeat(copies, 1),
+                      "logits_at": at.repeat(copies, 1)}  # (copies*rep*B, T)
+            prefix = prefix.repeat(copies)  # (copies*rep*B,)
         inputs["prefix"] = prefix
         if not checking:  # rows with no mask left leave the batch: their logits are never read
             inputs = self._live_rows(s, masked.any(1), inputs)
@@ -280,11 +282,12 @@ class MaskedScheduler(Scheduler):
         return sliced | {"cache": s.cache}
 
     @staticmethod
-    def _drop_uncond_rows(cache: KVCache) -> None:
-        """Keep the first half of the cache's rows: the conditional ones (`model_inputs` puts them first)."""
-        half = len(cache.pad) // 2
-        cache.k, cache.v = [k[:half] for k in cache.k], [v[:half] for v in cache.v]
-        cache.pad = cache.pad[:half]
+    def _drop_uncond_rows(cache: KVCache, copies: int) -> None:
+        """Keep the first of the cache's `copies` blocks of rows: the conditional ones (`model_inputs` puts them
+        first)."""
+        keep = len(cache.pad) // copies
+        cache.k, cache.v = [k[:keep] for k in cache.k], [v[:keep] for v in cache.v]
+        cache.pad = cache.pad[:keep]
 
     @staticmethod
     def _live_rows(s: MaskedState, live: torch.Tensor, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -301,7 +304,7 @@ class MaskedScheduler(Scheduler):
             held = s.live if s.live is not None else torch.arange(B, device=live.device)  # rows in the cache
             keep = torch.isin(held, rows).nonzero().squeeze(1)  # (L,) positions of the live rows among them
             s.live = rows
-        copies = inputs["ids"].shape[0] // B  # 2 with guidance: the uncond rows follow the cond rows
+        copies = inputs["ids"].shape[0] // B  # 2 or 3 with guidance: the uncond rows follow the cond rows
         index = torch.cat([rows + j * B for j in range(copies)])  # (copies * L,)
         if s.cache is not None and keep is not None:
             cached = len(s.cache.pad) // copies  # rows per copy in the cache before this step
@@ -317,10 +320,11 @@ class MaskedScheduler(Scheduler):
         o = state.config
         if not state.guided:
             return logits
-        c, u = logits.float().chunk(2)  # (N, V) each: the uncond rows score the same positions
+        c, *text_uncond, u = logits.float().chunk(o.guidance_rows)  # (N, V) each: the same positions
         modality = torch.cat([state.modality[state.eligible], state.modality[state.check]])  # (N,)
         reference = restrict(c, modality, state.allowed) if o.guidance_plausibility > 0 else None
-        return guided_logits(c, u, o.guidance_scale, o.guidance_plausibility, reference)
+        return guided_logits(c, u, o.guidance_scale, o.guidance_plausibility, reference,
+                             text_uncond[0] if text_uncond else None, o.image_guidance_scale or 0.0)
 
     def step(self, logits: torch.Tensor, state: MaskedState) -> None:
         s, o, plan = state, state.config, state.plan

@@ -128,7 +128,8 @@ def top_k_mask(score: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 
 # ---- guidance -------------------------------------------------------------------------------------------
 def guided_logits(cond: torch.Tensor, uncond: torch.Tensor, scale: float, plausibility: float = 0.0,
-                  reference: torch.Tensor | None = None) -> torch.Tensor:
+                  reference: torch.Tensor | None = None, text_uncond: torch.Tensor | None = None,
+                  image_scale: float = 0.0) -> torch.Tensor:
     """Classifier-free guidance (Ho & Salimans 2022) as LLaDA/MMaDA write it:
     uncond + (1 + w) (cond - uncond) = cond + w (cond - uncond), so w = 0 is the conditional model.
 
@@ -139,8 +140,15 @@ def guided_logits(cond: torch.Tensor, uncond: torch.Tensor, scale: float, plausi
     positions too, and the image fills with spurious objects (BENCHMARKS.md, "guidance").
     `reference`: the conditional logits plausibility is judged on (default `cond`); the sampler passes
     them `restrict`ed, so the max is over the tokens it may pick.
+
+    `text_uncond`: the logits with only the condition's text dropped (an edit's instruction, its source image
+    kept): then the text and the image are guided apart, InstructPix2Pix's two scales (Brooks et al. 2023),
+    cond + w (cond - text_uncond) + w_img (text_uncond - uncond).
     """
-    guided = cond + scale * (cond - uncond)
+    if text_uncond is None:
+        guided = cond + scale * (cond - uncond)
+    else:
+        guided = cond + scale * (cond - text_uncond) + image_scale * (text_uncond - uncond)
     if plausibility <= 0:
         return guided
     ref = cond if reference is None else reference
