@@ -6,6 +6,7 @@ the denoising process frame by frame.
     python -m mmdlm.generate --model DIR --prompts prompts.txt --num 8 --out grid.png     # a row per prompt
     python -m mmdlm.generate --model DIR --joint --num 8 --out joint.png                 # images + captions
     python -m mmdlm.generate --model DIR --inpaint scene.png --box 0,0,16,16 --prompt "a blue square at the top left"
+    python -m mmdlm.generate --model DIR --edit scene.png --instruction "make the red circle blue" --num 4
     python -m mmdlm.generate --model DIR --prompt "a green cross in the middle" --progress frames/   # + GIF
     python -m mmdlm.generate --model DIR --device cpu --prompt "a small white square on the left" --num 4
 
@@ -13,7 +14,9 @@ Text-to-image writes `--num` samples per prompt, one row per prompt (a `--prompt
 line; blank lines are skipped). `--joint` generates images and captions together from nothing, draws
 each caption under its image and prints the captions. `--inpaint IMAGE --box x0,y0,x1,y1` regenerates
 the image tokens under a pixel box (half-open, in the model's image-size coordinates, e.g. 0..32) and
-writes one row: original | masked (regenerated token cells in grey) | `--num` results.
+writes one row: original | masked (regenerated token cells in grey) | `--num` results. `--edit IMAGE
+--instruction TEXT` edits the image as the instruction says (a model trained on edits: configs/mdm-edits.yaml) and
+writes one row: original | `--num` results; `--guidance` guides on the instruction, `--image-guidance` on the image.
 `--progress DIR` (text-to-image) saves the canvas after each denoising step as DIR/step_000.png ...
 (still-masked token cells grey) and the animation DIR/progress.gif.
 Images are upscaled `--scale` times with nearest neighbour so 32x32 samples are visible.
@@ -265,6 +268,16 @@ def run_inpaint(pipe: MMDLMPipeline, args: argparse.Namespace) -> None:
           f"{int(result.token_mask.sum())} token(s) regenerated, NFE {result.output.nfe}, {ms:.1f} ms per image")
 
 
+def run_edit(pipe: MMDLMPipeline, args: argparse.Namespace) -> None:
+    original = pipe.image_tensor([load_image(args.edit)]).cpu()  # (1, 3, S, S)
+    start = time.perf_counter()
+    out = pipe.edit(original.repeat(args.num, 1, 1, 1), [args.instruction] * args.num, args.sampler, seed=args.seed)
+    ms = (time.perf_counter() - start) * 1e3 / args.num
+    row = torch.cat([original, out.images])
+    save_grid(make_grid(row, len(row), args.scale), args.out)
+    print(f"wrote {args.out}: original | {args.num} edit(s), NFE {out.nfe}, {ms:.1f} ms per image")
+
+
 def save_grid(grid: torch.Tensor, path: Path) -> None:
     from torchvision.utils import save_image
 
@@ -283,9 +296,11 @@ def build_parser(prog: str = "python -m mmdlm.generate") -> argparse.ArgumentPar
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--joint", action="store_true", help="generate images and their captions from nothing")
     mode.add_argument("--inpaint", metavar="IMAGE", help="the image to inpaint (with --box)")
+    mode.add_argument("--edit", metavar="IMAGE", help="the image to edit (with --instruction)")
+    parser.add_argument("--instruction", help="what --edit changes, e.g. \"make the red circle blue\"")
     parser.add_argument("--box", type=parse_box, help="x0,y0,x1,y1: the pixel box --inpaint regenerates")
     parser.add_argument("--num", type=positive_int, default=4, help="samples per prompt (default 4)")
-    add_sampler_arguments(parser, defaults_help("text_to_image", "joint", "inpaint"))
+    add_sampler_arguments(parser, defaults_help("text_to_image", "joint", "inpaint", "edit"))
     add_revision_arguments(parser, best_of=True)
     parser.add_argument("--scale", type=positive_int, default=4, help="nearest-neighbour upscaling (default 4)")
     parser.add_argument("--out", type=Path, default=Path("samples.png"), help="output PNG (default samples.png)")
@@ -296,8 +311,12 @@ def build_parser(prog: str = "python -m mmdlm.generate") -> argparse.ArgumentPar
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Combinations argparse cannot express; `parser.error` (exit 2) on the first one that is wrong."""
-    text_to_image = not args.joint and args.inpaint is None
+    text_to_image = not args.joint and args.inpaint is None and args.edit is None
     rules = [
+        (args.edit is not None and args.instruction is None, "--edit needs --instruction \"...\""),
+        (args.instruction is not None and args.edit is None, "--instruction goes with --edit IMAGE"),
+        (args.edit is not None and (args.prompt is not None or args.prompts is not None),
+         "--edit follows its --instruction: drop --prompt/--prompts"),
         (args.inpaint is not None and args.box is None, "--inpaint needs --box x0,y0,x1,y1"),
         (args.box is not None and args.inpaint is None, "--box goes with --inpaint IMAGE"),
         (args.joint and (args.prompt is not None or args.prompts is not None),
@@ -320,16 +339,20 @@ def main(argv: list[str] | None = None, prog: str = "python -m mmdlm.generate") 
     check_args(parser, args)
     from mmdlm.pipeline import DEFAULT_SAMPLERS
 
-    task = "joint" if args.joint else "inpaint" if args.inpaint is not None else "text_to_image"
+    task = ("joint" if args.joint else "inpaint" if args.inpaint is not None else "edit" if args.edit is not None
+            else "text_to_image")
     args.sampler = sampler_from_args(parser, args, DEFAULT_SAMPLERS[task])
-    run = {"joint": run_joint, "inpaint": run_inpaint, "text_to_image": run_text_to_image}[task]
+    run = {"joint": run_joint, "inpaint": run_inpaint, "edit": run_edit, "text_to_image": run_text_to_image}[task]
     try:
         if args.prompt is not None:
             check_text(args.prompt, "--prompt")  # bytes that are not UTF-8 reach us as surrogate escapes
         if args.prompts is not None:
             read_prompts(args)  # a missing, empty or non-UTF-8 prompts file fails before the model loads
-        if args.inpaint is not None:
-            load_image(args.inpaint)  # fail on a bad image before the model loads
+        if args.instruction is not None:
+            check_text(args.instruction, "--instruction")
+        for image in (args.inpaint, args.edit):
+            if image is not None:
+                load_image(image)  # fail on a bad image before the model loads
         pipe = load_pipeline(args.model, args.device)
         args.revision = revision_options(args)
         run(pipe, args)

@@ -405,6 +405,26 @@ class MMDLMPipeline:
         res = self._generate(samples, self.sampler("inpaint", sampler, **overrides), seed)
         return self._image_output(res, samples)
 
+    def edit(self, images, instructions: list[str], sampler: SamplerConfig | None = None, seed: int = 0,
+             **overrides) -> ImageOutput:
+        """Edit each image as its instruction says ("make the red circle blue"): the document [image, instruction,
+        edited image] with the edited image generated (`complete_document`). Default sampler `DEFAULT_SAMPLERS
+        ["edit"]`; `guidance_scale` guides on the instruction, `image_guidance_scale` on the source image apart
+        (InstructPix2Pix)."""
+        codes = self.encode_images(images).cpu()
+        if len(instructions) != len(codes):
+            raise ValueError(f"got {len(codes)} images but {len(instructions)} instructions")
+        n = self.vq.tokens_per_image
+        samples = []
+        for c, text in zip(codes, instructions):
+            if not text.strip():
+                raise ValueError("empty instruction")
+            ids = self._encode_text(text, self.layout.text_len, "instruction")
+            samples.append(document_prompt([Segment.of_image(c), Segment.of_text(ids),
+                                            Segment.of_image(None, True, n)], self.vocab, self.layout))
+        res = self._generate(samples, self.sampler("edit", sampler, **overrides), seed)
+        return self._image_output(res, samples)
+
     def complete_document(self, documents: list[list[Any]], sampler: SamplerConfig | None = None, seed: int = 0,
                           **overrides) -> DocumentOutput:
         """Fill the blanks of interleaved documents: each document is a list of segments, a `str` (a given text),
@@ -504,11 +524,14 @@ class MMDLMPipeline:
 
 
 def image_codes(ids: torch.Tensor, samples: list[Sample], vocab: Vocab, grid: tuple[int, int]) -> torch.Tensor:
-    """Long[B, h, w]: the image codes of each row of a decoded canvas (Long[B, T]) laid out as `samples`."""
+    """Long[B, h, w]: the image codes of each row of a decoded canvas (Long[B, T]) laid out as `samples`: the row's
+    generated image (the first that holds a target: an edit's result, not its source), or its only one."""
     rows = []
     for row, s in zip(ids, samples):
-        img = row[: len(s)][s.image_index.to(ids.device) >= 0]  # (N,)
-        rows.append(vocab.token_to_image(img).view(*grid))
+        at = s.image_index >= 0  # (T,) every image of the row
+        images = row[: len(s)][at.to(ids.device)].view(-1, *grid)  # (n_images, h, w)
+        generated = s.target[at].view(len(images), -1).any(1)  # (n_images,)
+        rows.append(vocab.token_to_image(images[int(generated.long().argmax())]))
     return torch.stack(rows)
 
 

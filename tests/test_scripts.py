@@ -212,6 +212,22 @@ def test_generate_inpaint_writes_original_masked_results(tiny_model_dir, scene, 
     assert torch.equal(masked[keep], original[keep])
 
 
+def test_generate_edit_writes_the_original_then_the_edits(tiny_model_dir, pipe, scene, tmp_path, capsys):
+    out = tmp_path / "edit.png"
+    status = generate.main(["--model", tiny_model_dir, "--device", "cpu", "--edit", str(scene), "--instruction",
+                            "make the circle blue", "--num", "2", "--steps", "3", "--image-guidance", "1.0",
+                            "--scale", "1", "--out", str(out)])
+    assert status == 0 and "2 edit(s), NFE 3" in capsys.readouterr().out
+    assert Image.open(out).size == grid_size(1, 3, 32)
+    sheet = torch.tensor(list(Image.open(out).getdata())).view(*grid_size(1, 3, 32)[::-1], 3)  # (H, W, 3)
+    original = torch.tensor(list(Image.open(scene).getdata())).view(32, 32, 3)
+    assert torch.equal(sheet[PAD:PAD + 32, PAD:PAD + 32], original)
+    edits = pipe.edit([Image.open(scene)] * 2, ["make the circle blue"] * 2, steps=3)
+    assert edits.codes.shape == (2, *pipe.vq.grid) and edits.nfe == 3
+    with pytest.raises(ValueError, match="2 images but 1 instructions"):
+        pipe.edit([Image.open(scene)] * 2, ["x"])
+
+
 @pytest.mark.parametrize("box", ["0,0,40,8", "8,0,8,16", "10,0,4,8", "-1,0,4,4"])
 def test_generate_rejects_a_box_outside_or_empty(box, tiny_model_dir, scene, tmp_path, capsys):
     status = generate.main(["--model", tiny_model_dir, "--device", "cpu", "--inpaint", str(scene), f"--box={box}",
@@ -228,6 +244,10 @@ def test_generate_rejects_a_box_outside_or_empty(box, tiny_model_dir, scene, tmp
     ["--prompt", "x", "--plausibility", "1.5"],  # a fraction of the max probability
     ["--joint", "--prompt", "x"],
     ["--joint", "--progress", "frames"],
+    ["--edit", "SCENE"],  # no instruction
+    ["--instruction", "make it blue", "--prompt", "x"],  # an instruction without --edit
+    ["--edit", "SCENE", "--instruction", "x", "--prompt", "y"],
+    ["--edit", "SCENE", "--instruction", "x", "--image-guidance", "-1"],
     ["--joint", "--best-of", "2"],  # revision flags go with text-to-image
     ["--inpaint", "SCENE", "--box", "0,0,4,4", "--revise"],
     [],  # text-to-image without a prompt

@@ -133,4 +133,5 @@ DEFAULT_SAMPLERS: dict[str, SamplerConfig] = {
     "inpaint": SamplerConfig(steps=16, temperature=1.0),
     "infill": SamplerConfig(steps=None),
     "document": SamplerConfig(steps=16, temperature=1.0),  # joint generation's: any mix of text and image blanks
+    "edit": SamplerConfig(steps=7, temperature=1.0, guidance_scale=2.0),  # text-to-image's until measured (issue 20)
 }
