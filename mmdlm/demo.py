@@ -5,11 +5,12 @@
 
 Tabs (the layout of the MMaDA / Show-o demos): Caption (image -> caption), VQA (image + question -> answer),
 Text to image (prompt -> images), Joint (image + caption pairs from nothing), Inpainting (upload an image,
-paint over the part to regenerate, optionally say what should be there), Text infilling (text with `[MASK]`
-blanks -> the completed text). Each tab has the sampler's controls where they apply: steps, guidance,
-temperature, the Fast-dLLM confidence threshold (0 = the fixed step schedule), ReMDM-style self-correction
-(`mmdlm.sampling.SelfCorrection`) and the seed: each tab's controls become the `SamplerConfig` of the call,
-the task's default (`mmdlm.pipeline.DEFAULT_SAMPLERS`) with the controls' values.
+paint over the part to regenerate, optionally say what should be there), Edit (an image and an instruction,
+"make the red circle blue" -> the edited image; for a model trained on edits, configs/mdm-edits.yaml), Text
+infilling (text with `[MASK]` blanks -> the completed text). Each tab has the sampler's controls where they
+apply: steps, guidance, temperature, the Fast-dLLM confidence threshold (0 = the fixed step schedule),
+ReMDM-style self-correction (`mmdlm.sampling.SelfCorrection`) and the seed: each tab's controls become the
+`SamplerConfig` of the call, the task's default (`mmdlm.pipeline.DEFAULT_SAMPLERS`) with the controls' values.
 Text to image, Joint and Inpainting show the denoising live: the canvas after every step, still-masked
 token cells grey (a forward pre-hook on the model sees the canvas each step; nothing in the sampler
 changes). An autoregressive model folder (config `causal: true`) runs Caption, VQA, Text to image and
@@ -96,7 +97,7 @@ ANY_ADDRESS = frozenset({"", "0.0.0.0", "::"})
 HOST_HEADER = re.compile(r"(\[[0-9a-f:.]+\]|[a-z0-9._-]+)(:[0-9]{1,5})?")  # a Host header's value, lower case
 CSS = ".pixelated img {image-rendering: pixelated; object-fit: contain; width: 100%; height: 100%}"
 NO_TEXT = "(nothing: the model produced only end-of-text)"
-TABS = ("caption", "vqa", "text-to-image", "joint", "inpainting", "infilling")  # elem_id "tab-<name>"
+TABS = ("caption", "vqa", "text-to-image", "joint", "inpainting", "edit", "infilling")  # elem_id "tab-<name>"
 
 
 class TooLarge(InputError):
@@ -506,6 +507,24 @@ class Demo:
             else:
                 yield strip(out.images), info(out.nfe, start)
 
+    def edit(self, image: object, instruction: object, num: object = 2, image_guidance: object = 0.0,
+             steps: object = 7, guidance: object = 2.0, temperature: object = 1.0, threshold: object = 0.0,
+             self_correction: object = False, seed: object = 0) -> tuple[Image.Image, str]:
+        """Edit tab: (original | results, info). `guidance` guides on the instruction, `image_guidance` on the
+        source image apart (InstructPix2Pix; 0 = one scale for both)."""
+        instruction = check_text(instruction, "instruction")
+        n = check_number(num, "number of results", 1, MAX_VARIATIONS, integer=True)
+        w_image = check_number(image_guidance, "image guidance", 0, 20)
+        sampler = sampler_config("edit", steps, temperature, threshold, self_correction, guidance,
+                                 image_guidance_scale=float(w_image) if w_image > 0 else None)
+        seed = check_number(seed, "seed", 0, MAX_SEED, integer=True)
+        with self.lock:
+            original = self.pipe.image_tensor([open_image(image)]).cpu()  # (1, 3, S, S)
+            start = time.perf_counter()
+            out = self.pipe.edit(original.repeat(n, 1, 1, 1), [instruction] * n, sampler, seed=seed)
+        row = torch.cat([original, out.images.cpu().clamp(0, 1)])
+        return to_pil(make_grid(row, 1 + n, scale(1 + n))), info(out.nfe, start)
+
     def infill(self, text: object, tokens_per_blank: object = 1, steps: object = 8, temperature: object = 0.0,
                threshold: object = 0.0, self_correction: object = False, seed: object = 0) -> tuple[str, str]:
         """Text infilling tab: (the text with every [MASK] filled, info)."""
@@ -706,6 +725,25 @@ def build_app(pipe: MMDLMPipeline, title: str | None = None) -> gr.Blocks:
                               api_name="inpaint_canvas", **model_events)
                 button.click(user_errors(demo.inpaint), [editor, prompt, num, *controls], [out, status],
                              api_name="inpaint", **model_events)
+
+            with gr.Tab("Edit", id="edit", elem_id="tab-edit"):
+                with gr.Row():
+                    with gr.Column():
+                        source = gr.Image(label="image to edit", elem_id="edit-image", **image_in)
+                        instruction = gr.Textbox(label="instruction", value="make the red circle blue",
+                                                 elem_id="edit-instruction", **text_box)
+                        num = gr.Slider(1, MAX_VARIATIONS, value=2, step=1, label="results")
+                        image_guidance = gr.Slider(0, 10, value=0, step=0.5, label="image guidance",
+                                                   info="guidance on the source image apart from the instruction's "
+                                                        "(InstructPix2Pix); 0 = one scale for both")
+                        button = gr.Button("Edit", variant="primary", elem_id="edit-run")
+                    with gr.Column():
+                        out = gr.Image(label="original | edited", elem_id="edit-out", **{**image_out, "height": 240})
+                        status = gr.Markdown(elem_id="edit-info")
+                controls = sampling_controls("edit", 16, True, ar)
+                gr.on([button.click, instruction.submit], user_errors(demo.edit),
+                      [source, instruction, num, image_guidance, *controls], [out, status], api_name="edit",
+                      preprocess=False, **model_events)
 
             with gr.Tab("Text infilling", id="infilling", elem_id="tab-infilling"):
                 if ar:

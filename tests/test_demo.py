@@ -122,6 +122,19 @@ def test_inpainting_regenerates_only_the_painted_cells(handlers, scene):
         next(handlers.inpaint(None, ""))
 
 
+def test_edit_shows_the_original_then_the_edits(handlers, scene):
+    strip, info = handlers.edit({"path": str(scene)}, "make the red circle blue", num=2, image_guidance=1.5, steps=3)
+    side = 32 * demo.scale(3)
+    assert strip.size == (3 * side + 4 * 2, side + 4) and info.startswith("done: 3 forward passes")
+    original = np.asarray(strip)[2:2 + side, 2:2 + side]
+    from mmdlm.generate import to_pil, upscale
+
+    expected = np.asarray(to_pil(upscale(handlers.pipe.image_tensor([Image.open(scene)]), demo.scale(3))[0]))
+    assert (original == expected).all()
+    with pytest.raises(InputError, match="instruction"):
+        handlers.edit({"path": str(scene)}, "   ")
+
+
 def test_infill_fills_the_blanks(handlers):
     text, info = handlers.infill("a large [MASK] circle at the top [MASK]", tokens_per_blank=1, steps=2)
     assert text.startswith("a large") and "[MASK]" not in text and info.startswith("done: ")
@@ -146,7 +159,7 @@ def test_the_app_has_a_tab_per_task_and_disables_what_ar_cannot_do(handlers, ar_
         assert {f"tab-{t}" for t in demo.TABS} <= set(by_id)
         assert [by_id[f"{t}-run"].interactive for t in ("inpaint", "infill")] == [not ar, not ar]
         api = {d["api_name"] for d in app.config["dependencies"] if d.get("api_name")}
-        assert {"caption", "answer", "text_to_image", "joint", "inpaint", "infill"} <= api
+        assert {"caption", "answer", "text_to_image", "joint", "inpaint", "edit", "infill"} <= api
 
 
 def test_errors_become_one_sentence_for_the_page():
@@ -388,6 +401,13 @@ def test_browser_every_tab_returns_an_output(server, scene, tmp_path):
         assert image_src("inpaint-out")
         shot("inpainting")
 
+        open_tab("edit")
+        upload("edit-image", scene)
+        click("edit-run")
+        wait_done("edit-info")
+        assert image_src("edit-out")
+        shot("edit")
+
         open_tab("infilling")
         click("infill-run")
         wait_done("infill-info")
@@ -399,4 +419,4 @@ def test_browser_every_tab_returns_an_output(server, scene, tmp_path):
 
 
 TAB_NAMES = {"caption": "Caption", "vqa": "VQA", "text-to-image": "Text to image", "joint": "Joint",
-             "inpainting": "Inpainting", "infilling": "Text infilling"}
+             "inpainting": "Inpainting", "edit": "Edit", "infilling": "Text infilling"}
