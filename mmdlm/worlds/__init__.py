@@ -8,6 +8,7 @@ probe compositional generation):
 | --- | --- |
 | `shapes.py` | the shapes world: scene graphs, rendering, captions, `parse_caption`, questions, shard writer |
 | `oracle.py` | the shapes world's scorer: reads a scene graph back from pixels (`read_scene`, `score_image`) |
+| `edits.py` | the shapes world's editing recipe: scene-graph edits, instructions, what-changed QA, `check_edit` |
 | `digits.py` | scikit-learn's bundled handwritten digits (1,797 real scans) as shards with captions and QA |
 | `digits_scorer.py` | the digits world's scorer: a k-NN digit classifier, fitted leaving out the scans it scores |
 
