@@ -78,7 +78,8 @@ N_EXAMPLES = 6  # examples per task kept for the report and samples.png
 
 
 # evaluation task -> the pipeline task whose default sampler it uses (`MMDLMPipeline.sampler`)
-PIPELINE_TASK: dict[str, str] = {"vqa": "answer", "caption": "caption", "t2i": "text_to_image", "joint": "joint"}
+PIPELINE_TASK: dict[str, str] = {"vqa": "answer", "caption": "caption", "t2i": "text_to_image", "joint": "joint",
+                                 "edit": "edit", "what_changed": "answer"}
 
 
 @dataclass
@@ -661,6 +662,86 @@ def eval_nll(pipe: MMDLMPipeline, records: Sequence[dict], tasks: Sequence[str] 
     return TaskResult(metrics)
 
 
+def _documents(records: Sequence[dict], kind: str) -> list[dict]:
+    return [r for r in records if r.get("segments") and (r.get("meta") or {}).get("kind") == kind]
+
+
+def eval_edit(pipe: MMDLMPipeline, records: Sequence[dict], sampler: SamplerConfig | None = None,
+              batch_size: int = 64, seed: int = 0, progress: bool = True) -> TaskResult:
+    """Image editing (issue 20): each edit record's source image and instruction (`pipe.edit`), the edited image
+    read by the shapes oracle against the edit applied to the source scene (`mmdlm.worlds.edits.check_edit`):
+    all-correct (the read scene is exactly the expected one), the edited object right, the rest unchanged; per
+    edit kind too. An instruction longer than the model's text region scores 0 (`too_long`)."""
+    from mmdlm.worlds.edits import Edit, check_edit
+
+    items = _documents(records, "edit")
+    if not items:
+        return TaskResult({"skipped": "no edit records (python -m mmdlm.worlds.edits writes them)", "n": 0})
+    usable = [i for i, r in enumerate(items) if _fits(pipe, r["segments"][1]["text"], pipe.layout.text_len)]
+    cost = Cost(batch_size)
+    checks: dict[int, dict] = {}
+    examples: list[Example] = []
+    with _progress(len(usable), "edit", progress) as bar:
+        for b, chunk in _batches(usable, batch_size):
+            batch = [items[i] for i in chunk]
+            with _Timer(pipe.device) as t:
+                out = pipe.edit(torch.stack([r["segments"][0]["image"] for r in batch]),
+                                [r["segments"][1]["text"] for r in batch], sampler, seed=seed + b)
+            cost.add(out.nfe, t.seconds, len(chunk))
+            for i, r, image in zip(chunk, batch, out.images):
+                checks[i] = check_edit(r["meta"]["before"], Edit.from_dict(r["meta"]["edit"]), image,
+                                       pipe.vq.image_size)
+            examples += [Example(torch.cat([r["segments"][0]["image"], img], 2), r["segments"][1]["text"])
+                         for r, img in zip(batch, out.images)][: N_EXAMPLES - len(examples)]
+            bar.update(len(chunk))
+    keys = ("all_correct", "edited_ok", "rest_unchanged", "extra_objects", "missing_objects")
+    failed = dict.fromkeys(keys, 0.0)
+    rows = [{k: float(checks[i][k]) for k in keys} if i in checks else failed for i in range(len(items))]
+    by_kind: dict[str, list[float]] = defaultdict(list)
+    for r, row in zip(items, rows):
+        by_kind[r["meta"]["edit"]["kind"]].append(row["all_correct"])
+    metrics = {**mean_dicts(rows), "n": len(items), "too_long": len(items) - len(usable),
+               "per_kind": {k: {"all_correct": sum(v) / len(v), "n": len(v)} for k, v in sorted(by_kind.items())},
+               "cost": cost.to_dict()}
+    return TaskResult(metrics, examples)
+
+
+def eval_what_changed(pipe: MMDLMPipeline, records: Sequence[dict], sampler: SamplerConfig | None = None,
+                      batch_size: int = 64, seed: int = 0, progress: bool = True) -> TaskResult:
+    """"What changed?" (issue 20): two images and a question, the answer generated (`pipe.complete_document`);
+    exact match after strip/lower, per question type too."""
+    from mmdlm.pipeline import Blank
+
+    items = _documents(records, "what_changed")
+    if not items:
+        return TaskResult({"skipped": "no what-changed records (python -m mmdlm.worlds.edits writes them)", "n": 0})
+    cost = Cost(batch_size)
+    answers: dict[int, str] = {}
+    with _progress(len(items), "what_changed", progress) as bar:
+        for b, chunk in _batches(range(len(items)), batch_size):
+            docs = [[*(s["image"] for s in items[i]["segments"][:2]), items[i]["segments"][2]["text"], Blank()]
+                    for i in chunk]
+            with _Timer(pipe.device) as t:
+                out = pipe.complete_document(docs, sampler, seed=seed + b)
+            cost.add(out.nfe, t.seconds, len(chunk))
+            answers.update({i: doc[3] for i, doc in zip(chunk, out.documents)})
+            bar.update(len(chunk))
+    by_type: dict[str, list[float]] = defaultdict(list)
+    for i, r in enumerate(items):
+        truth = r["segments"][3]["text"]
+        by_type[r["meta"].get("question_type", "unknown")].append(float(normalize(answers[i]) == normalize(truth)))
+    scores = [s for v in by_type.values() for s in v]
+    shown = [{"question": items[i]["segments"][2]["text"], "predicted": answers[i],
+              "answer": items[i]["segments"][3]["text"]} for i in range(min(N_EXAMPLES, len(items)))]
+    examples = [Example(torch.cat([s["image"] for s in items[i]["segments"][:2]], 2),
+                        f"Q: {d['question']}\npred: {d['predicted']} | true: {d['answer']}")
+                for i, d in enumerate(shown)]
+    metrics = {"accuracy": sum(scores) / len(scores), "n": len(scores),
+               "per_type": {k: {"accuracy": sum(v) / len(v), "n": len(v)} for k, v in sorted(by_type.items())},
+               "cost": cost.to_dict(), "examples": shown}
+    return TaskResult(metrics, examples)
+
+
 # ---------------------------------------------------------------------------------------------
 # the whole evaluation
 
@@ -685,6 +766,9 @@ TASKS: dict[str, Callable[[_Context], TaskResult]] = {
     "joint": lambda c: eval_joint(c.pipe, len(c.records), c.world, c.samplers["joint"], c.batch_size, c.seed,
                                   c.progress),
     "nll": lambda c: eval_nll(c.pipe, c.records, NLL_TASKS, c.nll_draws, c.batch_size, c.seed, c.progress),
+    "edit": lambda c: eval_edit(c.pipe, c.records, c.samplers["edit"], c.batch_size, c.seed, c.progress),
+    "what_changed": lambda c: eval_what_changed(c.pipe, c.records, c.samplers["what_changed"], c.batch_size, c.seed,
+                                                c.progress),
 }
 
 
@@ -744,6 +828,8 @@ _TITLES = {
     "t2i": "Text-to-image (prompt = canonical caption; image read by the scorer)",
     "joint": "Joint image + caption generation",
     "nll": "Held-out NLL per target token",
+    "edit": "Image editing (the edited image read by the oracle against the edited scene)",
+    "what_changed": "What changed? (two images, a question; exact match)",
 }
 
 

@@ -311,7 +311,10 @@ def test_shards_follow_the_document_format(shards) -> None:
         for key, sample in samples.items():
             assert "." not in key and set(sample) == {"json", "0.png", "1.png"}
             meta = json.loads(sample["json"])
-            assert set(meta) == {"texts", "images", "targets", "kind", "edit", "source", "result", "split"}
+            assert meta["source"] == "shapes-edits"
+            assert set(meta) - {"question_type"} == {"texts", "images", "targets", "kind", "edit", "source", "before",
+                                                     "after", "split"}
+            assert ("question_type" in meta) == (meta["kind"] == "what_changed")
             assert meta["split"] == split and len(meta["texts"]) == len(meta["images"])
             assert all((t is None) != (i is None) for t, i in zip(meta["texts"], meta["images"]))
             kinds.add(meta["kind"])
@@ -322,10 +325,10 @@ def test_shards_follow_the_document_format(shards) -> None:
                 assert meta["images"] == ["0.png", "1.png", None, None] and meta["targets"] == [3]
                 question, reply = meta["texts"][2:]
                 assert {"question": question, "answer": reply} in [
-                    {k: qa[k] for k in ("question", "answer")} for qa in what_changed(meta["source"], meta["result"])]
+                    {k: qa[k] for k in ("question", "answer")} for qa in what_changed(meta["before"], meta["after"])]
             edit = Edit.from_dict(meta["edit"])
-            assert edit.apply(meta["source"]) == meta["result"]
-            for member, scene in (("0.png", meta["source"]), ("1.png", meta["result"])):
+            assert edit.apply(meta["before"]) == meta["after"]
+            for member, scene in (("0.png", meta["before"]), ("1.png", meta["after"])):
                 image = np.asarray(Image.open(io.BytesIO(sample[member])))
                 assert image.shape == (32, 32, 3) and np.array_equal(image, np.asarray(render(scene, 32)))
         assert stats[split]["samples"] == len(samples)

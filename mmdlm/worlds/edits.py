@@ -99,6 +99,7 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
     "swap": ("swap the {obj} and the {other}", "exchange the {obj} and the {other}",
              "swap the {obj} with the {other}"),
 }
+SOURCE = "shapes-edits"  # the json's data source (the shapes world's is "shapes")
 _COMPARATIVE = {"large": ("bigger", "enlarge"), "small": ("smaller", "shrink")}
 
 Look = tuple[str, str, str]  # (color, shape, size): what an object looks like, wherever it is
@@ -513,11 +514,13 @@ def make_sample(source: list[dict], edit: Edit, rng: random.Random, image_size: 
     if what_changed_sample:
         qa = rng.choice(what_changed(source, result, edit))
         layout = {"kind": "what_changed", "texts": [None, None, qa["question"], qa["answer"]],
-                  "images": ["0.png", "1.png", None, None], "targets": [3]}
+                  "images": ["0.png", "1.png", None, None], "targets": [3], "question_type": qa["type"]}
     else:
         layout = {"kind": "edit", "texts": [None, edit.instruction(source, rng), None],
                   "images": ["0.png", None, "1.png"], "targets": [2]}
-    meta = {**layout, "edit": edit.to_dict(), "source": source, "result": result, "split": split}
+    # "source" names the data source, as the shapes world's json does (`mmdlm.evaluate` reads it); the scenes are
+    # "before" and "after"
+    meta = {"source": SOURCE, **layout, "edit": edit.to_dict(), "before": source, "after": result, "split": split}
     return {"json": json.dumps(meta).encode(), "0.png": _png(source, image_size), "1.png": _png(result, image_size)}
 
 
@@ -530,8 +533,8 @@ def _update_stats(stats: dict, meta: dict) -> None:
     stats["samples"] += 1
     stats["kind"][meta["kind"]] += 1
     stats["edit_kind"][meta["edit"]["kind"]] += 1
-    stats["source_objects"][len(meta["source"])] += 1
-    stats["result_objects"][len(meta["result"])] += 1
+    stats["source_objects"][len(meta["before"])] += 1
+    stats["result_objects"][len(meta["after"])] += 1
     texts = [t for t in meta["texts"] if t is not None]
     stats["max_text_words"] = max(stats["max_text_words"], *(len(t.split()) for t in texts))
     if meta["kind"] == "what_changed":  # the answers' balance ("color", "top left", "three", ...)
@@ -564,7 +567,7 @@ def write_edits(out: str | Path, cfg: EditsConfig, progress: bool = True) -> dic
                 meta = json.loads(sample["json"])
                 _update_stats(split_stats, meta)
                 sources[split].add(scene_key(source))
-                results[split].add(scene_key(meta["result"]))
+                results[split].add(scene_key(meta["after"]))
                 bar.update()
         split_stats["distinct_sources"] = len(sources[split])
         split_stats["shards"] = len(list(folder.glob("edits-*.tar")))
