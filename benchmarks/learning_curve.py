@@ -12,9 +12,21 @@ at the pipeline's default samplers. A checkpoint's metrics are cached as `<run>_
 Mind the schedule: a checkpoint at step k of an N-step run was trained with the learning rate of an
 N-step cosine schedule, not decayed to its end as a k-step run's would be; the last point is the run.
 
-Writes under --out: learning_curve.json (the headline numbers per run and step, the machine, the
-command), learning_curve.md (a table per run) and learning_curve.png (VQA, caption, text-to-image and
-NLL against training steps, one line per run).
+Against wall-clock (`--x minutes`): a run folder holding `wallclock.json` (`{"started": <unix time>}`, written
+by `benchmarks.gpu_session` just before it starts `train.py`) gives each checkpoint the minutes from that start
+to the checkpoint file's modification time: process start, data loading, compilation and the checkpoints
+written before it included, as a user waits for them.
+
+    python -m benchmarks.learning_curve --run mdm=runs/gpu-session/mdm --run ar=runs/gpu-session/ar --x minutes \\
+        --shards 'data/shards/shapes-codes/val/*.tar' --tasks vqa,caption,t2i --device cuda --out /tmp/curve
+
+Issue 21's targets are checked at every point (VQA >= 97%, every caption attribute F1 >= 0.95, text-to-image
+all-correct >= 90%): the first step (and minute) at which each held is reported per run, and drawn as dashed
+lines.
+
+Writes under --out: learning_curve.json (the headline numbers per run and step, the minutes where known, the
+targets, the machine, the command), learning_curve.md (a table per run, and the targets) and
+learning_curve.png (VQA, caption, text-to-image and NLL against training steps or minutes, one line per run).
 """
 
 from __future__ import annotations
@@ -41,10 +53,17 @@ COLUMNS: tuple[tuple[str, str], ...] = (
 )
 PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("VQA accuracy", ("vqa", "vqa_position")),
-    ("caption attribute F1", ("caption_color_f1", "caption_cell_f1")),
+    ("caption attribute F1", ("caption_min_f1", "caption_color_f1", "caption_cell_f1")),
     ("text-to-image (oracle)", ("t2i_all_correct", "t2i_color")),
     ("held-out NLL per target token", ("nll",)),
 )
+# issue 21's targets: (what, key of `headline`, the least value that meets it)
+TARGETS: tuple[tuple[str, str, float], ...] = (
+    ("VQA accuracy >= 97%", "vqa", 0.97),
+    ("every caption attribute F1 >= 0.95", "caption_min_f1", 0.95),
+    ("text-to-image all-correct >= 90%", "t2i_all_correct", 0.90),
+)
+X_LABELS = {"step": "training steps", "minutes": "wall-clock minutes since the run started"}
 
 
 def checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
@@ -66,7 +85,10 @@ def headline(metrics: dict) -> dict[str, float]:
     if "caption" in metrics:
         c = metrics["caption"]
         out["caption_exact_match"] = c["exact_match"]
-        out |= {f"caption_{k}_f1": v["f1"] for k, v in c.get("per_attribute", {}).items()}
+        f1 = {k: v["f1"] for k, v in c.get("per_attribute", {}).items()}
+        out |= {f"caption_{k}_f1": v for k, v in f1.items()}
+        if f1:
+            out["caption_min_f1"] = min(f1.values())  # the worst attribute: the target holds for all or none
     if "t2i" in metrics:
         t = metrics["t2i"]
         out |= {f"t2i_{k}": t[k] for k in ("all_correct", "count_correct", "cell", "color", "shape", "size",
@@ -98,25 +120,57 @@ def evaluate_checkpoint(ckpt: Path, records: dict[int, list[dict]], tasks: list[
     return metrics
 
 
-def plot(curves: dict[str, list[dict]], path: Path) -> Path:
-    """One panel per `PANELS` entry: its keys against training steps, one colour per run."""
+def started_at(run_dir: str | Path) -> float | None:
+    """The unix time a run started (`<run_dir>/wallclock.json`'s "started"), None without that file."""
+    path = Path(run_dir) / "wallclock.json"
+    return float(json.loads(path.read_text())["started"]) if path.is_file() else None
+
+
+def minutes_at(ckpt: Path, started: float | None) -> float | None:
+    """Minutes from the run's start to the checkpoint file's modification time (None when the start is unknown)."""
+    return None if started is None else (ckpt.stat().st_mtime - started) / 60
+
+
+def targets_met(points: list[dict]) -> list[dict[str, Any]]:
+    """Per `TARGETS` entry: the first point (step, minutes) at which it held, and the best value reached."""
+    out = []
+    for what, key, least in TARGETS:
+        values = [(p, p["headline"][key]) for p in points if key in p["headline"]]
+        first = next((p for p, v in values if v >= least), None)
+        out.append({"target": what, "key": key, "least": least,
+                    "best": max((v for _, v in values), default=None),
+                    "first_step": None if first is None else first["step"],
+                    "first_minutes": None if first is None else first.get("minutes")})
+    return out
+
+
+def plot(curves: dict[str, list[dict]], path: Path, x: str = "step") -> Path:
+    """One panel per `PANELS` entry: its keys against training steps (`x="step"`) or wall-clock minutes
+    (`x="minutes"`), one colour per run; the `TARGETS` as dashed lines."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(PANELS), figsize=(4.2 * len(PANELS), 3.8))
+    found = {key for points in curves.values() for p in points for key in p["headline"]}
+    panels = [panel for panel in PANELS if found & set(panel[1])] or list(PANELS)  # the tasks evaluated
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
     styles = ("o-", "s--", "^:")
-    for ax, (title, keys) in zip(axes, PANELS):
+    for ax, (title, keys) in zip(axes[0], panels):
         for color, (name, points) in zip(("C0", "C3", "C2", "C1", "C4"), curves.items()):
             for style, key in zip(styles, keys):
-                pts = [(p["step"], p["headline"][key]) for p in points if key in p["headline"]]
+                pts = [(p[x], p["headline"][key]) for p in points if key in p["headline"] and p.get(x) is not None]
                 if pts:
                     xs, ys = zip(*pts)
                     ax.plot(xs, ys, style, color=color, label=f"{name}: {key}", markersize=4)
+        for _, key, least in TARGETS:
+            if key in keys:
+                ax.axhline(least, color="grey", linestyle="--", linewidth=0.8)
         ax.set_title(title)
-        ax.set_xlabel("training steps (batch 32)")
-        if title != PANELS[-1][0]:
+        ax.set_xlabel(X_LABELS[x])
+        if x == "minutes":
+            ax.set_xlim(left=0)
+        if "nll" not in keys:
             ax.set_ylim(-0.03, 1.03)
         ax.grid(True, alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
@@ -131,16 +185,27 @@ def _cell(value: float | None) -> str:
     return "-" if value is None else f"{value:.3g}"
 
 
+def _reached(t: dict[str, Any]) -> str:
+    if t["first_step"] is None:
+        return "not met" + ("" if t["best"] is None else f" (best {t['best']:.3g})")
+    return f"step {t['first_step']}" + ("" if t["first_minutes"] is None else f", {t['first_minutes']:.1f} min")
+
+
 def render_markdown(result: dict[str, Any]) -> str:
     m = result["machine"]
+    gpu = f", {m['gpu']}" if m.get("gpu") else ""
     lines = ["# Learning curves", "", f"`{result['command']}`", "",
              f"- shards `{result['shards']}`, {result['records']} val records, tasks {', '.join(result['tasks'])}; "
-             f"machine: {m['cpu_count']} CPUs, torch {m['torch']}, device {m['device']}", ""]
+             f"machine: {m['cpu_count']} CPUs, torch {m['torch']}, device {m['device']}{gpu}", ""]
     for name, points in result["curves"].items():
         lines += [f"## {name} (`{result['runs'][name]}`)", ""]
-        lines += md_table(["step", *(label for label, _ in COLUMNS)],
-                          [[p["step"], *(_cell(p["headline"].get(key)) for _, key in COLUMNS)] for p in points])
+        lines += md_table(["step", "minutes", *(label for label, _ in COLUMNS)],
+                          [[p["step"], _cell(p.get("minutes")), *(_cell(p["headline"].get(key)) for _, key in COLUMNS)]
+                           for p in points])
         lines.append("")
+    lines += ["## Targets (issue 21): where each was first met", ""]
+    lines += md_table(["run", *(what for what, _, _ in TARGETS)],
+                      [[name, *(_reached(t) for t in result["targets"][name])] for name in result["curves"]])
     return "\n".join(lines) + "\n"
 
 
@@ -166,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=positive, default=64, help="samples per model call")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="cpu, cuda ...")
+    parser.add_argument("--x", choices=sorted(X_LABELS), default="step",
+                        help="the plot's x axis: training steps, or wall-clock minutes (each run needs wallclock.json)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
@@ -189,6 +256,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name, ckpts in found.items():
         if not ckpts:
             parser.error(f"run {name!r}: no '*step=N.ckpt' checkpoints below {runs[name]!r}")
+    started = {name: started_at(folder) for name, folder in runs.items()}
+    if args.x == "minutes":
+        for name, when in started.items():
+            if when is None:
+                parser.error(f"--x minutes: run {name!r} has no {Path(runs[name]) / 'wallclock.json'}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     records: dict[int, list[dict]] = {}
@@ -205,12 +277,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 entry = {"run": name, "step": step, "checkpoint": str(ckpt), "tasks": tasks,
                          "records": args.limit, "headline": headline(metrics), "metrics": metrics}
                 cache.write_text(json.dumps(entry, indent=2, default=str) + "\n")
-            curves[name].append({k: entry[k] for k in ("step", "checkpoint", "headline")})
+            curves[name].append({**{k: entry[k] for k in ("step", "checkpoint")},
+                                 "minutes": minutes_at(ckpt, started[name]), "headline": headline(entry["metrics"])})
     result = {"command": command_line("benchmarks.learning_curve", argv), "runs": runs, "shards": args.shards,
-              "records": args.limit, "tasks": tasks, "machine": machine_info(args.device), "curves": curves}
+              "records": args.limit, "tasks": tasks, "machine": machine_info(args.device), "x": args.x,
+              "curves": curves, "targets": {name: targets_met(points) for name, points in curves.items()}}
     (out / "learning_curve.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     (out / "learning_curve.md").write_text(render_markdown(result))
-    plot(curves, out / "learning_curve.png")
+    plot(curves, out / "learning_curve.png", x=args.x)
     if not args.quiet:
         print(f"[learning_curve] wrote {out}/learning_curve.json, .md, .png")
     return result

@@ -4,6 +4,13 @@ all of them together, and the AR twin with and without its KV cache (issue 17).
     OMP_NUM_THREADS=2 python -m benchmarks.speed --mdm runs/quickstart/model --fast runs/fast/model \\
         --ar runs/quickstart/ar --shards 'data/shards/shapes-codes/val/*.tar' --limit 200 \\
         --out benchmarks/results --repeats 5
+    # issue 21's batch sweep on a GPU: MDM with every fast-sampling trick vs AR + KV cache, batch 1, 8 and 32
+    python -m benchmarks.speed --fast runs/gpu-session/mdm/model --ar runs/gpu-session/ar/model \\
+        --variants fast,ar-kv --tasks t2i,vqa --batch-sizes 1,8,32 --shards 'data/shards/shapes-codes/val/*.tar' \\
+        --limit 200 --device cuda --out /tmp/sweep
+    # the same on CPU at toy size (the check that it runs)
+    python -m benchmarks.speed --fast M --ar A --variants fast,ar-kv --tasks t2i,vqa --batch-sizes 1,2 \\
+        --limit 2 --repeats 1 --shards 'VAL/*.tar' --device cpu --out /tmp/sweep
 
 Per task (VQA answer, caption, text-to-image) and sampler variant: NFE, generated tokens per forward per row
 (rows that finish early leave the batch) and milliseconds per sample at each batch size (median of `--repeats`
@@ -22,6 +29,9 @@ Variants (`variants`):
   `before_samplers`, recomputing the prompt every step or computing it once (exact: same tokens).
 - MDM fast: `--fast` with the pipeline's defaults and the exact cache: every trick together.
 - AR + KV cache / AR, no cache: `--ar`, greedy answers and captions, sampled images (temperature 1).
+
+`--variants` keeps some of them, by the names before, approx-cache, fast-decoding, prefix-nocache, prefix-cache,
+fast, ar-kv, ar-nocache; only the model folders those variants use are needed (fast,ar-kv: --fast and --ar).
 
 Writes sampling_speed.json (every measurement, the machine, the command) and sampling_speed.md (one table per
 task, and the issue's acceptance checks) under --out.
@@ -127,16 +137,28 @@ def command_line(prog: str, argv: Sequence[str] | None) -> str:
     return shlex.join(["python", "-m", prog, *(sys.argv[1:] if argv is None else argv)])
 
 
-def load_pair(mdm: str, ar: str, device: str | None) -> tuple[MMDLMPipeline, MMDLMPipeline]:
-    """The two pipelines; raises ValueError when --mdm is causal or --ar is not."""
+def load_models(folders: dict[str, str], device: str | None) -> dict[str, MMDLMPipeline]:
+    """Pipelines by kind: "mdm" and "fast" (masked diffusion; "fast" trained with prefix attention) and "ar" (the
+    causal twin); raises ValueError naming the flag (--mdm, --fast, --ar) of a folder of the wrong kind."""
     from mmdlm.pipeline import MMDLMPipeline
 
-    pipes = MMDLMPipeline.from_pretrained(mdm, device=device), MMDLMPipeline.from_pretrained(ar, device=device)
-    if pipes[0].is_autoregressive:
-        raise ValueError(f"--mdm {mdm!r} is a causal (AR) model")
-    if not pipes[1].is_autoregressive:
-        raise ValueError(f"--ar {ar!r} is not a causal model (config model.causal is false)")
+    pipes = {}
+    for kind, folder in folders.items():
+        pipe = MMDLMPipeline.from_pretrained(folder, device=device)
+        if kind == "ar" and not pipe.is_autoregressive:
+            raise ValueError(f"--ar {folder!r} is not a causal model (config model.causal is false)")
+        if kind != "ar" and pipe.is_autoregressive:
+            raise ValueError(f"--{kind} {folder!r} is a causal (AR) model")
+        if kind == "fast" and not pipe.model.config.prefix_attention:
+            raise ValueError(f"--fast {folder!r} was not trained with prefix attention")
+        pipes[kind] = pipe
     return pipes
+
+
+def load_pair(mdm: str, ar: str, device: str | None) -> tuple[MMDLMPipeline, MMDLMPipeline]:
+    """The two pipelines; raises ValueError when --mdm is causal or --ar is not."""
+    pipes = load_models({"mdm": mdm, "ar": ar}, device)
+    return pipes["mdm"], pipes["ar"]
 
 
 def cap_steps(steps: Sequence[int], region: int) -> dict[int, list[int]]:
@@ -177,8 +199,14 @@ def current_samplers() -> dict[str, SamplerConfig]:
 @dataclass
 class Variant:
     name: str
+    key: str  # its --variants name
     model: str  # "mdm", "fast" or "ar": which --model folder
     samplers: dict[str, SamplerConfig]  # per task
+
+
+# --variants names, in table order; "prefix-*" and "fast" need --fast
+VARIANT_KEYS = ("before", "approx-cache", "fast-decoding", "prefix-nocache", "prefix-cache", "fast", "ar-kv",
+                "ar-nocache")
 
 
 def variants(has_fast: bool) -> list[Variant]:
@@ -190,16 +218,32 @@ def variants(has_fast: bool) -> list[Variant]:
     def with_(samplers: dict[str, SamplerConfig], **changes: Any) -> dict[str, SamplerConfig]:
         return {t: replace(c, **changes) for t, c in samplers.items()}
 
-    rows = [Variant("MDM (before)", "mdm", before),
-            Variant("+ approximate prefix cache", "mdm", with_(before, prefix_cache=1000)),
-            Variant("+ fast decoding", "mdm", now)]
+    rows = [Variant("MDM (before)", "before", "mdm", before),
+            Variant("+ approximate prefix cache", "approx-cache", "mdm", with_(before, prefix_cache=1000)),
+            Variant("+ fast decoding", "fast-decoding", "mdm", now)]
     if has_fast:
-        rows += [Variant("prefix MDM, no cache", "fast", with_(before, use_cache=False)),
-                 Variant("+ exact prefix cache", "fast", before),
-                 Variant("MDM fast (all)", "fast", now)]
+        rows += [Variant("prefix MDM, no cache", "prefix-nocache", "fast", with_(before, use_cache=False)),
+                 Variant("+ exact prefix cache", "prefix-cache", "fast", before),
+                 Variant("MDM fast (all)", "fast", "fast", now)]
     ar = dict.fromkeys(TASKS, SamplerConfig())
     ar = {t: replace(c, temperature=1.0) if t == "t2i" else c for t, c in ar.items()}
-    return rows + [Variant("AR + KV cache", "ar", ar), Variant("AR, no cache", "ar", with_(ar, use_cache=False))]
+    return rows + [Variant("AR + KV cache", "ar-kv", "ar", ar),
+                   Variant("AR, no cache", "ar-nocache", "ar", with_(ar, use_cache=False))]
+
+
+def select_variants(keys: Sequence[str] | None, has_fast: bool) -> list[Variant]:
+    """The variants named by `keys` (all of them for None), in table order; ValueError for an unknown name or
+    one that needs --fast without it."""
+    rows = variants(has_fast)
+    if keys is None:
+        return rows
+    unknown = sorted(set(keys) - set(VARIANT_KEYS))
+    if unknown:
+        raise ValueError(f"--variants: unknown {', '.join(unknown)} (choose from {','.join(VARIANT_KEYS)})")
+    missing = sorted(set(keys) - {v.key for v in rows})
+    if missing:
+        raise ValueError(f"--variants {','.join(missing)} need(s) --fast, a model trained with prefix attention")
+    return [v for v in rows if v.key in keys]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,7 +318,7 @@ def run(pipes: dict[str, MMDLMPipeline], records: list[dict], args: argparse.Nam
     n = max(args.batch_sizes) * (args.warmup + args.repeats) + 16  # prompts for the timed runs (+ spares)
     codes = {kind: pipe.encode_images(stack_images(records[:n])).cpu() for kind, pipe in pipes.items()}
     rows = []
-    for variant in variants("fast" in pipes):
+    for variant in args.variants:
         pipe = pipes[variant.model]
         for task in args.tasks:
             sampler = variant.samplers[task]
@@ -379,9 +423,13 @@ def render_markdown(result: dict[str, Any]) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.speed", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mdm", required=True, help="masked-diffusion model folder (as it was)")
+    parser.add_argument("--mdm", help="masked-diffusion model folder (as it was); needed by the variants before, "
+                                      "approx-cache and fast-decoding")
     parser.add_argument("--fast", help="a masked-diffusion model trained with prefix attention (optional)")
     parser.add_argument("--ar", required=True, help="the causal twin's model folder")
+    parser.add_argument("--variants", type=lambda text: [v.strip() for v in text.split(",") if v.strip()],
+                        help=f"comma-separated subset of {','.join(VARIANT_KEYS)} (default: all that the models "
+                             f"given allow); e.g. fast,ar-kv: MDM with every fast-sampling trick vs AR + KV cache")
     parser.add_argument("--shards", required=True, help="val shards (glob): prompts and quality")
     parser.add_argument("--limit", type=int, default=200, help="val records scored for quality (0: timing only)")
     parser.add_argument("--out", required=True, help="folder for sampling_speed.json and sampling_speed.md")
@@ -398,7 +446,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Time and score every sampler variant; write sampling_speed.json and .md; returns the result."""
     from mmdlm.evaluate import load_records
-    from mmdlm.pipeline import MMDLMPipeline
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -407,20 +454,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parser.error(f"--tasks must be a subset of {','.join(TASKS)}")
     if args.warmup < 0 or args.limit < 0:
         parser.error("--warmup and --limit must be >= 0")
+    folders = {"mdm": args.mdm, "fast": args.fast, "ar": args.ar}
     try:
-        mdm, ar = load_pair(args.mdm, args.ar, args.device)
-        pipes = {"mdm": mdm, "ar": ar}
-        if args.fast:
-            pipes["fast"] = MMDLMPipeline.from_pretrained(args.fast, device=args.device)
-            if not pipes["fast"].model.config.prefix_attention:
-                raise ValueError(f"--fast {args.fast!r} was not trained with prefix attention")
+        args.variants = select_variants(args.variants, has_fast=bool(args.fast))
+        if args.mdm is None and any(v.model == "mdm" for v in args.variants):
+            raise ValueError("--mdm is needed by the variants " + ",".join(v.key for v in args.variants
+                                                                            if v.model == "mdm"))
+        pipes = load_models({k: folders[k] for k in ("mdm", "fast", "ar")
+                             if any(v.model == k for v in args.variants)}, args.device)
+        first = next(iter(pipes.values()))
         need = max(args.limit, max(args.batch_sizes) * (args.warmup + args.repeats) + 16)
-        records = load_records(args.shards, mdm.vq.image_size, need)
+        records = load_records(args.shards, first.vq.image_size, need)
     except (OSError, ValueError, KeyError) as err:
         parser.error(str(err))
     torch.manual_seed(args.seed)
     rows = run(pipes, records, args)
-    result = {"command": command_line("benchmarks.speed", argv), "machine": machine_info(mdm.device),
+    result = {"command": command_line("benchmarks.speed", argv), "machine": machine_info(first.device),
               "settings": {"repeats": args.repeats, "warmup": args.warmup, "batch_sizes": args.batch_sizes,
                            "tasks": args.tasks, "limit": args.limit, "seed": args.seed,
                            "models": {"mdm": args.mdm, "fast": args.fast, "ar": args.ar}},

@@ -4,11 +4,16 @@
         --config configs/ar-shapes.yaml --steps 30 --out benchmarks/results
     python -m benchmarks.train_speed --config configs/mdm-shapes-gpu.yaml --device cuda --precision bf16-mixed \\
         --steps 50 --out /tmp/train_speed
+    # issue 21's table in one command: MDM and AR at d=768 L12 and d=1024 L24, compiled, bf16, with a profile
     python -m benchmarks.train_speed --config configs/mdm-shapes-gpu.yaml --config configs/ar-shapes-gpu.yaml \\
-        --device cuda --precision bf16-mixed --batch-size 128 --batch-size 512 --compile --out /tmp/ts
+        --size 12x768 --size 24x1024 --steps 30 --warmup 10 --profile /tmp/ts/profile --out /tmp/ts
+    # the same on CPU at toy sizes (the check that it runs: a few seconds)
+    python -m benchmarks.train_speed --config configs/mdm-shapes-gpu.yaml --size 1x32 --device cpu \\
+        --precision 32-true --no-compile --batch-size 4 --steps 4 --warmup 1 --profile /tmp/ts/profile \\
+        --profile-steps 2 --shapes-sizes --out /tmp/ts
 
 Each `--config` is a LightningCLI recipe (`train.py fit --config ...`); its model (`LitMDM` init args),
-layout, batch size, task weights, precision and gradient clipping are used as they are. The step is
+layout, batch size, task weights, precision, gradient clipping and `compile` are used as they are. The step is
 the real one: `LitMDM` in a Lightning `Trainer` (condition dropout, masked-diffusion or AR loss,
 backward, clipping, AdamW, EMA update), fed synthetic batches of the real layout: sequences laid out by
 the `mmdlm.sequence` templates (tasks drawn by the recipe's weights, 1..qa_per_sample QA pairs as in
@@ -18,10 +23,11 @@ training) with random VQ codes and random text ids (captions half to all of thei
 and image tokenizer folders (a VQModel or a PatchTokenizer, as `make quickstart` writes them). A folder
 that does not exist is an error naming it, unless the flags give every size it would have given, or
 --shapes-sizes asks for the shapes recipes' values (text vocab 512, codebook 256, grid 8, code vectors of
-8) in its place. --batch-size (repeatable) replaces the recipe's batch
-size: each recipe runs once per size given. --compile wraps the transformer in `torch.compile`
-(LitMDM's `compile`: `nn.Module.compile`, in place, once the model is built), so its compile time falls in the warm-up
-steps: give --warmup enough of them (a new sequence length can recompile).
+8) in its place. --batch-size (repeatable) replaces the recipe's batch size, --size LxD[xH] (repeatable)
+its n_layer, n_embd and n_head (H default D/64): each recipe runs once per size and batch size given.
+--compile / --no-compile override the recipe's `compile` (`LitMDM`: its blocks compiled for the training
+forward), whose compile time falls in the warm-up steps: give --warmup enough of them (a new sequence
+length can recompile).
 
 Each step is timed from `on_train_batch_start` to `on_train_batch_end` (CUDA synchronised; the batch is
 already on the device); the first --warmup steps are left out and the median of the rest reported with
@@ -30,6 +36,14 @@ positions/s all B x T positions computed. Achieved FLOP/s = `Transformer.flops_p
 step time (6N + 12 L d T per position: PaLM / nanoGPT accounting); on a GPU found in the table of
 dense bf16 peaks (or given --peak-flops) MFU = achieved / peak. MFU against the bf16 peak is only
 meaningful for a bf16 run (--precision bf16-mixed).
+
+--profile DIR records --profile-steps steps right after the warm-up of every run with `torch.profiler`
+(CPU, and CUDA on a GPU; those steps are left out of the timing) and writes per run, named
+`<recipe>_<L>x<d>_b<batch>`: `.trace.json.gz` (a Chrome / Perfetto trace: chrome://tracing or
+ui.perfetto.dev) and `.ops.txt` (`key_averages()` tables: by self CUDA time on a GPU, and by self CPU
+time); the run's JSON gets a summary: wall time per profiled step, GPU kernel time per step and its share of
+the wall time (how far the step is from GPU-bound: the rest is launch and Python overhead or host syncs),
+kernel time by kind (matmul, attention, compiled/elementwise, optimizer, copies) and the top operators.
 
 Writes train_speed.json and train_speed.md under --out.
 """
@@ -88,6 +102,36 @@ def load_recipe(path: str) -> Recipe:
     if not str(model.get("class_path", "")).endswith("LitMDM"):
         raise ValueError(f"{path}: model.class_path is not mmdlm.lightning.LitMDM")
     return Recipe(path, dict(model.get("init_args", {})), dict(data.get("init_args", {})), cfg.get("trainer", {}))
+
+
+def model_size(text: str) -> tuple[int, int, int]:
+    """'12x768' -> (12 layers, width 768, 12 heads of 64); '2x64x2' gives the heads. An ArgumentTypeError
+    for anything else (heads must divide the width into an even head dimension, as RoPE needs)."""
+    try:
+        parts = [int(p) for p in text.lower().split("x")]
+    except ValueError:
+        parts = []
+    if len(parts) not in (2, 3) or min(parts) < 1:
+        raise argparse.ArgumentTypeError(f"--size takes LAYERSxWIDTH or LAYERSxWIDTHxHEADS, got {text!r}")
+    layers, width = parts[0], parts[1]
+    heads = parts[2] if len(parts) == 3 else max(1, width // 64)
+    if width % heads or (width // heads) % 2:
+        raise argparse.ArgumentTypeError(f"--size {text}: {heads} heads do not split width {width} into an even "
+                                         f"head dimension")
+    return layers, width, heads
+
+
+def resized(recipe: Recipe, batch_size: int | None, size: tuple[int, int, int] | None,
+            compile_: bool | None) -> Recipe:
+    """The recipe with its batch size, model size (layers, width, heads) and `compile` replaced where given."""
+    model, data = dict(recipe.model), dict(recipe.data)
+    if size is not None:
+        model.update(n_layer=size[0], n_embd=size[1], n_head=size[2])
+    if compile_ is not None:
+        model["compile"] = compile_
+    if batch_size is not None:
+        data["batch_size"] = batch_size
+    return Recipe(recipe.path, model, data, recipe.trainer)
 
 
 @dataclass
@@ -265,33 +309,128 @@ def step_timer(device_type: str):
     return StepTimer()
 
 
+# Kinds of GPU kernel by name (first match wins): where a profiled step's GPU time goes.
+KERNEL_KINDS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("attention", ("flash", "fmha", "attention", "sdpa", "efficient_attention")),
+    ("matmul", ("gemm", "xmma", "cutlass", "nvjet", "matmul", "sm90_", "sm80_", "cublas")),
+    ("optimizer and EMA", ("multi_tensor_apply", "foreach", "adam", "lerp")),
+    ("compiled (triton)", ("triton",)),
+    ("copies and fills", ("memcpy", "memset", "copy", "fill", "cat")),
+    ("reductions", ("reduce", "softmax", "norm", "cross_entropy", "nll_loss")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, keys in KERNEL_KINDS if any(k in low for k in keys)), "other elementwise")
+
+
+def profile_summary(prof, steps: int, wall: float, device_type: str, top: int = 12) -> dict[str, Any]:
+    """Per profiled step: wall ms, GPU kernel ms and its share of the wall time, kernel ms by `kernel_kind`,
+    and the `top` operators by self time (self CUDA time on a GPU, self CPU time otherwise)."""
+    out: dict[str, Any] = {"steps": steps, "wall_ms_per_step": 1e3 * wall / steps}
+    averages = prof.key_averages()
+    if device_type == "cuda":
+        from torch.autograd import DeviceType
+
+        by_kind: dict[str, float] = {}
+        for event in prof.events():  # device-side events only: each kernel (and copy) counted once
+            if event.device_type == DeviceType.CUDA:
+                kind = kernel_kind(event.name)
+                by_kind[kind] = by_kind.get(kind, 0.0) + event.time_range.elapsed_us() / 1e3 / steps
+        busy = sum(by_kind.values())
+        out |= {"gpu_kernel_ms_per_step": busy, "gpu_busy_fraction": busy / out["wall_ms_per_step"],
+                "gpu_ms_per_step_by_kind": dict(sorted(by_kind.items(), key=lambda kv: -kv[1]))}
+        key = "self_device_time_total"
+    else:
+        key = "self_cpu_time_total"
+    rows = sorted(averages, key=lambda e: -getattr(e, key))[:top]
+    out["top_ops"] = [{"name": e.key, "calls_per_step": e.count / steps, "self_ms_per_step": getattr(e, key) / 1e3
+                       / steps} for e in rows]
+    return out
+
+
+def step_profiler(device_type: str, start: int, steps: int, folder: Path, name: str):
+    """A Callback running `torch.profiler` over training steps [start, start + steps) and writing
+    `<folder>/<name>.trace.json.gz`, `<folder>/<name>.ops.txt`; `.summary` holds `profile_summary`."""
+    from lightning.pytorch.callbacks import Callback
+    from torch.profiler import ProfilerActivity, profile
+
+    class StepProfiler(Callback):
+        def __init__(self) -> None:
+            self.step = -1
+            self.prof: Any = None
+            self.summary: dict[str, Any] | None = None
+            self._start = 0.0
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            self.step += 1
+            if self.step == start:
+                activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device_type == "cuda" else [])
+                self.prof = profile(activities=activities, record_shapes=True)
+                self.prof.start()
+                sync(torch.device(device_type))
+                self._start = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            if self.prof is None or self.step != start + steps - 1:
+                return
+            sync(torch.device(device_type))
+            wall = time.perf_counter() - self._start
+            self.prof.stop()
+            folder.mkdir(parents=True, exist_ok=True)
+            trace, table = folder / f"{name}.trace.json.gz", folder / f"{name}.ops.txt"
+            self.prof.export_chrome_trace(str(trace))
+            averages = self.prof.key_averages()
+            sorts = (["self_device_time_total"] if device_type == "cuda" else []) + ["self_cpu_time_total"]
+            table.write_text("\n\n".join(f"{steps} profiled steps of {name}, sorted by {s}:\n"
+                                         + averages.table(sort_by=s, row_limit=40) for s in sorts) + "\n")
+            self.summary = {**profile_summary(self.prof, steps, wall, device_type), "trace": str(trace),
+                            "table": str(table)}
+            self.prof = None
+
+    return StepProfiler()
+
+
+def run_name(recipe: Recipe) -> str:
+    """`<recipe file stem>_<L>x<d>_b<batch>`: a run's name in profile file names."""
+    m = recipe.model
+    return f"{Path(recipe.path).stem}_{m.get('n_layer', 4)}x{m.get('n_embd', 128)}_b{recipe.data.get('batch_size', 32)}"
+
+
 def run_recipe(recipe: Recipe, args: argparse.Namespace, batch_size: int | None = None,
-               sizes: Sizes | None = None) -> dict[str, Any]:
-    """Train `args.steps` real steps of one recipe on synthetic batches; its throughput."""
+               sizes: Sizes | None = None, size: tuple[int, int, int] | None = None) -> dict[str, Any]:
+    """Train `args.steps` real steps of one recipe on synthetic batches (at `batch_size` and model `size` where
+    given); its throughput, and with `args.profile` a profile of the steps after the warm-up."""
     import lightning as L
 
     from mmdlm.lightning import LitMDM
 
-    if batch_size is not None:
-        recipe = Recipe(recipe.path, recipe.model, {**recipe.data, "batch_size": batch_size}, recipe.trainer)
-
+    recipe = resized(recipe, batch_size, size, getattr(args, "compile", None))
     sizes = sizes or vocab_sizes(recipe, args)
     precision = args.precision or recipe.trainer.get("precision", "32-true")
     device_type = args.device
     L.seed_everything(args.seed, verbose=False)
     dm = synthetic_datamodule(recipe, sizes, min(args.steps, 8), args.seed)
-    lit = LitMDM(**{**recipe.model, "export_dir": None, "samples_at_val": 0, "compile": bool(args.compile)})
+    compiled = bool(recipe.model.get("compile", False))
+    lit = LitMDM(**{**recipe.model, "export_dir": None, "samples_at_val": 0, "compile": compiled})
     timer = step_timer(device_type)
+    profiled = getattr(args, "profile", None) is not None
+    callbacks = [timer]
+    if profiled:
+        profiler = step_profiler(device_type, args.warmup, args.profile_steps, Path(args.profile), run_name(recipe))
+        callbacks.append(profiler)
     with tempfile.TemporaryDirectory() as root:
         trainer = L.Trainer(accelerator="gpu" if device_type == "cuda" else "cpu", devices=1, precision=precision,
                             max_steps=args.steps, gradient_clip_val=recipe.trainer.get("gradient_clip_val"),
                             logger=False, enable_checkpointing=False, enable_progress_bar=False,
                             enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
-                            callbacks=[timer], default_root_dir=root)
+                            callbacks=callbacks, default_root_dir=root)
         if device_type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         trainer.fit(lit, datamodule=dm)
-    kept = slice(min(args.warmup, len(timer.seconds) - 1), None)
+    first = args.warmup + (args.profile_steps if profiled else 0)  # profiled steps are not timed
+    kept = slice(min(first, len(timer.seconds) - 1), None)
     secs, toks, pos, seq = timer.seconds[kept], timer.tokens[kept], timer.positions[kept], timer.seq_len[kept]
     model = lit.model
     flops = [model.flops_per_token(t) * p / s for t, p, s in zip(seq, pos, secs)]
@@ -300,7 +439,7 @@ def run_recipe(recipe: Recipe, args: argparse.Namespace, batch_size: int | None 
         "non_embedding_parameters": model.num_params(non_embedding=True),
         "n_layer": model.config.n_layer, "n_embd": model.config.n_embd, "vocab_size": model.config.vocab_size,
         "sizes_from": sizes.source, "batch_size": len(dm.batches[0]), "seq_len_mean": statistics.fmean(seq),
-        "precision": str(precision), "compile": bool(args.compile), "device": device_type,
+        "n_head": model.config.n_head, "precision": str(precision), "compile": compiled, "device": device_type,
         "steps_timed": len(secs), "warmup": args.warmup,
         "seconds_per_step": stats(secs),
         "tokens_per_s": stats([t / s for t, s in zip(toks, secs)]),
@@ -314,6 +453,8 @@ def run_recipe(recipe: Recipe, args: argparse.Namespace, batch_size: int | None 
         out["peak_bf16_flops"] = peak
         out["mfu"] = out["achieved_flops"]["median"] / peak if peak else None
         out["max_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    if profiled:
+        out["profile"] = profiler.summary
     return out
 
 
@@ -328,14 +469,14 @@ def render_markdown(result: dict[str, Any]) -> str:
              f"{', GPU ' + m['gpu'] if m.get('gpu') else ''}, load average {load_text(m)}. "
              f"Real `LitMDM` training steps on synthetic batches of "
              f"the recipes' layout; median over the steps after {result['warmup']} warm-up step(s), [min - max].", ""]
-    header = ["config", "kind", "params (non-emb.)", "batch x T", "precision", "device", "s/step [min - max]",
-              "tokens/s", "positions/s", "TFLOP/s", "MFU"]
+    header = ["config", "kind", "L x d", "params (non-emb.)", "batch x T", "precision", "device",
+              "s/step [min - max]", "tokens/s", "positions/s", "TFLOP/s", "MFU"]
     rows = []
     for r in result["runs"]:
         s = r["seconds_per_step"]
         mfu = r.get("mfu")
         kind = ("AR" if r["causal"] else "MDM") + (" compiled" if r.get("compile") else "")
-        rows.append([Path(r["config"]).name, kind,
+        rows.append([Path(r["config"]).name, kind, f"{r['n_layer']} x {r['n_embd']}",
                      f"{r['parameters'] / 1e6:.2f}M ({r['non_embedding_parameters'] / 1e6:.2f}M)",
                      f"{r['batch_size']} x {r['seq_len_mean']:.0f}", r["precision"], r.get("gpu", r["device"]),
                      f"{s['median']:.3g} [{s['min']:.3g} - {s['max']:.3g}]", f"{r['tokens_per_s']['median']:.4g}",
@@ -344,6 +485,24 @@ def render_markdown(result: dict[str, Any]) -> str:
     lines += md_table(header, rows)
     lines += ["", "tokens/s: attended (non-pad) tokens; positions/s: all B x T; FLOP/s from "
               "`Transformer.flops_per_token` (6N + 12 L d T per position); MFU against the GPU's dense bf16 peak."]
+    profiles = [(r, r["profile"]) for r in result["runs"] if r.get("profile")]
+    if profiles:
+        lines += ["", "## Where the step goes (torch.profiler)", "",
+                  "Per profiled step (left out of the timing above). GPU busy: kernel time / wall time; the rest "
+                  "is launch and Python overhead or host syncs. Trace and operator tables: the files named.", ""]
+        header = ["config", "kind", "L x d", "wall ms", "GPU kernel ms", "GPU busy", "GPU ms by kind",
+                  "top operators (self ms)"]
+        table = []
+        for r, p in profiles:
+            busy = p.get("gpu_busy_fraction")
+            kinds = "; ".join(f"{k} {v:.3g}" for k, v in p.get("gpu_ms_per_step_by_kind", {}).items()) or "-"
+            ops = "; ".join(f"{o['name']} {o['self_ms_per_step']:.3g}" for o in p["top_ops"][:5])
+            table.append([Path(r["config"]).name, "AR" if r["causal"] else "MDM", f"{r['n_layer']} x {r['n_embd']}",
+                          f"{p['wall_ms_per_step']:.4g}", "-" if busy is None else f"{p['gpu_kernel_ms_per_step']:.4g}",
+                          "-" if busy is None else f"{100 * busy:.0f}%", kinds, ops])
+        lines += md_table(header, table)
+        lines += ["", "Files: " + ", ".join(f"`{Path(p['trace']).name}`" for _, p in profiles)
+                  + " and the matching `.ops.txt` tables."]
     return "\n".join(lines) + "\n"
 
 
@@ -359,7 +518,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--precision", help="override the recipe's trainer.precision (e.g. bf16-mixed on a GPU)")
     parser.add_argument("--batch-size", type=positive, action="append",
                         help="replace the recipe's batch size (repeatable: one run per size)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the transformer (in place)")
+    parser.add_argument("--size", type=model_size, action="append",
+                        help="LAYERSxWIDTH[xHEADS] replacing the recipe's n_layer, n_embd, n_head (repeatable: one "
+                             "run per size; heads default to width/64)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="compile the transformer's blocks for training, or not (default: the recipe's)")
+    parser.add_argument("--profile", metavar="DIR",
+                        help="write a torch.profiler trace and operator tables of --profile-steps steps per run here")
+    parser.add_argument("--profile-steps", type=positive, default=3,
+                        help="steps profiled after the warm-up (not timed)")
     parser.add_argument("--peak-flops", type=float, help="peak FLOP/s for MFU (default: the table, by GPU name)")
     parser.add_argument("--text-vocab", type=positive, help="text ids (default: the recipe's tokenizer, else 512)")
     parser.add_argument("--codebook-size", type=positive, help="VQ codes (default: the recipe's VQ, else 256)")
@@ -379,6 +546,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     if not 0 <= args.warmup < args.steps:
         parser.error(f"--warmup must lie in [0, --steps), got {args.warmup} with --steps {args.steps}")
+    if args.profile is not None and args.warmup + args.profile_steps >= args.steps:
+        parser.error(f"--profile: --steps {args.steps} leaves no timed step after {args.warmup} warm-up and "
+                     f"{args.profile_steps} profiled steps")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -399,9 +569,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         import lightning.pytorch  # noqa: F401  (it sets its logger's level when imported: import first)
 
         logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    runs = [run_recipe(recipe, args, size, sizes) for recipe, sizes in recipes for size in (args.batch_size or [None])]
+    runs = [run_recipe(recipe, args, batch, sizes, size) for recipe, sizes in recipes
+            for size in (args.size or [None]) for batch in (args.batch_size or [None])]
     result = {"command": command_line("benchmarks.train_speed", argv), "machine": machine_info(args.device),
-              "warmup": args.warmup, "steps": args.steps, "runs": runs}
+              "warmup": args.warmup, "steps": args.steps, "profile_steps": args.profile_steps if args.profile else 0,
+              "runs": runs}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_speed.json").write_text(json.dumps(result, indent=2) + "\n")

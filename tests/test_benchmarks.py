@@ -12,13 +12,23 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
-from benchmarks import caption_decoding, compare, infill_length, learning_curve, revision, speed, train_speed
+from benchmarks import (
+    caption_decoding,
+    compare,
+    gpu_session,
+    infill_length,
+    learning_curve,
+    revision,
+    speed,
+    train_speed,
+)
 from mmdlm.worlds.shapes import caption, make_object, render
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -241,6 +251,28 @@ def test_speed(pair, val_shards, tmp_path):
     assert "python -m benchmarks.speed" in md and "Acceptance (issue 17)" in md and "AR + KV cache" in md
 
 
+def test_speed_variants_pick_the_rows_and_the_models(pair, val_shards, tmp_path, capsys):
+    """--variants fast,ar-kv: issue 21's sweep needs only the prefix-attention MDM and the AR twin."""
+    mdm_dir, ar_dir = pair
+    fast_dir = tmp_path / "fast"
+    shutil.copytree(mdm_dir, fast_dir)
+    config = json.loads((fast_dir / "config.json").read_text())
+    config["model"]["prefix_attention"] = True
+    (fast_dir / "config.json").write_text(json.dumps(config))
+    common = ["--ar", ar_dir, "--shards", val_shards, "--limit", "0", "--repeats", "1", "--warmup", "0",
+              "--batch-sizes", "1,2", "--tasks", "t2i,vqa", "--device", "cpu", "--quiet", "--out", str(tmp_path)]
+    result = speed.main(["--fast", str(fast_dir), "--variants", "fast,ar-kv", *common])
+    assert [(r["variant"], r["task"]) for r in result["rows"]] == [
+        ("MDM fast (all)", "t2i"), ("MDM fast (all)", "vqa"), ("AR + KV cache", "t2i"), ("AR + KV cache", "vqa")]
+    assert all(set(r["timing"]) == {"1", "2"} for r in result["rows"])
+    for argv, says in ((["--variants", "fast,ar-kv"], "need(s) --fast"), (["--variants", "fastest"], "unknown"),
+                       (["--fast", str(fast_dir), "--variants", "before"], "--mdm is needed"),
+                       (["--fast", mdm_dir, "--variants", "fast"], "prefix attention")):
+        with pytest.raises(SystemExit):
+            speed.main([*argv, *common])
+        assert says in capsys.readouterr().err
+
+
 def test_train_speed(pair, tmp_path):
     mdm_dir, _ = pair
     config = tmp_path / "tiny.yaml"
@@ -316,7 +348,7 @@ def test_infill_length(pair, val_shards, tmp_path):
 
 
 @pytest.mark.parametrize("module", [compare, speed, train_speed, learning_curve, caption_decoding, revision,
-                                    infill_length])
+                                    infill_length, gpu_session])
 def test_help_is_the_docstring(module, capsys):
     with pytest.raises(SystemExit) as exit_info:
         module.main(["--help"])
@@ -373,6 +405,16 @@ def test_learning_curve(tiny_model_dir, tiny_shards, tmp_path, monkeypatch, caps
     monkeypatch.setattr(learning_curve, "evaluate_checkpoint", boom)
     again = learning_curve.main(argv)
     assert again["curves"] == result["curves"]
+    assert [t["first_step"] for t in again["targets"]["tiny"]] == [None, None, None]  # an untrained model
+    assert "Targets (issue 21)" in (out / "learning_curve.md").read_text()
+
+    with pytest.raises(SystemExit):  # against wall-clock: the run must say when it started
+        learning_curve.main(argv + ["--x", "minutes"])
+    assert "wallclock.json" in capsys.readouterr().err
+    (tmp_path / "run" / "wallclock.json").write_text(json.dumps({"started": time.time() - 120}))
+    timed = learning_curve.main(argv + ["--x", "minutes"])  # the cache again: nothing is evaluated
+    assert all(1.9 < p["minutes"] < 30 for p in timed["curves"]["tiny"])
+    _valid_png(out / "learning_curve.png")
 
     with pytest.raises(SystemExit):
         learning_curve.main(["--run", "no-equals-sign", "--shards", "x", "--out", str(out)])
