@@ -49,19 +49,24 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("caption colour F1", "caption_color_f1"), ("caption cell F1", "caption_cell_f1"),
     ("caption exact", "caption_exact_match"), ("t2i all-correct", "t2i_all_correct"),
     ("t2i colour", "t2i_color"), ("t2i shape", "t2i_shape"), ("t2i count", "t2i_count_correct"),
-    ("NLL", "nll"),
+    ("NLL", "nll"), ("edit all-correct", "edit_all_correct"), ("what changed", "what_changed"),
 )
 PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("VQA accuracy", ("vqa", "vqa_position")),
     ("caption attribute F1", ("caption_min_f1", "caption_color_f1", "caption_cell_f1")),
     ("text-to-image (oracle)", ("t2i_all_correct", "t2i_color")),
     ("held-out NLL per target token", ("nll",)),
+    ("image editing (oracle)", ("edit_all_correct", "edit_rest_unchanged")),
+    ("what changed? accuracy", ("what_changed",)),
 )
-# issue 21's targets: (what, key of `headline`, the least value that meets it)
+# issue 21's and issue 20's targets: (what, key of `headline`, the least value that meets it); a target whose task
+# was not evaluated is not reported
 TARGETS: tuple[tuple[str, str, float], ...] = (
     ("VQA accuracy >= 97%", "vqa", 0.97),
     ("every caption attribute F1 >= 0.95", "caption_min_f1", 0.95),
     ("text-to-image all-correct >= 90%", "t2i_all_correct", 0.90),
+    ("edit all-correct >= 50%", "edit_all_correct", 0.50),
+    ("what changed accuracy >= 70%", "what_changed", 0.70),
 )
 X_LABELS = {"step": "training steps", "minutes": "wall-clock minutes since the run started"}
 
@@ -95,6 +100,12 @@ def headline(metrics: dict) -> dict[str, float]:
                                            "extra_objects") if k in t}
     if "nll" in metrics:
         out["nll"] = metrics["nll"]["nll"]
+    if metrics.get("edit", {}).get("n"):
+        e = metrics["edit"]
+        out |= {f"edit_{k}": e[k] for k in ("all_correct", "edited_ok", "rest_unchanged")}
+        out |= {f"edit_{k}": v["all_correct"] for k, v in e["per_kind"].items()}
+    if metrics.get("what_changed", {}).get("n"):
+        out["what_changed"] = metrics["what_changed"]["accuracy"]
     return out
 
 

@@ -156,10 +156,9 @@ def image_grid(batch: Batch, pred: torch.Tensor, vocab: Vocab, vq: Any) -> torch
 
     def codes(ids: torch.Tensor) -> torch.Tensor:
         out = []
-        for i in rows:
-            at = batch.image_index[i] >= 0  # (T,)
-            order = batch.image_index[i][at].argsort()  # raster order of the image positions
-            tok = ids[i][at][order]  # (h*w,)
+        for i in rows:  # the row's generated image (a document may hold several; each is laid out in raster order)
+            at = (batch.image_index[i] >= 0).nonzero().squeeze(1).view(-1, h * w)  # (n_images, h*w) positions
+            tok = ids[i][at[int(batch.target[i][at].any(1).long().argmax())]]  # (h*w,)
             out.append(torch.where(vocab.is_image(tok), tok - vocab.image_offset, 0).view(h, w))
         return torch.stack(out).cpu()  # (R, h, w): the DataModule's tokenizer stays on the CPU
 
@@ -283,6 +282,9 @@ class LitMDM(LightningModule):
         init_from: start from the weights of a model folder (`mmdlm.export`, `MMDLMPipeline.from_pretrained`):
             fine-tuning. Its architecture replaces `n_layer` ... `mask_positions`; the optimizer, schedule and
             step count start fresh; the data's tokenizers must be the folder's (checked, `UserError` if not).
+        max_seq_len: the model's longest sequence, when the data's is longer than the layout's templates
+            (interleaved documents: an edit is ~150 tokens); the larger of the two is built, and a model loaded
+            with `init_from` grows to it (RoPE positions extend; not with learned `mask_positions`).
         samples_at_val: how many val sequences to decode and log as text at each validation.
         seed: seeds the masking noise, per step, so a resumed run repeats an uninterrupted one.
         compile: `torch.compile` the transformer's blocks for the training forward (`compile_for_training`;
@@ -321,6 +323,7 @@ class LitMDM(LightningModule):
         ema_decay: float = 0.995,
         export_dir: str | None = None,
         init_from: str | None = None,
+        max_seq_len: int | None = None,
         samples_at_val: int = 4,
         seed: int = 0,
         compile: bool = False,
@@ -345,7 +348,8 @@ class LitMDM(LightningModule):
         codebook = processor.code_features() if hp.codebook_embeddings else None
         config = ModelConfig(
             vocab_size=vocab.size, n_layer=hp.n_layer, n_head=hp.n_head, n_embd=hp.n_embd,
-            max_seq_len=processor.max_seq_len, causal=hp.causal, qk_norm=hp.qk_norm, tie_head=hp.tie_head,
+            max_seq_len=max(processor.max_seq_len, hp.get("max_seq_len") or 0), causal=hp.causal, qk_norm=hp.qk_norm,
+            tie_head=hp.tie_head,
             head_codebook=hp.head_codebook, mask_positions=hp.get("mask_positions", False), mask_id=vocab.mask,
             shift_logits=hp.get("shift_logits", False), prefix_attention=hp.get("prefix_attention", False),
             dropout=hp.dropout, image_grid=processor.image_grid,
@@ -510,7 +514,12 @@ class LitMDM(LightningModule):
                             f"folder's own tokenizers: --data.text_tokenizer {Path(folder) / 'text_tokenizer'} "
                             f"--data.vq {Path(folder) / 'vq'})")
         prefix_attention = pipe.model.config.prefix_attention or self.hparams.get("prefix_attention", False)
-        config = replace(pipe.model.config, dropout=self.hparams.dropout, prefix_attention=prefix_attention)
+        longest = max(pipe.model.config.max_seq_len, self.hparams.get("max_seq_len") or 0)
+        if longest > pipe.model.config.max_seq_len and pipe.model.config.mask_positions:
+            raise UserError(f"--model.max_seq_len {longest} exceeds the --model.init_from folder's "
+                            f"{pipe.model.config.max_seq_len}, whose learned mask positions cannot grow")
+        config = replace(pipe.model.config, dropout=self.hparams.dropout, prefix_attention=prefix_attention,
+                         max_seq_len=longest)  # RoPE positions extend to any length
         if config.causal and not self.hparams.causal:  # adapt an AR checkpoint to masked diffusion (Dream)
             config = replace(config, causal=False, shift_logits=True)
         self.build(config, pipe.vocab)  # no codebook argument: the folder's is in its weights
