@@ -12,8 +12,11 @@ UniDisc, with fixed-length text regions so that every sample of a task has the s
 
 A document is interleaved text and images (MMC4 / OBELICS; UniDisc's interleaved model), e.g. an edit
 `[source image, instruction, edited image]` or two images and a question about them. Any segment may be the
-target; a given text is as long as its content (no fill), a generated one is a fixed region (`Layout.segment_len`)
-with the `<eos>` fill. Each image has its own 2D positions (`image_index` restarts at 0 per image), and the
+target. Text regions are fixed, as in the other templates: a given text is `Layout.text_len` tokens (content, then
+`<pad>`), a generated one `Layout.segment_len` (content, then the `<eos>` fill). So a segment's place depends only on
+the kinds of the segments before it: an edit's result sits at a fixed offset from its source, and copying the
+unchanged part is one relative shift. (The first edits model, trained with each given text as long as its content,
+left the rest of the scene unchanged in 46% of its edits after 2,000 steps: BENCHMARKS.md, issue 20.) Each image has its own 2D positions (`image_index` restarts at 0 per image), and the
 segments' order is in the 1D (RoPE) positions.
 
 Condition regions are filled with `<pad>` (not attended, never a target). Generated text regions are
@@ -302,7 +305,7 @@ def document_sample(segments: Sequence[Segment], vocab: Vocab, layout: Layout,
                     counter: Counter[str] | None = None) -> Sample:
     """`<bos>` then each segment in order: `<soi> img*N <eoi>` or `<sep> text`; target = the target segments.
 
-    A given text is as long as its content (at most `layout.text_len`, truncation counted); a target text is a
+    A given text is a `layout.text_len` region (content, then `<pad>`; truncation counted); a target text is a
     `length` region with the `<eos>` fill. When a target is an image, the given segments are the condition that
     classifier-free guidance drops (`cond`), as the caption of text-to-image is; text targets are read without
     dropout, as captions and answers are.
@@ -321,7 +324,7 @@ def document_sample(segments: Sequence[Segment], vocab: Vocab, layout: Layout,
         if s.target:
             b.target_text(s.text, s.length or layout.segment_len, "segment")
         else:
-            b.condition_text(s.text, min(len(s.text), layout.text_len), "segment", cond=cond)
+            b.condition_text(s.text, layout.text_len, "segment", cond=cond)
     return b.build(Task.DOC)
 
 
