@@ -3,13 +3,18 @@
 Per step, for each of the batch's prompts: `group_size` completions from the model's own sampler (the task's
 default `SamplerConfig`, or `sampler`), a reward for each (`mmdlm.rewards`), advantages relative to the group
 (reward minus the group's mean, over its std: GRPO, DeepSeekMath), and one policy-gradient update on the
-completions' log-likelihood with a KL penalty to the frozen starting model:
+completions' log-likelihood with a KL penalty to the frozen starting model. Only groups whose rewards differ are
+scored and updated on (DAPO's dynamic sampling, as a filter): the guided sampler draws the same image for most
+prompts (of 8 train prompts x 8 rollouts of the quickstart model, 7 groups had one reward), and a group of equal
+rewards has zero advantage everywhere, so its likelihood would cost a backward pass for nothing:
 
     loss = -mean_i( A_i * r_i ) + beta * mean_i( KL_i ),   r_i = exp((ll_i - sg(ll_i)) / L_i)
 
-`ll_i` is the completion's log-likelihood given its prompt: exact for the AR twin (ordinary GRPO), the coupled ELBO
-estimate for a masked-diffusion model (`mmdlm.likelihood`, coupled-GRPO; `full_mask`: diffu-GRPO's one-step
-estimate), the policy and the reference scored on the same masks. When the rollouts are drawn with classifier-free
+`ll_i` is the completion's log-likelihood given its prompt: exact for the AR twin (ordinary GRPO); for a
+masked-diffusion model one of `mmdlm.likelihood`'s (`likelihood`): `trajectory`, the log-probability of each token
+where and when the sampler committed it (TraceRL / MaskGRPO: the rollout's own choices, one forward per sampler
+step), `elbo`, the coupled ELBO estimate (coupled-GRPO; the policy and the reference on the same masks), or
+`full_mask`, diffu-GRPO's one-step estimate. When the rollouts are drawn with classifier-free
 guidance, the per-token terms are those of the guided distribution, softmax(cond + w (cond - uncond)): trained on
 the conditional likelihood alone, the policy improved its unguided samples (all-correct +5.25 points) and lost 6.5
 points of guided ones (BENCHMARKS.md, issue 19). Dividing by the completion's length L_i is GSPO's sequence-level
@@ -32,13 +37,14 @@ import torch
 from torch.utils.data import DataLoader
 
 from mmdlm.errors import UserError
-from mmdlm.likelihood import ar_log_likelihood, elbo, full_mask_log_likelihood
+from mmdlm.likelihood import ar_log_likelihood, elbo, full_mask_log_likelihood, trajectory_log_likelihood
 from mmdlm.rewards import load_reward
 from mmdlm.sampling import scheduler_for
 from mmdlm.sampling.config import DEFAULT_SAMPLERS
 from mmdlm.sequence import Sample, collate, t2i_prompt, vqa_prompt
 
 TASKS = {"t2i": "text_to_image", "vqa": "answer"}  # RL task -> its DEFAULT_SAMPLERS entry
+LIKELIHOODS = ("elbo", "trajectory", "full_mask")  # a masked-diffusion model's sequence log-likelihood (above)
 
 
 class PromptData(L.LightningDataModule):
@@ -75,22 +81,25 @@ class LitGRPO(L.LightningModule):
         reward: a built-in reward (`mmdlm.rewards.REWARDS`) or `module:function`.
         group_size: completions per prompt (G).
         lr: AdamW learning rate.
-        beta: weight of the KL penalty to the starting model.
-        likelihood_draws: coupled mask pairs per ELBO estimate (masked diffusion).
-        full_mask: masked diffusion: score the completion with all of it masked (diffu-GRPO's one-step estimate)
-            instead of the coupled ELBO.
+        beta: weight of the KL penalty to the starting model (0: no penalty, and no reference forward).
+        likelihood: a masked-diffusion model's log-likelihood of a rollout, one of `LIKELIHOODS` (module docstring).
+            `elbo` is the measured one (BENCHMARKS.md, issue 19); `trajectory` is exact for the sampler's choices
+            (tests/test_likelihood.py) but not yet measured held out.
+        likelihood_draws: coupled mask pairs per ELBO estimate (`likelihood: elbo`).
         sampler: `SamplerConfig` fields overriding the task's default for the rollouts.
         export_dir: where the model folder is written at the end of fit.
     """
 
     def __init__(self, init_from: str, task: str = "t2i", reward: str = "t2i_all_correct", group_size: int = 8,
-                 lr: float = 1e-5, beta: float = 0.02, likelihood_draws: int = 1, full_mask: bool = False,
+                 lr: float = 1e-5, beta: float = 0.02, likelihood: str = "elbo", likelihood_draws: int = 1,
                  sampler: dict[str, Any] | None = None, export_dir: str | None = None, seed: int = 0) -> None:
         super().__init__()
         from mmdlm.pipeline import MMDLMPipeline
 
         if task not in TASKS:
             raise UserError(f"--model.task must be one of {', '.join(TASKS)}, got {task!r}")
+        if likelihood not in LIKELIHOODS:
+            raise UserError(f"--model.likelihood must be one of {', '.join(LIKELIHOODS)}, got {likelihood!r}")
         if group_size < 2:
             raise UserError(f"--model.group_size must be >= 2 (advantages are relative to the group), got {group_size}")
         self.save_hyperparameters()
@@ -142,16 +151,21 @@ class LitGRPO(L.LightningModule):
             return p.decode_images(image_codes(ids, samples, vocab, p.vq.grid).cpu()).cpu()
         return [p.decode_text(row[: len(s)][s.target.to(ids.device)].cpu()) for row, s in zip(ids, samples)]
 
-    def log_likelihood(self, model: torch.nn.Module, batch, seed: int) -> torch.Tensor:
-        """Float[N]: the completions' log-likelihood (AR) or its coupled ELBO estimate (masked diffusion), on masks
-        drawn from `seed` (the same for the policy and the reference)."""
+    def log_likelihood(self, model: torch.nn.Module, batch, history: list[torch.Tensor] | None,
+                       seed: int) -> torch.Tensor:
+        """Float[N]: the completions' log-likelihood (`batch`: the prompts with the completions filled in; `history`:
+        the rollouts' canvas after each step), exact for the AR twin, else `likelihood`'s (the ELBO's masks drawn
+        from `seed`, the same for the policy and the reference)."""
+        vocab, w = self.processor.vocab, self.config.guidance_scale  # the distribution the rollouts were drawn from
         if model.config.causal:
             return ar_log_likelihood(model, batch)
-        w = self.config.guidance_scale  # the distribution the rollouts were drawn from
-        if self.hparams.full_mask:
-            return full_mask_log_likelihood(model, batch, self.processor.vocab, w)
+        if self.hparams.likelihood == "trajectory":
+            prompts = replace(batch, ids=batch.ids.masked_fill(batch.target, vocab.mask))
+            return trajectory_log_likelihood(model, prompts, history, vocab, self.config)
+        if self.hparams.likelihood == "full_mask":
+            return full_mask_log_likelihood(model, batch, vocab, w)
         g = torch.Generator(device=batch.ids.device).manual_seed(seed)
-        return elbo(model, batch, self.processor.vocab, draws=self.hparams.likelihood_draws, generator=g, guidance=w)
+        return elbo(model, batch, vocab, draws=self.hparams.likelihood_draws, generator=g, guidance=w)
 
     def training_step(self, items: list[dict], batch_idx: int) -> torch.Tensor | None:
         samples, records = self.prompts(items)
@@ -161,24 +175,34 @@ class LitGRPO(L.LightningModule):
         batch = collate(samples, self.processor.vocab).to(self.device)
         g = torch.Generator(device=self.device).manual_seed(self.hparams.seed * 1_000_003 + self.global_step)
         self.model.eval()
-        out = self.scheduler.sample(self.model, batch, self.config, generator=g)
+        out = self.scheduler.sample(self.model, batch, self.config, generator=g, history=self.hparams.likelihood ==
+                                    "trajectory" and not self.model.config.causal)
         self.model.train()
         rewards = self.reward(self.completions(out.ids, samples), records).to(self.device).float()  # (N,)
         grouped = rewards.view(-1, self.hparams.group_size)  # (P, G)
         advantage = ((grouped - grouped.mean(1, keepdim=True)) / (grouped.std(1, keepdim=True) + 1e-4)).flatten()
-
-        done = replace(batch, ids=out.ids)
-        length = (batch.target & ~batch.pad).sum(1).clamp_min(1)  # (N,)
+        # a group whose rollouts all scored alike has no advantage: only the others are scored and updated on
+        informative = (grouped.std(1) > 0).repeat_interleave(self.hparams.group_size)  # (N,)
+        self.log_dict({"reward/mean": rewards.mean(), "reward/std": rewards.std(), "rollout/nfe": float(out.nfe),
+                       "rollout/informative": informative.float().mean()}, prog_bar=True, batch_size=len(items))
+        if not bool(informative.any()):
+            return None  # nothing to learn from this batch: no update
+        keep = informative.nonzero().squeeze(1)  # (K,)
+        done = replace(batch, ids=out.ids).select(keep)
+        history = None if out.history is None else [h[keep] for h in out.history]
+        advantage = advantage[keep]  # (K,)
+        length = (done.target & ~done.pad).sum(1).clamp_min(1)  # (K,)
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=g, device=self.device))
-        ll = self.log_likelihood(self.model, done, seed)  # (N,)
-        with torch.no_grad():
-            ll_ref = self.log_likelihood(self.reference, done, seed)  # (N,)
-        ratio = torch.exp((ll - ll.detach()) / length)  # (N,) 1 in value, grad(ll) / L
-        d = (ll_ref - ll) / length
-        kl = torch.exp(d) - d - 1  # (N,) k3, >= 0
+        ll = self.log_likelihood(self.model, done, history, seed)  # (K,)
+        ratio = torch.exp((ll - ll.detach()) / length)  # (K,) 1 in value, grad(ll) / L
+        kl = torch.zeros_like(ll)
+        if self.hparams.beta > 0:
+            with torch.no_grad():
+                ll_ref = self.log_likelihood(self.reference, done, history, seed)  # (K,)
+            d = (ll_ref - ll) / length
+            kl = torch.exp(d) - d - 1  # (K,) k3, >= 0
         loss = -(advantage * ratio).mean() + self.hparams.beta * kl.mean()
-        self.log_dict({"reward/mean": rewards.mean(), "reward/std": rewards.std(), "kl": kl.mean(),
-                       "rollout/nfe": float(out.nfe), "loss": loss.detach()}, prog_bar=True, batch_size=len(items))
+        self.log_dict({"kl": kl.mean(), "loss": loss.detach()}, prog_bar=True, batch_size=len(items))
         return loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:

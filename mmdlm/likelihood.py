@@ -13,6 +13,12 @@ one of three estimates:
 target (tests: the estimate's mean is the exact bound). Both keep the autograd graph: the loss of a policy
 update is built on them.
 
+`trajectory_log_likelihood` is not a bound but the sampler's own choices (TraceRL, Wang et al. 2025; MaskGRPO): a
+rollout's canvas after every step is kept, and each token is scored where and when the sampler committed it, as
+log p(x_i | the canvas before that step) under the distribution it was drawn from (the guided, modality-restricted,
+plausibility-masked logits over the temperature). Which positions a step commits (the confidence order) is left
+out, as the environment's part. It costs one forward (two with guidance) per sampler step.
+
 With the linear schedule the bound has a closed form over masks: a mask of k of the L targets has probability
 t^k (1 - t)^(L - k) at time t, so its weight is the integral of t^(k-1) (1 - t)^(L - k) dt = B(k, L - k + 1).
 """
@@ -26,6 +32,8 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
+from mmdlm.sampling.config import SamplerConfig
+from mmdlm.sampling.tokens import guided_logits, restrict
 from mmdlm.sequence import Batch
 from mmdlm.vocab import Vocab
 
@@ -110,3 +118,39 @@ def exact_elbo(model: torch.nn.Module, batch: Batch, vocab: Vocab, max_targets: 
                 value = value + weight * _masked_log_probs(model, row, masked, vocab).sum()
         out.append(value)
     return torch.stack(out)
+
+
+def trajectory_log_likelihood(model: torch.nn.Module, batch: Batch, history: list[torch.Tensor], vocab: Vocab,
+                              config: SamplerConfig) -> torch.Tensor:
+    """Float[B]: sum over a rollout's steps of log p(tokens committed at that step | the canvas before it), under
+    the distribution the masked sampler drew them from with `config` (module docstring). `batch`: the prompts (the
+    targets `<mask>`); `history`: the canvas Long[B, T] after each step (`scheduler.sample(..., history=True)`),
+    the last one the completion. Needs a sampler that never re-masks (no self-correction)."""
+    if config.self_correction is not None:
+        raise ValueError("trajectory_log_likelihood needs a sampler without self-correction (tokens stay committed)")
+    final = history[-1]  # (B, T)
+    allowed = vocab.allowed_table(final.device)  # (2, V)
+    modality = (batch.image_index >= 0).long()  # (B, T) Modality: 0 text, 1 image
+    total = torch.zeros(final.shape[0], device=final.device)
+    before = batch.ids
+    for after in history:
+        open_ = before == vocab.mask  # (B, T) the canvas's masks before this step
+        chosen = open_ & (after != vocab.mask)  # (B, T) committed in this step
+        before = after
+        if not bool(chosen.any()):
+            continue
+        noisy = final.masked_fill(open_, vocab.mask)  # (B, T) = the canvas before the step
+        rows = 2 if config.guidance_scale > 0 else 1
+        logits = model(noisy.repeat(rows, 1), torch.cat([batch.pad, batch.pad | batch.cond][:rows]),
+                       batch.image_index.repeat(rows, 1), logits_at=chosen.repeat(rows, 1),
+                       prefix=batch.prefix.repeat(rows)).float()  # (rows * M, V)
+        tokens = final[chosen][:, None]  # (M, 1)
+        c = restrict(logits[: len(tokens)], modality[chosen], allowed)  # (M, V)
+        if rows == 2:  # guided; the plausibility constraint keeps the drawn token even where recomputing the logits
+            #   moved it a rounding error across the boundary (a masked token would score -inf)
+            keep = c >= c.amax(-1, keepdim=True) + math.log(max(config.guidance_plausibility, 1e-30))  # (M, V)
+            keep.scatter_(1, tokens, True)
+            c = guided_logits(c, logits[len(tokens):], config.guidance_scale).masked_fill(~keep, float("-inf"))
+        lp = torch.log_softmax(c / max(config.temperature, 1e-6), dim=-1).gather(1, tokens)  # (M, 1)
+        total = total.index_add(0, chosen.nonzero()[:, 0], lp.squeeze(1))
+    return total

@@ -37,11 +37,11 @@ def roomy(tiny_model_dir, tmp_path_factory) -> str:
 
 
 def run(init_from: str, shards: str, steps: int, export_dir=None, task: str = "t2i",
-        reward: str = "tests.test_grpo:brightness") -> tuple[LitGRPO, list[float]]:
+        reward: str = "tests.test_grpo:brightness", likelihood: str = "elbo") -> tuple[LitGRPO, list[float]]:
     L.seed_everything(0)
     sampler = {"steps": 4, "guidance_scale": 0.0} if task == "t2i" else {"temperature": 1.0}
     module = LitGRPO(init_from, task=task, reward=reward, group_size=4, lr=3e-3, beta=0.0, sampler=sampler,
-                     export_dir=export_dir)
+                     export_dir=export_dir, likelihood=likelihood)
     seen: list[float] = []
     reward = module.reward
 
@@ -66,9 +66,12 @@ def test_grpo_raises_the_mean_reward_of_a_tiny_mdm(roomy, tiny_shards, tmp_path)
     assert json.loads((tmp_path / "rl" / "config.json").read_text())["model"]["causal"] is False
 
 
-def test_text_to_image_rollouts_are_drawn_decoded_and_rewarded(roomy, tiny_shards) -> None:
-    module, seen = run(roomy, f"{tiny_shards}/train/*.tar", 2)
-    assert len(seen) == 2 and all(0 < r < 1 for r in seen)
+@pytest.mark.parametrize("likelihood", ["elbo", "trajectory", "full_mask"])
+def test_text_to_image_rollouts_are_drawn_decoded_and_rewarded(roomy, tiny_shards, likelihood) -> None:
+    before = {k: v.clone() for k, v in LitGRPO(roomy).model.state_dict().items()}
+    module, seen = run(roomy, f"{tiny_shards}/train/*.tar", 2, likelihood=likelihood)
+    assert len(seen) == 2 and all(0 < r < 1 for r in seen)  # brightness: every group's rewards differ
+    assert any(not torch.equal(before[k], v) for k, v in module.model.state_dict().items())  # it was updated
 
 
 def test_the_ar_twin_runs_the_same_recipe(roomy, tiny_shards, tmp_path) -> None:
@@ -90,6 +93,8 @@ def test_bad_arguments_are_one_sentence(tiny_model_dir, tmp_path) -> None:
         LitGRPO(tiny_model_dir, group_size=1)
     with pytest.raises(UserError, match="reward"):
         LitGRPO(tiny_model_dir, reward="no_such_reward")
+    with pytest.raises(UserError, match="likelihood"):
+        LitGRPO(tiny_model_dir, likelihood="exact")
     with pytest.raises(UserError, match="init_from"):
         LitGRPO(str(tmp_path / "none"))
 

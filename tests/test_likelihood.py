@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from mmdlm.likelihood import ar_log_likelihood, elbo, exact_elbo, full_mask_log_likelihood
+from mmdlm.likelihood import ar_log_likelihood, elbo, exact_elbo, full_mask_log_likelihood, trajectory_log_likelihood
 from mmdlm.model import ModelConfig, Transformer
 from mmdlm.sequence import Layout, collate, t2i_sample, text_sample
 from mmdlm.vocab import Vocab
@@ -74,3 +74,31 @@ def test_the_guided_log_likelihood_is_that_of_the_guided_distribution() -> None:
         cond_only = c.log_softmax(-1).gather(1, b.ids[target][:, None]).sum()
     assert abs(float(got) - float(expected)) < 1e-4 and abs(float(plain) - float(cond_only)) < 1e-4
     assert abs(float(got) - float(plain)) > 1e-3  # the caption matters to this model: guidance changes the value
+
+
+def test_the_trajectory_likelihood_is_what_the_sampler_drew_with() -> None:
+    """Each token's log p where and when the sampler committed it: the sum of the sampler's own log p(chosen) at
+    commit (`MaskedState.p_commit`, temperature 1), with guidance and its plausibility constraint."""
+    from mmdlm.sampling import MaskedScheduler, SamplerConfig
+    from mmdlm.sequence import t2i_prompt
+
+    model = tiny()
+    layout = Layout(caption_len=3)
+    b = collate([t2i_prompt(ids, VOCAB, layout, 4) for ids in ([3, 5], [7], [1, 2])], VOCAB)
+    scheduler = MaskedScheduler(VOCAB)
+    configs = (SamplerConfig(steps=3, temperature=1.0), SamplerConfig(steps=2, temperature=1.0, guidance_scale=2.0))
+    for config in configs:
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            state = scheduler.set_timesteps(b, config, generator=g)
+            history = []
+            while not state.done:
+                scheduler.step(model(**scheduler.model_inputs(state)), state)
+                history.append(state.canvas.clone())
+            got = trajectory_log_likelihood(model, b, history, VOCAB, config)  # (3,)
+        expected = torch.where(b.target, state.p_commit.log(), 0.0).sum(1).float()  # (3,)
+        assert len(history) == config.steps and bool((history[-1][b.target] != VOCAB.mask).all())
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    model.train()
+    trajectory_log_likelihood(model, b, history, VOCAB, config).sum().backward()
+    assert all(p.grad is not None for p in model.blocks[0].parameters())
