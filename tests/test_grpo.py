@@ -112,3 +112,34 @@ def test_the_recipe_runs_through_the_lightning_cli(roomy, tiny_shards, tmp_path)
               "--trainer.logger.init_args.save_dir", str(out), "--trainer.enable_progress_bar", "false"])
     assert (out / "model" / "model.safetensors").is_file()
     assert list((out / "checkpoints").glob("*.ckpt"))
+
+
+def test_rl_curves_reads_the_events_and_scores_the_checkpoints(roomy, tiny_shards, tmp_path) -> None:
+    """Reward and KL from a run's TensorBoard events; the held-out score at step 0 and at its checkpoints."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from benchmarks import rl_curves
+
+    out = tmp_path / "run"
+    L.seed_everything(0)
+    module = LitGRPO(roomy, reward="tests.test_grpo:brightness", group_size=2, lr=3e-3, sampler={"steps": 2})
+    L.Trainer(max_steps=2, accelerator="cpu", logger=TensorBoardLogger(str(out), name="tb"), log_every_n_steps=1,
+              callbacks=[ModelCheckpoint(str(out / "checkpoints"), every_n_train_steps=1, save_top_k=-1)],
+              enable_progress_bar=False, enable_model_summary=False
+              ).fit(module, datamodule=PromptData(f"{tiny_shards}/train/*.tar", limit=8, prompts_per_step=2))
+    rl_curves.main(["--run", f"tiny={out}", "--out", str(tmp_path / "curves"), "--eval-shards",
+                    f"{tiny_shards}/val/*.tar", "--limit", "2", "--every", "1", "--window", "2"])
+    curves = json.loads((tmp_path / "curves.json").read_text())["tiny"]
+    assert (tmp_path / "curves.png").is_file() and len(curves["reward/mean"]) == 2
+    assert [p["step"] for p in curves["held_out"]][:2] == [0, 1]
+
+
+def test_rollout_diversity_counts_the_groups_that_can_teach(roomy, tiny_shards, capsys) -> None:
+    from benchmarks import rollout_diversity
+
+    rollout_diversity.main(["--model", roomy, "--shards", f"{tiny_shards}/train/*.tar", "--prompts", "2", "--group",
+                            "3", "--reward", "tests.test_grpo:brightness", "--setting", '{"steps": 2}'])
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["groups"] == 2 and line["informative_groups"] == 2  # brightness differs between any two images
+    assert sum(line["distinct_images_and_rewards_differ"].values()) == 2
