@@ -250,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Evaluate every checkpoint of every run (cached), then write the json, markdown and plot."""
-    from mmdlm.evaluate import ALL_TASKS
+    from mmdlm.evaluate import TASKS as ALL_TASKS  # every task evaluate knows
 
     parser = build_parser()
     args = parser.parse_args(argv)
