@@ -667,11 +667,13 @@ def _documents(records: Sequence[dict], kind: str) -> list[dict]:
 
 
 def eval_edit(pipe: MMDLMPipeline, records: Sequence[dict], sampler: SamplerConfig | None = None,
-              batch_size: int = 64, seed: int = 0, progress: bool = True) -> TaskResult:
+              batch_size: int = 64, seed: int = 0, progress: bool = True,
+              options: Mapping[str, Any] | None = None) -> TaskResult:
     """Image editing (issue 20): each edit record's source image and instruction (`pipe.edit`), the edited image
     read by the shapes oracle against the edit applied to the source scene (`mmdlm.worlds.edits.check_edit`):
     all-correct (the read scene is exactly the expected one), the edited object right, the rest unchanged; per
-    edit kind too. An instruction longer than the model's text region scores 0 (`too_long`)."""
+    edit kind too. An instruction longer than the model's text region scores 0 (`too_long`). `options`: further
+    keyword arguments of `pipe.edit` (`revision=`)."""
     from mmdlm.worlds.edits import Edit, check_edit
 
     items = _documents(records, "edit")
@@ -686,7 +688,7 @@ def eval_edit(pipe: MMDLMPipeline, records: Sequence[dict], sampler: SamplerConf
             batch = [items[i] for i in chunk]
             with _Timer(pipe.device) as t:
                 out = pipe.edit(torch.stack([r["segments"][0]["image"] for r in batch]),
-                                [r["segments"][1]["text"] for r in batch], sampler, seed=seed + b)
+                                [r["segments"][1]["text"] for r in batch], sampler, seed=seed + b, **(options or {}))
             cost.add(out.nfe, t.seconds, len(chunk))
             for i, r, image in zip(chunk, batch, out.images):
                 checks[i] = check_edit(r["meta"]["before"], Edit.from_dict(r["meta"]["edit"]), image,

@@ -405,12 +405,13 @@ class MMDLMPipeline:
         res = self._generate(samples, self.sampler("inpaint", sampler, **overrides), seed)
         return self._image_output(res, samples)
 
-    def edit(self, images, instructions: list[str], sampler: SamplerConfig | None = None, seed: int = 0,
-             **overrides) -> ImageOutput:
+    def edit(self, images, instructions: list[str], sampler: SamplerConfig | None = None, seed: int = 0, *,
+             revision: Revision | None = None, **overrides) -> ImageOutput:
         """Edit each image as its instruction says ("make the red circle blue"): the document [image, instruction,
         edited image] with the edited image generated (`complete_document`). Default sampler `DEFAULT_SAMPLERS
         ["edit"]`; `guidance_scale` guides on the instruction, `image_guidance_scale` on the source image apart
-        (InstructPix2Pix)."""
+        (InstructPix2Pix). `revision`: start the edited image as a copy of the source and rewrite only the tokens
+        this model doubts given the instruction (`mmdlm.sampling.revise`), instead of drawing it from masks."""
         codes = self.encode_images(images).cpu()
         if len(instructions) != len(codes):
             raise ValueError(f"got {len(codes)} images but {len(instructions)} instructions")
@@ -422,8 +423,15 @@ class MMDLMPipeline:
             ids = self._encode_text(text, self.layout.text_len, "instruction")
             samples.append(document_prompt([Segment.of_image(c), Segment.of_text(ids),
                                             Segment.of_image(None, True, n)], self.vocab, self.layout))
-        res = self._generate(samples, self.sampler("edit", sampler, **overrides), seed)
-        return self._image_output(res, samples)
+        config = self.sampler("edit", sampler, **overrides)
+        if revision is None:
+            return self._image_output(self._generate(samples, config, seed), samples)
+        if self.is_autoregressive:
+            raise ValueError("editing by revision needs the masked-diffusion model")
+        draft = collate(samples, self.vocab).ids  # (B, T): the edited image starts as the source
+        for row, s, c in zip(draft, samples, codes):
+            row[: len(s)][s.target] = self.vocab.image_to_token(c.flatten())
+        return self._image_output(self._revise(samples, draft, config, revision, seed), samples)
 
     def complete_document(self, documents: list[list[Any]], sampler: SamplerConfig | None = None, seed: int = 0,
                           **overrides) -> DocumentOutput:

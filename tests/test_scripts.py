@@ -226,6 +226,13 @@ def test_generate_edit_writes_the_original_then_the_edits(tiny_model_dir, pipe, 
     assert edits.codes.shape == (2, *pipe.vq.grid) and edits.nfe == 3
     with pytest.raises(ValueError, match="2 images but 1 instructions"):
         pipe.edit([Image.open(scene)] * 2, ["x"])
+    from mmdlm.sampling.revise import Revision
+
+    source = pipe.encode_images([Image.open(scene)]).cpu()  # (1, h, w)
+    revised = pipe.edit([Image.open(scene)] * 2, ["make the circle blue"] * 2, steps=3,
+                        revision=Revision(threshold=1.0, only_if_disagrees=False, max_tokens=2))
+    changed = (revised.codes != source).flatten(1).sum(1)  # (2,) tokens the revision rewrote, at most 2 a row
+    assert bool((changed <= 2).all()) and revised.nfe >= 2  # a scoring call, then the refill
 
 
 @pytest.mark.parametrize("box", ["0,0,40,8", "8,0,8,16", "10,0,4,8", "-1,0,4,4"])
