@@ -151,3 +151,26 @@ def test_the_builder_draws_the_target_among_the_records_targets(tiny_model_dir) 
         sample = builder.build(record, rng=rng)  # only DOC can do a document
         assert sample.task == Task.DOC and int(sample.target.sum()) == pipe.vq.tokens_per_image
         assert int(sample.target.nonzero()[0]) > int((sample.ids == pipe.vocab.sep).nonzero()[0])
+
+
+def test_edits_are_evaluated_and_compared_by_mode(doc_model_dir, tmp_path: Path, capsys) -> None:
+    """`mmdlm.evaluate --tasks edit,what_changed` on the edits world's val documents, and `benchmarks.edit_modes`:
+    every edit is scored by the oracle (an untrained model gets few right), every question answered."""
+    from benchmarks import edit_modes
+    from mmdlm.evaluate import main as evaluate_main
+    from mmdlm.worlds.edits import EditsConfig, write_edits
+
+    write_edits(tmp_path / "edits", EditsConfig(train=4, val=12, seed=3), progress=False)
+    shards = str(tmp_path / "edits" / "val" / "*.tar")
+    evaluate_main(["--model", doc_model_dir, "--shards", shards, "--tasks", "edit,what_changed",
+                   "--out", str(tmp_path / "m.json"), "--steps", "2"])
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    edit, asked = metrics["edit"], metrics["what_changed"]
+    assert edit["n"] + asked["n"] == 12 and edit["n"] > 0 and asked["n"] > 0
+    assert sum(v["n"] for v in edit["per_kind"].values()) == edit["n"] and 0 <= edit["all_correct"] <= 1
+    assert 0 <= asked["accuracy"] <= 1 and len(asked["examples"]) == min(6, asked["n"])
+    capsys.readouterr()
+    edit_modes.main(["--model", doc_model_dir, "--shards", shards, "--revision", "4,1"])
+    lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert [line["mode"] for line in lines] == ["from masks", "revision 4 tokens x 1"]
+    assert all(line["n"] == edit["n"] for line in lines)
