@@ -405,7 +405,8 @@ def test_learning_curve(tiny_model_dir, tiny_shards, tmp_path, monkeypatch, caps
     monkeypatch.setattr(learning_curve, "evaluate_checkpoint", boom)
     again = learning_curve.main(argv)
     assert again["curves"] == result["curves"]
-    assert [t["first_step"] for t in again["targets"]["tiny"]] == [None] * len(learning_curve.TARGETS)  # an untrained model
+    untrained = [None] * len(learning_curve.TARGETS)  # an untrained model meets none
+    assert [t["first_step"] for t in again["targets"]["tiny"]] == untrained
     assert "Targets (issue 21)" in (out / "learning_curve.md").read_text()
 
     with pytest.raises(SystemExit):  # against wall-clock: the run must say when it started
