@@ -874,7 +874,7 @@ def render_report(metrics: dict) -> str:
         if key in metrics:
             head.append(f"- **{key}**: `{_fmt(metrics[key])}`")
     head += [f"- **settings**: {_fmt(metrics.get('settings', {}))}", ""]
-    body = [line for name in ALL_TASKS if name in metrics for line in _md_section(name, metrics[name])]
+    body = [line for name in TASKS if name in metrics for line in _md_section(name, metrics[name])]
     return "\n".join(head + body) + "\n"
 
 

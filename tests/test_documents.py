@@ -163,8 +163,10 @@ def test_edits_are_evaluated_and_compared_by_mode(doc_model_dir, tmp_path: Path,
     write_edits(tmp_path / "edits", EditsConfig(train=4, val=12, seed=3), progress=False)
     shards = str(tmp_path / "edits" / "val" / "*.tar")
     evaluate_main(["--model", doc_model_dir, "--shards", shards, "--tasks", "edit,what_changed",
-                   "--out", str(tmp_path / "m.json"), "--steps", "2"])
+                   "--out", str(tmp_path / "m.json"), "--report", str(tmp_path / "r.md"), "--steps", "2"])
     metrics = json.loads((tmp_path / "m.json").read_text())
+    report = (tmp_path / "r.md").read_text()
+    assert "## Image editing" in report and "## What changed?" in report, report[:400]
     edit, asked = metrics["edit"], metrics["what_changed"]
     assert edit["n"] + asked["n"] == 12 and edit["n"] > 0 and asked["n"] > 0
     assert sum(v["n"] for v in edit["per_kind"].values()) == edit["n"] and 0 <= edit["all_correct"] <= 1
