@@ -80,15 +80,13 @@ def held_out(model_dir: str, task: str, records: list[dict]) -> float:
 
 def score_run(run: Path, every: int, records: list[dict], wall: dict[int, float]) -> list[dict[str, Any]]:
     """Held-out score at step 0 (the `init_from` model) and at every `every`-th checkpoint."""
-    import torch
-
-    from mmdlm.export import write_model_folder
+    from mmdlm.export import load_checkpoint, write_model_folder
     from mmdlm.grpo import LitGRPO
 
     found = checkpoints(run, every)
     if not found:
         raise UserError(f"{run}/checkpoints holds no step checkpoint that is a multiple of {every}")
-    hparams = torch.load(found[0][1], map_location="cpu", weights_only=False)["hyper_parameters"]
+    hparams = load_checkpoint(found[0][1])["hyper_parameters"]  # tensors and plain values only
     points = []
     for step, path in [(0, None), *found]:
         with tempfile.TemporaryDirectory() as tmp:
