@@ -8,7 +8,6 @@ import io
 import json
 import random
 import re
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +38,7 @@ from mmdlm.worlds.shapes import (
     scene_key,
     split_of,
 )
+from tests.test_shapes import read_tars  # tarfile, not the code under test
 
 # a small red circle top left, a large blue square in the middle, a small red square bottom right
 SCENE = [make_object("red", "circle", "small", 0), make_object("blue", "square", "large", 4),
@@ -57,17 +57,6 @@ def random_pairs(n: int, seed: int = 0, max_objects: int = 3) -> list[tuple[list
         if (edit := random_edit(source, rng, max_objects=max_objects + 1)) is not None:
             pairs.append((source, edit))
     return pairs
-
-
-def read_tars(folder: Path) -> dict[str, dict]:
-    """key -> {member extension: bytes}, read with tarfile (the key is before the first dot)."""
-    samples: dict[str, dict] = {}
-    for path in sorted(folder.glob("*.tar")):
-        with tarfile.open(path) as tar:
-            for member in tar.getmembers():
-                key, ext = member.name.split(".", 1)
-                samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
-    return samples
 
 
 @pytest.mark.parametrize("edit, changed", [
