@@ -31,7 +31,7 @@ from mmdlm.diffusion import ImageSchedule, LossOutput, Weighting, ar_loss, cond_
 from mmdlm.errors import UserError
 from mmdlm.model import ModelConfig, Transformer
 from mmdlm.processor import MMDLMProcessor
-from mmdlm.sequence import DEFAULT_TASK_WEIGHTS, Batch, Layout, SequenceBuilder, Task, collate
+from mmdlm.sequence import DEFAULT_TASK_WEIGHTS, Batch, Layout, SequenceBuilder, Task, collate, generated_image
 from mmdlm.text_tokenizer import TextTokenizer
 from mmdlm.vocab import Vocab
 
@@ -156,9 +156,8 @@ def image_grid(batch: Batch, pred: torch.Tensor, vocab: Vocab, vq: Any) -> torch
 
     def codes(ids: torch.Tensor) -> torch.Tensor:
         out = []
-        for i in rows:  # the row's generated image (a document may hold several; each is laid out in raster order)
-            at = (batch.image_index[i] >= 0).nonzero().squeeze(1).view(-1, h * w)  # (n_images, h*w) positions
-            tok = ids[i][at[int(batch.target[i][at].any(1).long().argmax())]]  # (h*w,)
+        for i in rows:  # the row's generated image (a document may hold several)
+            tok = ids[i][generated_image(batch.image_index[i], batch.target[i], h * w)]  # (h*w,)
             out.append(torch.where(vocab.is_image(tok), tok - vocab.image_offset, 0).view(h, w))
         return torch.stack(out).cpu()  # (R, h, w): the DataModule's tokenizer stays on the CPU
 

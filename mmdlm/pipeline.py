@@ -44,6 +44,7 @@ from mmdlm.sequence import (
     caption_sample,
     collate,
     document_prompt,
+    generated_image,
     joint_prompt,
     mask_target,
     t2i_prompt,
@@ -534,12 +535,9 @@ class MMDLMPipeline:
 def image_codes(ids: torch.Tensor, samples: list[Sample], vocab: Vocab, grid: tuple[int, int]) -> torch.Tensor:
     """Long[B, h, w]: the image codes of each row of a decoded canvas (Long[B, T]) laid out as `samples`: the row's
     generated image (the first that holds a target: an edit's result, not its source), or its only one."""
-    rows = []
-    for row, s in zip(ids, samples):
-        at = s.image_index >= 0  # (T,) every image of the row
-        images = row[: len(s)][at.to(ids.device)].view(-1, *grid)  # (n_images, h, w)
-        generated = s.target[at].view(len(images), -1).any(1)  # (n_images,)
-        rows.append(vocab.token_to_image(images[int(generated.long().argmax())]))
+    n = grid[0] * grid[1]
+    rows = [vocab.token_to_image(row[generated_image(s.image_index, s.target, n).to(ids.device)]).view(*grid)
+            for row, s in zip(ids, samples)]
     return torch.stack(rows)
 
 

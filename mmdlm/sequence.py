@@ -487,6 +487,14 @@ class SequenceBuilder:
         return sample
 
 
+def generated_image(image_index: torch.Tensor, target: torch.Tensor, tokens_per_image: int) -> torch.Tensor:
+    """Long[N]: the positions, in raster order, of a row's generated image (the first image holding a target: an
+    edit's result, not its source), or of its only image. `image_index` Long[T], `target` Bool[T] (a `Sample`'s or
+    a `Batch` row's; every image of a row is laid out in raster order)."""
+    at = (image_index >= 0).nonzero().squeeze(1).view(-1, tokens_per_image)  # (n_images, N) positions
+    return at[int(target[at].any(1).long().argmax())]  # (N,)
+
+
 def collate(samples: Sequence[Sample], vocab: Vocab) -> Batch:
     """Stack samples into a `Batch`, padding each at the end to the longest (`<pad>`, pad=True)."""
     if not samples:
