@@ -318,6 +318,36 @@ def test_semi_ar_blocks_commit_the_left_block_first() -> None:
             assert bool((out.history[1][:, pos[3:]] == VOCAB.mask).all())
 
 
+def test_image_blocks_draw_the_image_in_raster_blocks_top_to_bottom() -> None:
+    """`image_block_length`: an image's tokens in blocks of raster order, each started only when the one above is
+    done; the image steps split evenly over them; a joint batch's text keeps its own (one) block meanwhile."""
+    batch = joint_batch(2)
+    image = batch.target & (batch.image_index >= 0)  # (B, T)
+    pos = image[0].nonzero().squeeze(1)
+    n = len(pos)
+    blocks = [pos[j : j + n // 4] for j in range(0, n, n // 4)]  # 4 blocks
+    for options in (SamplerConfig(steps=8, image_block_length=n // 4, temperature=1.0),
+                    SamplerConfig(steps=8, image_block_length=n // 4, threshold=0.2)):
+        out = MASKED.sample(tiny(), batch, options, history=True, generator=torch.Generator().manual_seed(0))
+        check_filled(batch, out.ids)
+        for frame in out.history:
+            done = [(frame[:, blk] != VOCAB.mask).all(1) for blk in blocks]  # (B,) per block
+            started = [(frame[:, blk] != VOCAB.mask).any(1) for blk in blocks]
+            for j in range(1, len(blocks)):
+                assert bool((~started[j] | done[j - 1]).all()), "a lower block started before the one above"
+        if options.threshold is None:  # 8 steps over 4 blocks: the first block is done after 2
+            assert out.nfe == 8
+            assert bool((out.history[1][:, blocks[0]] != VOCAB.mask).all())
+            assert bool((out.history[1][:, pos[n // 4 :]] == VOCAB.mask).all())
+            text = batch.target & (batch.image_index < 0)
+            assert bool((out.history[0][text] != VOCAB.mask).any())  # text is not held back by the image blocks
+    plain = SamplerConfig(steps=8, temperature=1.0)
+    one_block = dataclasses.replace(plain, image_block_length=n)  # one block of the whole image: the plain sampler
+    g = torch.Generator
+    assert torch.equal(MASKED.sample(tiny(), batch, plain, generator=g().manual_seed(3)).ids,
+                       MASKED.sample(tiny(), batch, one_block, generator=g().manual_seed(3)).ids)
+
+
 def test_deterministic_given_a_generator() -> None:
     batch = joint_batch(2)
     options = SamplerConfig(steps=4, image_steps=4, temperature=1.0)

@@ -40,6 +40,8 @@ _FLAGS: dict[str, tuple[str, type, str]] = {
                     "passes it, beyond the schedule (text: at least one token per step; none = the schedule only)"),
     "--block-length": ("block_length", int, "semi-autoregressive blocks of this many text tokens, left to right "
                        "(0 = one block)"),
+    "--image-block-length": ("image_block_length", int, "semi-autoregressive blocks of this many image tokens in "
+                             "raster order, top to bottom (8 = a row of an 8x8 grid; 0 = one block)"),
     "--confidence": ("confidence", Confidence, "which predictions are committed first"),
     "--prefix-cache": ("prefix_cache", int, "Fast-dLLM's approximate prefix cache: recompute the image / question / "
                        "caption before the generated region every K steps and reuse it in between (0 = off)"),
@@ -85,7 +87,8 @@ def sampler_overrides(args: argparse.Namespace) -> dict[str, Any]:
     for name, _kind, _help in _FLAGS.values():
         value = getattr(args, f"sampler_{name}", None)
         if value is not None:
-            out[name] = None if value == NONE or (name == "block_length" and value == 0) else value
+            one_block = name in ("block_length", "image_block_length") and value == 0
+            out[name] = None if value == NONE or one_block else value
     if getattr(args, "sampler_self_correction", False):
         out["self_correction"] = SelfCorrection()
     return out

@@ -4,7 +4,8 @@ The target positions hold `<mask>`; every step predicts all of them in one forwa
 until none is left. It follows:
 - LLaDA (Nie et al. 2025, `generate.py`): low-confidence remasking (commit the most confident predictions,
   the rest stays masked), tokens per step spread so that exactly all masked tokens are committed after
-  `steps` steps, semi-autoregressive blocks over long text, classifier-free guidance.
+  `steps` steps, semi-autoregressive blocks over long text (and, as an option, over image rows in raster
+  order), classifier-free guidance.
 - MaskGIT (Chang et al. 2022): the cosine schedule for image tokens.
 - Fast-dLLM (Wu et al. 2025): threshold parallel decoding, committing every prediction whose confidence
   passes a threshold on top of the schedule (and at least one token per step), so a text or an image takes at
@@ -64,14 +65,14 @@ DEFAULT_IMAGE_STEPS = 16  # image steps when `steps` is None (one token per step
 
 @dataclass
 class _Plan:
-    """The fixed part of a run: text blocks and, for scheduled decoding, tokens left after each step."""
+    """The fixed part of a run: each modality's blocks and, for scheduled decoding, tokens left after each step."""
 
-    block: torch.Tensor  # Long[B, T] block of each text target position (0 elsewhere)
-    n_blocks: int
+    block: torch.Tensor  # Long[B, T] block of each target position within its modality's target (0 elsewhere)
+    n_blocks: list[int]  # per Modality
     remaining: torch.Tensor  # Long[2, B, S] per Modality: masked tokens left after step s (threshold
     #   decoding: the floor, at least one token per step and modality; it commits more when sure)
-    open_block: torch.Tensor  # Long[S]: text blocks <= this one may be committed at step s (a row whose open
-    #   blocks are filled early, by a threshold or the <eos> fill, opens its next block)
+    open_block: torch.Tensor  # Long[2, S] per Modality: its blocks <= this one may be committed at step s (a row
+    #   whose open blocks are filled early, by a threshold or the <eos> fill, opens its next block)
     steps: int  # steps of the schedule: NFE without self-correction is at most this
 
 
@@ -189,39 +190,46 @@ class MaskedScheduler(Scheduler):
         image = config.image_steps or config.steps or DEFAULT_IMAGE_STEPS
         return text, image
 
-    def _plan(self, target: torch.Tensor, masked: torch.Tensor, is_image: torch.Tensor,
-              o: SamplerConfig) -> _Plan:
-        text_target, text_masked = target & ~is_image, masked & ~is_image  # (B, T)
+    @staticmethod
+    def _blocks(target: torch.Tensor, masked: torch.Tensor, block_length: int | None, steps: int,
+                schedule: Schedule) -> tuple[torch.Tensor, int, torch.Tensor, list[int]]:
+        """LLaDA's semi-autoregressive blocks over one modality's target (Bool[B, T] each, in sequence order: text
+        left to right, image tokens in raster order), its steps split evenly over the blocks: (block Long[B, T],
+        number of blocks, masked tokens left after each step Long[B, S], the open block of each step)."""
         B = target.shape[0]
-        text_steps, image_steps = self._steps(o, text_masked)
-        longest = int(text_target.sum(1).max())
-        block_length = o.block_length
-        if block_length is not None and text_steps < math.ceil(longest / block_length):
-            block_length = math.ceil(longest / text_steps)  # every block needs a step: blocks grow
+        longest = int(target.sum(1).max())
+        if block_length is not None and steps < math.ceil(longest / block_length):
+            block_length = math.ceil(longest / steps)  # every block needs a step: blocks grow
         if block_length is None:
             block, n_blocks = torch.zeros_like(target, dtype=torch.long), 1
-        else:  # LLaDA: blocks of block_length consecutive target positions, left to right
-            block = ((text_target.long().cumsum(1) - 1).clamp(min=0) // block_length) * text_target  # (B, T)
+        else:  # blocks of block_length consecutive target positions
+            block = ((target.long().cumsum(1) - 1).clamp(min=0) // block_length) * target  # (B, T)
             n_blocks = max(1, math.ceil(longest / block_length))
         per_block = torch.zeros(B, n_blocks, dtype=torch.long, device=target.device)
-        per_block.scatter_add_(1, block, text_masked.long())  # (B, n_blocks) masked text tokens per block
+        per_block.scatter_add_(1, block, masked.long())  # (B, n_blocks) masked tokens per block
         later = per_block.flip(1).cumsum(1).flip(1) - per_block  # (B, n_blocks) masked in the blocks after
-        text_cols: list[torch.Tensor] = []
+        cols: list[torch.Tensor] = []
         open_block: list[int] = []
-        if bool(text_masked.any()):
-            for j in range(n_blocks):  # LLaDA splits the steps evenly over the blocks
-                steps_j = text_steps // n_blocks + (j < text_steps % n_blocks)
-                text_cols.append(self.text_schedule(per_block[:, j], steps_j) + later[:, j : j + 1])  # (B, steps_j)
+        if bool(masked.any()):
+            for j in range(n_blocks):
+                steps_j = steps // n_blocks + (j < steps % n_blocks)
+                cols.append(schedule(per_block[:, j], steps_j) + later[:, j : j + 1])  # (B, steps_j)
                 open_block += [j] * steps_j
-        image_masked = (masked & is_image).sum(1)  # (B,)
-        image_cols = [self.image_schedule(image_masked, image_steps)] if bool(image_masked.any()) else []
-        text_left = torch.cat(text_cols, 1) if text_cols else per_block[:, :0]  # (B, S_text)
-        image_left = torch.cat(image_cols, 1) if image_cols else per_block[:, :0]  # (B, S_image)
-        steps = max(text_left.shape[1], image_left.shape[1])
+        left = torch.cat(cols, 1) if cols else per_block[:, :0]  # (B, S_m)
+        return block, n_blocks, left, open_block
+
+    def _plan(self, target: torch.Tensor, masked: torch.Tensor, is_image: torch.Tensor,
+              o: SamplerConfig) -> _Plan:
+        text_steps, image_steps = self._steps(o, masked & ~is_image)
+        text = self._blocks(target & ~is_image, masked & ~is_image, o.block_length, text_steps, self.text_schedule)
+        image = self._blocks(target & is_image, masked & is_image, o.image_block_length, image_steps,
+                             self.image_schedule)
+        steps = max(text[2].shape[1], image[2].shape[1])
         # a modality with fewer steps is done early: nothing of it is left in the later steps
-        remaining = torch.stack([F.pad(x, (0, steps - x.shape[1])) for x in (text_left, image_left)])  # (2, B, S)
-        open_ = torch.tensor(open_block + [n_blocks - 1] * (steps - len(open_block)), device=target.device)
-        return _Plan(block, n_blocks, remaining, open_, steps)
+        remaining = torch.stack([F.pad(m[2], (0, steps - m[2].shape[1])) for m in (text, image)])  # (2, B, S)
+        open_ = torch.tensor([m[3] + [m[1] - 1] * (steps - len(m[3])) for m in (text, image)],
+                             dtype=torch.long, device=target.device).view(2, steps)  # (2, S)
+        return _Plan(text[0] + image[0], [text[1], image[1]], remaining, open_, steps)
 
     # ---- one step -------------------------------------------------------------------------------------
     def model_inputs(self, state: MaskedState) -> dict[str, Any]:
@@ -235,11 +243,14 @@ class MaskedScheduler(Scheduler):
         last = s.i == s.max_steps - 1  # the final step commits everything, whatever the rule
         if last:
             eligible = masked
-        else:  # image positions always, text by the schedule's open block, or the first block with masks left
-            # when a threshold or the <eos> fill emptied the scheduled ones early
-            first = plan.block.masked_fill(~(masked & ~s.is_image), plan.n_blocks).amin(1)  # (B,)
-            open_ = plan.open_block[min(s.i, plan.steps - 1)].clamp(min=first)  # (B,)
-            eligible = masked & (s.is_image | (plan.block <= open_[:, None]))  # (B, T)
+        else:  # each modality's masks in its open block, or in its first block with masks left when a threshold
+            # or the <eos> fill emptied the scheduled ones early
+            eligible = torch.zeros_like(masked)
+            for m in Modality:
+                of_m = masked & (s.modality == m)  # (B, T)
+                first = plan.block.masked_fill(~of_m, plan.n_blocks[m]).amin(1)  # (B,)
+                open_ = plan.open_block[m, min(s.i, plan.steps - 1)].clamp(min=first)  # (B,)
+                eligible |= of_m & (plan.block <= open_[:, None])  # (B, T)
 
         check = torch.zeros_like(s.fill)
         sc = o.self_correction
