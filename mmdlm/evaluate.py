@@ -80,6 +80,7 @@ N_EXAMPLES = 6  # examples per task kept for the report and samples.png
 # evaluation task -> the pipeline task whose default sampler it uses (`MMDLMPipeline.sampler`)
 PIPELINE_TASK: dict[str, str] = {"vqa": "answer", "caption": "caption", "t2i": "text_to_image", "joint": "joint",
                                  "edit": "edit", "what_changed": "answer"}
+GUIDED_TASKS = ("t2i", "edit")  # the tasks whose --guidance flags apply: an image drawn from a condition
 
 
 @dataclass
@@ -989,8 +990,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m mmdlm.evaluate") 
         parser.error(f"cannot load --model {args.model!r}: {err}")
     overrides = sampler_overrides(args)
     unguided = {k: v for k, v in overrides.items() if not k.startswith("guidance")}
-    try:
-        samplers = {task: pipe.sampler(name, **(overrides if task == "t2i" else unguided))
+    try:  # the guidance flags are for the tasks that draw an image from a condition
+        samplers = {task: pipe.sampler(name, **(overrides if task in GUIDED_TASKS else unguided))
                     for task, name in PIPELINE_TASK.items()}
     except ValueError as err:
         parser.error(f"sampler: {err}")

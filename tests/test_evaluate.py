@@ -178,6 +178,16 @@ def _check_sections(metrics: dict, tasks: list[str]) -> None:
             assert math.isfinite(metrics["nll"]["per_task"][t]["nll"]) and metrics["nll"]["per_task"][t]["tokens"] > 0
 
 
+def test_the_guidance_flags_reach_every_task_that_draws_an_image_from_a_condition(tiny_model_dir, shapes_val, tmp_path):
+    """`--guidance` sets text-to-image's and an edit's scale (it was read by text-to-image only), not VQA's."""
+    out = tmp_path / "metrics.json"
+    ev.main(["--model", tiny_model_dir, "--shards", shapes_val, "--out", str(out), "--limit", "2", "--tasks",
+             "t2i,edit,vqa", "--guidance", "0.5", "--steps", "2", "--device", "cpu", "--quiet"])
+    samplers = json.loads(out.read_text())["settings"]["sampler"]
+    assert samplers["t2i"]["guidance_scale"] == samplers["edit"]["guidance_scale"] == 0.5
+    assert samplers["vqa"]["guidance_scale"] == 0.0 and samplers["vqa"]["steps"] == 2
+
+
 def test_cli_writes_metrics_report_and_samples(tiny_model_dir, shapes_val, tmp_path):
     out = tmp_path / "run"
     ev.main(["--model", tiny_model_dir, "--shards", shapes_val, "--out", str(out / "metrics.json"),
