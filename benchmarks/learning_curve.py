@@ -20,9 +20,9 @@ written before it included, as a user waits for them.
     python -m benchmarks.learning_curve --run mdm=runs/gpu-session/mdm --run ar=runs/gpu-session/ar --x minutes \\
         --shards 'data/shards/shapes-codes/val/*.tar' --tasks vqa,caption,t2i --device cuda --out /tmp/curve
 
-Issue 21's targets are checked at every point (VQA >= 97%, every caption attribute F1 >= 0.95, text-to-image
-all-correct >= 90%): the first step (and minute) at which each held is reported per run, and drawn as dashed
-lines.
+The issues' targets are checked at every point (issue 21: VQA >= 97%, every caption attribute F1 >= 0.95,
+text-to-image all-correct >= 90%; issue 20: edit all-correct >= 50%, what-changed accuracy >= 70%), those of the
+tasks evaluated: the first step (and minute) at which each held is reported per run, and drawn as dashed lines.
 
 Writes under --out: learning_curve.json (the headline numbers per run and step, the minutes where known, the
 targets, the machine, the command), learning_curve.md (a table per run, and the targets) and
@@ -208,15 +208,18 @@ def render_markdown(result: dict[str, Any]) -> str:
     lines = ["# Learning curves", "", f"`{result['command']}`", "",
              f"- shards `{result['shards']}`, {result['records']} val records, tasks {', '.join(result['tasks'])}; "
              f"machine: {m['cpu_count']} CPUs, torch {m['torch']}, device {m['device']}{gpu}", ""]
-    for name, points in result["curves"].items():
+    points = [p for curve in result["curves"].values() for p in curve]
+    columns = [(label, key) for label, key in COLUMNS if any(p["headline"].get(key) is not None for p in points)]
+    for name, curve in result["curves"].items():  # the columns of the tasks evaluated
         lines += [f"## {name} (`{result['runs'][name]}`)", ""]
-        lines += md_table(["step", "minutes", *(label for label, _ in COLUMNS)],
-                          [[p["step"], _cell(p.get("minutes")), *(_cell(p["headline"].get(key)) for _, key in COLUMNS)]
-                           for p in points])
+        lines += md_table(["step", "minutes", *(label for label, _ in columns)],
+                          [[p["step"], _cell(p.get("minutes")), *(_cell(p["headline"].get(key)) for _, key in columns)]
+                           for p in curve])
         lines.append("")
-    lines += ["## Targets (issue 21): where each was first met", ""]
-    lines += md_table(["run", *(what for what, _, _ in TARGETS)],
-                      [[name, *(_reached(t) for t in result["targets"][name])] for name in result["curves"]])
+    lines += ["## Targets (issues 20 and 21): where each was first met", ""]
+    shown = [i for i, (_, key, _) in enumerate(TARGETS) if any(p["headline"].get(key) is not None for p in points)]
+    lines += md_table(["run", *(TARGETS[i][0] for i in shown)],
+                      [[name, *(_reached(result["targets"][name][i]) for i in shown)] for name in result["curves"]])
     return "\n".join(lines) + "\n"
 
 

@@ -407,7 +407,7 @@ def test_learning_curve(tiny_model_dir, tiny_shards, tmp_path, monkeypatch, caps
     assert again["curves"] == result["curves"]
     untrained = [None] * len(learning_curve.TARGETS)  # an untrained model meets none
     assert [t["first_step"] for t in again["targets"]["tiny"]] == untrained
-    assert "Targets (issue 21)" in (out / "learning_curve.md").read_text()
+    assert "Targets (issues 20 and 21)" in (out / "learning_curve.md").read_text()
 
     with pytest.raises(SystemExit):  # against wall-clock: the run must say when it started
         learning_curve.main(argv + ["--x", "minutes"])

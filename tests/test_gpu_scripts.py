@@ -138,7 +138,7 @@ def test_dry_run_runs_every_stage_end_to_end(tmp_path: Path) -> None:
     assert sorted(p.name for p in out.iterdir()) == ["learning_curve.png", "results.tar.gz", "session.json",
                                                     "session.log", "session.md"]
     md = (out / "session.md").read_text()
-    for heading in ("Training throughput", "Where the step goes", "Learning curves", "Targets (issue 21)",
+    for heading in ("Training throughput", "Where the step goes", "Learning curves", "Targets (issues 20 and 21)",
                     "Sampling speed and quality"):
         assert heading in md
     with tarfile.open(out / "results.tar.gz") as tar:

@@ -71,7 +71,7 @@ class SamplerConfig:
     image_block_length: int | None = None  # the same blocks over the image target (MDM): this many tokens in
     #   raster order (8 = a row of an 8x8 grid), top to bottom, the image steps split over them; None = one block.
     #   An edit's changed cells are then drawn seeing the rows above them; measured on edits (BENCHMARKS.md, issue
-    #   20): argmax and unguided it lifted a weak model 31 -> 39.5%, guided it lost (52.7 -> 47.3% at 16 steps)
+    #   20): argmax and unguided it lifted a weak model 25.1 -> 36.9%; guided it lost (52.7 -> 47.3% at 16 steps)
     confidence: Confidence = Confidence.PROBABILITY  # commit order (MDM); margin / random are ablations
     self_correction: SelfCorrection | None = None  # None = a committed token is final (LLaDA, MaskGIT)
     prefix_cache: int = 0  # MDM, Fast-dLLM's approximate prefix cache: the keys/values of the positions before
