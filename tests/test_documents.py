@@ -176,3 +176,9 @@ def test_edits_are_evaluated_and_compared_by_mode(doc_model_dir, tmp_path: Path,
     lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
     assert [line["mode"] for line in lines] == ["from masks", "revision 4 tokens x 1"]
     assert all(line["n"] == edit["n"] for line in lines)
+    from benchmarks import edit_probe
+
+    edit_probe.main(["--model", doc_model_dir, "--shards", shards, "--ratio", "1.0", "--ratio", "0.5"])
+    probes = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert [p["ratio"] for p in probes] == [1.0, 0.5] and all(p["edits"] == edit["n"] for p in probes)
+    assert all(0 <= p["unchanged_right"] <= 1 for p in probes)
