@@ -22,6 +22,10 @@ ratio: a 64-token image's log-likelihood would otherwise swing the ratio by e^(t
 per rollout batch, so the ratio is 1 in value and PPO's clipping would never act; it is left out. KL_i is the k3
 estimate exp(d) - d - 1 with d = (ll_ref - ll) / L_i.
 
+`explore` draws the rollouts from another sampler than the one trained for (hotter, or unguided): the guided
+sampler's groups are mostly one image, so they teach nothing. The rollouts are then scored under the target
+sampler's distribution all the same, without an importance correction (an advantage-weighted likelihood).
+
 The model is trained as it samples: the rollouts run in eval mode under `torch.inference_mode`, the update in
 train mode. At the end of fit the model is exported as a model folder (`export_dir`).
 """
@@ -86,13 +90,22 @@ class LitGRPO(L.LightningModule):
             `elbo` is the measured one (BENCHMARKS.md, issue 19); `trajectory` is exact for the sampler's choices
             (tests/test_likelihood.py) but not yet measured held out.
         likelihood_draws: coupled mask pairs per ELBO estimate (`likelihood: elbo`).
-        sampler: `SamplerConfig` fields overriding the task's default for the rollouts.
+        sampler: `SamplerConfig` fields overriding the task's default: the sampler the policy is trained for (its
+            guidance defines the likelihood's distribution) and, without `explore`, the one drawing the rollouts.
+        explore: `SamplerConfig` fields overriding `sampler` for drawing the rollouts only, e.g.
+            `{"guidance_scale": 0.0}`: the guided sampler draws one image 8 times for most prompts, so most groups
+            carry no advantage (BENCHMARKS.md, issue 19); an exploring sampler's rollouts are scored under the
+            target sampler's distribution all the same (off-policy, uncorrected: advantage-weighted likelihood).
+        negative_weight: the weight of the below-average rollouts' (negative) advantages against the above-average
+            ones' (1: GRPO; 0: only the better rollouts are pushed up, as rejection-sampling fine-tuning does;
+            W-REINFORCE, Zhu et al. 2025, weighs the two sides apart the same way).
         export_dir: where the model folder is written at the end of fit.
     """
 
     def __init__(self, init_from: str, task: str = "t2i", reward: str = "t2i_all_correct", group_size: int = 8,
                  lr: float = 1e-5, beta: float = 0.02, likelihood: str = "elbo", likelihood_draws: int = 1,
-                 sampler: dict[str, Any] | None = None, export_dir: str | None = None, seed: int = 0) -> None:
+                 sampler: dict[str, Any] | None = None, explore: dict[str, Any] | None = None,
+                 negative_weight: float = 1.0, export_dir: str | None = None, seed: int = 0) -> None:
         super().__init__()
         from mmdlm.pipeline import MMDLMPipeline
 
@@ -100,6 +113,8 @@ class LitGRPO(L.LightningModule):
             raise UserError(f"--model.task must be one of {', '.join(TASKS)}, got {task!r}")
         if likelihood not in LIKELIHOODS:
             raise UserError(f"--model.likelihood must be one of {', '.join(LIKELIHOODS)}, got {likelihood!r}")
+        if not 0 <= negative_weight <= 1:
+            raise UserError(f"--model.negative_weight must be in [0, 1], got {negative_weight}")
         if group_size < 2:
             raise UserError(f"--model.group_size must be >= 2 (advantages are relative to the group), got {group_size}")
         self.save_hyperparameters()
@@ -110,7 +125,11 @@ class LitGRPO(L.LightningModule):
         self.model, self.processor = pipe.model.train(), pipe.processor
         self.reference = copy.deepcopy(pipe.model).eval().requires_grad_(False)
         self.scheduler = scheduler_for(self.model.config, self.processor.vocab)
-        self.config = replace(DEFAULT_SAMPLERS[TASKS[task]], **(sampler or {}))
+        try:
+            self.config = replace(DEFAULT_SAMPLERS[TASKS[task]], **(sampler or {}))
+            self.rollout_config = replace(self.config, **(explore or {}))  # draws the rollouts
+        except TypeError as err:
+            raise UserError(f"--model.sampler / --model.explore: {err}") from err
         self.skipped = 0  # prompts too long for the model's regions
         try:
             self.reward = load_reward(reward)
@@ -175,8 +194,8 @@ class LitGRPO(L.LightningModule):
         batch = collate(samples, self.processor.vocab).to(self.device)
         g = torch.Generator(device=self.device).manual_seed(self.hparams.seed * 1_000_003 + self.global_step)
         self.model.eval()
-        out = self.scheduler.sample(self.model, batch, self.config, generator=g, history=self.hparams.likelihood ==
-                                    "trajectory" and not self.model.config.causal)
+        record = self.hparams.likelihood == "trajectory" and not self.model.config.causal
+        out = self.scheduler.sample(self.model, batch, self.rollout_config, generator=g, history=record)
         self.model.train()
         rewards = self.reward(self.completions(out.ids, samples), records).to(self.device).float()  # (N,)
         grouped = rewards.view(-1, self.hparams.group_size)  # (P, G)
@@ -191,6 +210,7 @@ class LitGRPO(L.LightningModule):
         done = replace(batch, ids=out.ids).select(keep)
         history = None if out.history is None else [h[keep] for h in out.history]
         advantage = advantage[keep]  # (K,)
+        advantage = torch.where(advantage < 0, self.hparams.negative_weight * advantage, advantage)  # (K,)
         length = (done.target & ~done.pad).sum(1).clamp_min(1)  # (K,)
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=g, device=self.device))
         ll = self.log_likelihood(self.model, done, history, seed)  # (K,)

@@ -74,6 +74,29 @@ def test_text_to_image_rollouts_are_drawn_decoded_and_rewarded(roomy, tiny_shard
     assert any(not torch.equal(before[k], v) for k, v in module.model.state_dict().items())  # it was updated
 
 
+def test_explore_draws_the_rollouts_the_target_sampler_defines_the_likelihood(roomy, tiny_shards) -> None:
+    """`explore` overrides the sampler for the rollouts only: the guidance of the scored distribution stays."""
+    module = LitGRPO(roomy, sampler={"steps": 3, "guidance_scale": 2.0}, explore={"guidance_scale": 0.0,
+                                                                                  "temperature": 1.5})
+    assert (module.config.guidance_scale, module.config.temperature) == (2.0, 1.0)
+    assert (module.rollout_config.guidance_scale, module.rollout_config.temperature, module.rollout_config.steps) \
+        == (0.0, 1.5, 3)
+    drawn = []
+    sample = module.scheduler.sample
+
+    def recording(model, batch, config, **kwargs):
+        drawn.append(config)
+        return sample(model, batch, config, **kwargs)
+
+    module.scheduler.sample = recording
+    data = PromptData(f"{tiny_shards}/train/*.tar", limit=4, prompts_per_step=2)
+    L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False).fit(module, datamodule=data)
+    assert drawn == [module.rollout_config]
+    with pytest.raises(UserError, match="explore"):
+        LitGRPO(roomy, explore={"heat": 2.0})
+
+
 def test_the_ar_twin_runs_the_same_recipe(roomy, tiny_shards, tmp_path) -> None:
     import shutil
 
@@ -95,6 +118,8 @@ def test_bad_arguments_are_one_sentence(tiny_model_dir, tmp_path) -> None:
         LitGRPO(tiny_model_dir, reward="no_such_reward")
     with pytest.raises(UserError, match="likelihood"):
         LitGRPO(tiny_model_dir, likelihood="exact")
+    with pytest.raises(UserError, match="negative_weight"):
+        LitGRPO(tiny_model_dir, negative_weight=-1.0)
     with pytest.raises(UserError, match="init_from"):
         LitGRPO(str(tmp_path / "none"))
 
