@@ -26,14 +26,12 @@ from mmdlm.errors import UserError
 def probe(pipe, items: list[dict], ratio: float, seed: int = 0) -> dict:
     """Cell-level accuracy of one forward over `items` (edit documents of `mmdlm.evaluate.load_records`), the edited
     image's tokens masked with probability `ratio` (1.0: all of them)."""
-    from mmdlm.sequence import Segment, collate, document_sample
+    from mmdlm.sequence import collate
 
     vocab, g = pipe.vocab, torch.Generator().manual_seed(seed)
     source = pipe.encode_images(torch.stack([r["segments"][0]["image"] for r in items])).cpu()  # (N, h, w)
     edited = pipe.encode_images(torch.stack([r["segments"][2]["image"] for r in items])).cpu()  # (N, h, w)
-    samples = [document_sample([Segment.of_image(s), Segment.of_text(pipe._encode_text(r["segments"][1]["text"],
-                                pipe.layout.text_len, "instruction")), Segment.of_image(e, True)], vocab, pipe.layout)
-               for r, s, e in zip(items, source, edited)]
+    samples = pipe.edit_documents(source, [r["segments"][1]["text"] for r in items], edited)
     batch = collate(samples, vocab).to(pipe.device)
     masked = batch.target & (torch.rand(batch.ids.shape, generator=g) < ratio).to(pipe.device)  # (N, T)
     ids = batch.ids.masked_fill(masked, vocab.mask)  # (N, T)

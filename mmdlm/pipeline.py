@@ -44,6 +44,7 @@ from mmdlm.sequence import (
     caption_sample,
     collate,
     document_prompt,
+    document_sample,
     generated_image,
     joint_prompt,
     mask_target,
@@ -414,16 +415,7 @@ class MMDLMPipeline:
         (InstructPix2Pix). `revision`: start the edited image as a copy of the source and rewrite only the tokens
         this model doubts given the instruction (`mmdlm.sampling.revise`), instead of drawing it from masks."""
         codes = self.encode_images(images).cpu()
-        if len(instructions) != len(codes):
-            raise ValueError(f"got {len(codes)} images but {len(instructions)} instructions")
-        n = self.vq.tokens_per_image
-        samples = []
-        for c, text in zip(codes, instructions):
-            if not text.strip():
-                raise ValueError("empty instruction")
-            ids = self._encode_text(text, self.layout.text_len, "instruction")
-            samples.append(document_prompt([Segment.of_image(c), Segment.of_text(ids),
-                                            Segment.of_image(None, True, n)], self.vocab, self.layout))
+        samples = self.edit_documents(codes, instructions)
         config = self.sampler("edit", sampler, **overrides)
         if revision is None:
             return self._image_output(self._generate(samples, config, seed), samples)
@@ -433,6 +425,24 @@ class MMDLMPipeline:
         for row, s, c in zip(draft, samples, codes):
             row[: len(s)][s.target] = self.vocab.image_to_token(c.flatten())
         return self._image_output(self._revise(samples, draft, config, revision, seed), samples)
+
+    def edit_documents(self, codes: torch.Tensor, instructions: list[str],
+                       edited: torch.Tensor | None = None) -> list[Sample]:
+        """The edit documents [source image, instruction, edited image] (`sequence.document_sample`), the edited
+        image the target: all `<mask>` (what `edit` samples), or `edited` (Long[B, h, w], the result's codes, as
+        training lays it out: for scoring a model's predictions of it). `codes` Long[B, h, w]: the sources."""
+        if len(instructions) != len(codes):
+            raise ValueError(f"got {len(codes)} images but {len(instructions)} instructions")
+        n = self.vq.tokens_per_image
+        samples = []
+        for i, (c, text) in enumerate(zip(codes, instructions)):
+            if not text.strip():
+                raise ValueError("empty instruction")
+            ids = self._encode_text(text, self.layout.text_len, "instruction")
+            result = Segment.of_image(None, True, n) if edited is None else Segment.of_image(edited[i], True)
+            samples.append(document_sample([Segment.of_image(c), Segment.of_text(ids), result], self.vocab,
+                                           self.layout))
+        return samples
 
     def complete_document(self, documents: list[list[Any]], sampler: SamplerConfig | None = None, seed: int = 0,
                           **overrides) -> DocumentOutput:
