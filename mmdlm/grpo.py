@@ -128,7 +128,7 @@ class LitGRPO(L.LightningModule):
         try:
             self.config = replace(DEFAULT_SAMPLERS[TASKS[task]], **(sampler or {}))
             self.rollout_config = replace(self.config, **(explore or {}))  # draws the rollouts
-        except TypeError as err:
+        except (TypeError, ValueError) as err:  # an unknown field, or a value SamplerConfig refuses
             raise UserError(f"--model.sampler / --model.explore: {err}") from err
         self.skipped = 0  # prompts too long for the model's regions
         try:

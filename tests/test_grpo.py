@@ -95,6 +95,8 @@ def test_explore_draws_the_rollouts_the_target_sampler_defines_the_likelihood(ro
     assert drawn == [module.rollout_config]
     with pytest.raises(UserError, match="explore"):
         LitGRPO(roomy, explore={"heat": 2.0})
+    with pytest.raises(UserError, match="explore"):
+        LitGRPO(roomy, explore={"temperature": -1.0})
 
 
 def test_the_ar_twin_runs_the_same_recipe(roomy, tiny_shards, tmp_path) -> None:
