@@ -208,8 +208,9 @@ def render_markdown(result: dict[str, Any]) -> str:
     lines = ["# Learning curves", "", f"`{result['command']}`", "",
              f"- shards `{result['shards']}`, {result['records']} val records, tasks {', '.join(result['tasks'])}; "
              f"machine: {m['cpu_count']} CPUs, torch {m['torch']}, device {m['device']}{gpu}", ""]
-    points = [p for curve in result["curves"].values() for p in curve]
-    columns = [(label, key) for label, key in COLUMNS if any(p["headline"].get(key) is not None for p in points)]
+    measured = {key for curve in result["curves"].values() for p in curve for key, v in p["headline"].items()
+                if v is not None}  # the headline keys of the tasks evaluated
+    columns = [(label, key) for label, key in COLUMNS if key in measured]
     for name, curve in result["curves"].items():  # the columns of the tasks evaluated
         lines += [f"## {name} (`{result['runs'][name]}`)", ""]
         lines += md_table(["step", "minutes", *(label for label, _ in columns)],
@@ -217,7 +218,7 @@ def render_markdown(result: dict[str, Any]) -> str:
                            for p in curve])
         lines.append("")
     lines += ["## Targets (issues 20 and 21): where each was first met", ""]
-    shown = [i for i, (_, key, _) in enumerate(TARGETS) if any(p["headline"].get(key) is not None for p in points)]
+    shown = [i for i, (_, key, _) in enumerate(TARGETS) if key in measured]
     lines += md_table(["run", *(TARGETS[i][0] for i in shown)],
                       [[name, *(_reached(result["targets"][name][i]) for i in shown)] for name in result["curves"]])
     return "\n".join(lines) + "\n"
