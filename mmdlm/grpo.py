@@ -24,7 +24,10 @@ estimate exp(d) - d - 1 with d = (ll_ref - ll) / L_i.
 
 `explore` draws the rollouts from another sampler than the one trained for (hotter, or unguided): the guided
 sampler's groups are mostly one image, so they teach nothing. The rollouts are then scored under the target
-sampler's distribution all the same, without an importance correction (an advantage-weighted likelihood).
+sampler's distribution all the same: without an importance correction (an advantage-weighted likelihood), or,
+with the trajectory likelihood and `importance_clip`, each token weighted by min(p_target / p_explore, clip), so the
+update aims at the target sampler's distribution and not the explorer's (whose failures, such as the spurious objects
+of unconstrained guidance, the target sampler would not make).
 
 The model is trained as it samples: the rollouts run in eval mode under `torch.inference_mode`, the update in
 train mode. At the end of fit the model is exported as a model folder (`export_dir`).
@@ -41,7 +44,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from mmdlm.errors import UserError
-from mmdlm.likelihood import ar_log_likelihood, elbo, full_mask_log_likelihood, trajectory_log_likelihood
+from mmdlm.likelihood import (
+    ar_log_likelihood,
+    elbo,
+    full_mask_log_likelihood,
+    trajectory_log_likelihood,
+    trajectory_token_log_probs,
+)
 from mmdlm.rewards import load_reward
 from mmdlm.sampling import scheduler_for
 from mmdlm.sampling.config import DEFAULT_SAMPLERS
@@ -99,13 +108,19 @@ class LitGRPO(L.LightningModule):
         negative_weight: the weight of the below-average rollouts' (negative) advantages against the above-average
             ones' (1: GRPO; 0: only the better rollouts are pushed up, as rejection-sampling fine-tuning does;
             W-REINFORCE, Zhu et al. 2025, weighs the two sides apart the same way).
+        importance_clip: with `explore` and the `trajectory` likelihood, weigh each token's term by its importance
+            ratio p_target / p_explore (the two samplers' probabilities of the drawn token where it was committed),
+            truncated at this value (truncated importance sampling): the update then aims at the target sampler's
+            distribution, and a token the target sampler could not have drawn (outside its plausibility constraint)
+            gets no weight. None: unweighted.
         export_dir: where the model folder is written at the end of fit.
     """
 
     def __init__(self, init_from: str, task: str = "t2i", reward: str = "t2i_all_correct", group_size: int = 8,
                  lr: float = 1e-5, beta: float = 0.02, likelihood: str = "elbo", likelihood_draws: int = 1,
                  sampler: dict[str, Any] | None = None, explore: dict[str, Any] | None = None,
-                 negative_weight: float = 1.0, export_dir: str | None = None, seed: int = 0) -> None:
+                 negative_weight: float = 1.0, importance_clip: float | None = None, export_dir: str | None = None,
+                 seed: int = 0) -> None:
         super().__init__()
         from mmdlm.pipeline import MMDLMPipeline
 
@@ -115,6 +130,10 @@ class LitGRPO(L.LightningModule):
             raise UserError(f"--model.likelihood must be one of {', '.join(LIKELIHOODS)}, got {likelihood!r}")
         if not 0 <= negative_weight <= 1:
             raise UserError(f"--model.negative_weight must be in [0, 1], got {negative_weight}")
+        if importance_clip is not None and (importance_clip <= 0 or likelihood != "trajectory" or explore is None):
+            raise UserError("--model.importance_clip must be > 0 and needs --model.likelihood trajectory and "
+                            f"--model.explore (it weighs the explorer's tokens to the target sampler), got "
+                            f"{importance_clip} with likelihood {likelihood!r} and explore {explore!r}")
         if group_size < 2:
             raise UserError(f"--model.group_size must be >= 2 (advantages are relative to the group), got {group_size}")
         self.save_hyperparameters()
@@ -186,6 +205,24 @@ class LitGRPO(L.LightningModule):
         g = torch.Generator(device=batch.ids.device).manual_seed(seed)
         return elbo(model, batch, vocab, draws=self.hparams.likelihood_draws, generator=g, guidance=w)
 
+    def policy_log_likelihood(self, batch, history: list[torch.Tensor] | None, seed: int
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ll Float[N], weighted Float[N]): the policy's `log_likelihood` of the completions (for the KL term) and the
+        term the policy gradient is taken on: the same, or with `importance_clip` the sum of each committed token's
+        log p weighted by its truncated importance ratio (detached)."""
+        if self.hparams.importance_clip is None or self.model.config.causal:
+            ll = self.log_likelihood(self.model, batch, history, seed)
+            return ll, ll
+        vocab = self.processor.vocab
+        prompts = replace(batch, ids=batch.ids.masked_fill(batch.target, vocab.mask))
+        log_p, row, log_ratio = trajectory_token_log_probs(self.model, prompts, history, vocab, self.config,
+                                                           self.rollout_config)  # (M,), (M,), (M,)
+        weight = log_ratio.exp().clamp(max=self.hparams.importance_clip)  # (M,) 0 where the target could not draw
+        self.log_dict({"importance/weight": weight.mean(), "importance/zero": (weight == 0).float().mean()},
+                      batch_size=batch.ids.shape[0])
+        zeros = torch.zeros(batch.ids.shape[0], device=log_p.device)
+        return zeros.index_add(0, row, log_p), zeros.index_add(0, row, weight * log_p)
+
     def training_step(self, items: list[dict], batch_idx: int) -> torch.Tensor | None:
         samples, records = self.prompts(items)
         self.log("rollout/skipped", float(self.skipped), batch_size=len(items))
@@ -213,8 +250,8 @@ class LitGRPO(L.LightningModule):
         advantage = torch.where(advantage < 0, self.hparams.negative_weight * advantage, advantage)  # (K,)
         length = (done.target & ~done.pad).sum(1).clamp_min(1)  # (K,)
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=g, device=self.device))
-        ll = self.log_likelihood(self.model, done, history, seed)  # (K,)
-        ratio = torch.exp((ll - ll.detach()) / length)  # (K,) 1 in value, grad(ll) / L
+        ll, weighted = self.policy_log_likelihood(done, history, seed)  # (K,), (K,)
+        ratio = torch.exp((weighted - weighted.detach()) / length)  # (K,) 1 in value, grad(weighted) / L
         kl = torch.zeros_like(ll)
         if self.hparams.beta > 0:
             with torch.no_grad():

@@ -17,7 +17,9 @@ update is built on them.
 rollout's canvas after every step is kept, and each token is scored where and when the sampler committed it, as
 log p(x_i | the canvas before that step) under the distribution it was drawn from (the guided, modality-restricted,
 plausibility-masked logits over the temperature). Which positions a step commits (the confidence order) is left
-out, as the environment's part. It costs one forward (two with guidance) per sampler step.
+out, as the environment's part. It costs one forward (two with guidance) per sampler step. When another sampler
+drew the rollout (hotter, or unconstrained), `trajectory_token_log_probs` also gives each token's ratio of the two
+samplers' probabilities, for a per-token importance weight (truncated importance sampling, as PPO's per-token ratio).
 
 With the linear schedule the bound has a closed form over masks: a mask of k of the L targets has probability
 t^k (1 - t)^(L - k) at time t, so its weight is the integral of t^(k-1) (1 - t)^(L - k) dt = B(k, L - k + 1).
@@ -120,18 +122,39 @@ def exact_elbo(model: torch.nn.Module, batch: Batch, vocab: Vocab, max_targets: 
     return torch.stack(out)
 
 
-def trajectory_log_likelihood(model: torch.nn.Module, batch: Batch, history: list[torch.Tensor], vocab: Vocab,
-                              config: SamplerConfig) -> torch.Tensor:
-    """Float[B]: sum over a rollout's steps of log p(tokens committed at that step | the canvas before it), under
-    the distribution the masked sampler drew them from with `config` (module docstring). `batch`: the prompts (the
-    targets `<mask>`); `history`: the canvas Long[B, T] after each step (`scheduler.sample(..., history=True)`),
-    the last one the completion. Needs a sampler that never re-masks (no self-correction)."""
+def _drawn_log_prob(cond: torch.Tensor, uncond: torch.Tensor | None, tokens: torch.Tensor, config: SamplerConfig,
+                    keep_drawn: bool = True) -> torch.Tensor:
+    """Float[M]: log p(tokens (Long[M, 1])) under the distribution `config`'s sampler draws from, given the restricted
+    conditional logits `cond` (Float[M, V]) and the unconditional ones (needed when `config` guides). With guidance
+    the plausibility constraint applies; `keep_drawn` keeps the drawn token even where recomputing the logits moved
+    it a rounding error across the boundary (else a drawn token could score -inf); without it, a token the
+    constraint excludes scores -inf (the sampler could not have drawn it)."""
+    c = cond
+    if config.guidance_scale > 0:
+        keep = c >= c.amax(-1, keepdim=True) + math.log(max(config.guidance_plausibility, 1e-30))  # (M, V)
+        if keep_drawn:
+            keep.scatter_(1, tokens, True)
+        c = guided_logits(c, uncond, config.guidance_scale).masked_fill(~keep, float("-inf"))
+    return torch.log_softmax(c / max(config.temperature, 1e-6), dim=-1).gather(1, tokens).squeeze(1)  # (M,)
+
+
+def trajectory_token_log_probs(model: torch.nn.Module, batch: Batch, history: list[torch.Tensor], vocab: Vocab,
+                               config: SamplerConfig, behaviour: SamplerConfig | None = None
+                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Each committed token's log p where and when the masked sampler committed it (module docstring), under
+    `config`'s distribution: (log_p Float[M], row Long[M], log_ratio Float[M] or None) over the M tokens of every
+    step, `row` the batch row of each. `behaviour`: the sampler that drew the rollout, if another (hotter, or without
+    the plausibility constraint): `log_ratio` is then log p_config(token) - log p_behaviour(token), detached, the
+    per-token importance ratio of the two samplers (-inf where `config` could not have drawn the token). `batch`: the
+    prompts (the targets `<mask>`); `history`: the canvas Long[B, T] after each step, the last one the completion.
+    Needs a sampler that never re-masks (no self-correction)."""
     if config.self_correction is not None:
         raise ValueError("trajectory_log_likelihood needs a sampler without self-correction (tokens stay committed)")
     final = history[-1]  # (B, T)
     allowed = vocab.allowed_table(final.device)  # (2, V)
     modality = (batch.image_index >= 0).long()  # (B, T) Modality: 0 text, 1 image
-    total = torch.zeros(final.shape[0], device=final.device)
+    guided = max(config.guidance_scale, behaviour.guidance_scale if behaviour else 0.0) > 0
+    log_p, rows, log_ratio = [], [], []
     before = batch.ids
     for after in history:
         open_ = before == vocab.mask  # (B, T) the canvas's masks before this step
@@ -140,17 +163,30 @@ def trajectory_log_likelihood(model: torch.nn.Module, batch: Batch, history: lis
         if not bool(chosen.any()):
             continue
         noisy = final.masked_fill(open_, vocab.mask)  # (B, T) = the canvas before the step
-        rows = 2 if config.guidance_scale > 0 else 1
-        logits = model(noisy.repeat(rows, 1), torch.cat([batch.pad, batch.pad | batch.cond][:rows]),
-                       batch.image_index.repeat(rows, 1), logits_at=chosen.repeat(rows, 1),
-                       prefix=batch.prefix.repeat(rows)).float()  # (rows * M, V)
+        n = 2 if guided else 1
+        logits = model(noisy.repeat(n, 1), torch.cat([batch.pad, batch.pad | batch.cond][:n]),
+                       batch.image_index.repeat(n, 1), logits_at=chosen.repeat(n, 1),
+                       prefix=batch.prefix.repeat(n)).float()  # (n * M, V)
         tokens = final[chosen][:, None]  # (M, 1)
-        c = restrict(logits[: len(tokens)], modality[chosen], allowed)  # (M, V)
-        if rows == 2:  # guided; the plausibility constraint keeps the drawn token even where recomputing the logits
-            #   moved it a rounding error across the boundary (a masked token would score -inf)
-            keep = c >= c.amax(-1, keepdim=True) + math.log(max(config.guidance_plausibility, 1e-30))  # (M, V)
-            keep.scatter_(1, tokens, True)
-            c = guided_logits(c, logits[len(tokens):], config.guidance_scale).masked_fill(~keep, float("-inf"))
-        lp = torch.log_softmax(c / max(config.temperature, 1e-6), dim=-1).gather(1, tokens)  # (M, 1)
-        total = total.index_add(0, chosen.nonzero()[:, 0], lp.squeeze(1))
-    return total
+        m = len(tokens)
+        cond = restrict(logits[:m], modality[chosen], allowed)  # (M, V)
+        uncond = logits[m:] if guided else None  # (M, V)
+        log_p.append(_drawn_log_prob(cond, uncond, tokens, config))
+        rows.append(chosen.nonzero()[:, 0])
+        if behaviour is not None:
+            with torch.no_grad():
+                target = _drawn_log_prob(cond, uncond, tokens, config, keep_drawn=False)  # (M,)
+                log_ratio.append(target - _drawn_log_prob(cond, uncond, tokens, behaviour))  # (M,)
+    if not log_p:
+        empty = torch.zeros(0, device=final.device)
+        return empty, empty.long(), (empty if behaviour is not None else None)
+    return torch.cat(log_p), torch.cat(rows), (torch.cat(log_ratio) if behaviour is not None else None)
+
+
+def trajectory_log_likelihood(model: torch.nn.Module, batch: Batch, history: list[torch.Tensor], vocab: Vocab,
+                              config: SamplerConfig) -> torch.Tensor:
+    """Float[B]: sum over a rollout's steps of log p(tokens committed at that step | the canvas before it), under
+    the distribution the masked sampler drew them from with `config` (module docstring, `trajectory_token_log_probs`).
+    """
+    log_p, row, _ = trajectory_token_log_probs(model, batch, history, vocab, config)
+    return torch.zeros(history[-1].shape[0], device=history[-1].device).index_add(0, row, log_p)

@@ -93,6 +93,17 @@ def test_explore_draws_the_rollouts_the_target_sampler_defines_the_likelihood(ro
     L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
               enable_model_summary=False).fit(module, datamodule=data)
     assert drawn == [module.rollout_config]
+    # weighed to the target sampler: every committed token's weight is in [0, clip], logged with the update
+    module = LitGRPO(roomy, sampler={"steps": 3, "guidance_scale": 2.0}, likelihood="trajectory", importance_clip=2.0,
+                     explore={"guidance_scale": 2.0, "guidance_plausibility": 0.0, "temperature": 1.5},
+                     reward="tests.test_grpo:brightness", group_size=4)
+    logged = {}
+    module.log_dict = lambda values, **kwargs: logged.update(
+        {k: float(torch.as_tensor(v).detach()) for k, v in values.items()})
+    L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False).fit(module, datamodule=data)
+    assert 0 < logged["importance/weight"] <= 2.0 and 0 <= logged["importance/zero"] < 1
+    assert torch.isfinite(torch.tensor(logged["loss"]))
     with pytest.raises(UserError, match="explore"):
         LitGRPO(roomy, explore={"heat": 2.0})
     with pytest.raises(UserError, match="explore"):
@@ -122,6 +133,10 @@ def test_bad_arguments_are_one_sentence(tiny_model_dir, tmp_path) -> None:
         LitGRPO(tiny_model_dir, likelihood="exact")
     with pytest.raises(UserError, match="negative_weight"):
         LitGRPO(tiny_model_dir, negative_weight=-1.0)
+    with pytest.raises(UserError, match="importance_clip"):  # needs the trajectory likelihood and an explorer
+        LitGRPO(tiny_model_dir, importance_clip=2.0, explore={"temperature": 1.5})
+    with pytest.raises(UserError, match="importance_clip"):
+        LitGRPO(tiny_model_dir, importance_clip=0.0, likelihood="trajectory", explore={"temperature": 1.5})
     with pytest.raises(UserError, match="init_from"):
         LitGRPO(str(tmp_path / "none"))
 

@@ -6,7 +6,14 @@ from __future__ import annotations
 
 import torch
 
-from mmdlm.likelihood import ar_log_likelihood, elbo, exact_elbo, full_mask_log_likelihood, trajectory_log_likelihood
+from mmdlm.likelihood import (
+    ar_log_likelihood,
+    elbo,
+    exact_elbo,
+    full_mask_log_likelihood,
+    trajectory_log_likelihood,
+    trajectory_token_log_probs,
+)
 from mmdlm.model import ModelConfig, Transformer
 from mmdlm.sequence import Layout, collate, t2i_sample, text_sample
 from mmdlm.vocab import Vocab
@@ -102,3 +109,36 @@ def test_the_trajectory_likelihood_is_what_the_sampler_drew_with() -> None:
     model.train()
     trajectory_log_likelihood(model, b, history, VOCAB, config).sum().backward()
     assert all(p.grad is not None for p in model.blocks[0].parameters())
+
+
+def test_the_importance_ratio_is_that_of_the_two_samplers() -> None:
+    """A rollout drawn hot and unconstrained (the explorer), scored under the default-like sampler: each token's
+    log ratio is log p_target - log p_explorer, computed apart; -inf where the target's plausibility constraint
+    excludes the token; 0 when the two samplers are one."""
+    from mmdlm.sampling import MaskedScheduler, SamplerConfig
+    from mmdlm.sequence import t2i_prompt
+
+    model = tiny()
+    b = collate([t2i_prompt(ids, VOCAB, Layout(caption_len=3), 4) for ids in ([3, 5], [7], [1, 2])], VOCAB)
+    target = SamplerConfig(steps=2, temperature=1.0, guidance_scale=2.0, guidance_plausibility=0.3)
+    explorer = SamplerConfig(steps=2, temperature=1.5, guidance_scale=2.0, guidance_plausibility=0.0)
+    scheduler = MaskedScheduler(VOCAB)
+    with torch.no_grad():
+        history = []
+        for seed in range(4):  # several rollouts, so some token falls outside the target's constraint
+            out = scheduler.sample(model, b, explorer, generator=torch.Generator().manual_seed(seed), history=True)
+            history.append(out.history)
+        log_p, row, log_ratio = [], [], []
+        for h in history:
+            lp, r, lr = trajectory_token_log_probs(model, b, h, VOCAB, target, explorer)  # (M,) each
+            lp_explorer, _, none = trajectory_token_log_probs(model, b, h, VOCAB, explorer)
+            assert none is None
+            finite = torch.isfinite(lr)
+            torch.testing.assert_close(lr[finite], (lp - lp_explorer)[finite], atol=1e-4, rtol=1e-4)
+            log_p.append(lp), row.append(r), log_ratio.append(lr)
+            torch.testing.assert_close(torch.zeros(3).index_add(0, r, lp),
+                                       trajectory_log_likelihood(model, b, h, VOCAB, target))
+            _, _, same = trajectory_token_log_probs(model, b, h, VOCAB, explorer, explorer)
+            torch.testing.assert_close(same, torch.zeros_like(same), atol=1e-5, rtol=0)
+    log_ratio = torch.cat(log_ratio)
+    assert bool(torch.isinf(log_ratio).any()) and bool(torch.isfinite(log_ratio).any())
