@@ -462,13 +462,14 @@ class RecordDecoder:
         except Exception as err:  # noqa: BLE001 (PIL raises OSError, SyntaxError, ValueError, ...)
             raise BadSample("image", f"{sample['__key__']}: unreadable {member} ({err!r})") from None
 
-    def _document(self, sample: dict, meta: dict) -> tuple[list[dict], list[int] | None]:
+    def _document(self, sample: dict, meta: dict) -> tuple[list[dict], list[int | list[int]] | None]:
         """An interleaved document's segments ({"text": str} or {"image", "codes"}) and its `targets`.
 
         The json's `texts` and `images` are lists of one length, one entry per segment, exactly one of the two
         non-null (MMC4 / OBELICS); `images[i]` names the sample's member holding the image (e.g. "0.png", or
         "KEY.0.png"), and its codes, once pre-tokenized, are the member of the same stem with `npy` ("0.npy").
-        `targets` (optional): the indices of the segments a recipe generates."""
+        `targets` (optional): the segments a recipe generates, each an index or a list of indices generated
+        together (several answers of one document, none given to the others)."""
         key, texts, images = sample["__key__"], meta.get("texts"), meta.get("images")
         if not isinstance(texts, list) or not isinstance(images, list) or len(texts) != len(images) or not texts:
             raise BadSample("json", f"{key}: a document needs 'texts' and 'images' lists of one length, "
@@ -494,10 +495,13 @@ class RecordDecoder:
             segments.append(segment)
         _check_unicode(key, {"captions": [s["text"] for s in segments if "text" in s], "qa": []})
         targets = meta.get("targets")
+        def index(t: Any) -> bool:
+            return isinstance(t, int) and 0 <= t < len(segments)
+
         if targets is not None and (not isinstance(targets, list) or not targets or not all(
-                isinstance(t, int) and 0 <= t < len(segments) for t in targets)):
-            raise BadSample("json", f"{key}: 'targets' must list segment indices in [0, {len(segments)}), "
-                                    f"got {targets!r:.60}")
+                index(t) or (isinstance(t, list) and t and all(map(index, t))) for t in targets)):
+            raise BadSample("json", f"{key}: 'targets' must list segment indices in [0, {len(segments)}) (or lists "
+                                    f"of them, generated together), got {targets!r:.60}")
         return segments, targets
 
 

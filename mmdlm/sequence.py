@@ -444,11 +444,13 @@ class SequenceBuilder:
         return ids
 
     def document(self, record: Mapping, rng: random.Random) -> list[Segment]:
-        """A document record's segments, one of them (drawn from the record's `targets`, default any) the target."""
+        """A document record's segments, the target drawn from the record's `targets` (default any segment): one
+        segment, or a group of them generated together (an entry that is a list of indices)."""
         segments = record["segments"]
-        target = rng.choice(list(record.get("targets") or range(len(segments))))
-        return [Segment.of_text(self._encode(seg["text"]), target=i == target) if "text" in seg
-                else Segment.of_image(seg["codes"], target=i == target) for i, seg in enumerate(segments)]
+        drawn = rng.choice(list(record.get("targets") or range(len(segments))))
+        group = set(drawn) if isinstance(drawn, list) else {drawn}
+        return [Segment.of_text(self._encode(seg["text"]), target=i in group) if "text" in seg
+                else Segment.of_image(seg["codes"], target=i in group) for i, seg in enumerate(segments)]
 
     def build(self, record: Mapping, task: Task | str | None = None,
               rng: random.Random | None = None) -> Sample:

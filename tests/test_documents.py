@@ -151,6 +151,12 @@ def test_the_builder_draws_the_target_among_the_records_targets(tiny_model_dir) 
         sample = builder.build(record, rng=rng)  # only DOC can do a document
         assert sample.task == Task.DOC and int(sample.target.sum()) == pipe.vq.tokens_per_image
         assert int(sample.target.nonzero()[0]) > int((sample.ids == pipe.vocab.sep).nonzero()[0])
+    # a group of targets (several answers of one document) is generated together: every answer a target
+    record = {"segments": [{"codes": codes}, {"codes": codes}, {"text": "what changed?"}, {"text": "color"},
+                           {"text": "where did the color change?"}, {"text": "top left"}], "targets": [[3, 5]]}
+    sample = builder.build(record, rng=rng)
+    assert int(sample.target.sum()) == 2 * pipe.layout.segment_len
+    assert not bool(sample.target[sample.image_index >= 0].any())
 
 
 def test_edits_are_evaluated_and_compared_by_mode(doc_model_dir, tmp_path: Path, capsys) -> None:

@@ -327,6 +327,29 @@ def test_shards_follow_the_document_format(shards) -> None:
     assert stats["overlap"]["val_scenes_in_train_scenes"] == 0
 
 
+def test_train_samples_ask_several_questions_answered_together(tmp_path) -> None:
+    """--questions-per-sample 3: a train what-changed sample asks 1..3 distinct questions of its pair, the answers
+    one target group; val asks one (the evaluation's layout); the data loader reads the groups."""
+    from mmdlm.evaluate import load_records
+
+    main(["--out", str(tmp_path), "--train", "40", "--val", "6", "--seed", "2", "--what-changed-fraction", "1",
+          "--questions-per-sample", "3", "--quiet"])
+    counts = set()
+    for split in ("train", "val"):
+        for sample in read_tars(tmp_path / split).values():
+            meta = json.loads(sample["json"])
+            questions = meta["texts"][2::2]
+            pairs = [{"question": q, "answer": a} for q, a in zip(questions, meta["texts"][3::2])]
+            truth = [{k: qa[k] for k in ("question", "answer")} for qa in what_changed(meta["before"], meta["after"])]
+            assert all(pair in truth for pair in pairs) and len(set(questions)) == len(questions)
+            counts.add((split, len(pairs)))
+            answers = list(range(3, 2 + 2 * len(pairs), 2))
+            assert meta["targets"] == (answers if len(pairs) == 1 else [answers])
+    assert {n for split, n in counts if split == "train"} == {1, 2, 3} and {n for s, n in counts if s == "val"} == {1}
+    records = load_records(str(tmp_path / "train" / "*.tar"), image_size=32)
+    assert len(records) == 40 and any(isinstance(r["targets"][0], list) for r in records)
+
+
 def test_generation_is_deterministic(shards, tmp_path) -> None:
     main(["--out", str(tmp_path), "--train", "20", "--val", "5", "--seed", "1", "--shard-size", "8",
           "--what-changed-fraction", "0.5", "--quiet"])
@@ -369,6 +392,7 @@ def test_val_scenes_never_occur_in_train() -> None:
     (["--image-size", "16"], "too small"),
     (["--what-changed-fraction", "1.5"], "what_changed_fraction must be in [0, 1]"),
     (["--train", "-1"], "train and val must be >= 0"),
+    (["--questions-per-sample", "0"], "questions_per_sample must be >= 1"),
 ])
 def test_bad_arguments_give_one_sentence_and_exit_2(args, message, tmp_path, capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:

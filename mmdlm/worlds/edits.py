@@ -30,7 +30,9 @@ Shards are interleaved documents (MMC4 / OBELICS): `KEY.json` with `texts` / `im
 exactly one of the two non-null), `targets` (the segments generated), `kind`, `edit`, `source`, `result` and
 `split`, beside `KEY.0.png` (source) and `KEY.1.png` (edited). An edit sample is [0.png, instruction, 1.png]
 with targets [2]; a what-changed sample is [0.png, 1.png, question, answer] with targets [3], one question
-drawn at random per scene pair (so every sample is a different pair).
+drawn at random per scene pair (so every sample is a different pair); with `--questions-per-sample N`, a train
+sample asks 1..N of the pair's questions, [0.png, 1.png, q1, a1, q2, a2, ...], the answers one target group
+(`targets` [[3, 5, ...]]: generated together).
 
 Held-out split by source scene: `shapes.split_of(source)`, so a val source never occurs as a train source.
 By default the result must land in the same split too (pairs whose result hashes to the other split are
@@ -456,6 +458,8 @@ class EditsConfig:
     max_objects: int = 3  # per source scene (from 1): an add reaches 4, the most the oracle is validated on
     kinds: tuple[str, ...] = KINDS  # each sample's kind is drawn uniformly from these
     what_changed_fraction: float = 0.25  # share of what-changed samples; the rest are edits (the main task)
+    questions_per_sample: int = 1  # a train what-changed sample asks 1..this of its pair's questions, all answers
+    #   generated together (VQA's qa_per_sample): more answers per forward. Val keeps one: the evaluation asks one
     val_fraction: float = 0.1  # share of source scenes (by shapes.split_of) held out for val
     hold_out_results: bool = True  # results in the split too: no val scene (nor shapes val scene) seen in train
     shard_size: int = 1000  # samples per shard: several shards per split for workers and ranks
@@ -474,6 +478,8 @@ class EditsConfig:
         if not 0 <= self.what_changed_fraction <= 1 or not 0 < self.val_fraction < 1:
             raise UserError(f"what_changed_fraction must be in [0, 1] and val_fraction in (0, 1), got "
                             f"{self.what_changed_fraction} and {self.val_fraction}")
+        if self.questions_per_sample < 1:
+            raise UserError(f"questions_per_sample must be >= 1, got {self.questions_per_sample}")
         if self.train < 0 or self.val < 0 or self.shard_size < 1:
             raise UserError(f"train and val must be >= 0 and shard_size >= 1, got {self.train}, {self.val}, "
                             f"{self.shard_size}")
@@ -508,13 +514,20 @@ def _png(objects: list[dict], image_size: int) -> bytes:
 
 
 def make_sample(source: list[dict], edit: Edit, rng: random.Random, image_size: int = 32,
-                what_changed_sample: bool = False, split: str = "train") -> dict:
-    """The webdataset members of one sample, without the key: `json`, `0.png` (source), `1.png` (edited)."""
+                what_changed_sample: bool = False, split: str = "train", questions: int = 1) -> dict:
+    """The webdataset members of one sample, without the key: `json`, `0.png` (source), `1.png` (edited). A
+    what-changed sample asks one question of the pair, or with `questions` > 1, 1..questions distinct ones:
+    [0.png, 1.png, q1, a1, q2, a2, ...] with the answers one target group (`targets` [[3, 5, ...]]: generated
+    together, none given to another); its `question_type` is the first question's."""
     result = edit.apply(source)
     if what_changed_sample:
-        qa = rng.choice(what_changed(source, result, edit))
-        layout = {"kind": "what_changed", "texts": [None, None, qa["question"], qa["answer"]],
-                  "images": ["0.png", "1.png", None, None], "targets": [3], "question_type": qa["type"]}
+        pool = what_changed(source, result, edit)
+        asked = [rng.choice(pool)] if questions == 1 else rng.sample(pool, rng.randint(1, min(questions, len(pool))))
+        texts = [t for qa in asked for t in (qa["question"], qa["answer"])]
+        answers = list(range(3, 2 + len(texts), 2))
+        layout = {"kind": "what_changed", "texts": [None, None, *texts],
+                  "images": ["0.png", "1.png", *[None] * len(texts)],
+                  "targets": answers if len(answers) == 1 else [answers], "question_type": asked[0]["type"]}
     else:
         layout = {"kind": "edit", "texts": [None, edit.instruction(source, rng), None],
                   "images": ["0.png", None, "1.png"], "targets": [2]}
@@ -538,7 +551,8 @@ def _update_stats(stats: dict, meta: dict) -> None:
     texts = [t for t in meta["texts"] if t is not None]
     stats["max_text_words"] = max(stats["max_text_words"], *(len(t.split()) for t in texts))
     if meta["kind"] == "what_changed":  # the answers' balance ("color", "top left", "three", ...)
-        stats["answers"][texts[1]] += 1
+        for answer in texts[1::2]:
+            stats["answers"][answer] += 1
 
 
 def write_edits(out: str | Path, cfg: EditsConfig, progress: bool = True) -> dict:
@@ -562,7 +576,7 @@ def write_edits(out: str | Path, cfg: EditsConfig, progress: bool = True) -> dic
         with wds.ShardWriter(str(folder / "edits-%06d.tar"), maxcount=cfg.shard_size, verbose=0, mtime=0) as sink:
             for i, (source, edit, rng) in enumerate(iter_pairs(split, n, cfg)):
                 sample = make_sample(source, edit, rng, cfg.image_size, rng.random() < cfg.what_changed_fraction,
-                                     split)
+                                     split, cfg.questions_per_sample if split == "train" else 1)
                 sink.write({"__key__": f"edits-{split}-{i:06d}", **sample})
                 meta = json.loads(sample["json"])
                 _update_stats(split_stats, meta)
@@ -596,13 +610,15 @@ def _readme(stats: dict) -> str:
         f"Written by `python -m mmdlm.worlds.edits --out <dir> --train {cfg['train']} --val {cfg['val']} "
         f"--seed {cfg['seed']} --image-size {cfg['image_size']} --max-objects {cfg['max_objects']} "
         f"--kinds {','.join(cfg['kinds'])} --what-changed-fraction {cfg['what_changed_fraction']} "
+        f"--questions-per-sample {cfg['questions_per_sample']} "
         f"--val-fraction {cfg['val_fraction']} --{'' if cfg['hold_out_results'] else 'no-'}hold-out-results "
         f"--shard-size {cfg['shard_size']}`.",
         "",
         "Each sample: `json` + `0.png` (source scene) + `1.png` (edited scene). The json is an interleaved "
         "document (`texts` / `images`, one entry per segment, `targets`: the segments generated) with `kind`, "
         "`edit` (`Edit.from_dict`), `source`, `result` and `split`. Edit: [0.png, instruction, 1.png], "
-        "targets [2]; what_changed: [0.png, 1.png, question, answer], targets [3].",
+        "targets [2]; what_changed: [0.png, 1.png, question, answer], targets [3] (with several questions, "
+        "[0.png, 1.png, q1, a1, q2, a2, ...], targets [[3, 5, ...]]: the answers generated together).",
         "",
         f"Held out by source scene{' and result scene' if cfg['hold_out_results'] else ''}: train/val source "
         f"overlap {overlap['sources']}; {overlap['val_scenes_in_train_scenes']} of the {overlap['val_scenes']} "
@@ -640,6 +656,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--kinds", default=",".join(KINDS), help="comma-separated edit kinds to draw from")
     parser.add_argument("--what-changed-fraction", type=float, default=defaults.what_changed_fraction,
                         help="share of samples that ask a what-changed question instead of an edit")
+    parser.add_argument("--questions-per-sample", type=int, default=defaults.questions_per_sample,
+                        help="a train what-changed sample asks 1..N of its pair's questions, answered together "
+                             "(val asks one)")
     parser.add_argument("--val-fraction", type=float, default=defaults.val_fraction,
                         help="share of source scenes held out for val")
     parser.add_argument("--hold-out-results", action=argparse.BooleanOptionalAction,
@@ -651,7 +670,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cfg = EditsConfig(train=args.train, val=args.val, seed=args.seed, image_size=args.image_size,
                           max_objects=args.max_objects, kinds=tuple(k.strip() for k in args.kinds.split(",")),
-                          what_changed_fraction=args.what_changed_fraction, val_fraction=args.val_fraction,
+                          what_changed_fraction=args.what_changed_fraction,
+                          questions_per_sample=args.questions_per_sample, val_fraction=args.val_fraction,
                           hold_out_results=args.hold_out_results, shard_size=args.shard_size)
     except UserError as err:
         parser.exit(2, f"error: {err}\n")
