@@ -152,3 +152,20 @@ def test_vqa_process_matches_python_m(tiny_model_dir: str, scene: Path) -> None:
     new = run(*mmdlm, "vqa", *args)
     assert old.returncode in (vqa.EXIT_OK, vqa.EXIT_NO_ANSWER), old.stderr[-2000:]
     assert (new.returncode, new.stdout, new.stderr) == (old.returncode, old.stdout, old.stderr)
+
+
+@pytest.mark.parametrize("configs", [
+    *[[name.name] for name in sorted((REPO / "configs").glob("*.yaml")) if not name.stem.endswith("-wc")],
+    ["mdm-edits.yaml", "mdm-edits-wc.yaml"], ["ar-edits.yaml", "ar-edits-wc.yaml"],  # overlays over their stage 2
+])
+def test_the_shipped_configs_parse(configs: list[str], capsys) -> None:
+    """Each training recipe (an overlay read after its base) is a valid LightningCLI config: `--print_config`
+    resolves it without instantiating anything; the overlay's values win."""
+    args = [a for name in configs for a in ("--config", str(REPO / "configs" / name))]
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["fit", *args, "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = capsys.readouterr().out
+    assert "class_path: " in printed and "max_steps: " in printed
+    if configs[-1].endswith("-wc.yaml"):
+        assert "what-changed-codes" in printed and "max_steps: 4000" in printed
