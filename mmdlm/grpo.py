@@ -96,8 +96,9 @@ class LitGRPO(L.LightningModule):
         lr: AdamW learning rate.
         beta: weight of the KL penalty to the starting model (0: no penalty, and no reference forward).
         likelihood: a masked-diffusion model's log-likelihood of a rollout, one of `LIKELIHOODS` (module docstring).
-            `elbo` gains the most held out (+6.75 at 100 steps, then falls back); `trajectory`, exact for the
-            sampler's choices (tests/test_likelihood.py), gains less (+3.25) but keeps it (BENCHMARKS.md, issue 19).
+            `elbo` peaks at +6.75 (100 steps), then falls back; `trajectory`, exact for the sampler's choices
+            (tests/test_likelihood.py), gains +3.25 and keeps it, and with `importance_clip` +6 kept to 300 steps
+            with the other tasks unchanged (BENCHMARKS.md, issue 19; the recipe's choice).
         likelihood_draws: coupled mask pairs per ELBO estimate (`likelihood: elbo`).
         sampler: `SamplerConfig` fields overriding the task's default: the sampler the policy is trained for (its
             guidance defines the likelihood's distribution) and, without `explore`, the one drawing the rollouts.
