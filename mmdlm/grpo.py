@@ -113,7 +113,7 @@ class LitGRPO(L.LightningModule):
             ratio p_target / p_explore (the two samplers' probabilities of the drawn token where it was committed),
             truncated at this value (truncated importance sampling): the update then aims at the target sampler's
             distribution, and a token the target sampler could not have drawn (outside its plausibility constraint)
-            gets no weight. None: unweighted.
+            gets no weight. None: unweighted. The AR twin's exact likelihood is never weighted (it has no trajectory).
         export_dir: where the model folder is written at the end of fit.
     """
 

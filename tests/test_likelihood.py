@@ -123,19 +123,17 @@ def test_the_importance_ratio_is_that_of_the_two_samplers() -> None:
     target = SamplerConfig(steps=2, temperature=1.0, guidance_scale=2.0, guidance_plausibility=0.3)
     explorer = SamplerConfig(steps=2, temperature=1.5, guidance_scale=2.0, guidance_plausibility=0.0)
     scheduler = MaskedScheduler(VOCAB)
+    log_ratio = []
     with torch.no_grad():
-        history = []
         for seed in range(4):  # several rollouts, so some token falls outside the target's constraint
-            out = scheduler.sample(model, b, explorer, generator=torch.Generator().manual_seed(seed), history=True)
-            history.append(out.history)
-        log_p, row, log_ratio = [], [], []
-        for h in history:
+            g = torch.Generator().manual_seed(seed)
+            h = scheduler.sample(model, b, explorer, generator=g, history=True).history
             lp, r, lr = trajectory_token_log_probs(model, b, h, VOCAB, target, explorer)  # (M,) each
             lp_explorer, _, none = trajectory_token_log_probs(model, b, h, VOCAB, explorer)
             assert none is None
             finite = torch.isfinite(lr)
             torch.testing.assert_close(lr[finite], (lp - lp_explorer)[finite], atol=1e-4, rtol=1e-4)
-            log_p.append(lp), row.append(r), log_ratio.append(lr)
+            log_ratio.append(lr)
             torch.testing.assert_close(torch.zeros(3).index_add(0, r, lp),
                                        trajectory_log_likelihood(model, b, h, VOCAB, target))
             _, _, same = trajectory_token_log_probs(model, b, h, VOCAB, explorer, explorer)
