@@ -184,16 +184,24 @@ def _per_task(contrib: torch.Tensor, target: torch.Tensor, task: torch.Tensor) -
     return {k: sums[k] / counts[k] for k in range(n) if counts[k] > 0}
 
 
-def _pooled(values: torch.Tensor, count: torch.Tensor, task: torch.Tensor, balanced: bool) -> torch.Tensor:
+def _pooled(values: torch.Tensor, count: torch.Tensor, task: torch.Tensor, balanced: bool,
+            is_image: torch.Tensor | None = None) -> torch.Tensor:
     """sum(values) / sum(count) over the batch; with `balanced`, that ratio per task, then averaged over
-    the tasks present. values Float[B, T] (differentiable), count Bool[B, T]."""
+    the tasks present. values Float[B, T] (differentiable), count Bool[B, T]. With `is_image` (Bool[B, T]:
+    the token is an image token) a task's ratio is itself the mean of its image tokens' and its text tokens'
+    ratios, so a document task whose samples generate either an image (64 tokens) or a short answer gives
+    the answers half of its share, whatever their token count."""
     if not balanced:
         return values.sum() / count.sum().clamp_min(1)
     n = len(Task)
-    sums = torch.zeros(n, device=values.device).index_add(0, task, values.sum(dim=1))  # (n,)
-    counts = torch.zeros(n, device=values.device).index_add_(0, task, count.sum(dim=1).float())  # (n,)
-    present = counts > 0
-    return (sums[present] / counts[present]).mean()
+    modality = torch.zeros_like(count, dtype=torch.long) if is_image is None else is_image.long()  # (B, T)
+    group = (task[:, None] * 2 + modality).flatten()  # (B*T,) task-major: group 2k + 1 is task k's images
+    sums = torch.zeros(2 * n, device=values.device).index_add(0, group, values.flatten())  # (2n,)
+    counts = torch.zeros(2 * n, device=values.device).index_add_(0, group, count.flatten().float())  # (2n,)
+    present = (counts > 0).view(n, 2)  # (n, 2)
+    ratio = (sums / counts.clamp_min(1)).view(n, 2)  # (n, 2) each task's text and image mean
+    per_task = (ratio * present).sum(dim=1) / present.sum(dim=1).clamp_min(1)  # (n,)
+    return per_task[present.any(dim=1)].mean()
 
 
 def _zero_loss(logits: torch.Tensor) -> torch.Tensor:
@@ -223,7 +231,7 @@ def masked_diffusion_loss(model: torch.nn.Module, batch: Batch, vocab: Vocab, *,
                           t: torch.Tensor | None = None, weighting: Weighting | str = Weighting.ELBO,
                           task_balanced: bool = False, paired: bool = False,
                           t_ranges: Mapping[int, tuple[float, float]] | None = None,
-                          corrupt: float = 0.0) -> LossOutput:
+                          corrupt: float = 0.0, modality_balanced: bool = False) -> LossOutput:
     """The masked-diffusion training loss of one batch.
 
     `loss` = sum over masked target tokens of w(t) * CE, divided by the number of target tokens (the
@@ -236,7 +244,9 @@ def masked_diffusion_loss(model: torch.nn.Module, batch: Batch, vocab: Vocab, *,
     `weighting="masked_mean"` trains on the mean CE of the masked tokens instead of the 1/t-weighted sum
     (lower variance: at t = 0.01 one token would otherwise weigh 100x). `task_balanced=True` averages the
     per-task losses instead of pooling tokens, so a task with small target regions (VQA answers: a few
-    tokens against 64 image tokens of text-to-image) gets an equal share of the gradient.
+    tokens against 64 image tokens of text-to-image) gets an equal share of the gradient. `modality_balanced`
+    also splits each task's share evenly between its image and its text target tokens (see `_pooled`): the
+    document task holds both edits (an image generated) and "what changed?" (a word or two).
 
     `paired=True` adds each sequence's complementary view (LaViDa; DiffuCoder's coupled sampling): the
     same sequence with exactly the target tokens the first view left clean masked, at the complementary
@@ -299,10 +309,11 @@ def masked_diffusion_loss(model: torch.nn.Module, batch: Batch, vocab: Vocab, *,
         zero = _zero_loss(logits)
         return LossOutput(zero, zero.detach(), {}, 0)
     nll = elbo.sum() / n_target
+    by_modality = is_image if modality_balanced else None  # (B, T) or None
     if Weighting(weighting) == Weighting.MASKED_MEAN:
-        loss = _pooled(ce, scored & target, task, task_balanced)
+        loss = _pooled(ce, scored & target, task, task_balanced, by_modality)
     elif task_balanced:
-        loss = _pooled(elbo + fix, target, task, True)
+        loss = _pooled(elbo + fix, target, task, True, by_modality)
     elif kind == ImageSchedule.ELBO:
         loss = nll + fix.sum() / n_target
     else:
@@ -314,7 +325,7 @@ def masked_diffusion_loss(model: torch.nn.Module, batch: Batch, vocab: Vocab, *,
 
 
 def ar_loss(model: torch.nn.Module, batch: Batch, force_causal: bool = False,
-            task_balanced: bool = False) -> LossOutput:
+            task_balanced: bool = False, modality_balanced: bool = False) -> LossOutput:
     """Next-token CE of the causal baseline on the same target regions: position i predicts token
     i + 1, counted only where i + 1 is a target. Exact NLL per target token (a target at position 0,
     which no template makes, would have nothing to be predicted from and is not counted).
@@ -322,7 +333,8 @@ def ar_loss(model: torch.nn.Module, batch: Batch, force_causal: bool = False,
     The loss is the mean CE over the batch's target tokens, or with `task_balanced` each task's mean CE
     averaged over the tasks present, as `masked_diffusion_loss` does: a VQA sample's few answer tokens then
     weigh as much as a text-to-image sample's 64 image tokens (in a token mean they are ~5% of the loss).
-    The reported NLL is the token mean either way.
+    The reported NLL is the token mean either way. `modality_balanced` splits each task's share between its
+    image and text targets, as in `masked_diffusion_loss`.
 
     `force_causal` runs a bidirectional model causally for this call (`Transformer.forward(causal=True)`):
     the AR half of a model trained on both objectives (`ModelConfig.shift_logits`)."""
@@ -341,5 +353,6 @@ def ar_loss(model: torch.nn.Module, batch: Batch, force_causal: bool = False,
     ce = torch.zeros(target.shape, device=logits.device)  # (B, T-1)
     ce[target] = F.cross_entropy(logits.float(), batch.ids[:, 1:][target], reduction="none")  # (M,)
     nll = ce.sum() / n_target
-    loss = _pooled(ce, target, batch.task, True) if task_balanced else nll
+    is_image = batch.image_index[:, 1:] >= 0 if modality_balanced else None  # (B, T-1): the predicted token's
+    loss = _pooled(ce, target, batch.task, True, is_image) if task_balanced else nll
     return LossOutput(loss, nll.detach(), _per_task(ce, target, batch.task), n_target)

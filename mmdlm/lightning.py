@@ -258,6 +258,10 @@ class LitMDM(LightningModule):
         task_balanced: average the per-task losses, so small target regions (VQA answers) weigh as much
             as large ones (images). The AR twin's loss too (`ar_loss(task_balanced=)`); `ar_rows`' AR half
             keeps the token mean. Balancing the AR stage measured worse (BENCHMARKS.md, issue 15, session 7).
+        modality_balanced: with `task_balanced`, each task's share is split evenly between its image and its
+            text target tokens: the document task holds edits (64 image tokens) and "what changed?" answers
+            (a 10-token region), whose share of it a token mean sets by their mix: ~5% in the edit recipe's
+            stage 2 (a quarter of its documents ask), ~40% in stage 3 (three quarters ask).
         paired_masks: train each sequence with two complementary masks (LaViDa, DiffuCoder), so every
             target token is supervised once per pair; the forward runs on 2x the batch (halve batch_size
             for equal compute). Validation uses single masks.
@@ -313,6 +317,7 @@ class LitMDM(LightningModule):
         image_schedule: str = "elbo",
         weighting: str = "elbo",
         task_balanced: bool = False,
+        modality_balanced: bool = False,
         paired_masks: bool = False,
         task_t: dict[str, list[float]] | None = None,
         shift_logits: bool = False,
@@ -371,10 +376,14 @@ class LitMDM(LightningModule):
                                 "install one or pass --model.compile false")
             self.model.compile_for_training()
         hp = self.hparams
-        self.objective = (partial(ar_loss, task_balanced=hp.task_balanced) if config.causal else partial(
+        balance = {"task_balanced": hp.task_balanced, "modality_balanced": hp.get("modality_balanced", False)}
+        self.objective = (partial(ar_loss, **balance) if config.causal else partial(
             masked_diffusion_loss, vocab=vocab, image_schedule=ImageSchedule(hp.image_schedule),
-            weighting=Weighting(hp.weighting), task_balanced=hp.task_balanced))
+            weighting=Weighting(hp.weighting), **balance))
         t_ranges = {Task[name.upper()]: tuple(r) for name, r in (hp.get("task_t") or {}).items()}
+        if balance["modality_balanced"] and not hp.task_balanced:
+            raise UserError("--model.modality_balanced true splits each task's share of a task-balanced loss; "
+                            "it needs --model.task_balanced true")
         if not 0.0 <= hp.get("corrupt", 0.0) < 1.0:
             raise UserError(f"--model.corrupt must be in [0, 1), got {hp.corrupt}")
         self.train_objective = (self.objective if config.causal else partial(

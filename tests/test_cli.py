@@ -155,8 +155,10 @@ def test_vqa_process_matches_python_m(tiny_model_dir: str, scene: Path) -> None:
 
 
 @pytest.mark.parametrize("configs", [
-    *[[name.name] for name in sorted((REPO / "configs").glob("*.yaml")) if not name.stem.endswith("-wc")],
+    *[[name.name] for name in sorted((REPO / "configs").glob("*.yaml")) if not name.stem.endswith(("-wc", "-pairs"))],
     ["mdm-edits.yaml", "mdm-edits-wc.yaml"], ["ar-edits.yaml", "ar-edits-wc.yaml"],  # overlays over their stage 2
+    ["mdm-edits.yaml", "mdm-edits-wc.yaml", "mdm-edits-pairs.yaml"],  # stage 4 over stage 3 over stage 2
+    ["ar-edits.yaml", "ar-edits-wc.yaml", "ar-edits-pairs.yaml"],
 ])
 def test_the_shipped_configs_parse(configs: list[str], capsys) -> None:
     """Each training recipe (an overlay read after its base) is a valid LightningCLI config: `--print_config`
@@ -169,3 +171,6 @@ def test_the_shipped_configs_parse(configs: list[str], capsys) -> None:
     assert "class_path: " in printed and "max_steps: " in printed
     if configs[-1].endswith("-wc.yaml"):
         assert "what-changed-codes" in printed and "max_steps: 4000" in printed
+    if configs[-1].endswith("-pairs.yaml"):  # stage 4: no shapes shards, and it starts from stage 3's folder
+        assert "what-changed-codes" in printed and "shapes-codes" not in printed and "max_steps: 2500" in printed
+        assert "-edits-wc/model" in printed

@@ -291,6 +291,41 @@ def test_masked_mean_and_task_balanced_weighting_by_hand() -> None:
     assert torch.allclose(mean.nll, balanced.nll)  # the reported NLL is the ELBO either way
 
 
+def test_modality_balanced_splits_a_task_between_its_image_and_text_targets_by_hand() -> None:
+    """A document task holding an edit (image targets) and an answer (text targets): with `modality_balanced`
+    the task's loss is the mean of its image-token mean and its text-token mean, for both objectives."""
+    batch = collate([t2i_sample([1, 2], CODES, V, L), vqa_sample(CODES, [([6], [7]), ([8, 9], [10])], V, L)], V)
+    batch.task[:] = int(Task.DOC)  # one task, two modalities: an "edit" (9 image tokens) and "answers"
+    B, T = batch.ids.shape
+    logits = torch.randn(B, T, V.size, generator=torch.Generator().manual_seed(0))
+    target, is_image = batch.target & ~batch.pad, batch.image_index >= 0  # (B, T)
+    ce = torch.nn.functional.cross_entropy(logits.view(-1, V.size), batch.ids.view(-1),
+                                           reduction="none").view(B, T)
+    image, text = ce[target & is_image], ce[target & ~is_image]
+    assert len(image) == 9 and 0 < len(text) < 9
+    model = FixedLogits(logits, causal=False)
+    t = torch.ones(B)  # every target masked
+    pooled = masked_diffusion_loss(model, batch, V, t=t, weighting="masked_mean", task_balanced=True)
+    split = masked_diffusion_loss(model, batch, V, t=t, weighting="masked_mean", task_balanced=True,
+                                  modality_balanced=True)
+    assert pooled.loss.item() == pytest.approx(torch.cat([image, text]).mean().item(), rel=1e-5)
+    assert split.loss.item() == pytest.approx((image.mean() + text.mean()).item() / 2, rel=1e-5)
+    assert split.nll.item() == pytest.approx(pooled.nll.item(), rel=1e-6)  # the reported NLL is unchanged
+
+    ar = FixedLogits(logits, causal=True)  # the AR twin: position i predicts token i + 1
+    ar_ce = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, V.size), batch.ids[:, 1:].reshape(-1),
+                                              reduction="none").view(B, T - 1)
+    next_target, next_image = target[:, 1:], is_image[:, 1:]  # (B, T-1)
+    expected = (ar_ce[next_target & next_image].mean() + ar_ce[next_target & ~next_image].mean()) / 2
+    out = ar_loss(ar, batch, task_balanced=True, modality_balanced=True)
+    assert out.loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    mixed = small_batch()  # several tasks, each with one modality: the split changes nothing
+    model = FixedLogits(torch.randn(4, mixed.ids.shape[1], V.size), causal=False)
+    a, b = (masked_diffusion_loss(model, mixed, V, t=torch.ones(4), weighting="masked_mean", task_balanced=True,
+                                  modality_balanced=m).loss.item() for m in (False, True))
+    assert a == pytest.approx(b, rel=1e-5)
+
+
 def test_paired_views_partition_the_target_at_complementary_times() -> None:
     """Complementary masking: every target token is masked in exactly one of the two views."""
     batch = small_batch()
@@ -382,3 +417,8 @@ def test_litmdm_trains_with_corruption_and_validates_without() -> None:
     assert torch.isfinite(out.loss)
     with pytest.raises(UserError, match="corrupt"):
         LitMDM(corrupt=1.0).build(config, V)
+    balanced = LitMDM(ema_decay=0.0, task_balanced=True, modality_balanced=True)
+    balanced.build(config, V)
+    assert balanced.objective.keywords["modality_balanced"] is True
+    with pytest.raises(UserError, match="task_balanced"):
+        LitMDM(modality_balanced=True).build(config, V)
