@@ -12,6 +12,12 @@ at the pipeline's default samplers. A checkpoint's metrics are cached as `<run>_
 Mind the schedule: a checkpoint at step k of an N-step run was trained with the learning rate of an
 N-step cosine schedule, not decayed to its end as a k-step run's would be; the last point is the run.
 
+A recipe in stages (a run started from another run's final model) is drawn along one axis: `--continues
+mdm_s4=mdm_s3` counts mdm_s4's steps (and minutes) after mdm_s3's last checkpoint.
+
+    python -m benchmarks.learning_curve --run mdm_s3=runs/mdm-edits-wc --run mdm_s4=runs/mdm-edits-pairs \
+        --continues mdm_s4=mdm_s3 --shards 'data/shards/edits-codes/val/*.tar' --tasks edit,what_changed --out curve
+
 Against wall-clock (`--x minutes`): a run folder holding `wallclock.json` (`{"started": <unix time>}`, written
 by `benchmarks.gpu_session` just before it starts `train.py`) gives each checkpoint the minutes from that start
 to the checkpoint file's modification time: process start, data loading, compilation and the checkpoints
@@ -168,7 +174,8 @@ def plot(curves: dict[str, list[dict]], path: Path, x: str = "step") -> Path:
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
     styles = ("o-", "s--", "^:")
     for ax, (title, keys) in zip(axes[0], panels):
-        for color, (name, points) in zip(("C0", "C3", "C2", "C1", "C4"), curves.items()):
+        for i, (name, points) in enumerate(curves.items()):
+            color = f"C{i % 10}"  # matplotlib's default cycle: every run drawn, however many
             for style, key in zip(styles, keys):
                 pts = [(p[x], p["headline"][key]) for p in points if key in p["headline"] and p.get(x) is not None]
                 if pts:
@@ -212,7 +219,8 @@ def render_markdown(result: dict[str, Any]) -> str:
                 if v is not None}  # the headline keys of the tasks evaluated
     columns = [(label, key) for label, key in COLUMNS if key in measured]
     for name, curve in result["curves"].items():  # the columns of the tasks evaluated
-        lines += [f"## {name} (`{result['runs'][name]}`)", ""]
+        after = result.get("continues", {}).get(name)
+        lines += [f"## {name} (`{result['runs'][name]}`)" + (f", continuing {after}" if after else ""), ""]
         lines += md_table(["step", "minutes", *(label for label, _ in columns)],
                           [[p["step"], _cell(p.get("minutes")), *(_cell(p["headline"].get(key)) for _, key in columns)]
                            for p in curve])
@@ -232,11 +240,35 @@ def parse_run(text: str) -> tuple[str, str]:
     return name, folder
 
 
+def stage_offsets(continues: dict[str, str], last: dict[str, tuple[int, float | None]]) -> dict[str, tuple[int, float]]:
+    """Run -> (steps, minutes) to add to its points: the totals at the last checkpoint of the run it continues,
+    itself offset when that run continues another. `last`: run -> (its last step, its minutes there)."""
+    offsets: dict[str, tuple[int, float]] = {}
+
+    def offset(name: str, seen: tuple[str, ...] = ()) -> tuple[int, float]:
+        if name in seen:
+            raise ValueError(f"--continues makes a cycle: {' -> '.join((*seen, name))}")
+        if name not in offsets:
+            prev = continues.get(name)
+            if prev is None:
+                offsets[name] = (0, 0.0)
+            else:
+                steps, minutes = offset(prev, (*seen, name))
+                offsets[name] = (steps + last[prev][0], minutes + (last[prev][1] or 0.0))
+        return offsets[name]
+
+    for name in last:
+        offset(name)
+    return offsets
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.learning_curve", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=parse_run, action="append", required=True,
                         help="NAME=DIR: a training run's folder (its *step=N.ckpt files); repeat for more runs")
+    parser.add_argument("--continues", type=parse_run, action="append", default=[], metavar="NAME=PREV",
+                        help="run NAME started from run PREV's final model: count its steps after PREV's")
     parser.add_argument("--shards", required=True, help="val shards: glob, brace pattern, folder or comma list")
     parser.add_argument("--out", required=True, help="folder for the per-checkpoint cache and the outputs")
     parser.add_argument("--limit", type=positive, default=200, help="val records (the first, in shard order)")
@@ -271,6 +303,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name, ckpts in found.items():
         if not ckpts:
             parser.error(f"run {name!r}: no '*step=N.ckpt' checkpoints below {runs[name]!r}")
+    continues = dict(args.continues)
+    for name, prev in continues.items():
+        if name not in runs or prev not in runs or name == prev:
+            parser.error(f"--continues {name}={prev}: both must be distinct --run names")
     started = {name: started_at(folder) for name, folder in runs.items()}
     if args.x == "minutes":
         for name, when in started.items():
@@ -294,7 +330,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 cache.write_text(json.dumps(entry, indent=2, default=str) + "\n")
             curves[name].append({**{k: entry[k] for k in ("step", "checkpoint")},
                                  "minutes": minutes_at(ckpt, started[name]), "headline": headline(entry["metrics"])})
-    result = {"command": command_line("benchmarks.learning_curve", argv), "runs": runs, "shards": args.shards,
+    try:
+        offsets = stage_offsets(continues, {name: (c[-1]["step"], c[-1]["minutes"]) for name, c in curves.items()})
+    except ValueError as err:
+        parser.error(str(err))
+    for name, (steps, minutes) in offsets.items():
+        for p in curves[name]:
+            p["run_step"], p["step"] = p["step"], p["step"] + steps  # the run's own step, and the recipe's
+            if p["minutes"] is not None:
+                p["minutes"] += minutes
+    result = {"command": command_line("benchmarks.learning_curve", argv), "runs": runs, "continues": continues,
+              "shards": args.shards,
               "records": args.limit, "tasks": tasks, "machine": machine_info(args.device), "x": args.x,
               "curves": curves, "targets": {name: targets_met(points) for name, points in curves.items()}}
     (out / "learning_curve.json").write_text(json.dumps(result, indent=2, default=str) + "\n")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import time
 from pathlib import Path
 
 import pytest
@@ -412,10 +411,30 @@ def test_learning_curve(tiny_model_dir, tiny_shards, tmp_path, monkeypatch, caps
     with pytest.raises(SystemExit):  # against wall-clock: the run must say when it started
         learning_curve.main(argv + ["--x", "minutes"])
     assert "wallclock.json" in capsys.readouterr().err
-    (tmp_path / "run" / "wallclock.json").write_text(json.dumps({"started": time.time() - 120}))
+    first = min(path.stat().st_mtime for _, path in learning_curve.checkpoints(tmp_path / "run"))
+    (tmp_path / "run" / "wallclock.json").write_text(json.dumps({"started": first - 120}))  # 2 min before
     timed = learning_curve.main(argv + ["--x", "minutes"])  # the cache again: nothing is evaluated
-    assert all(1.9 < p["minutes"] < 30 for p in timed["curves"]["tiny"])
+    assert timed["curves"]["tiny"][0]["minutes"] == pytest.approx(2.0)
+    assert all(2.0 <= p["minutes"] < 30 for p in timed["curves"]["tiny"]), timed["curves"]["tiny"]
     _valid_png(out / "learning_curve.png")
+
+    for step in (2, 4):  # the same checkpoints as a second stage: their cached metrics (nothing is evaluated)
+        (out / f"again_step{step}.json").write_text((out / f"tiny_step{step}.json").read_text())
+    staged = learning_curve.main(argv + ["--run", f"again={tmp_path / 'run'}", "--continues", "again=tiny"])
+    assert [p["step"] for p in staged["curves"]["again"]] == [6, 8]  # counted after tiny's last step, 4
+    assert [p["run_step"] for p in staged["curves"]["again"]] == [2, 4]
+    assert "## again (" in (out / "learning_curve.md").read_text() and "continuing tiny" in (
+        out / "learning_curve.md").read_text()
+    assert learning_curve.stage_offsets({"c": "b", "b": "a"}, {"a": (4, 1.0), "b": (2, 0.5), "c": (2, None)}) == {
+        "a": (0, 0.0), "b": (4, 1.0), "c": (6, 1.5)}  # a chain of stages adds up
+    for bad in (["--continues", "again=nobody"], ["--continues", "tiny=tiny"]):
+        with pytest.raises(SystemExit):
+            learning_curve.main(argv + ["--run", f"again={tmp_path / 'run'}", *bad])
+    assert "distinct --run names" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # two runs continuing each other
+        learning_curve.main(argv + ["--run", f"again={tmp_path / 'run'}", "--continues", "again=tiny",
+                                    "--continues", "tiny=again"])
+    assert "cycle" in capsys.readouterr().err
 
     with pytest.raises(SystemExit):
         learning_curve.main(["--run", "no-equals-sign", "--shards", "x", "--out", str(out)])
