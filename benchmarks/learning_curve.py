@@ -219,7 +219,7 @@ def render_markdown(result: dict[str, Any]) -> str:
                 if v is not None}  # the headline keys of the tasks evaluated
     columns = [(label, key) for label, key in COLUMNS if key in measured]
     for name, curve in result["curves"].items():  # the columns of the tasks evaluated
-        after = result.get("continues", {}).get(name)
+        after = result["continues"].get(name)
         lines += [f"## {name} (`{result['runs'][name]}`)" + (f", continuing {after}" if after else ""), ""]
         lines += md_table(["step", "minutes", *(label for label, _ in columns)],
                           [[p["step"], _cell(p.get("minutes")), *(_cell(p["headline"].get(key)) for _, key in columns)]
@@ -298,8 +298,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     except ValueError:
         parser.error(f"--steps takes comma-separated integers, got {args.steps!r}")
     runs = dict(args.run)
-    found = {name: [(s, p) for s, p in checkpoints(folder) if wanted is None or s in wanted]
-             for name, folder in runs.items()}
+    saved = {name: checkpoints(folder) for name, folder in runs.items()}  # every checkpoint: a stage ends at its last
+    found = {name: [(s, p) for s, p in ckpts if wanted is None or s in wanted] for name, ckpts in saved.items()}
     for name, ckpts in found.items():
         if not ckpts:
             parser.error(f"run {name!r}: no '*step=N.ckpt' checkpoints below {runs[name]!r}")
@@ -331,7 +331,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             curves[name].append({**{k: entry[k] for k in ("step", "checkpoint")},
                                  "minutes": minutes_at(ckpt, started[name]), "headline": headline(entry["metrics"])})
     try:
-        offsets = stage_offsets(continues, {name: (c[-1]["step"], c[-1]["minutes"]) for name, c in curves.items()})
+        offsets = stage_offsets(continues, {name: (ckpts[-1][0], minutes_at(ckpts[-1][1], started[name]))
+                                            for name, ckpts in saved.items()})
     except ValueError as err:
         parser.error(str(err))
     for name, (steps, minutes) in offsets.items():

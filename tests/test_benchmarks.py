@@ -423,6 +423,9 @@ def test_learning_curve(tiny_model_dir, tiny_shards, tmp_path, monkeypatch, caps
     staged = learning_curve.main(argv + ["--run", f"again={tmp_path / 'run'}", "--continues", "again=tiny"])
     assert [p["step"] for p in staged["curves"]["again"]] == [6, 8]  # counted after tiny's last step, 4
     assert [p["run_step"] for p in staged["curves"]["again"]] == [2, 4]
+    only = learning_curve.main(argv + ["--run", f"again={tmp_path / 'run'}", "--continues", "again=tiny",
+                                       "--steps", "2"])  # a stage still ends at its last checkpoint, shown or not
+    assert [p["step"] for p in only["curves"]["again"]] == [6]
     assert "## again (" in (out / "learning_curve.md").read_text() and "continuing tiny" in (
         out / "learning_curve.md").read_text()
     assert learning_curve.stage_offsets({"c": "b", "b": "a"}, {"a": (4, 1.0), "b": (2, 0.5), "c": (2, None)}) == {
