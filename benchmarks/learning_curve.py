@@ -5,7 +5,7 @@
 
 A run is a Lightning `default_root_dir` (or any folder): its `*step=N.ckpt` checkpoints are found below it
 (`ModelCheckpoint(every_n_train_steps=...)` in the configs writes one every 500 steps) and each is
-exported with its EMA weights (`mmdlm.export`) and evaluated on the same first `--limit` val records,
+exported with its EMA weights (`mmdlm.commands.export`) and evaluated on the same first `--limit` val records,
 at the pipeline's default samplers. A checkpoint's metrics are cached as `<run>_step<N>.json` under
 --out, so an interrupted sweep resumes where it stopped and new checkpoints can be added later.
 
@@ -120,8 +120,8 @@ def evaluate_checkpoint(ckpt: Path, records: dict[int, list[dict]], tasks: list[
     """Export `ckpt` (EMA weights) to a scratch folder, evaluate it, return the metrics dict. `records`
     caches the val records by image size (read once, at the first checkpoint's image size)."""
     from mmdlm.evaluate import evaluate, load_records
-    from mmdlm.export import export_checkpoint
     from mmdlm.pipeline import MMDLMPipeline
+    from mmdlm.training.checkpoint import export_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = export_checkpoint(ckpt, Path(tmp) / "model")

@@ -25,8 +25,8 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.callbacks import EMAWeightAveraging
 from torch.optim.swa_utils import AveragedModel, get_ema_avg_fn, get_ema_multi_avg_fn
 
-from mmdlm.lightning import EMA, LitMDM
 from mmdlm.model import ModelConfig, Transformer
+from mmdlm.training.module import EMA, LitMDM
 from mmdlm.vocab import Vocab
 
 DECAY, STEPS = 0.995, 20  # the recipes' ema_decay

@@ -1,4 +1,4 @@
-"""Curves of GRPO runs (`mmdlm.grpo`): the reward of the rollouts and the KL to the start per step, read from
+"""Curves of GRPO runs (`mmdlm.training.grpo`): the reward of the rollouts and the KL to the start per step, read from
 each run's TensorBoard events, and, with `--eval-shards`, the held-out score of the run's checkpoints (text-to-image
 all-correct under the task's default sampler, or VQA accuracy) against the step and the wall-clock minute.
 
@@ -80,8 +80,9 @@ def held_out(model_dir: str, task: str, records: list[dict]) -> float:
 
 def score_run(run: Path, every: int, records: list[dict], wall: dict[int, float]) -> list[dict[str, Any]]:
     """Held-out score at step 0 (the `init_from` model) and at every `every`-th checkpoint."""
-    from mmdlm.export import load_checkpoint, write_model_folder
-    from mmdlm.grpo import LitGRPO
+    from mmdlm.folder import write_model_folder
+    from mmdlm.training.checkpoint import load_checkpoint
+    from mmdlm.training.grpo import LitGRPO
 
     found = checkpoints(run, every)
     if not found:

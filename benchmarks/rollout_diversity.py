@@ -34,8 +34,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="JSON object of SamplerConfig fields, e.g. '{\"temperature\": 2.0}'")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    from mmdlm.grpo import LitGRPO, PromptData
     from mmdlm.sequence import collate
+    from mmdlm.training.grpo import LitGRPO, PromptData
 
     try:
         data = PromptData(args.shards, limit=args.prompts, prompts_per_step=args.prompts)

@@ -100,7 +100,7 @@ def load_recipe(path: str) -> Recipe:
     cfg = yaml.safe_load(Path(path).read_text())
     model, data = cfg.get("model", {}), cfg.get("data", {})
     if not str(model.get("class_path", "")).endswith("LitMDM"):
-        raise ValueError(f"{path}: model.class_path is not mmdlm.lightning.LitMDM")
+        raise ValueError(f"{path}: model.class_path is not mmdlm.training.LitMDM")
     return Recipe(path, dict(model.get("init_args", {})), dict(data.get("init_args", {})), cfg.get("trainer", {}))
 
 
@@ -404,7 +404,7 @@ def run_recipe(recipe: Recipe, args: argparse.Namespace, batch_size: int | None 
     given); its throughput, and with `args.profile` a profile of the steps after the warm-up."""
     import lightning as L
 
-    from mmdlm.lightning import LitMDM
+    from mmdlm.training import LitMDM
 
     recipe = resized(recipe, batch_size, size, getattr(args, "compile", None))
     sizes = sizes or vocab_sizes(recipe, args)

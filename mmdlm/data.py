@@ -1,4 +1,4 @@
-"""Reading webdataset shards into Records, and the Lightning DataModules built on them.
+"""Reading webdataset shards into Records (the Lightning DataModules built on them are in `mmdlm.training.data`).
 
 A Record (docs/INTERFACES.md) is a dict: `__key__`, `image` FloatTensor[3,H,W] in [0,1] (resized and
 centre-cropped to `image_size`), `codes` LongTensor[h,w] (pre-computed VQ codes from an `npy` member),
@@ -26,8 +26,8 @@ A shard pattern that matches nothing raises `ShardsNotFound` (also a `UserError`
 
 Under DDP, evaluation shards are split by sample, not by shard (`ShareSamples`): every rank gets
 the same number of samples, so no rank waits for ever in a collective because another had fewer
-(or no) val shards. `SkippedSamplesMonitor` logs the skip counts to the trainer's logger
-(`data/skipped_<reason>`) and prints a summary at the end of fit.
+(or no) val shards. `mmdlm.training.data.SkippedSamplesMonitor` logs the skip counts to the trainer's
+logger (`data/skipped_<reason>`) and prints a summary at the end of fit.
 
     from mmdlm.data import record_pipeline
     record = next(iter(record_pipeline("data/shards/shapes/train/*.tar")))
@@ -42,18 +42,15 @@ import logging
 import math
 import os
 import random
-import sys
 import tarfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import lightning as L
 import numpy as np
 import torch
 import webdataset as wds
 from braceexpand import braceexpand
-from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, get_worker_info
 
 from mmdlm.errors import UserError
@@ -719,190 +716,3 @@ class ShardLoader(DataLoader):
                    else "the shards hold no sample for this process (empty shards, or fewer shards than "
                         "ranks x DataLoader workers without --data.resampled true)")
             raise NoUsableSamples(f"a full pass over {counter.source} gave no batch: {why}")
-
-
-class SkippedSamplesMonitor(Callback):
-    """Makes skipped samples visible: logs the training skip counts of this process as
-    `data/skipped` and `data/skipped_<reason>` (reasons seen so far) with the other training metrics,
-    and prints a one-line summary per split at the end of fit.
-
-    `ShardDataModule.setup` adds one to the trainer when it has none, so every shard-based fit has it.
-    """
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
-        dm = trainer.datamodule
-        if not isinstance(dm, ShardDataModule):
-            return
-        counter = dm.skipped["train"]
-        metrics = {"data/skipped": float(counter.total)}
-        metrics.update({f"data/skipped_{reason}": float(n) for reason, n in counter.counts.items() if n})
-        pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
-
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        dm = trainer.datamodule
-        if isinstance(dm, ShardDataModule):
-            prefix = f"[data, rank {trainer.global_rank}]" if trainer.world_size > 1 else "[data]"
-            sys.stdout.write(f"{prefix} {dm.skip_summary()}\n")  # one write: ranks share the terminal
-            sys.stdout.flush()
-
-
-class ShardDataModule(L.LightningDataModule):
-    """Webdataset shards -> Records -> `transform` -> batches by `collate`.
-
-    Subclasses override `transform(record)` (runs in the DataLoader workers; raise
-    `BadSample("transform", ...)` to skip a record) and `collate(samples)`.
-
-    Under DDP, validation samples (not shards) are shared out between the ranks in equal numbers
-    (`ShareSamples`), so any number of val shards works, one included. `setup` checks the shard
-    patterns (`ShardsNotFound`) and adds a `SkippedSamplesMonitor` to the trainer.
-
-    Args:
-        train_shards: glob / brace pattern / comma list of training shards (see `expand_shards`).
-        val_shards: the same for validation; None = no validation.
-        image_size: images are resized / centre-cropped to this side.
-        batch_size: samples per batch (per rank).
-        num_workers: DataLoader worker processes; shards are split between them (and between ranks),
-            so keep shards >= ranks x workers.
-        shuffle_buffer: training shuffle buffer in samples (0 = shard order).
-        resampled: draw training shards with replacement (multi-GPU: every rank gets the same number
-            of batches); set `epoch_length` with it.
-        epoch_length: training records per epoch per rank (None = one pass over the shards).
-        seed: shard order, shuffle buffer and resampling seed.
-        load_images: decode images (False: only `codes` from pre-tokenized shards, images only where
-            those are missing).
-        load_codes: read pre-computed VQ codes (`npy`) when the shards have them.
-        max_bad_in_a_row: this many bad samples in a row (per reader process) stop the run with a
-            `NoUsableSamples` error instead of reading on; data with nothing usable cannot spin for ever.
-    """
-
-    require_captions = True  # records promise >= 1 caption; ImageDataModule reads image-only shards
-
-    def __init__(
-        self,
-        train_shards: str,
-        val_shards: str | None = None,
-        image_size: int = 32,
-        batch_size: int = 32,
-        num_workers: int = 0,
-        shuffle_buffer: int = 1000,
-        resampled: bool = False,
-        epoch_length: int | None = None,
-        seed: int = 0,
-        load_images: bool = True,
-        load_codes: bool = True,
-        max_bad_in_a_row: int = MAX_BAD_IN_A_ROW,
-    ) -> None:
-        super().__init__()
-        self.train_shards = train_shards
-        self.val_shards = val_shards
-        self.image_size = image_size
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.shuffle_buffer = shuffle_buffer
-        self.resampled = resampled
-        self.epoch_length = epoch_length
-        self.seed = seed
-        self.load_images = load_images
-        self.load_codes = load_codes
-        self.max_bad_in_a_row = max_bad_in_a_row
-        self._bad_samples = BadSampleCounter(max_bad_in_a_row=None, source="all shards")
-        self.skipped: dict[str, BadSampleCounter] = {  # per split; both also count into `bad_samples`
-            "train": BadSampleCounter(max_bad_in_a_row=max_bad_in_a_row, source=f"training shards {train_shards!r}",
-                                      parent=self._bad_samples),
-            "val": BadSampleCounter(max_bad_in_a_row=max_bad_in_a_row, source=f"validation shards {val_shards!r}",
-                                    parent=self._bad_samples),
-        }
-
-    @property
-    def bad_samples(self) -> BadSampleCounter:
-        """Skipped samples of this process (all its workers, training and validation), by reason:
-        `.counts`, `.total`, `.good`; per split in `.skipped["train"]`, `.skipped["val"]`."""
-        return self._bad_samples
-
-    def skip_summary(self) -> str:
-        """One line: samples used and skipped (by reason) per split, in this process."""
-        parts = [f"{name}: {c.good} samples used, {c.describe()}" for name, c in self.skipped.items()
-                 if name == "train" or (self.val_shards and c.good + c.total)]
-        return "; ".join(parts)
-
-    def setup(self, stage: str) -> None:
-        """Check the shard patterns now (one sentence naming a pattern that matches nothing, before any
-        model is built) and give the trainer a `SkippedSamplesMonitor` if it has none."""
-        if stage == "fit":
-            expand_shards(self.train_shards)
-        if self.val_shards and stage in ("fit", "validate"):
-            expand_shards(self.val_shards)
-        trainer = self.trainer
-        if trainer is not None and not any(isinstance(c, SkippedSamplesMonitor) for c in trainer.callbacks):
-            trainer.callbacks.append(SkippedSamplesMonitor())
-
-    def transform(self, record: dict) -> Any:
-        """Record -> model sample (identity here)."""
-        return record
-
-    def collate(self, samples: list) -> Any:
-        """Model samples -> batch (`collate_records` here)."""
-        return collate_records(samples)
-
-    def dataset(self, shards: str, train: bool) -> wds.DataPipeline:
-        """The pipeline of transformed samples over `shards` (training: shuffled, maybe resampled;
-        validation under DDP: split by sample, in equal numbers per rank)."""
-        urls = expand_shards(shards)
-        share_samples = not train and distributed_world_size() > 1
-        if not self.resampled and not share_samples and self.num_workers > len(urls):
-            log.warning("%d shards for %d workers: %d workers will idle (write smaller shards)",
-                        len(urls), self.num_workers, self.num_workers - len(urls))
-        return record_pipeline(
-            urls, self.image_size,
-            shuffle=self.shuffle_buffer if train else 0,
-            resampled=self.resampled and train,
-            epoch_length=self.epoch_length if train else None,
-            load_images=self.load_images, load_codes=self.load_codes, seed=self.seed,
-            require_captions=self.require_captions, transform=self.transform,
-            counter=self.skipped["train" if train else "val"], split="samples" if share_samples else "shards")
-
-    def _loader(self, shards: str, train: bool) -> DataLoader:
-        return ShardLoader(self.dataset(shards, train), batch_size=self.batch_size,
-                           num_workers=self.num_workers, collate_fn=self.collate,
-                           persistent_workers=self.num_workers > 0)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_shards, train=True)
-
-    def val_dataloader(self) -> DataLoader | list:
-        return self._loader(self.val_shards, train=False) if self.val_shards else []
-
-
-class ImageDataModule(ShardDataModule):
-    """Batches of images only, FloatTensor[B,3,H,W] in [0,1]: for training the VQ tokenizer.
-
-    Captions are not needed (image-only shards are fine); pre-computed codes are not read.
-    Arguments as `ShardDataModule`.
-    """
-
-    require_captions = False
-
-    def __init__(
-        self,
-        train_shards: str,
-        val_shards: str | None = None,
-        image_size: int = 32,
-        batch_size: int = 64,
-        num_workers: int = 0,
-        shuffle_buffer: int = 1000,
-        resampled: bool = False,
-        epoch_length: int | None = None,
-        seed: int = 0,
-        max_bad_in_a_row: int = MAX_BAD_IN_A_ROW,
-    ) -> None:
-        super().__init__(train_shards=train_shards, val_shards=val_shards, image_size=image_size,
-                         batch_size=batch_size, num_workers=num_workers, shuffle_buffer=shuffle_buffer,
-                         resampled=resampled, epoch_length=epoch_length, seed=seed,
-                         load_images=True, load_codes=False, max_bad_in_a_row=max_bad_in_a_row)
-
-    def transform(self, record: dict) -> torch.Tensor:
-        return record["image"]  # (3, H, W)
-
-    def collate(self, samples: list[torch.Tensor]) -> torch.Tensor:
-        return torch.stack(samples)  # (B, 3, H, W)

@@ -69,7 +69,7 @@ import torch
 from PIL import Image
 
 from mmdlm import inputs
-from mmdlm.generate import captioned_grid, decode_canvas, make_grid, paint_masked, printable, to_pil
+from mmdlm.commands.generate import captioned_grid, decode_canvas, make_grid, paint_masked, printable, to_pil
 from mmdlm.inputs import InputError, load_pipeline
 
 if TYPE_CHECKING:
@@ -784,7 +784,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m mmdlm.demo") -> i
     """Serve the demo until Ctrl-C."""
     parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="model folder (written by mmdlm.export)")
+    parser.add_argument("--model", required=True, help="model folder (written by mmdlm.commands.export)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine)")
     parser.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")

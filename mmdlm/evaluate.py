@@ -948,7 +948,7 @@ def _task_list(text: str) -> list[str]:
 def build_parser(prog: str = "python -m mmdlm.evaluate") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="model folder (mmdlm.export / save_pretrained)")
+    parser.add_argument("--model", required=True, help="model folder (mmdlm.commands.export / save_pretrained)")
     parser.add_argument("--shards", required=True, help="val shards: glob, brace pattern, folder or comma list")
     parser.add_argument("--out", required=True, help="metrics.json to write")
     parser.add_argument("--report", help="markdown report to write")

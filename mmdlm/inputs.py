@@ -23,7 +23,7 @@ class InputError(ValueError):
 
 def add_model_arguments(parser: argparse.ArgumentParser, verbose: bool = True) -> None:
     """The flags every sampling command takes: --model, --seed, --device (and -v/--verbose)."""
-    parser.add_argument("--model", required=True, help="model folder (written by mmdlm.export)")
+    parser.add_argument("--model", required=True, help="model folder (written by mmdlm.commands.export)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     if verbose:

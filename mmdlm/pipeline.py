@@ -1,8 +1,8 @@
 """`MMDLMPipeline`: processor (text + image tokenizer) + transformer + scheduler, with one method per task.
 
 diffusers-style: the pipeline holds its components (the `MMDLMProcessor` turns inputs into ids and ids
-back into text and images), `from_pretrained(DIR)` loads a folder written by `mmdlm.export` (or
-`save_pretrained`: both through `mmdlm.export.write_model_folder`), and every task lays out a sequence with
+back into text and images), `from_pretrained(DIR)` loads a folder written by `mmdlm.commands.export` (or
+`save_pretrained`: both through `mmdlm.commands.export.write_model_folder`), and every task lays out a sequence with
 a masked target region (`mmdlm.sequence`) and hands it to the scheduler the model was trained for
 (`mmdlm.sampling`): masked diffusion, or left to right with a KV cache for the AR twin. Each task has a
 default `SamplerConfig` (`DEFAULT_SAMPLERS`); a call passes another (`sampler=`) and/or overrides some of its
@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from mmdlm.export import CHECKSUM_KEY, CONFIG_FILE, WEIGHTS_FILE, read_config, verify_weights, write_model_folder
+from mmdlm.folder import CHECKSUM_KEY, CONFIG_FILE, WEIGHTS_FILE, read_config, verify_weights, write_model_folder
 from mmdlm.model import ModelConfig, Transformer
 from mmdlm.processor import MMDLMProcessor
 from mmdlm.sampling import SamplerConfig, SampleResult, StepCallback, scheduler_for
@@ -149,7 +149,7 @@ class MMDLMPipeline:
     # ---- loading / saving -------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None) -> MMDLMPipeline:
-        """Load a model folder written by `mmdlm.export` / `save_pretrained`.
+        """Load a model folder written by `mmdlm.commands.export` / `save_pretrained`.
 
         model.safetensors is checked against the sha256 that config.json records (`CorruptModelError`, a
         ValueError, when it differs); a folder exported before checksums loads with a warning.
@@ -169,7 +169,7 @@ class MMDLMPipeline:
 
     def save_pretrained(self, path: str | Path) -> Path:
         """Write the pipeline as a self-contained folder (config.json with the weights' sha256, safetensors,
-        tokenizers), as `mmdlm.export` does."""
+        tokenizers), as `mmdlm.commands.export` does."""
         return write_model_folder(self.model, self.processor, path)
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> MMDLMPipeline:

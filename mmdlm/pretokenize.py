@@ -16,13 +16,12 @@ skip them), never fatal, and a summary of the counts is printed at the end; only
 sample at all are an error (one sentence, exit status 2, as is a pattern that matches nothing). A `DONE`
 file (with the counts) is written last, so a finished run can be recognised.
 
-    python -m mmdlm.pretokenize --vq runs/quickstart/vq --shards 'data/shards/shapes/train/*.tar' \\
+    mmdlm pretokenize --vq runs/quickstart/vq --shards 'data/shards/shapes/train/*.tar' \\
         --out data/shards/shapes-codes/train
 """
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
@@ -159,25 +158,3 @@ def pretokenize(vq: str, shards: str, out: str, batch_size: int = 256, device: s
                "dtype": np.dtype(worker.dtype).name, "vq": str(vq), "source": shards}
     (out_dir / "DONE").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Add VQ codes (`npy`, [h, w] int16/int32) to every sample of webdataset shards."""
-    parser = argparse.ArgumentParser(prog="python -m mmdlm.pretokenize", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--vq", required=True, help="VQ tokenizer folder (diffusers VQModel format)")
-    parser.add_argument("--shards", required=True, help="input shards: a glob or brace pattern (quote it)")
-    parser.add_argument("--out", required=True, help="output folder; shards keep their names and sub-folders")
-    parser.add_argument("--batch-size", type=int, default=256, help="images encoded per forward")
-    parser.add_argument("--device", default="cpu", help="torch device of the encoder")
-    args = parser.parse_args(argv)
-    try:
-        summary = pretokenize(args.vq, args.shards, args.out, batch_size=args.batch_size, device=args.device)
-    except UserError as err:  # includes a shard pattern that matches nothing (mmdlm.data.ShardsNotFound)
-        parser.exit(2, f"error: {err}\n")
-    print(f"[pretokenize] {summary['written']} samples in {summary['shards']} shards -> {args.out}; "
-          f"{skip_summary(summary)}")
-
-
-if __name__ == "__main__":
-    main()

@@ -3,9 +3,9 @@
 Hugging Face's processors (`transformers.ProcessorMixin`: a tokenizer and an image processor with one
 `save_pretrained` / `from_pretrained`) are the model for it: everything that turns user input into ids and
 ids back into text and images, saved and loaded as one. The DataModule builds one from its `--data.*` paths
-(`from_paths`), the pipeline loads one from a model folder (`from_pretrained`), and `mmdlm.export` writes it
+(`from_paths`), the pipeline loads one from a model folder (`from_pretrained`), and `mmdlm.commands.export` writes it
 into a model folder (`save_pretrained`: `text_tokenizer/` and `vq/`; config.json and the weights are
-`mmdlm.export.write_model_folder`'s). The model reads what it needs at build time from it: the vocabulary,
+`mmdlm.commands.export.write_model_folder`'s). The model reads what it needs at build time from it: the vocabulary,
 the longest sequence (`max_seq_len`), the image grid and the codebook features (`code_features`).
 
     processor = MMDLMProcessor.from_pretrained("runs/quickstart/model")
@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from mmdlm.export import CONFIG_FILE, read_config
+from mmdlm.folder import CONFIG_FILE, read_config
 from mmdlm.sequence import Layout, caption_prompt, joint_prompt, t2i_prompt, text_prompt, vqa_prompt
 from mmdlm.text_tokenizer import TextTokenizer, load_text_tokenizer
 from mmdlm.vocab import Vocab
@@ -63,7 +63,7 @@ class MMDLMProcessor:
 
     @classmethod
     def from_pretrained(cls, folder: str | Path) -> MMDLMProcessor:
-        """The processor of a model folder (`mmdlm.export`, `save_pretrained`): its `text_tokenizer/` and `vq/`,
+        """The processor of a model folder (`mmdlm.commands.export`, `save_pretrained`): its `text_tokenizer/` and `vq/`,
         and the layout recorded in its config.json, whose vocabulary must be the tokenizers' one."""
         folder = Path(folder)
         config = read_config(folder)
@@ -98,7 +98,7 @@ class MMDLMProcessor:
 
     def sources(self) -> dict[str, str]:
         """The tokenizers' paths as a checkpoint records them (`text_tokenizer`, `vq`), made absolute so
-        `mmdlm.export --ckpt` works from any directory; empty for tokenizers built in memory."""
+        `mmdlm.commands.export --ckpt` works from any directory; empty for tokenizers built in memory."""
         paths = {"text_tokenizer": self.tokenizer_path, "vq": self.vq_path}
         return {key: absolute_path(path) for key, path in paths.items() if path is not None}
 

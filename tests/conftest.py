@@ -27,7 +27,7 @@ def shapes_texts(n: int = 300, seed: int = 0) -> list[str]:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> str:
     """A self-contained model folder: BPE trained on shapes text, an untrained tiny VQ, a random MDM."""
-    from mmdlm.export import write_model_folder
+    from mmdlm.folder import write_model_folder
     from mmdlm.model import ModelConfig, Transformer
     from mmdlm.processor import MMDLMProcessor
     from mmdlm.text_tokenizer import BPETokenizer

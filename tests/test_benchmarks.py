@@ -280,11 +280,11 @@ trainer:
   precision: 32-true
   gradient_clip_val: 1.0
 model:
-  class_path: mmdlm.lightning.LitMDM
+  class_path: mmdlm.training.LitMDM
   init_args: {{n_layer: 1, n_head: 2, n_embd: 32, causal: true, weighting: masked_mean,
               export_dir: {tmp_path / 'must_not_be_written'}}}
 data:
-  class_path: mmdlm.lightning.MDMDataModule
+  class_path: mmdlm.training.MDMDataModule
   init_args:
     train_shards: no/such/shards/*.tar
     text_tokenizer: {mdm_dir}/text_tokenizer
@@ -372,7 +372,7 @@ def test_learning_curve(tiny_model_dir, tiny_shards, tmp_path, monkeypatch, caps
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from mmdlm.lightning import LitMDM, MDMDataModule
+    from mmdlm.training import LitMDM, MDMDataModule
 
     L.seed_everything(0)
     dm = MDMDataModule(train_shards=f"{tiny_shards}/train/*.tar", val_shards=f"{tiny_shards}/val/*.tar",

@@ -1,6 +1,6 @@
 """The `mmdlm` command (mmdlm/cli.py): its help lists the subcommands, each subcommand's `--help` is its own,
 an unknown subcommand is one sentence and exit 2, and `mmdlm vqa` / `mmdlm train` behave exactly as
-`python -m mmdlm.vqa` / `python train.py` (same output, errors and exit statuses) on the tiny model.
+`python -m mmdlm.commands.vqa` / `python train.py` (same output, errors and exit statuses) on the tiny model.
 
     OMP_NUM_THREADS=1 python -m pytest -q tests/test_cli.py
 """
@@ -49,11 +49,11 @@ def scene(tmp_path_factory) -> Path:
 
 # ---- the top level ---------------------------------------------------------------------------------------
 def test_help_lists_every_subcommand_with_its_summary() -> None:
-    helped = run(sys.executable, "-m", "mmdlm.cli", "--help")
+    helped = run(sys.executable, "-m", "mmdlm.commands", "--help")
     assert helped.returncode == 0 and helped.stderr == ""
     assert helped.stdout.startswith("usage: mmdlm SUBCOMMAND")
     assert_lists_subcommands(helped.stdout)
-    bare = run(sys.executable, "-m", "mmdlm.cli")  # no subcommand: the same help, as a usage error
+    bare = run(sys.executable, "-m", "mmdlm.commands")  # no subcommand: the same help, as a usage error
     assert bare.returncode == 2 and bare.stdout == "" and bare.stderr == helped.stdout
 
 
@@ -145,10 +145,10 @@ def test_vqa_gives_what_python_m_mmdlm_vqa_gives(tiny_model_dir: str, scene: Pat
 
 
 def test_vqa_process_matches_python_m(tiny_model_dir: str, scene: Path) -> None:
-    """The real process: the installed `mmdlm` (else `python -m mmdlm.cli`) vs `python -m mmdlm.vqa`."""
-    mmdlm = [str(CONSOLE_SCRIPT)] if CONSOLE_SCRIPT.is_file() else [sys.executable, "-m", "mmdlm.cli"]
+    """The real process: the installed `mmdlm` (else `python -m mmdlm.commands`) vs `python -m mmdlm.commands.vqa`."""
+    mmdlm = [str(CONSOLE_SCRIPT)] if CONSOLE_SCRIPT.is_file() else [sys.executable, "-m", "mmdlm.commands"]
     args = ["--model", tiny_model_dir, "--device", "cpu", "--image", str(scene), "--question", "what shape?"]
-    old = run(sys.executable, "-m", "mmdlm.vqa", *args)
+    old = run(sys.executable, "-m", "mmdlm.commands.vqa", *args)
     new = run(*mmdlm, "vqa", *args)
     assert old.returncode in (vqa.EXIT_OK, vqa.EXIT_NO_ANSWER), old.stderr[-2000:]
     assert (new.returncode, new.stdout, new.stderr) == (old.returncode, old.stdout, old.stderr)

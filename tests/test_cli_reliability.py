@@ -3,8 +3,8 @@ a non-zero exit, never a traceback, and the good input around it is still proces
 
     OMP_NUM_THREADS=1 python -m pytest -q tests/test_cli_reliability.py
 
-Covered: text that is not valid Unicode in `mmdlm.vqa` / `mmdlm.generate` (item 3), unsafe and non-checkpoint
-files given to `mmdlm.export` (items 4, 6), a model folder with damaged weights (item 5), a model that gives
+Covered: text that is not valid Unicode in `mmdlm.commands.vqa` / `mmdlm.commands.generate` (item 3), unsafe and non-checkpoint
+files given to `mmdlm.commands.export` (items 4, 6), a model folder with damaged weights (item 5), a model that gives
 no answer (item 12), and `benchmarks.train_speed` with a patch tokenizer or without the recipe's folders
 (item 13).
 """
@@ -109,7 +109,7 @@ def test_lone_surrogates_and_non_utf8_files_through_main(tiny_model_dir, scene, 
     assert not (tmp_path / "g.png").exists()
 
 
-# ---- items 4 and 6: mmdlm.export on unsafe files and on files that are not checkpoints ---------------------
+# ---- items 4 and 6: mmdlm.commands.export on unsafe files and on files that are not checkpoints ---------------------
 class RunsCode:
     """Unpickling this calls os.system: what a crafted checkpoint does with weights_only=False."""
 
@@ -126,7 +126,7 @@ def real_checkpoint(tiny_model_dir, tiny_shards, tmp_path_factory) -> Path:
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from mmdlm.lightning import LitMDM, MDMDataModule
+    from mmdlm.training import LitMDM, MDMDataModule
 
     root = tmp_path_factory.mktemp("ckpt")
     L.seed_everything(0)
@@ -150,7 +150,7 @@ def test_export_refuses_a_checkpoint_that_would_run_code(kind, tmp_path) -> None
         torch.save(payload, ckpt)
     else:
         ckpt.write_bytes(pickle.dumps(payload))
-    run = subprocess.run([sys.executable, "-m", "mmdlm.export", "--ckpt", str(ckpt), "--out", str(tmp_path / "out")],
+    run = subprocess.run([sys.executable, "-m", "mmdlm.commands.export", "--ckpt", str(ckpt), "--out", str(tmp_path / "out")],
                          capture_output=True, text=True, cwd=REPO, env=ENV, timeout=300)
     assert run.returncode == 2
     line = one_line_error(run.stderr)
@@ -181,7 +181,7 @@ def test_export_on_files_that_are_not_checkpoints_is_one_sentence(real_checkpoin
         line = one_line_error(capsys.readouterr().err)
         assert str(path) in line and message in line, line
     assert not (tmp_path / "out").exists()
-    run = subprocess.run([sys.executable, "-m", "mmdlm.export", "--ckpt", str(text), "--out", str(tmp_path / "out")],
+    run = subprocess.run([sys.executable, "-m", "mmdlm.commands.export", "--ckpt", str(text), "--out", str(tmp_path / "out")],
                          capture_output=True, text=True, cwd=REPO, env=ENV, timeout=300)
     assert run.returncode == 2 and one_line_error(run.stderr) == (f"error: '{text}' is not a PyTorch checkpoint "
                                                                   f"(or it is truncated)")
@@ -293,10 +293,10 @@ def recipe(tmp_path: Path, text_tokenizer: str, vq: str) -> Path:
     config = tmp_path / "recipe.yaml"
     config.write_text(f"""
 model:
-  class_path: mmdlm.lightning.LitMDM
+  class_path: mmdlm.training.LitMDM
   init_args: {{n_layer: 1, n_head: 2, n_embd: 32}}
 data:
-  class_path: mmdlm.lightning.MDMDataModule
+  class_path: mmdlm.training.MDMDataModule
   init_args:
     text_tokenizer: {text_tokenizer}
     vq: {vq}

@@ -246,8 +246,8 @@ def test_pretokenize_and_the_datamodule_encode_alpha_and_non_square_images_alike
     """Non-square images with transparency (RGBA; palette with a transparent index) get the same codes from
     `mmdlm.pretokenize` as from the DataModule's on-the-fly encoding: both decode with the data path's
     `load_image` (alpha onto black, bicubic resize, centre crop)."""
-    from mmdlm.lightning import MDMDataModule
     from mmdlm.pretokenize import pretokenize
+    from mmdlm.training import MDMDataModule
 
     rgba = Image.new("RGBA", (50, 37), (0, 0, 255, 255))
     rgba.paste((255, 255, 255, 0), (0, 0, 50, 18))  # top transparent, white underneath

@@ -29,8 +29,8 @@ import pytest
 from PIL import Image
 
 from mmdlm import demo
+from mmdlm.commands.vqa import InputError
 from mmdlm.pipeline import MMDLMPipeline
-from mmdlm.vqa import InputError
 from mmdlm.worlds.shapes import make_object, render
 
 REPO = Path(__file__).resolve().parents[1]
@@ -96,7 +96,7 @@ def test_text_to_image_shows_every_step_then_the_images(handlers):
     sampler = demo.sampler_config("text_to_image", 4, 1, 0, True, 2)
     assert sampler.self_correction is not None and sampler.steps == 4 and sampler.guidance_scale == 2
     final = handlers.pipe.text_to_image(["a red circle at the top left"] * 2, sampler)
-    from mmdlm.generate import make_grid, to_pil
+    from mmdlm.commands.generate import make_grid, to_pil
 
     assert (pictures[-1] == np.asarray(to_pil(make_grid(final.images, 2, demo.scale(2))))).all()
 
@@ -127,7 +127,7 @@ def test_edit_shows_the_original_then_the_edits(handlers, scene):
     side = 32 * demo.scale(3)
     assert strip.size == (3 * side + 4 * 2, side + 4) and info.startswith("done: 3 forward passes")
     original = np.asarray(strip)[2:2 + side, 2:2 + side]
-    from mmdlm.generate import to_pil, upscale
+    from mmdlm.commands.generate import to_pil, upscale
 
     expected = np.asarray(to_pil(upscale(handlers.pipe.image_tensor([Image.open(scene)]), demo.scale(3))[0]))
     assert (original == expected).all()

@@ -22,8 +22,8 @@ import pytest
 from PIL import Image
 
 from mmdlm import demo
+from mmdlm.commands.vqa import InputError
 from mmdlm.pipeline import MMDLMPipeline
-from mmdlm.vqa import InputError
 
 
 @pytest.fixture(scope="module")

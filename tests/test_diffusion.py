@@ -407,7 +407,7 @@ def test_corruption_replaces_clean_targets_in_their_modality_and_scores_them() -
 
 def test_litmdm_trains_with_corruption_and_validates_without() -> None:
     from mmdlm.errors import UserError
-    from mmdlm.lightning import LitMDM
+    from mmdlm.training import LitMDM
 
     config = ModelConfig(vocab_size=V.size, n_layer=1, n_head=2, n_embd=32, max_seq_len=64)
     lit = LitMDM(ema_decay=0.0, corrupt=0.3)

@@ -14,10 +14,10 @@ import torch
 from PIL import Image
 
 from mmdlm.data import BadSampleCounter, record_pipeline
-from mmdlm.lightning import MDMDataModule
 from mmdlm.pipeline import Blank, MMDLMPipeline
 from mmdlm.pretokenize import pretokenize
 from mmdlm.sequence import Segment, SequenceBuilder, Task, document_prompt, document_sample
+from mmdlm.training import MDMDataModule
 from mmdlm.worlds.shapes import make_object, render
 
 TEXTS = ["a red circle at the top left", "then the circle turns blue", "what changed ? colour"]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mmdlm.errors import UserError
-from mmdlm.grpo import LitGRPO, PromptData
+from mmdlm.training.grpo import LitGRPO, PromptData
 
 
 def brightness(images: torch.Tensor, records) -> torch.Tensor:
@@ -143,7 +143,7 @@ def test_bad_arguments_are_one_sentence(tiny_model_dir, tmp_path) -> None:
 
 def test_the_recipe_runs_through_the_lightning_cli(roomy, tiny_shards, tmp_path) -> None:
     """`python train.py fit --config configs/grpo-shapes.yaml --model.init_from DIR` (one step, the tiny model)."""
-    from mmdlm.train_cli import cli_main
+    from mmdlm.training.cli import cli_main
 
     out = tmp_path / "run"
     cli_main(["fit", "--config", "configs/grpo-shapes.yaml", "--model.init_from", roomy,

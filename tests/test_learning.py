@@ -22,10 +22,10 @@ import pytest
 import torch
 import webdataset as wds
 
-from mmdlm.lightning import LitMDM, MDMDataModule
 from mmdlm.sampling import MaskedScheduler, SamplerConfig
 from mmdlm.sequence import Layout, caption_prompt, collate, vqa_prompt
 from mmdlm.text_tokenizer import BPETokenizer, texts_of_record
+from mmdlm.training import LitMDM, MDMDataModule
 
 COLORS = ["red", "green", "blue", "yellow", "magenta", "cyan", "white", "orange"]
 CELLS = ["top left", "top", "top right", "left", "middle", "right", "bottom left", "bottom", "bottom right"]

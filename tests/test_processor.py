@@ -12,11 +12,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from mmdlm.export import CONFIG_FILE, WEIGHTS_FILE
-from mmdlm.lightning import MDMDataModule
+from mmdlm.folder import CONFIG_FILE, WEIGHTS_FILE
 from mmdlm.pipeline import MMDLMPipeline
 from mmdlm.processor import MMDLMProcessor
 from mmdlm.sequence import Layout, vqa_prompt
+from mmdlm.training import MDMDataModule
 from mmdlm.vocab import Vocab
 
 
@@ -105,8 +105,8 @@ def test_the_datamodule_builds_one_processor_from_its_paths(processor, tiny_mode
 
 
 def test_checkpoints_record_the_processor(processor) -> None:
-    """What `mmdlm.export --ckpt` rebuilds the processor from: absolute tokenizer paths and the layout."""
-    from mmdlm.lightning import LitMDM
+    """What `mmdlm.commands.export --ckpt` rebuilds the processor from: absolute tokenizer paths and the layout."""
+    from mmdlm.training import LitMDM
 
     @dataclass
     class Config:  # stands in for the ModelConfig: only the processor's part is checked here

@@ -19,7 +19,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from safetensors.torch import load_file
 
 from mmdlm.errors import UserError
-from mmdlm.lightning import LitMDM, MDMDataModule
+from mmdlm.training import LitMDM, MDMDataModule
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 26  # not a multiple of EVERY: without the final save, last.ckpt would hold step 24
@@ -135,7 +135,7 @@ def test_last_ckpt_holds_the_final_step_and_exports_from_another_directory(tiny_
     assert state["global_step"] == 6  # saved at the end of fit, not only at step 4
     assert Path(state["mmdlm"]["text_tokenizer"]).is_absolute() and Path(state["mmdlm"]["vq"]).is_absolute()
 
-    export = subprocess.run([sys.executable, "-m", "mmdlm.export", "--ckpt", str(ckpt), "--out", "exported"],
+    export = subprocess.run([sys.executable, "-m", "mmdlm.commands.export", "--ckpt", str(ckpt), "--out", "exported"],
                             cwd=elsewhere, capture_output=True, text=True, timeout=120,
                             env=os.environ | {"PYTHONPATH": str(ROOT)})
     assert export.returncode == 0, export.stderr[-3000:]
@@ -218,7 +218,7 @@ def test_init_from_other_tokenizers_is_refused_in_one_sentence(tiny_model_dir, c
 
 def test_a_ckpt_path_that_cannot_resume_is_refused_in_one_sentence(tiny_model_dir, code_shards, tmp_path,
                                                                      capsys) -> None:
-    from train import main
+    from mmdlm.commands.train import main
 
     args = fit_command(tmp_path / "run", f"{tiny_model_dir}/text_tokenizer", f"{tiny_model_dir}/vq", code_shards)[2:]
     cases = {f"{tiny_model_dir}/model.safetensors": f"use --model.init_from {tiny_model_dir}",
@@ -234,7 +234,7 @@ def test_a_ckpt_path_that_cannot_resume_is_refused_in_one_sentence(tiny_model_di
 
 def test_a_missing_tokenizer_folder_is_one_sentence_not_a_wrapped_traceback(tiny_model_dir, code_shards, tmp_path,
                                                                             capsys) -> None:
-    from train import main
+    from mmdlm.commands.train import main
 
     args = fit_command(tmp_path / "run", str(tmp_path / "no-tokenizer"), f"{tiny_model_dir}/vq", code_shards)[2:]
     with pytest.raises(SystemExit) as exit_info:  # raised inside jsonargparse's instantiation of the data module

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from mmdlm.rewards import CaptionReward, ImageReward, VQAReward, load_reward
+from mmdlm.training.rewards import CaptionReward, ImageReward, VQAReward, load_reward
 from mmdlm.worlds.shapes import caption, make_object, render, sample_scene
 
 

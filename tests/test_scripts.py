@@ -1,5 +1,5 @@
-"""The user-facing scripts on the real tiny model: `mmdlm.vqa` (single and batch mode, errors, exit codes),
-and `mmdlm.generate` (grids, joint captions, inpainting, progress frames). The demo: tests/test_demo.py.
+"""The user-facing scripts on the real tiny model: `mmdlm.commands.vqa` (single and batch mode, errors, exit codes),
+and `mmdlm.commands.generate` (grids, joint captions, inpainting, progress frames). The demo: tests/test_demo.py.
 
     OMP_NUM_THREADS=1 python -m pytest -q tests/test_scripts.py
 """
@@ -120,7 +120,7 @@ def test_vqa_batch_all_good_exits_0_on_stdout(tiny_model_dir, scene, tmp_path, c
 
 def test_vqa_process_help_and_exit_codes(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = [sys.executable, "-m", "mmdlm.vqa"]
+    run = [sys.executable, "-m", "mmdlm.commands.vqa"]
     helped = subprocess.run(run + ["--help"], capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
     assert helped.returncode == 0 and "Exit status" in helped.stdout and "--questions" in helped.stdout
     missing = subprocess.run(run + ["--model", str(tmp_path), "--image", str(tmp_path / "nope.png"), "--question",

@@ -11,8 +11,8 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-from mmdlm.lightning import LitMDM, MDMDataModule
 from mmdlm.pipeline import MMDLMPipeline
+from mmdlm.training import LitMDM, MDMDataModule
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(n_layer=2, n_head=2, n_embd=32, warmup_steps=2, samples_at_val=0)
@@ -111,14 +111,14 @@ def test_export_from_checkpoint_cli(tiny_model_dir, tiny_shards, tmp_path) -> No
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True)
     trainer(tmp_path, 3, [ckpt]).fit(module, datamodule=datamodule(tiny_model_dir, tiny_shards))
     out = tmp_path / "exported"
-    result = subprocess.run([sys.executable, "-m", "mmdlm.export", "--ckpt", str(tmp_path / "ck" / "last.ckpt"),
+    result = subprocess.run([sys.executable, "-m", "mmdlm.commands.export", "--ckpt", str(tmp_path / "ck" / "last.ckpt"),
                              "--out", str(out)], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     pipe = MMDLMPipeline.from_pretrained(out, device="cpu")
     module.ema.swap(module.model)  # the export holds the EMA weights
     for name, value in module.model.state_dict().items():
         assert torch.equal(value, pipe.model.state_dict()[name]), name
-    bad = subprocess.run([sys.executable, "-m", "mmdlm.export", "--ckpt", str(tmp_path / "nope.ckpt"),
+    bad = subprocess.run([sys.executable, "-m", "mmdlm.commands.export", "--ckpt", str(tmp_path / "nope.ckpt"),
                           "--out", str(out)], capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 2 and "nope.ckpt" in bad.stderr
 

@@ -301,7 +301,7 @@ def test_pretokenize_names_a_pattern_that_matches_nothing(tiny: VQTokenizer, tmp
 @pytest.mark.slow
 def test_train_cli_fits_and_exports_with_the_shipped_config(tmp_path: Path) -> None:
     """`python train.py fit --config configs/vq-shapes.yaml` (a few steps of a tiny model) exports a folder."""
-    from train import cli_main
+    from mmdlm.training.cli import cli_main
 
     x, _ = shapes_images(24)
     for split in ("train", "val"):

@@ -25,16 +25,24 @@ _EXPORTS = {
     "ARScheduler": "autoregressive",
     "Confidence": "config", "SamplerConfig": "config", "SelfCorrection": "config",
     "MaskedScheduler": "masked",
-    "SampleResult": "scheduler", "Scheduler": "scheduler", "StepCallback": "scheduler", "scheduler_for": "scheduler",
+    "SampleResult": "scheduler", "Scheduler": "scheduler", "StepCallback": "scheduler",
     "cosine_schedule": "tokens", "guided_logits": "tokens", "linear_schedule": "tokens",
     "margin_confidence": "tokens", "probability_confidence": "tokens", "random_confidence": "tokens",
     "restrict": "tokens", "sample_tokens": "tokens",
     "Revision": "revise", "revise": "revise", "token_scores": "revise",
 }
-__all__ = sorted(_EXPORTS)
+__all__ = sorted([*_EXPORTS, "scheduler_for"])
 
 
 def __getattr__(name: str) -> Any:
     if name not in _EXPORTS:
         raise AttributeError(f"module 'mmdlm.sampling' has no attribute {name!r}")
     return getattr(importlib.import_module(f"mmdlm.sampling.{_EXPORTS[name]}"), name)
+
+
+def scheduler_for(model_config: Any, vocab: Any) -> Any:
+    """The scheduler a model was trained for: `ARScheduler` for a causal model, else `MaskedScheduler`."""
+    from mmdlm.sampling.autoregressive import ARScheduler
+    from mmdlm.sampling.masked import MaskedScheduler
+
+    return ARScheduler(vocab) if model_config.causal else MaskedScheduler(vocab)

@@ -4,7 +4,7 @@ As in diffusers, a scheduler owns the decoding rule and the pipeline owns the mo
 plans a run for a batch, then each step the loop calls the model on `model_inputs(state)` and hands the
 logits to `step(logits, state)`, which updates the canvas. `sample` is that loop. Two schedulers exist:
 `MaskedScheduler` (masked diffusion: LLaDA / MaskGIT / Fast-dLLM / ReMDM) and `ARScheduler` (left to right
-with a KV cache); `scheduler_for` picks the one a model was trained for.
+with a KV cache); `mmdlm.sampling.scheduler_for` picks the one a model was trained for.
 
 NFE convention: one forward *call* is one function evaluation. Classifier-free guidance puts the
 unconditional rows and self-correction its check rows in the same call (concatenated along the batch), so
@@ -97,11 +97,3 @@ class Scheduler:
         out.ids = out.ids.clone()  # outside inference mode: a tensor callers may write into
         out.history = None if frames is None else [f.clone() for f in frames]
         return out
-
-
-def scheduler_for(model_config: Any, vocab: Any) -> Scheduler:
-    """The scheduler a model was trained for: `ARScheduler` for a causal model, else `MaskedScheduler`."""
-    from mmdlm.sampling.autoregressive import ARScheduler
-    from mmdlm.sampling.masked import MaskedScheduler
-
-    return ARScheduler(vocab) if model_config.causal else MaskedScheduler(vocab)

@@ -21,50 +21,13 @@ is rewritten at the end of fit, so it always holds the final step.
 
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
 
-from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningCLI
 
 from mmdlm.errors import UserError
-
-CHECKPOINT_DIR = "checkpoints"  # under trainer.default_root_dir
-
-
-class FinalCheckpoint(Callback):
-    """Rewrites a `ModelCheckpoint`'s `last.ckpt` when fit ends on a step that callback did not save.
-
-    `ModelCheckpoint(every_n_train_steps=500, save_last=True)` alone leaves `last.ckpt` at step 1,000 after a
-    1,300-step run, so an export of it would miss the last 300 steps.
-    """
-
-    def __init__(self, checkpoint: ModelCheckpoint) -> None:
-        self.checkpoint = checkpoint
-
-    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        cb = self.checkpoint
-        if cb.save_last and cb._last_global_step_saved != trainer.global_step:
-            cb._save_last_checkpoint(trainer, cb._monitor_candidates(trainer))  # what ModelCheckpoint itself does
-
-
-def stable_checkpoints(trainer: Trainer) -> None:
-    """Point every `ModelCheckpoint` without a `dirpath` at `<default_root_dir>/checkpoints` and make the
-    ones with `save_last` also write `last.ckpt` at the end of fit.
-
-    Lightning's default is the logger's folder, `.../version_N/checkpoints`: a new, empty one for every run,
-    so `--ckpt_path last` found nothing to resume from.
-    """
-    for cb in trainer.checkpoint_callbacks:
-        if not isinstance(cb, ModelCheckpoint):
-            continue
-        if cb.dirpath is None:
-            cb.dirpath = os.path.realpath(os.path.join(os.path.expanduser(trainer.default_root_dir),
-                                                       CHECKPOINT_DIR))
-        if cb.save_last:
-            trainer.callbacks.append(FinalCheckpoint(cb))
+from mmdlm.training.callbacks import stable_checkpoints
 
 
 def check_ckpt_path(ckpt_path: str | None) -> None:
@@ -120,19 +83,3 @@ def user_error(err: BaseException) -> BaseException | None:
         seen.add(id(cause))
         cause = cause.__cause__ or cause.__context__
     return None
-
-
-def main(args: list[str] | None = None, prog: str | None = None) -> None:
-    """Run the CLI; a problem with the user's input or files ends it with one sentence and exit status 2."""
-    try:
-        cli_main(args, prog=prog)
-    except Exception as err:
-        cause = user_error(err)
-        if cause is None:
-            raise
-        print(f"error: {cause}", file=sys.stderr)
-        sys.exit(2)
-
-
-if __name__ == "__main__":
-    main()

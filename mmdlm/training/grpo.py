@@ -1,7 +1,7 @@
 """`LitGRPO`: group-relative policy optimisation of an mmdlm model from verifiable rewards (issue 19, first cut).
 
 Per step, for each of the batch's prompts: `group_size` completions from the model's own sampler (the task's
-default `SamplerConfig`, or `sampler`), a reward for each (`mmdlm.rewards`), advantages relative to the group
+default `SamplerConfig`, or `sampler`), a reward for each (`mmdlm.training.rewards`), advantages relative to the group
 (reward minus the group's mean, over its std: GRPO, DeepSeekMath), and one policy-gradient update on the
 completions' log-likelihood with a KL penalty to the frozen starting model. Only groups whose rewards differ are
 scored and updated on (DAPO's dynamic sampling, as a filter): the guided sampler draws the same image for most
@@ -51,10 +51,10 @@ from mmdlm.likelihood import (
     trajectory_log_likelihood,
     trajectory_token_log_probs,
 )
-from mmdlm.rewards import load_reward
 from mmdlm.sampling import scheduler_for
 from mmdlm.sampling.config import DEFAULT_SAMPLERS
 from mmdlm.sequence import Sample, collate, t2i_prompt, vqa_prompt
+from mmdlm.training.rewards import load_reward
 
 TASKS = {"t2i": "text_to_image", "vqa": "answer"}  # RL task -> its DEFAULT_SAMPLERS entry
 LIKELIHOODS = ("elbo", "trajectory", "full_mask")  # a masked-diffusion model's sequence log-likelihood (above)
@@ -91,7 +91,7 @@ class LitGRPO(L.LightningModule):
     Args:
         init_from: the model folder to start from (and to keep as the KL reference).
         task: "t2i" (prompts: the records' first caption) or "vqa" (the record's image and question).
-        reward: a built-in reward (`mmdlm.rewards.REWARDS`) or `module:function`.
+        reward: a built-in reward (`mmdlm.training.rewards.REWARDS`) or `module:function`.
         group_size: completions per prompt (G).
         lr: AdamW learning rate.
         beta: weight of the KL penalty to the starting model (0: no penalty, and no reference forward).
@@ -268,6 +268,6 @@ class LitGRPO(L.LightningModule):
 
     def on_fit_end(self) -> None:
         if self.hparams.export_dir and self.trainer.is_global_zero:
-            from mmdlm.export import write_model_folder
+            from mmdlm.folder import write_model_folder
 
             write_model_folder(self.model, self.processor, self.hparams.export_dir)

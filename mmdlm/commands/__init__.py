@@ -7,7 +7,7 @@
     mmdlm SUBCOMMAND --help                            # that subcommand's own options
 
 Each subcommand hands the rest of the command line, unchanged, to the module that has always run it
-(`mmdlm vqa ...` is `python -m mmdlm.vqa ...`, `mmdlm train ...` is `python train.py ...`), so their options,
+(`mmdlm vqa ...` is `python -m mmdlm.commands.vqa ...`, `mmdlm train ...` is `python train.py ...`), so their options,
 checks, error sentences and exit statuses are theirs; those forms, and the `mmdlm-vqa`, ... scripts, still work.
 Paths (`configs/...`, `train.py` in the quickstart) are relative to the current directory, as before.
 """
@@ -27,15 +27,16 @@ PROG = "mmdlm"
 
 # subcommand -> the module whose `main(argv, prog=...)` runs it, in the order of a user's day
 SUBCOMMANDS: dict[str, str] = {
-    "quickstart": "mmdlm.quickstart",
-    "train": "mmdlm.train_cli",
-    "export": "mmdlm.export",
-    "evaluate": "mmdlm.evaluate",
-    "vqa": "mmdlm.vqa",
-    "caption": "mmdlm.caption",
-    "generate": "mmdlm.generate",
-    "infill": "mmdlm.infill",
-    "demo": "mmdlm.demo",
+    "quickstart": "mmdlm.commands.quickstart",
+    "train": "mmdlm.commands.train",
+    "pretokenize": "mmdlm.commands.pretokenize",
+    "export": "mmdlm.commands.export",
+    "evaluate": "mmdlm.commands.evaluate",
+    "vqa": "mmdlm.commands.vqa",
+    "caption": "mmdlm.commands.caption",
+    "generate": "mmdlm.commands.generate",
+    "infill": "mmdlm.commands.infill",
+    "demo": "mmdlm.commands.demo",
 }
 
 EXIT_USAGE = 2

@@ -1,10 +1,5 @@
-"""Lightning glue for the masked-diffusion model and its autoregressive twin (thin: logic lives elsewhere).
+"""The Lightning module of the masked-diffusion model and its autoregressive twin (thin: logic lives elsewhere).
 
-- `MDMDataModule`: shards -> records (mmdlm.data) -> task sequences (mmdlm.sequence) -> `Batch`.
-  It builds the `MMDLMProcessor` (tokenizers, vocab, layout) from its paths and exposes it as
-  `dm.processor`, so the values known only at run time (vocab size, sequence length, image grid, VQ
-  codebook) are read from it by the model in `configure_model`, never typed twice; the model's
-  checkpoints record it and its export at the end of fit writes it.
 - `LitMDM`: AdamW with warmup + cosine, EMA weights swapped in for validation and export, per-task loss,
   ELBO NLL and tokens/s logged to TensorBoard, a few samples shown at each validation, and an export of
   a self-contained model folder (`MMDLMPipeline.from_pretrained`) at the end of fit.
@@ -26,117 +21,13 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningModule
 
-from mmdlm.data import MAX_BAD_IN_A_ROW, LengthBuckets, ShardDataModule, ShardLoader
 from mmdlm.diffusion import ImageSchedule, LossOutput, Weighting, ar_loss, cond_dropout, masked_diffusion_loss
 from mmdlm.errors import UserError
 from mmdlm.model import ModelConfig, Transformer
 from mmdlm.processor import MMDLMProcessor
-from mmdlm.sequence import DEFAULT_TASK_WEIGHTS, Batch, Layout, SequenceBuilder, Task, collate, generated_image
+from mmdlm.sequence import Batch, Task, generated_image
 from mmdlm.text_tokenizer import TextTokenizer
 from mmdlm.vocab import Vocab
-
-
-class MDMDataModule(ShardDataModule):
-    """Webdataset shards of (image or VQ codes, captions, QA) laid out as mixed-task sequences.
-
-    Args:
-        train_shards: glob / brace pattern of the training shards (pre-tokenized `npy` codes or images).
-        val_shards: the same for validation.
-        text_tokenizer: a saved text tokenizer folder, a HF `tokenizer.json`, or `open_clip`.
-        vq: a VQ tokenizer folder (diffusers `VQModel` format) from `train.py fit --config vq-*.yaml`.
-        task_weights: how often each task is drawn, by `Task` name (lower case); default `DEFAULT_TASK_WEIGHTS`.
-        layout: fixed lengths of the text regions.
-        max_bad_in_a_row: bad samples in a row that stop the run with a one-sentence error (`mmdlm.data`).
-        bucket_pool: training batches are cut from a pool of this many batches' samples sorted by length
-            (`LengthBuckets`), so a batch pads to about its own length instead of the longest template's;
-            1 = plain batching. Validation batches are never bucketed.
-
-    Attributes:
-        processor: the `MMDLMProcessor` of `text_tokenizer`, `vq` and `layout`: the sequences are built with
-            it, and `LitMDM` builds the model from it, records it in checkpoints and exports it.
-    """
-
-    def __init__(
-        self,
-        train_shards: str,
-        val_shards: str | None = None,
-        text_tokenizer: str = "runs/quickstart/text_tokenizer",
-        vq: str = "runs/quickstart/vq",
-        task_weights: dict[str, float] | None = None,
-        layout: Layout | None = None,
-        image_size: int = 32,
-        batch_size: int = 32,
-        num_workers: int = 0,
-        shuffle_buffer: int = 1000,
-        resampled: bool = False,
-        epoch_length: int | None = None,
-        seed: int = 0,
-        max_bad_in_a_row: int = MAX_BAD_IN_A_ROW,
-        bucket_pool: int = 1,
-    ) -> None:
-        if bucket_pool < 1:
-            raise ValueError(f"bucket_pool must be >= 1, got {bucket_pool}")
-        super().__init__(train_shards=train_shards, val_shards=val_shards, image_size=image_size,
-                         batch_size=batch_size, num_workers=num_workers, shuffle_buffer=shuffle_buffer,
-                         resampled=resampled, epoch_length=epoch_length, seed=seed,
-                         load_images=False, load_codes=True,  # images are decoded only where codes are missing
-                         max_bad_in_a_row=max_bad_in_a_row)
-        self.processor = MMDLMProcessor.from_paths(text_tokenizer, vq, layout)  # what the model is built from
-        self.task_weights = (dict(DEFAULT_TASK_WEIGHTS) if task_weights is None
-                             else {Task[name.upper()]: w for name, w in task_weights.items()})
-        p = self.processor
-        self.builder = SequenceBuilder(p.vocab, p.tokenizer, p.layout, self.task_weights, seed=seed)
-        self.bucket_pool = bucket_pool
-
-    def transform(self, record: dict) -> Any:
-        for item in [record, *record.get("segments", ())]:  # a document's images are its segments
-            if "image" in item and "codes" not in item:  # raw images: run the VQ encoder here (pre-tokenize)
-                with torch.no_grad():
-                    item["codes"] = self.processor.vq.encode(item["image"][None])[0]  # (h, w)
-        return self.builder.build(record)
-
-    def collate(self, samples: list) -> Batch:
-        return collate(samples, self.processor.vocab)
-
-    def train_dataloader(self) -> ResumableLoader:
-        dataset = self.dataset(self.train_shards, train=True)
-        batch_size: int | None = self.batch_size
-        if self.bucket_pool > 1:  # the pipeline batches (by length); the loader only collates
-            dataset.append(LengthBuckets(self.batch_size, self.bucket_pool, seed=self.seed))
-            batch_size = None
-        return ResumableLoader(dataset, batch_size=batch_size, num_workers=self.num_workers,
-                               collate_fn=self.collate, persistent_workers=self.num_workers > 0)
-
-
-class ResumableLoader(ShardLoader):
-    """A DataLoader that Lightning checkpoints: it records how many batches it has yielded and, restored,
-    skips that many on its next pass. Over a seeded stream (`resampled=True`, one endless epoch) a resumed
-    run therefore sees exactly the batches an uninterrupted one would have."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._yielded = 0
-        self._skip = 0
-
-    def __iter__(self):  # noqa: ANN204
-        it = super().__iter__()
-        self._yielded = 0
-        for _ in range(self._skip):  # fast-forward: decoding is cheap next to a training step
-            next(it, None)
-            self._yielded += 1
-        self._skip = 0
-        for batch in it:
-            self._yielded += 1
-            yield batch
-
-    ahead = 1  # Lightning's data fetcher holds one batch beyond the step being trained (prefetch_batches=1)
-
-    def state_dict(self) -> dict[str, int]:
-        return {"batches": max(0, self._yielded - self.ahead)}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self._skip = int(state.get("batches", 0))
-
 
 # ModelConfig fields that LitMDM takes as arguments: with `init_from`, the model folder's values are used
 ARCHITECTURE = ("n_layer", "n_head", "n_embd", "causal", "qk_norm", "tie_head", "head_codebook", "mask_positions",
@@ -282,7 +173,7 @@ class LitMDM(LightningModule):
             masked diffusion.
         ema_decay: EMA of the weights for validation and export; 0 disables it.
         export_dir: write a self-contained model folder here at the end of fit.
-        init_from: start from the weights of a model folder (`mmdlm.export`, `MMDLMPipeline.from_pretrained`):
+        init_from: start from the weights of a model folder (`mmdlm.commands.export`, `MMDLMPipeline.from_pretrained`):
             fine-tuning. Its architecture replaces `n_layer` ... `mask_positions`; the optimizer, schedule and
             step count start fresh; the data's tokenizers must be the folder's (checked, `UserError` if not).
         max_seq_len: the model's longest sequence, when the data's is longer than the layout's templates
@@ -502,7 +393,7 @@ class LitMDM(LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["mmdlm"] = {"model_config": asdict(self.config), "vocab": self.vocab.to_dict()}
         processor = getattr(getattr(self.trainer, "datamodule", None), "processor", None)
-        if isinstance(processor, MMDLMProcessor):  # what `mmdlm.export --ckpt` rebuilds it from (absolute paths)
+        if isinstance(processor, MMDLMProcessor):  # what `mmdlm.commands.export --ckpt` rebuilds it from (absolute paths)
             checkpoint["mmdlm"].update(processor.sources(), layout=asdict(processor.layout))
         if self.ema is not None:
             checkpoint["ema"] = self.ema.shadow
@@ -545,7 +436,7 @@ class LitMDM(LightningModule):
 
     def on_fit_end(self) -> None:
         if self.hparams.export_dir and self.trainer.is_global_zero:
-            from mmdlm.export import write_model_folder
+            from mmdlm.folder import write_model_folder
 
             if self.ema is not None:
                 self.ema.swap(self.model)

@@ -1,14 +1,14 @@
 """Sample images from a model folder as PNG grids: text-to-image, image+caption pairs, inpainting, and
 the denoising process frame by frame.
 
-    python -m mmdlm.generate --model runs/quickstart/model --prompt "a red circle at the top left" --num 8 \\
+    python -m mmdlm.commands.generate --model runs/quickstart/model --prompt "a red circle at the top left" --num 8 \\
         --steps 12 --guidance 3 --out samples.png
-    python -m mmdlm.generate --model DIR --prompts prompts.txt --num 8 --out grid.png     # a row per prompt
-    python -m mmdlm.generate --model DIR --joint --num 8 --out joint.png                 # images + captions
-    python -m mmdlm.generate --model DIR --inpaint scene.png --box 0,0,16,16 --prompt "a blue square at the top left"
-    python -m mmdlm.generate --model DIR --edit scene.png --instruction "make the red circle blue" --num 4
-    python -m mmdlm.generate --model DIR --prompt "a green cross in the middle" --progress frames/   # + GIF
-    python -m mmdlm.generate --model DIR --device cpu --prompt "a small white square on the left" --num 4
+    python -m mmdlm.commands.generate --model DIR --prompts prompts.txt --num 8 --out grid.png     # a row per prompt
+    python -m mmdlm.commands.generate --model DIR --joint --num 8 --out joint.png                 # images + captions
+    python -m mmdlm.commands.generate --model DIR --inpaint scene.png --box 0,0,16,16 --prompt "a blue square at the top left"
+    python -m mmdlm.commands.generate --model DIR --edit scene.png --instruction "make the red circle blue" --num 4
+    python -m mmdlm.commands.generate --model DIR --prompt "a green cross in the middle" --progress frames/   # + GIF
+    python -m mmdlm.commands.generate --model DIR --device cpu --prompt "a small white square on the left" --num 4
 
 Text-to-image writes `--num` samples per prompt, one row per prompt (a `--prompts` file has one prompt a
 line; blank lines are skipped). `--joint` generates images and captions together from nothing, draws
@@ -286,7 +286,7 @@ def save_grid(grid: torch.Tensor, path: Path) -> None:
 
 
 # ---- command line ---------------------------------------------------------------------------------------
-def build_parser(prog: str = "python -m mmdlm.generate") -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m mmdlm.commands.generate") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser, verbose=False)
@@ -332,7 +332,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
             parser.error(message)
 
 
-def main(argv: list[str] | None = None, prog: str = "python -m mmdlm.generate") -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m mmdlm.commands.generate") -> int:
     """Run the generation command; returns the exit status documented above."""
     parser = build_parser(prog)
     args = parser.parse_args(argv)
