@@ -25,6 +25,7 @@ import random
 import torch
 
 from mmdlm.data import record_pipeline
+from mmdlm.inputs import add_device_argument, add_model_argument
 from mmdlm.pipeline import MMDLMPipeline
 from mmdlm.sequence import t2i_sample
 from mmdlm.worlds.shapes import COLORS
@@ -103,11 +104,11 @@ def main(argv: list[str] | None = None) -> None:
     """Print (and optionally save) the colour-binding probe of a model folder."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.binding_probe", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="mmdlm model folder")
+    add_model_argument(parser)
     parser.add_argument("--shards", required=True, help="pre-tokenized shapes val shards")
     parser.add_argument("--limit", type=int, default=60, help="single-object scenes to probe")
     parser.add_argument("--json", default=None, help="also write the figures here")
-    parser.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda if available)")
+    add_device_argument(parser)
     args = parser.parse_args(argv)
     pipe = MMDLMPipeline.from_pretrained(args.model, device=args.device)
     records = []

@@ -1,14 +1,14 @@
 """What a training budget buys, across recipes: finished runs' metrics plotted against their total steps.
 
-    python -m benchmarks.budget_plot --out benchmarks/results/issue15/budget.png \\
-        --point "AR warm start + MDM=1300=benchmarks/results/issue15/adapt_650_650.json" \\
-        --point "AR warm start + MDM=2600=benchmarks/results/issue15/adapt_1800_800.json" \\
-        --curve "MDM from scratch (4,000-step schedule)=benchmarks/results/learning_curve/mdm_step*.json" \\
-        --curve "AR twin (4,000-step schedule)=benchmarks/results/learning_curve/ar_step*.json"
+    python -m benchmarks.budget_plot --out benchmarks/results/learning/recipe/budget.png \\
+        --point "AR warm start + MDM=1300=benchmarks/results/learning/recipe/adapt_650_650.json" \\
+        --point "AR warm start + MDM=2600=benchmarks/results/learning/recipe/adapt_1800_800.json" \\
+        --curve "MDM from scratch (4,000-step schedule)=benchmarks/results/learning/curves/mdm_step*.json" \\
+        --curve "AR twin (4,000-step schedule)=benchmarks/results/learning/curves/ar_step*.json"
 
 `benchmarks.learning_curve` scores the checkpoints of one run; a recipe in two stages (an AR warm start, then
 masked diffusion) has no checkpoint that is the recipe at a smaller budget, so each budget is its own run.
-A `--point LABEL=STEPS=metrics.json` is one such run's `mmdlm.evaluate` output at its total training steps
+A `--point LABEL=STEPS=metrics.json` is one such run's `mmdlm evaluate` output at its total training steps
 (all stages; every step here costs the same, batch 32); points with the same label are joined. A
 `--curve LABEL=GLOB` is a learning curve's cached checkpoint files. Panels and keys are the learning curve's.
 """
@@ -20,7 +20,7 @@ import glob
 import json
 from pathlib import Path
 
-from benchmarks.learning_curve import headline, plot
+from mmdlm.eval.curves import headline, plot
 
 
 def parse_point(text: str) -> tuple[str, int, Path]:

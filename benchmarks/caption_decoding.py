@@ -27,7 +27,9 @@ import json
 from dataclasses import fields
 from typing import Any
 
-from mmdlm.evaluate import PIPELINE_TASK, eval_caption, eval_t2i, eval_vqa, load_records
+from mmdlm.eval.records import load_records
+from mmdlm.eval.tasks import PIPELINE_TASK, eval_caption, eval_t2i, eval_vqa
+from mmdlm.inputs import add_model_argument
 from mmdlm.pipeline import MMDLMPipeline
 from mmdlm.sampling import SamplerConfig, SelfCorrection
 
@@ -86,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     """Score decoding settings of one task on one model."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.caption_decoding", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="a model folder")
+    add_model_argument(parser)
     parser.add_argument("--shards", required=True, help="val shards (glob)")
     parser.add_argument("--skip", type=int, default=500, help="val records left out first")
     parser.add_argument("--limit", type=int, default=200, help="val records scored after those")

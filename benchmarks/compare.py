@@ -1,15 +1,15 @@
 """Masked diffusion vs its autoregressive twin, side by side on the same val records, in one run.
 
     OMP_NUM_THREADS=2 python -m benchmarks.compare --mdm runs/quickstart/model --ar runs/ar/model \\
-        --shards 'data/shards/shapes-codes/val/*.tar' --out benchmarks/results --limit 200
+        --shards 'data/shards/shapes-codes/val/*.tar' --out benchmarks/results/infilling --limit 200
     python -m benchmarks.compare --mdm DIR --ar DIR --shards GLOB --out /tmp/cmp --limit 20 --device cpu \\
         --steps 1,2,4,8,16,32,64 --thresholds 0.7,0.8,0.9,0.95 --quiet
 
-The two models share data, size and training steps (configs/mdm-shapes.yaml vs configs/ar-shapes.yaml:
+The two models share data, size and training steps (configs/mdm-shapes.yaml vs + configs/ar.yaml:
 only `causal` differs); both see the first `--limit` val records in shard order, scored by the functions
-of `mmdlm.evaluate`, at the same batch size and seeds.
+of `mmdlm.eval`, at the same batch size and seeds.
 
-1. Quality (`mmdlm.evaluate` at the pipeline's default samplers): VQA accuracy, caption exact match and
+1. Quality (`mmdlm evaluate` at the pipeline's default samplers): VQA accuracy, caption exact match and
    attribute F1, text-to-image all-correct (the oracle), held-out NLL per target token (MDM: its ELBO,
    an upper bound; AR: exact). The AR sampler has no classifier-free guidance, so the MDM's
    text-to-image is also given without guidance (`t2i_all_correct_unguided`).
@@ -58,7 +58,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from benchmarks.speed import cap_steps, command_line, int_list, load_pair, load_text, machine_info, md_table, positive
+from mmdlm.eval.models import load_pair
+from mmdlm.eval.records import batches, stack_images
+from mmdlm.eval.report import command_line, md_table
+from mmdlm.eval.timing import load_text, machine_info
+from mmdlm.inputs import add_device_argument, int_list, positive_int
 
 if TYPE_CHECKING:  # the model stack loads lazily: `--help` answers at once
     from mmdlm.pipeline import MMDLMPipeline
@@ -74,18 +78,13 @@ FAMILY_STYLE = {"MDM, fixed steps": ("C0", "o-"), "MDM, threshold": ("C2", "s--"
 # running samplers on hand-built prompts
 
 
-def _chunks(items: Sequence, size: int) -> Iterator[tuple[int, Sequence]]:
-    for b, start in enumerate(range(0, len(items), size)):
-        yield b, items[start : start + size]
-
-
 def _grouped(indices: Sequence[int], key: Callable[[int], Any], size: int) -> Iterator[list[int]]:
     """Chunks of at most `size` indices sharing `key` (the AR sampler needs one target layout per batch)."""
     groups: dict[Any, list[int]] = defaultdict(list)
     for i in indices:
         groups[key(i)].append(i)
     for _, members in sorted(groups.items(), key=lambda kv: str(kv[0])):
-        for _, chunk in _chunks(members, size):
+        for _, chunk in batches(members, size):
             yield list(chunk)
 
 
@@ -100,18 +99,19 @@ def generate(pipe: MMDLMPipeline, samples: Sequence[Sample], seed: int, temperat
     return pipe.scheduler.sample(pipe.model, batch, config, generator=generator)
 
 
+def cap_steps(steps: Sequence[int], region: int) -> dict[int, list[int]]:
+    """Effective step count -> the requested counts it stands for (a step count is capped at the region)."""
+    out: dict[int, list[int]] = {}
+    for s in sorted(steps):
+        out.setdefault(min(s, region), []).append(s)
+    return out
+
+
 def task_sampler(pipe: MMDLMPipeline, task: str, guidance: float, **fields: Any) -> SamplerConfig:
     """The pipeline's default sampler of an evaluated task (vqa, t2i) with `fields`; guidance for t2i only."""
     if task == "t2i":
         return pipe.sampler("text_to_image", guidance_scale=guidance, **fields)
     return pipe.sampler("answer", **fields)
-
-
-def stack_images(records: Sequence[dict]) -> torch.Tensor:
-    """`mmdlm.evaluate.stack_images` (the model stack loads lazily: `--help` answers at once)."""
-    from mmdlm.evaluate import stack_images as stack
-
-    return stack(records)
 
 
 def warm_up(pipe: MMDLMPipeline, records: Sequence[dict]) -> None:
@@ -131,7 +131,7 @@ def warm_up(pipe: MMDLMPipeline, records: Sequence[dict]) -> None:
 
 
 def summarize(m: dict) -> dict[str, Any]:
-    """The headline numbers of an `mmdlm.evaluate` metrics dict."""
+    """The headline numbers of an `mmdlm evaluate` metrics dict."""
     out: dict[str, Any] = {}
     if "vqa" in m:
         out |= {"vqa_accuracy": m["vqa"]["accuracy"], "vqa_n": m["vqa"]["n"],
@@ -155,8 +155,8 @@ def summarize(m: dict) -> dict[str, Any]:
 
 
 def quality(pipe: MMDLMPipeline, records: list[dict], args: argparse.Namespace) -> dict[str, Any]:
-    """`mmdlm.evaluate` on the records at the pipeline's defaults (guidance `--guidance` for text-to-image)."""
-    from mmdlm.evaluate import eval_t2i, evaluate
+    """`mmdlm evaluate` on the records at the pipeline's defaults (guidance `--guidance` for text-to-image)."""
+    from mmdlm.eval.tasks import eval_t2i, evaluate
 
     metrics = evaluate(pipe, records=records, tasks=QUALITY_TASKS,
                        samplers={"t2i": task_sampler(pipe, "t2i", args.guidance)},
@@ -176,7 +176,7 @@ def quality(pipe: MMDLMPipeline, records: list[dict], args: argparse.Namespace) 
 def task_score(pipe: MMDLMPipeline, task: str, records: list[dict], sampler: SamplerConfig,
                args: argparse.Namespace) -> dict[str, float]:
     """Accuracy (VQA) or all-correct (text-to-image), NFE per call and seconds per sample of one setting."""
-    from mmdlm.evaluate import eval_t2i, eval_vqa
+    from mmdlm.eval.tasks import eval_t2i, eval_vqa
 
     if task == "vqa":
         m = eval_vqa(pipe, records, sampler, args.batch_size, args.seed, not args.quiet).metrics
@@ -390,7 +390,7 @@ def chance_by_kind() -> dict[str, float]:
 def probe_text_infill(mdm: MMDLMPipeline, ar: MMDLMPipeline, blanks: list[Blank],
                       args: argparse.Namespace) -> dict[str, Any]:
     """Text-only infilling of one attribute word: MDM with both sides, MDM and AR with the left side only."""
-    from mmdlm.evaluate import normalize
+    from mmdlm.eval.metrics import normalize
 
     filled = mdm_infill(mdm, blanks, args)
     both = [normalize(f) == normalize(b.text) for f, b in zip(filled, blanks)]
@@ -405,7 +405,7 @@ def probe_caption_infill(mdm: MMDLMPipeline, ar: MMDLMPipeline, blanks: list[Bla
                          args: argparse.Namespace) -> dict[str, Any]:
     """The same blanks in a captioning prompt with the image: MDM both sides, AR the left side."""
     codes = {kind: torch.cat([p.encode_images(stack_images(chunk)).cpu()
-                              for _, chunk in _chunks(records, args.batch_size)])
+                              for _, chunk in batches(records, args.batch_size)])
              for kind, p in (("mdm", mdm), ("ar", ar))}
     right = {kind: [ids == b.word for ids, b in zip(caption_fill(p, blanks, codes[kind], args), blanks)]
              for kind, p in (("mdm", mdm), ("ar", ar))}
@@ -414,7 +414,7 @@ def probe_caption_infill(mdm: MMDLMPipeline, ar: MMDLMPipeline, blanks: list[Bla
 
 def reversal_scores(blanks: Sequence[Blank], completed: Sequence[str]) -> dict[str, Any]:
     """valid / consistent / exact rates of completed captions (see the module docstring)."""
-    from mmdlm.evaluate import normalize
+    from mmdlm.eval.metrics import normalize
     from mmdlm.worlds.shapes import caption, parse_caption
 
     valid, consistent, exact = [], [], []
@@ -499,7 +499,7 @@ def ar_inpaint(pipe: MMDLMPipeline, images: torch.Tensor, masks: torch.Tensor, p
 def probe_inpaint(mdm: MMDLMPipeline, ar: MMDLMPipeline, records: list[dict],
                   args: argparse.Namespace) -> dict[str, Any]:
     """Blank one object's cell, regenerate it; the oracle checks the object and the scene."""
-    from mmdlm.evaluate import mean_dicts
+    from mmdlm.eval.metrics import mean_dicts
 
     rng = random.Random(f"compare/inpaint/{args.seed}")
     records = [r for r in records if len(mdm.tokenizer.encode(r["captions"][0])) <= mdm.layout.caption_len]
@@ -507,7 +507,7 @@ def probe_inpaint(mdm: MMDLMPipeline, ar: MMDLMPipeline, records: list[dict],
     size = mdm.vq.image_size
     scores: dict[str, list[dict]] = defaultdict(list)
     regenerated: list[int] = []
-    for b, idx in _chunks(range(len(records)), args.batch_size):
+    for b, idx in batches(range(len(records)), args.batch_size):
         recs, objs = [records[i] for i in idx], [targets[i] for i in idx]
         images, prompts = stack_images(recs), [r["captions"][0] for r in recs]
         masks = torch.stack([cell_mask(o["cell"], size) for o in objs])
@@ -646,22 +646,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ar", required=True, help="its causal twin (same data, size and steps)")
     parser.add_argument("--shards", required=True, help="val shards: glob, brace pattern, folder or comma list")
     parser.add_argument("--out", required=True, help="folder for compare.json, compare.md and the plots")
-    parser.add_argument("--limit", type=positive, help="val records (the first, in shard order); all if absent")
+    parser.add_argument("--limit", type=positive_int, help="val records (the first, in shard order); all if absent")
     parser.add_argument("--steps", type=int_list, default=[4, 8, 16, 32, 64], help="MDM step counts of the sweep")
     parser.add_argument("--thresholds", type=float_list, default=[0.7, 0.8, 0.9, 0.95],
                         help="MDM threshold-decoding confidences of the sweep")
     parser.add_argument("--guidance", type=float, default=2.0, help="MDM classifier-free guidance of text-to-image")
-    parser.add_argument("--batch-size", type=positive, default=64, help="samples per model call (both models)")
-    parser.add_argument("--nll-draws", type=positive, default=4, help="(t, mask) draws of the MDM's NLL bound")
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="samples per model call (both models)")
+    parser.add_argument("--nll-draws", type=positive_int, default=4, help="(t, mask) draws of the MDM's NLL bound")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", help="cpu, cuda ... (default: cuda if available)")
+    add_device_argument(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the comparison; write compare.json, compare.md and the two plots; returns the result."""
-    from mmdlm.evaluate import load_records
+    from mmdlm.eval.records import load_records
 
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -16,6 +16,7 @@ import argparse
 import json
 
 from mmdlm.errors import UserError
+from mmdlm.inputs import add_model_argument
 
 
 def parse_revision(text: str) -> tuple[int, int]:
@@ -30,13 +31,14 @@ def main(argv: list[str] | None = None) -> None:
     """Edit from masks and by revision of the source, scored by the oracle."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.edit_modes", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="a model folder trained on edits")
+    add_model_argument(parser, help="a model folder trained on edits")
     parser.add_argument("--shards", required=True, help="edits val shards (mmdlm.worlds.edits, pre-tokenized or not)")
     parser.add_argument("--limit", type=int, default=200, help="val documents (edits and what-changed; edits scored)")
     parser.add_argument("--revision", type=parse_revision, action="append", default=[],
                         help="MAX_TOKENS,ROUNDS of a revision mode (repeatable)")
     args = parser.parse_args(argv)
-    from mmdlm.evaluate import eval_edit, load_records
+    from mmdlm.eval.records import load_records
+    from mmdlm.eval.tasks import eval_edit
     from mmdlm.pipeline import MMDLMPipeline
     from mmdlm.sampling.revise import Revision
 

@@ -20,11 +20,12 @@ from collections import defaultdict
 import torch
 
 from mmdlm.errors import UserError
+from mmdlm.inputs import add_model_argument
 
 
 @torch.no_grad()
 def probe(pipe, items: list[dict], ratio: float, seed: int = 0) -> dict:
-    """Cell-level accuracy of one forward over `items` (edit documents of `mmdlm.evaluate.load_records`), the edited
+    """Cell-level accuracy of one forward over `items` (edit documents of `mmdlm.eval.records.load_records`), the edited
     image's tokens masked with probability `ratio` (1.0: all of them)."""
     from mmdlm.sequence import collate
 
@@ -62,13 +63,13 @@ def main(argv: list[str] | None = None) -> None:
     """One-step predictions of an edit model at changed and unchanged cells."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.edit_probe", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="a masked-diffusion model folder trained on edits")
+    add_model_argument(parser, help="a masked-diffusion model folder trained on edits")
     parser.add_argument("--shards", required=True, help="edits val shards (mmdlm.worlds.edits)")
     parser.add_argument("--limit", type=int, default=200, help="edits probed (the first of the shards)")
     parser.add_argument("--ratio", type=float, action="append", default=[],
                         help="share of the edited image masked (repeatable; default 1.0: all of it)")
     args = parser.parse_args(argv)
-    from mmdlm.evaluate import _documents, load_records
+    from mmdlm.eval.records import documents, load_records
     from mmdlm.pipeline import MMDLMPipeline
 
     ratios = args.ratio or [1.0]
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
         if pipe.is_autoregressive:
             raise UserError("the probe needs a masked-diffusion model: an AR model's one forward sees the truth")
         records = load_records(args.shards, pipe.vq.image_size, limit=2 * args.limit)  # 3 of 4 documents are edits
-        items = _documents(records, "edit")[: args.limit]
+        items = documents(records, "edit")[: args.limit]
     except (OSError, ValueError, UserError) as err:
         parser.exit(2, f"error: {err}\n")
     if not items:

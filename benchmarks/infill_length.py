@@ -1,9 +1,9 @@
-"""Blanks of unknown length (issue 18): a gap of 1-4 words cut from a caption, filled with a fixed number of tokens
+"""Blanks of unknown length: a gap of 1-4 words cut from a caption, filled with a fixed number of tokens
 per blank or with the length the model chooses (`MMDLMPipeline.infill(tokens_per_blank=None)`: every length of 1 to
 `--max-blank` tokens is filled and the completion the model finds most likely per token is kept).
 
     OMP_NUM_THREADS=2 python -m benchmarks.infill_length --model runs/quickstart/model \\
-        --shards 'data/shards/shapes-codes/val/*.tar' --limit 200 --out benchmarks/results
+        --shards 'data/shards/shapes-codes/val/*.tar' --limit 200 --out benchmarks/results/infilling
 
 Per gap size and decoding: `valid` = the completed text is a caption of the shapes world (its parser reads a
 scene from it), `length right` = the blank got as many words as were cut, and the NFE per batch of 64 texts.
@@ -19,7 +19,8 @@ import random
 from pathlib import Path
 from typing import Any
 
-from benchmarks.speed import command_line, md_table
+from mmdlm.eval.report import command_line, md_table
+from mmdlm.inputs import add_device_argument, add_model_argument
 
 GAPS = (1, 2, 3, 4)
 
@@ -48,15 +49,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Fill the gaps every way; write infill_length.json and .md."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.infill_length", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="masked-diffusion model folder")
+    add_model_argument(parser, help="masked-diffusion model folder")
     parser.add_argument("--shards", required=True, help="val shards (glob)")
     parser.add_argument("--limit", type=int, default=200, help="val captions per gap size")
     parser.add_argument("--max-blank", type=int, default=6, help="longest blank the model may choose (tokens)")
     parser.add_argument("--out", required=True, help="folder for infill_length.json and .md")
-    parser.add_argument("--device", help="cpu, cuda ... (default: cuda if available)")
+    add_device_argument(parser)
     args = parser.parse_args(argv)
-    from mmdlm.evaluate import load_records, world_for
+    from mmdlm.eval.records import load_records
     from mmdlm.pipeline import MMDLMPipeline
+    from mmdlm.worlds.scoring import world_for
 
     try:
         pipe = MMDLMPipeline.from_pretrained(args.model, device=args.device)

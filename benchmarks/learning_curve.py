@@ -1,7 +1,7 @@
-"""What the training budget buys: `mmdlm.evaluate` on every saved checkpoint of one or more runs.
+"""What the training budget buys: `mmdlm evaluate` on every saved checkpoint of one or more runs.
 
     python -m benchmarks.learning_curve --run mdm=runs/curve/mdm --run ar=runs/curve/ar \\
-        --shards 'data/shards/shapes-codes/val/*.tar' --out benchmarks/results/learning_curve --limit 200
+        --shards 'data/shards/shapes-codes/val/*.tar' --out benchmarks/results/learning/curves --limit 200
 
 A run is a Lightning `default_root_dir` (or any folder): its `*step=N.ckpt` checkpoints are found below it
 (`ModelCheckpoint(every_n_train_steps=...)` in the configs writes one every 500 steps) and each is
@@ -19,16 +19,17 @@ mdm_s4=mdm_s3` counts mdm_s4's steps (and minutes) after mdm_s3's last checkpoin
         --continues mdm_s4=mdm_s3 --shards 'data/shards/edits-codes/val/*.tar' --tasks edit,what_changed --out curve
 
 Against wall-clock (`--x minutes`): a run folder holding `wallclock.json` (`{"started": <unix time>}`, written
-by `benchmarks.gpu_session` just before it starts `train.py`) gives each checkpoint the minutes from that start
+by `benchmarks.gpu` just before it starts `train.py`) gives each checkpoint the minutes from that start
 to the checkpoint file's modification time: process start, data loading, compilation and the checkpoints
 written before it included, as a user waits for them.
 
-    python -m benchmarks.learning_curve --run mdm=runs/gpu-session/mdm --run ar=runs/gpu-session/ar --x minutes \\
+    python -m benchmarks.learning_curve --run mdm=runs/gpu/mdm --run ar=runs/gpu/ar --x minutes \\
         --shards 'data/shards/shapes-codes/val/*.tar' --tasks vqa,caption,t2i --device cuda --out /tmp/curve
 
-The issues' targets are checked at every point (issue 21: VQA >= 97%, every caption attribute F1 >= 0.95,
-text-to-image all-correct >= 90%; issue 20: edit all-correct >= 50%, what-changed accuracy >= 70%), those of the
-tasks evaluated: the first step (and minute) at which each held is reported per run, and drawn as dashed lines.
+The project's targets are checked at every point (the GPU recipe's: VQA >= 97%, every caption attribute F1 >=
+0.95, text-to-image all-correct >= 90%; the editing recipe's: edit all-correct >= 50%, what-changed accuracy >=
+70%), those of the tasks evaluated: the first step (and minute) at which each held is reported per run, and
+drawn as dashed lines.
 
 Writes under --out: learning_curve.json (the headline numbers per run and step, the minutes where known, the
 targets, the machine, the command), learning_curve.md (a table per run, and the targets) and
@@ -45,7 +46,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.speed import command_line, machine_info, md_table, positive
+from mmdlm.eval.curves import TARGETS, X_LABELS, headline, plot
+from mmdlm.eval.report import command_line, md_table
+from mmdlm.eval.timing import machine_info
+from mmdlm.inputs import add_device_argument, positive_int
 
 STEP_RE = re.compile(r"step=(\d+)\.ckpt$")
 DEFAULT_TASKS = ("vqa", "caption", "t2i", "nll")
@@ -57,24 +61,6 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("t2i colour", "t2i_color"), ("t2i shape", "t2i_shape"), ("t2i count", "t2i_count_correct"),
     ("NLL", "nll"), ("edit all-correct", "edit_all_correct"), ("what changed", "what_changed"),
 )
-PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("VQA accuracy", ("vqa", "vqa_position")),
-    ("caption attribute F1", ("caption_min_f1", "caption_color_f1", "caption_cell_f1")),
-    ("text-to-image (oracle)", ("t2i_all_correct", "t2i_color")),
-    ("held-out NLL per target token", ("nll",)),
-    ("image editing (oracle)", ("edit_all_correct", "edit_rest_unchanged")),
-    ("what changed? accuracy", ("what_changed",)),
-)
-# issue 21's and issue 20's targets: (what, key of `headline`, the least value that meets it); a target whose task
-# was not evaluated is not reported
-TARGETS: tuple[tuple[str, str, float], ...] = (
-    ("VQA accuracy >= 97%", "vqa", 0.97),
-    ("every caption attribute F1 >= 0.95", "caption_min_f1", 0.95),
-    ("text-to-image all-correct >= 90%", "t2i_all_correct", 0.90),
-    ("edit all-correct >= 50%", "edit_all_correct", 0.50),
-    ("what changed accuracy >= 70%", "what_changed", 0.70),
-)
-X_LABELS = {"step": "training steps", "minutes": "wall-clock minutes since the run started"}
 
 
 def checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
@@ -87,39 +73,12 @@ def checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
     return sorted(found.items())
 
 
-def headline(metrics: dict) -> dict[str, float]:
-    """The numbers a learning curve follows, from an `mmdlm.evaluate` metrics dict (absent tasks skipped)."""
-    out: dict[str, float] = {}
-    if "vqa" in metrics:
-        out["vqa"] = metrics["vqa"]["accuracy"]
-        out |= {f"vqa_{k}": v["accuracy"] for k, v in metrics["vqa"]["per_type"].items()}
-    if "caption" in metrics:
-        c = metrics["caption"]
-        out["caption_exact_match"] = c["exact_match"]
-        f1 = {k: v["f1"] for k, v in c.get("per_attribute", {}).items()}
-        out |= {f"caption_{k}_f1": v for k, v in f1.items()}
-        if f1:
-            out["caption_min_f1"] = min(f1.values())  # the worst attribute: the target holds for all or none
-    if "t2i" in metrics:
-        t = metrics["t2i"]
-        out |= {f"t2i_{k}": t[k] for k in ("all_correct", "count_correct", "cell", "color", "shape", "size",
-                                           "extra_objects") if k in t}
-    if "nll" in metrics:
-        out["nll"] = metrics["nll"]["nll"]
-    if metrics.get("edit", {}).get("n"):
-        e = metrics["edit"]
-        out |= {f"edit_{k}": e[k] for k in ("all_correct", "edited_ok", "rest_unchanged")}
-        out |= {f"edit_{k}": v["all_correct"] for k, v in e["per_kind"].items()}
-    if metrics.get("what_changed", {}).get("n"):
-        out["what_changed"] = metrics["what_changed"]["accuracy"]
-    return out
-
-
 def evaluate_checkpoint(ckpt: Path, records: dict[int, list[dict]], tasks: list[str],
                         args: argparse.Namespace) -> dict:
     """Export `ckpt` (EMA weights) to a scratch folder, evaluate it, return the metrics dict. `records`
     caches the val records by image size (read once, at the first checkpoint's image size)."""
-    from mmdlm.evaluate import evaluate, load_records
+    from mmdlm.eval.records import load_records
+    from mmdlm.eval.tasks import evaluate
     from mmdlm.pipeline import MMDLMPipeline
     from mmdlm.training.checkpoint import export_checkpoint
 
@@ -161,44 +120,6 @@ def targets_met(points: list[dict]) -> list[dict[str, Any]]:
     return out
 
 
-def plot(curves: dict[str, list[dict]], path: Path, x: str = "step") -> Path:
-    """One panel per `PANELS` entry: its keys against training steps (`x="step"`) or wall-clock minutes
-    (`x="minutes"`), one colour per run; the `TARGETS` as dashed lines."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    found = {key for points in curves.values() for p in points for key in p["headline"]}
-    panels = [panel for panel in PANELS if found & set(panel[1])] or list(PANELS)  # the tasks evaluated
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
-    styles = ("o-", "s--", "^:")
-    for ax, (title, keys) in zip(axes[0], panels):
-        for i, (name, points) in enumerate(curves.items()):
-            color = f"C{i % 10}"  # matplotlib's default cycle: every run drawn, however many
-            for style, key in zip(styles, keys):
-                pts = [(p[x], p["headline"][key]) for p in points if key in p["headline"] and p.get(x) is not None]
-                if pts:
-                    xs, ys = zip(*pts)
-                    ax.plot(xs, ys, style, color=color, label=f"{name}: {key}", markersize=4)
-        for _, key, least in TARGETS:
-            if key in keys:
-                ax.axhline(least, color="grey", linestyle="--", linewidth=0.8)
-        ax.set_title(title)
-        ax.set_xlabel(X_LABELS[x])
-        if x == "minutes":
-            ax.set_xlim(left=0)
-        if "nll" not in keys:
-            ax.set_ylim(-0.03, 1.03)
-        ax.grid(True, alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=6, framealpha=0.5)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
 def _cell(value: float | None) -> str:
     return "-" if value is None else f"{value:.3g}"
 
@@ -225,7 +146,7 @@ def render_markdown(result: dict[str, Any]) -> str:
                           [[p["step"], _cell(p.get("minutes")), *(_cell(p["headline"].get(key)) for _, key in columns)]
                            for p in curve])
         lines.append("")
-    lines += ["## Targets (issues 20 and 21): where each was first met", ""]
+    lines += ["## Targets: where each was first met", ""]
     shown = [i for i, (_, key, _) in enumerate(TARGETS) if key in measured]
     lines += md_table(["run", *(TARGETS[i][0] for i in shown)],
                       [[name, *(_reached(result["targets"][name][i]) for i in shown)] for name in result["curves"]])
@@ -271,13 +192,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="run NAME started from run PREV's final model: count its steps after PREV's")
     parser.add_argument("--shards", required=True, help="val shards: glob, brace pattern, folder or comma list")
     parser.add_argument("--out", required=True, help="folder for the per-checkpoint cache and the outputs")
-    parser.add_argument("--limit", type=positive, default=200, help="val records (the first, in shard order)")
+    parser.add_argument("--limit", type=positive_int, default=200, help="val records (the first, in shard order)")
     parser.add_argument("--tasks", default=",".join(DEFAULT_TASKS),
                         help="comma-separated subset of vqa,caption,t2i,joint,nll")
     parser.add_argument("--steps", default=None, help="only these checkpoint steps, comma-separated (default: all)")
-    parser.add_argument("--batch-size", type=positive, default=64, help="samples per model call")
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="samples per model call")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu", help="cpu, cuda ...")
+    add_device_argument(parser, default="cpu", help="cpu, cuda ...")
     parser.add_argument("--x", choices=sorted(X_LABELS), default="step",
                         help="the plot's x axis: training steps, or wall-clock minutes (each run needs wallclock.json)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -286,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Evaluate every checkpoint of every run (cached), then write the json, markdown and plot."""
-    from mmdlm.evaluate import TASKS as ALL_TASKS  # every task evaluate knows
+    from mmdlm.eval.tasks import TASKS as ALL_TASKS  # every task evaluate knows
 
     parser = build_parser()
     args = parser.parse_args(argv)

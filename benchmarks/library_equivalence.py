@@ -1,4 +1,4 @@
-"""Would the libraries' EMA and LR schedule replace `LitMDM`'s own? The numbers that said no (issue 16).
+"""Would the libraries' EMA and LR schedule replace `LitMDM`'s own? The numbers that said no.
 
     python -m benchmarks.library_equivalence          # CPU, a few seconds
 

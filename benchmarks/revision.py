@@ -1,9 +1,9 @@
-"""Generation that revises itself, measured in one run (issue 18): pure AR, pure MDM, the MDM with a corrective
+"""Generation that revises itself, measured in one run: pure AR, pure MDM, the MDM with a corrective
 sampler (trained with and without correction), hybrid AR draft -> MDM revision, best-of-n by self-scoring; and the
 correction probe (captions with one wrong colour word: is it found and fixed?).
 
     OMP_NUM_THREADS=2 python -m benchmarks.revision --ar runs/quickstart/ar --mdm runs/quickstart/model \\
-        --corrected runs/corrected/model --shards 'data/shards/shapes-codes/val/*.tar' --out benchmarks/results
+        --corrected runs/corrected/model --shards 'data/shards/shapes-codes/val/*.tar' --out benchmarks/results/revision
 
 `--mdm` is a masked-diffusion model trained without correction, `--corrected` the same recipe with
 `--model.corrupt` (both at the same budget); `--seed-pair MDM,CORRECTED` adds another seed's pair for the
@@ -33,7 +33,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from benchmarks.speed import command_line, machine_info, md_table, timed
+from mmdlm.eval.report import command_line, md_table
+from mmdlm.eval.timing import machine_info, timed
+from mmdlm.inputs import add_device_argument
 
 if TYPE_CHECKING:
     from mmdlm.pipeline import MMDLMPipeline
@@ -54,7 +56,7 @@ def _cost(task: str, metrics: dict[str, Any]) -> dict[str, Any]:
 def quality(pipe: MMDLMPipeline, records: list[dict], t2i_records: list[dict], tasks: set[str],
             options: dict[str, dict[str, Any]], samplers: dict[str, Any] | None = None) -> dict[str, Any]:
     """One row's quality and cost: `options[task]` are the pipeline call's keyword arguments."""
-    from mmdlm.evaluate import eval_caption, eval_t2i, eval_vqa
+    from mmdlm.eval.tasks import eval_caption, eval_t2i, eval_vqa
 
     samplers = samplers or {}
     row: dict[str, Any] = {}
@@ -73,7 +75,7 @@ def quality(pipe: MMDLMPipeline, records: list[dict], t2i_records: list[dict], t
 
 def caption_latency(pipe: MMDLMPipeline, records: list[dict], options: dict[str, Any] | None) -> float:
     """Median ms of one caption at batch 1 (the image tokenizer included, as for every row)."""
-    from mmdlm.evaluate import stack_images
+    from mmdlm.eval.records import stack_images
 
     times = []
     for i, r in enumerate(records):
@@ -104,7 +106,7 @@ def probes(records: list[dict], seed: int) -> list[tuple[dict, str, str]]:
 
 def probe(pipe: MMDLMPipeline, cases: list[tuple[dict, str, str]], world: Any) -> dict[str, Any]:
     """Fix rate on the wrong captions; false alarms on the true ones."""
-    from mmdlm.evaluate import stack_images
+    from mmdlm.eval.records import stack_images
 
     images = stack_images([r for r, _, _ in cases])
     fixed = restored = broken = 0
@@ -140,16 +142,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--latency", type=int, default=21, help="images timed at batch 1 (the first untimed)")
     parser.add_argument("--best-of", type=int, default=4, help="n of the best-of-n rows")
     parser.add_argument("--out", required=True, help="folder for revision.json and revision.md")
-    parser.add_argument("--device", help="cpu, cuda ... (default: cuda if available)")
+    add_device_argument(parser)
     return parser
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from mmdlm.evaluate import load_records, world_for
+    from mmdlm.eval.records import load_records
     from mmdlm.pipeline import MMDLMPipeline
     from mmdlm.sampling import SelfCorrection
     from mmdlm.sampling.config import DEFAULT_SAMPLERS
     from mmdlm.sampling.revise import Revision
+    from mmdlm.worlds.scoring import world_for
 
     ar = MMDLMPipeline.from_pretrained(args.ar, device=args.device)
     mdm = MMDLMPipeline.from_pretrained(args.mdm, device=args.device)
@@ -202,7 +205,7 @@ def render(result: dict[str, Any]) -> str:
             return "-"
         return f"{100 * v:.1f}%" if pct else f"{v:.3g}"
 
-    lines = ["# Revision (issue 18)", "", f"`{result['command']}`", ""]
+    lines = ["# Revision", "", f"`{result['command']}`", ""]
     header = ["variant", "t2i all-correct", "t2i NFE", "t2i ms (b64)", "caption F1 cell/colour/shape/size (mean)",
               "caption NFE", "caption ms b64 / b1", "VQA", "VQA NFE", "VQA ms (b64)"]
     body = []

@@ -4,7 +4,7 @@ all-correct under the task's default sampler, or VQA accuracy) against the step 
 
     python -m benchmarks.rl_curves --run MDM=runs/grpo-mdm --run AR=runs/grpo-ar \\
         --eval-shards 'data/shards/shapes-codes/val/*.tar' --limit 400 --every 100 \\
-        --out benchmarks/results/issue19/curves
+        --out benchmarks/results/rl/curves
 
 Writes OUT.png (reward, KL and held-out panels) and OUT.json (every number plotted). The reward curve is smoothed
 over `--window` steps: one step's mean is 4 prompts' groups and swings with their difficulty. A checkpoint is
@@ -69,7 +69,7 @@ def checkpoints(run: Path, every: int) -> list[tuple[int, Path]]:
 
 def held_out(model_dir: str, task: str, records: list[dict]) -> float:
     """Text-to-image all-correct or VQA accuracy of a model folder under the task's default sampler."""
-    from mmdlm.evaluate import eval_t2i, eval_vqa
+    from mmdlm.eval.tasks import eval_t2i, eval_vqa
     from mmdlm.pipeline import MMDLMPipeline
 
     pipe = MMDLMPipeline.from_pretrained(model_dir)
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         curves = {label: scalars(run) for label, run in args.run}
         if args.eval_shards:
-            from mmdlm.evaluate import load_records
+            from mmdlm.eval.records import load_records
 
             records = load_records(args.eval_shards, 32, limit=args.limit)
             for label, run in args.run:

@@ -19,13 +19,14 @@ from collections import Counter
 import torch
 
 from mmdlm.errors import UserError
+from mmdlm.inputs import add_model_argument
 
 
 def main(argv: list[str] | None = None) -> None:
     """Measure rollout diversity per GRPO group."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.rollout_diversity", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="a model folder")
+    add_model_argument(parser)
     parser.add_argument("--shards", required=True, help="prompt shards (train: what RL sees)")
     parser.add_argument("--prompts", type=int, default=16, help="prompts (groups)")
     parser.add_argument("--group", type=int, default=8, help="rollouts per prompt")

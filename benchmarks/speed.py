@@ -1,11 +1,11 @@
 """Sampling speed and quality in one run: the masked-diffusion model as it was, each fast-sampling trick alone,
-all of them together, and the AR twin with and without its KV cache (issue 17).
+all of them together, and the AR twin with and without its KV cache.
 
     OMP_NUM_THREADS=2 python -m benchmarks.speed --mdm runs/quickstart/model --fast runs/fast/model \\
         --ar runs/quickstart/ar --shards 'data/shards/shapes-codes/val/*.tar' --limit 200 \\
-        --out benchmarks/results --repeats 5
-    # issue 21's batch sweep on a GPU: MDM with every fast-sampling trick vs AR + KV cache, batch 1, 8 and 32
-    python -m benchmarks.speed --fast runs/gpu-session/mdm/model --ar runs/gpu-session/ar/model \\
+        --out benchmarks/results/sampling_speed --repeats 5
+    # the batch sweep on a GPU: MDM with every fast-sampling trick vs AR + KV cache, batch 1, 8 and 32
+    python -m benchmarks.speed --fast runs/gpu/mdm/model --ar runs/gpu/ar/model \\
         --variants fast,ar-kv --tasks t2i,vqa --batch-sizes 1,8,32 --shards 'data/shards/shapes-codes/val/*.tar' \\
         --limit 200 --device cuda --out /tmp/sweep
     # the same on CPU at toy size (the check that it runs)
@@ -20,7 +20,7 @@ left out), and the quality on the first `--limit` val records (VQA accuracy, cap
 all-correct by the oracle, as `mmdlm evaluate` scores them, batches of 64).
 
 Variants (`variants`):
-- MDM (before): `--mdm` with the samplers the pipeline defaulted to before issue 17 (`before_samplers`): answers
+- MDM (before): `--mdm` with the pipeline's earlier default samplers (`before_samplers`): answers
   and captions one token per step (no `<eos>` fill), images 16 cosine steps with guidance 2, every step a full
   forward.
 - + approximate prefix cache: the same, the prompt's keys/values computed once (Fast-dLLM, never refreshed).
@@ -34,7 +34,7 @@ Variants (`variants`):
 fast, ar-kv, ar-nocache; only the model folders those variants use are needed (fast,ar-kv: --fast and --ar).
 
 Writes sampling_speed.json (every measurement, the machine, the command) and sampling_speed.md (one table per
-task, and the issue's acceptance checks) under --out.
+task, and the acceptance checks) under --out.
 """
 
 
@@ -42,131 +42,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import shlex
 import statistics
-import sys
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from mmdlm.eval.models import load_models
+from mmdlm.eval.report import command_line, md_table
+from mmdlm.eval.timing import load_text, machine_info, stats, timed
+from mmdlm.inputs import add_device_argument, int_list, positive_int
+
 if TYPE_CHECKING:  # the model stack loads lazily: `--help` answers at once
     from mmdlm.pipeline import MMDLMPipeline
     from mmdlm.sampling import SamplerConfig
     from mmdlm.sequence import Sample
-
-
-# ---------------------------------------------------------------------------------------------
-# shared by the benchmark scripts
-
-
-def machine_info(device: torch.device | str | None = None) -> dict[str, Any]:
-    """What the timings were taken on: CPU count, torch threads and version, the GPU if any."""
-    info: dict[str, Any] = {
-        "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-        "python": platform.python_version(), "torch": torch.__version__, "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-        "device": str(device) if device is not None else "cpu",
-        # other work on the machine skews every timing: 1/5/15-min load averages when measured
-        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-    }
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-        info["cuda"] = torch.version.cuda
-    return info
-
-
-def load_text(machine: dict[str, Any]) -> str:
-    load = machine.get("load_average")
-    return "n/a" if not load else " / ".join(f"{x:.2f}" for x in load)
-
-
-def stats(values: Sequence[float]) -> dict[str, float]:
-    """Median, min and max of repeated measurements."""
-    return {"median": float(statistics.median(values)), "min": float(min(values)), "max": float(max(values)),
-            "n": len(values)}
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
-    """(seconds, result) of one call, CUDA synchronised on both sides."""
-    sync(device)
-    start = time.perf_counter()
-    result = fn()
-    sync(device)
-    return time.perf_counter() - start, result
-
-
-def md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
-    """A markdown table (floats to 4 significant digits)."""
-    def cell(v: Any) -> str:
-        return f"{v:.4g}" if isinstance(v, float) else str(v).replace("|", "\\|")
-
-    return (["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-            + ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows])
-
-
-def int_list(text: str) -> list[int]:
-    """'1,2,4' -> [1, 2, 4] (each >= 1)."""
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from err
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
-    return values
-
-
-def positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def command_line(prog: str, argv: Sequence[str] | None) -> str:
-    return shlex.join(["python", "-m", prog, *(sys.argv[1:] if argv is None else argv)])
-
-
-def load_models(folders: dict[str, str], device: str | None) -> dict[str, MMDLMPipeline]:
-    """Pipelines by kind: "mdm" and "fast" (masked diffusion; "fast" trained with prefix attention) and "ar" (the
-    causal twin); raises ValueError naming the flag (--mdm, --fast, --ar) of a folder of the wrong kind."""
-    from mmdlm.pipeline import MMDLMPipeline
-
-    pipes = {}
-    for kind, folder in folders.items():
-        pipe = MMDLMPipeline.from_pretrained(folder, device=device)
-        if kind == "ar" and not pipe.is_autoregressive:
-            raise ValueError(f"--ar {folder!r} is not a causal model (config model.causal is false)")
-        if kind != "ar" and pipe.is_autoregressive:
-            raise ValueError(f"--{kind} {folder!r} is a causal (AR) model")
-        if kind == "fast" and not pipe.model.config.prefix_attention:
-            raise ValueError(f"--fast {folder!r} was not trained with prefix attention")
-        pipes[kind] = pipe
-    return pipes
-
-
-def load_pair(mdm: str, ar: str, device: str | None) -> tuple[MMDLMPipeline, MMDLMPipeline]:
-    """The two pipelines; raises ValueError when --mdm is causal or --ar is not."""
-    pipes = load_models({"mdm": mdm, "ar": ar}, device)
-    return pipes["mdm"], pipes["ar"]
-
-
-def cap_steps(steps: Sequence[int], region: int) -> dict[int, list[int]]:
-    """Effective step count -> the requested counts it stands for (a step count is capped at the region)."""
-    out: dict[int, list[int]] = {}
-    for s in sorted(steps):
-        out.setdefault(min(s, region), []).append(s)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,7 +72,7 @@ QUALITY = {"vqa": "VQA accuracy", "caption": "caption attribute F1 (mean; worst 
 
 
 def before_samplers() -> dict[str, SamplerConfig]:
-    """The pipeline's defaults before issue 17 (session 8), per evaluation task."""
+    """The pipeline's earlier default samplers (before the fast-sampling defaults), per evaluation task."""
     from mmdlm.sampling import SamplerConfig
 
     return {"vqa": SamplerConfig(steps=None, block_length=1, eos_fill=False),
@@ -190,7 +82,7 @@ def before_samplers() -> dict[str, SamplerConfig]:
 
 def current_samplers() -> dict[str, SamplerConfig]:
     """The pipeline's defaults now (`DEFAULT_SAMPLERS`), per evaluation task."""
-    from mmdlm.evaluate import PIPELINE_TASK
+    from mmdlm.eval.tasks import PIPELINE_TASK
     from mmdlm.pipeline import DEFAULT_SAMPLERS
 
     return {task: DEFAULT_SAMPLERS[PIPELINE_TASK[task]] for task in TASKS}
@@ -298,7 +190,7 @@ def timing(pipe: MMDLMPipeline, samples: list[Sample], sampler: SamplerConfig, w
 def quality(pipe: MMDLMPipeline, task: str, records: Sequence[dict], sampler: SamplerConfig,
             seed: int) -> dict[str, Any]:
     """The task's metric on the records, as `mmdlm evaluate` computes it."""
-    from mmdlm.evaluate import eval_caption, eval_t2i, eval_vqa
+    from mmdlm.eval.tasks import eval_caption, eval_t2i, eval_vqa
 
     if task == "vqa":
         m = eval_vqa(pipe, records, sampler, seed=seed, progress=False).metrics
@@ -313,7 +205,7 @@ def quality(pipe: MMDLMPipeline, task: str, records: Sequence[dict], sampler: Sa
 
 def run(pipes: dict[str, MMDLMPipeline], records: list[dict], args: argparse.Namespace) -> list[dict[str, Any]]:
     """Every (variant, task): quality once, timing at each batch size."""
-    from mmdlm.evaluate import stack_images
+    from mmdlm.eval.records import stack_images
 
     n = max(args.batch_sizes) * (args.warmup + args.repeats) + 16  # prompts for the timed runs (+ spares)
     codes = {kind: pipe.encode_images(stack_images(records[:n])).cpu() for kind, pipe in pipes.items()}
@@ -348,7 +240,7 @@ def _row(rows: list[dict[str, Any]], variant: str, task: str) -> dict[str, Any] 
 
 
 def checks(result: dict[str, Any]) -> list[tuple[str, str, bool]]:
-    """Issue 17's acceptance lines on this run: (what, measured, holds)."""
+    """The fast-sampling targets' acceptance lines on this run: (what, measured, holds)."""
     rows, out = result["rows"], []
     fast, ar, before = "MDM fast (all)", "AR + KV cache", "MDM (before)"
     if not all(_row(rows, v, t) for v in (fast, ar, before) for t in result["settings"]["tasks"]):
@@ -412,7 +304,7 @@ def render_markdown(result: dict[str, Any]) -> str:
         lines += [f"## {TITLES[task]}", ""] + md_table(header, table) + [""]
     found = checks(result)
     if found:
-        lines += ["## Acceptance (issue 17)", ""] + md_table(["target", "measured", "holds"],
+        lines += ["## Acceptance", ""] + md_table(["target", "measured", "holds"],
                                                              [[a, b, "yes" if c else "no"] for a, b, c in found])
         lines.append("")
     lines.append("NFE = forward calls per sampler call (median); tok/fwd = generated target tokens / forward calls "
@@ -433,19 +325,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--shards", required=True, help="val shards (glob): prompts and quality")
     parser.add_argument("--limit", type=int, default=200, help="val records scored for quality (0: timing only)")
     parser.add_argument("--out", required=True, help="folder for sampling_speed.json and sampling_speed.md")
-    parser.add_argument("--repeats", type=positive, default=5, help="timed runs per setting (median reported)")
+    parser.add_argument("--repeats", type=positive_int, default=5, help="timed runs per setting (median reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs before them")
     parser.add_argument("--batch-sizes", type=int_list, default=[1, 32], help="prompts per sampler call")
     parser.add_argument("--tasks", default="vqa,caption,t2i", help="comma-separated subset of vqa,caption,t2i")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", help="cpu, cuda ... (default: cuda if available)")
+    add_device_argument(parser)
     parser.add_argument("--quiet", action="store_true", help="no per-setting lines")
     return parser
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Time and score every sampler variant; write sampling_speed.json and .md; returns the result."""
-    from mmdlm.evaluate import load_records
+    from mmdlm.eval.records import load_records
 
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -1,20 +1,21 @@
 """Training throughput of the recipes' model sizes here: tokens/s of the real training step, and MFU on a GPU.
 
     OMP_NUM_THREADS=2 python -m benchmarks.train_speed --config configs/mdm-shapes.yaml \\
-        --config configs/ar-shapes.yaml --steps 30 --out benchmarks/results
-    python -m benchmarks.train_speed --config configs/mdm-shapes-gpu.yaml --device cuda --precision bf16-mixed \\
-        --steps 50 --out /tmp/train_speed
-    # issue 21's table in one command: MDM and AR at d=768 L12 and d=1024 L24, compiled, bf16, with a profile
-    python -m benchmarks.train_speed --config configs/mdm-shapes-gpu.yaml --config configs/ar-shapes-gpu.yaml \\
+        --config configs/mdm-shapes.yaml+configs/ar.yaml --steps 30 --out benchmarks/results
+    python -m benchmarks.train_speed --config configs/mdm-shapes.yaml+configs/gpu.yaml --device cuda \\
+        --precision bf16-mixed --steps 50 --out /tmp/train_speed
+    # the GPU table in one command: MDM and AR at d=768 L12 and d=1024 L24, compiled, bf16, with a profile
+    python -m benchmarks.train_speed --config configs/mdm-shapes.yaml+configs/gpu.yaml \\
+        --config configs/mdm-shapes.yaml+configs/ar.yaml+configs/gpu.yaml \\
         --size 12x768 --size 24x1024 --steps 30 --warmup 10 --profile /tmp/ts/profile --out /tmp/ts
     # the same on CPU at toy sizes (the check that it runs: a few seconds)
-    python -m benchmarks.train_speed --config configs/mdm-shapes-gpu.yaml --size 1x32 --device cpu \\
+    python -m benchmarks.train_speed --config configs/mdm-shapes.yaml+configs/gpu.yaml --size 1x32 --device cpu \\
         --precision 32-true --no-compile --batch-size 4 --steps 4 --warmup 1 --profile /tmp/ts/profile \\
         --profile-steps 2 --shapes-sizes --out /tmp/ts
 
-Each `--config` is a LightningCLI recipe (`train.py fit --config ...`); its model (`LitMDM` init args),
-layout, batch size, task weights, precision, gradient clipping and `compile` are used as they are. The step is
-the real one: `LitMDM` in a Lightning `Trainer` (condition dropout, masked-diffusion or AR loss,
+Each `--config` is a LightningCLI recipe (`train.py fit --config ...`; overlays joined by '+'); its model
+(`LitMDM` init args), layout, batch size, task weights, precision, gradient clipping and `compile` are used as
+they are. The step is the real one: `LitMDM` in a Lightning `Trainer` (condition dropout, masked-diffusion or AR loss,
 backward, clipping, AdamW, EMA update), fed synthetic batches of the real layout: sequences laid out by
 the `mmdlm.sequence` templates (tasks drawn by the recipe's weights, 1..qa_per_sample QA pairs as in
 training) with random VQ codes and random text ids (captions half to all of their region, answers
@@ -63,7 +64,9 @@ from typing import Any
 
 import torch
 
-from benchmarks.speed import command_line, load_text, machine_info, md_table, positive, stats, sync
+from mmdlm.eval.report import command_line, md_table
+from mmdlm.eval.timing import load_text, machine_info, stats, sync
+from mmdlm.inputs import positive_int
 
 # Dense (no sparsity) bf16 tensor-core peaks in FLOP/s, from the vendors' data sheets; first match wins.
 PEAK_BF16: tuple[tuple[str, float], ...] = (
@@ -93,11 +96,22 @@ class Recipe:
     trainer: dict[str, Any]
 
 
+def merged(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
+    """`overlay` read over `base` as LightningCLI reads a second --config: mappings merge, other values replace."""
+    out = dict(base)
+    for key, value in overlay.items():
+        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
 def load_recipe(path: str) -> Recipe:
-    """A LightningCLI YAML recipe of `LitMDM` + `MDMDataModule`."""
+    """A LightningCLI YAML recipe of `LitMDM` + `MDMDataModule`: one file, or a base and its overlays joined by
+    '+' (`configs/mdm-shapes.yaml+configs/gpu.yaml`)."""
     import yaml
 
-    cfg = yaml.safe_load(Path(path).read_text())
+    cfg: dict[str, Any] = {}
+    for part in path.split("+"):
+        cfg = merged(cfg, yaml.safe_load(Path(part).read_text()) or {})
     model, data = cfg.get("model", {}), cfg.get("data", {})
     if not str(model.get("class_path", "")).endswith("LitMDM"):
         raise ValueError(f"{path}: model.class_path is not mmdlm.training.LitMDM")
@@ -126,7 +140,7 @@ def resized(recipe: Recipe, batch_size: int | None, size: tuple[int, int, int] |
     """The recipe with its batch size, model size (layers, width, heads) and `compile` replaced where given."""
     model, data = dict(recipe.model), dict(recipe.data)
     if size is not None:
-        model.update(n_layer=size[0], n_embd=size[1], n_head=size[2])
+        model["config"] = {**model.get("config", {}), "n_layer": size[0], "n_embd": size[1], "n_head": size[2]}
     if compile_ is not None:
         model["compile"] = compile_
     if batch_size is not None:
@@ -394,8 +408,9 @@ def step_profiler(device_type: str, start: int, steps: int, folder: Path, name: 
 
 def run_name(recipe: Recipe) -> str:
     """`<recipe file stem>_<L>x<d>_b<batch>`: a run's name in profile file names."""
-    m = recipe.model
-    return f"{Path(recipe.path).stem}_{m.get('n_layer', 4)}x{m.get('n_embd', 128)}_b{recipe.data.get('batch_size', 32)}"
+    m = recipe.model.get("config", {})
+    stem = "+".join(Path(part).stem for part in recipe.path.split("+"))
+    return f"{stem}_{m.get('n_layer', 4)}x{m.get('n_embd', 128)}_b{recipe.data.get('batch_size', 32)}"
 
 
 def run_recipe(recipe: Recipe, args: argparse.Namespace, batch_size: int | None = None,
@@ -404,6 +419,7 @@ def run_recipe(recipe: Recipe, args: argparse.Namespace, batch_size: int | None 
     given); its throughput, and with `args.profile` a profile of the steps after the warm-up."""
     import lightning as L
 
+    from mmdlm.model import ModelConfig
     from mmdlm.training import LitMDM
 
     recipe = resized(recipe, batch_size, size, getattr(args, "compile", None))
@@ -413,7 +429,8 @@ def run_recipe(recipe: Recipe, args: argparse.Namespace, batch_size: int | None 
     L.seed_everything(args.seed, verbose=False)
     dm = synthetic_datamodule(recipe, sizes, min(args.steps, 8), args.seed)
     compiled = bool(recipe.model.get("compile", False))
-    lit = LitMDM(**{**recipe.model, "export_dir": None, "samples_at_val": 0, "compile": compiled})
+    lit = LitMDM(**{**recipe.model, "config": ModelConfig(**recipe.model.get("config", {})), "export_dir": None,
+                    "samples_at_val": 0, "compile": compiled})
     timer = step_timer(device_type)
     profiled = getattr(args, "profile", None) is not None
     callbacks = [timer]
@@ -509,14 +526,15 @@ def render_markdown(result: dict[str, Any]) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.train_speed", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", action="append", required=True, help="a LitMDM recipe (repeatable)")
+    parser.add_argument("--config", action="append", required=True,
+                        help="a LitMDM recipe, overlays joined by '+' (repeatable)")
     parser.add_argument("--out", required=True, help="folder for train_speed.json and train_speed.md")
-    parser.add_argument("--steps", type=positive, default=30, help="training steps per recipe, warm-up included")
+    parser.add_argument("--steps", type=positive_int, default=30, help="training steps per recipe, warm-up included")
     parser.add_argument("--warmup", type=int, default=5, help="first steps left out of the statistics")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                         help="auto = cuda if available")
     parser.add_argument("--precision", help="override the recipe's trainer.precision (e.g. bf16-mixed on a GPU)")
-    parser.add_argument("--batch-size", type=positive, action="append",
+    parser.add_argument("--batch-size", type=positive_int, action="append",
                         help="replace the recipe's batch size (repeatable: one run per size)")
     parser.add_argument("--size", type=model_size, action="append",
                         help="LAYERSxWIDTH[xHEADS] replacing the recipe's n_layer, n_embd, n_head (repeatable: one "
@@ -525,13 +543,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="compile the transformer's blocks for training, or not (default: the recipe's)")
     parser.add_argument("--profile", metavar="DIR",
                         help="write a torch.profiler trace and operator tables of --profile-steps steps per run here")
-    parser.add_argument("--profile-steps", type=positive, default=3,
+    parser.add_argument("--profile-steps", type=positive_int, default=3,
                         help="steps profiled after the warm-up (not timed)")
     parser.add_argument("--peak-flops", type=float, help="peak FLOP/s for MFU (default: the table, by GPU name)")
-    parser.add_argument("--text-vocab", type=positive, help="text ids (default: the recipe's tokenizer, else 512)")
-    parser.add_argument("--codebook-size", type=positive, help="VQ codes (default: the recipe's VQ, else 256)")
-    parser.add_argument("--grid", type=positive, help="VQ grid side (default: the recipe's VQ, else 8)")
-    parser.add_argument("--codebook-dim", type=positive, help="VQ code vector size (default: the recipe's VQ, else 8)")
+    parser.add_argument("--text-vocab", type=positive_int, help="text ids (default: the recipe's tokenizer, else 512)")
+    parser.add_argument("--codebook-size", type=positive_int, help="VQ codes (default: the recipe's VQ, else 256)")
+    parser.add_argument("--grid", type=positive_int, help="VQ grid side (default: the recipe's VQ, else 8)")
+    parser.add_argument("--codebook-dim", type=positive_int,
+                        help="VQ code vector size (default: the recipe's VQ, else 8)")
     parser.add_argument("--shapes-sizes", action="store_true",
                         help="where a recipe's tokenizer or VQ folder does not exist, use the shapes recipes' sizes "
                              "(without it, a missing folder is an error)")

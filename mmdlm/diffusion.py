@@ -253,7 +253,7 @@ def masked_diffusion_loss(model: torch.nn.Module, batch: Batch, vocab: Vocab, *,
     time. Every target token is then supervised once per pair, and a short answer that one view leaves
     unmasked is learned in the other. The forward runs on 2B rows; halve the batch size for equal compute.
 
-    `corrupt` = c > 0 trains correction (issue 18; LLaDA 2.1, RemeDi): each target token the mask left clean is
+    `corrupt` = c > 0 trains correction (LLaDA 2.1, RemeDi): each target token the mask left clean is
     replaced, with probability c, by a uniformly random token of its modality, and scored too: the model learns
     that a visible token may be wrong and what it should be, which a corrective sampler needs (a masked-diffusion
     model otherwise only ever sees `<mask>` or the truth). Their mean CE joins the loss as masked tokens' does

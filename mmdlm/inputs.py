@@ -21,17 +21,32 @@ class InputError(ValueError):
     """A bad input, reported in one sentence (never with a traceback)."""
 
 
+MODEL_HELP = "model folder (written by mmdlm.commands.export)"
+DEVICE_HELP = "cpu, cuda, ... (default: cuda if available)"
+
+
+def add_model_argument(parser: argparse.ArgumentParser, help: str = MODEL_HELP) -> None:
+    """--model: the model folder to load (required)."""
+    parser.add_argument("--model", required=True, help=help)
+
+
+def add_device_argument(parser: argparse.ArgumentParser, default: str | None = None, help: str = DEVICE_HELP
+                        ) -> None:
+    """--device: the torch device to run on (None: cuda if available)."""
+    parser.add_argument("--device", default=default, help=help)
+
+
 def add_model_arguments(parser: argparse.ArgumentParser, verbose: bool = True) -> None:
     """The flags every sampling command takes: --model, --seed, --device (and -v/--verbose)."""
-    parser.add_argument("--model", required=True, help="model folder (written by mmdlm.commands.export)")
+    add_model_argument(parser)
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
-    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    add_device_argument(parser)
     if verbose:
         parser.add_argument("-v", "--verbose", action="store_true", help="print NFE and time on stderr")
 
 
 def add_revision_arguments(parser: argparse.ArgumentParser, best_of: bool = False) -> None:
-    """Revision flags (issue 18): --draft AR_MODEL (hybrid decoding), --revise; --best-of N for images."""
+    """Revision flags: --draft AR_MODEL (hybrid decoding), --revise; --best-of N for images."""
     group = parser.add_argument_group("revision")
     group.add_argument("--draft", metavar="AR_MODEL", help="hybrid decoding: this model folder (the AR twin, same "
                        "vocabulary) drafts with its KV cache; --model judges the tokens the drafter was unsure of "
@@ -65,6 +80,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def int_list(text: str) -> list[int]:
+    """argparse type: '1,2,4' -> [1, 2, 4] (each >= 1)."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from err
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
+    return values
+
+
 def load_pipeline(model: str, device: str | None = None) -> MMDLMPipeline:
     """`MMDLMPipeline.from_pretrained`, with any failure turned into one `InputError` sentence."""
     from mmdlm.pipeline import MMDLMPipeline
@@ -90,16 +116,20 @@ def load_image(path: str | Path) -> Image.Image:
         raise InputError(f"cannot read image {str(path)!r}: {err}") from err
 
 
-def check_text(text: str, what: str) -> str:
-    """`text` unchanged, or an `InputError` if it is not valid UTF-8 text: a lone surrogate (a JSON
-    "\\ud800") or a byte that is not UTF-8 (which Python hands over from argv or a file as a surrogate
-    escape, U+DC80..U+DCFF) cannot be tokenized."""
+def check_text(text: object, what: str, allow_empty: bool = True) -> str:
+    """`text` unchanged, or an `InputError` if it is not a string, not valid UTF-8 text, or (unless
+    `allow_empty`) blank. A lone surrogate (a JSON "\\ud800") or a byte that is not UTF-8 (which Python hands
+    over from argv or a file as a surrogate escape, U+DC80..U+DCFF) cannot be tokenized."""
+    if not isinstance(text, str):
+        raise InputError(f"the {what} must be text, got {type(text).__name__}")
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as err:
         code = ord(text[err.start])
         bad = f"the byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"the lone surrogate U+{code:04X}"
         raise InputError(f"the {what} is not valid UTF-8 text (character {err.start + 1} is {bad})") from None
+    if not allow_empty and not text.strip():
+        raise InputError(f"the {what} is empty")
     return text
 
 
@@ -107,6 +137,4 @@ def check_question(question: object, what: str = "question") -> str:
     """A non-empty question of valid text, or an `InputError` saying what is wrong with it."""
     if not isinstance(question, str):
         raise InputError(f"the {what} must be a string, got {type(question).__name__}")
-    if not question.strip():
-        raise InputError(f"the {what} is empty")
-    return check_text(question, what)
+    return check_text(question, what, allow_empty=False)

@@ -1,4 +1,4 @@
-"""Per-sequence log-likelihood of a batch's targets given the rest: what a policy gradient needs (issue 19).
+"""Per-sequence log-likelihood of a batch's targets given the rest: what a policy gradient needs.
 
 An autoregressive model has it exactly: the sum of teacher-forced log p(x_i | x_<i) over the target. A
 masked-diffusion model has no tractable likelihood; the policy-gradient methods for it use the ELBO,

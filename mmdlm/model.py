@@ -30,9 +30,15 @@ from torch import nn
 
 @dataclass
 class ModelConfig:
-    """Transformer hyper-parameters. Defaults are the tiny CPU model of the shapes world."""
+    """Transformer hyper-parameters. Defaults are the tiny CPU model of the shapes world.
 
-    vocab_size: int  # Vocab.size: text ids + image codes + specials
+    The architecture fields are a recipe's choice; the run-time ones (`vocab_size`, `max_seq_len`, `mask_id`,
+    `image_tokens`, `image_grid`, `codebook_size`, `image_offset`, `codebook_dim`) come from the data's
+    tokenizers (`LitMDM.configure_model` fills them). `vocab_size` 0 marks a config not filled yet: the checks
+    that need the run-time fields wait for them.
+    """
+
+    vocab_size: int = 0  # Vocab.size: text ids + image codes + specials (0: not filled from the data yet)
     n_layer: int = 4  # a small model runs 3-4x more steps in a CPU budget (BENCHMARKS.md, founding)
     n_head: int = 4  # head dim 32 at d=128: enough for RoPE, cheap on CPU
     n_embd: int = 128  # d=128 runs 3-4x more steps than d=256 in the same CPU time (BENCHMARKS.md)
@@ -63,7 +69,7 @@ class ModelConfig:
     prefix_attention: bool = False  # LaViDa's Prefix-DLM mask: the prompt (positions before a row's `prefix`,
     #   the image + question, the caption) attends only to itself, never to the generated region. Its keys and
     #   values then do not change while the target is decoded, so a sampler computes them once per request and
-    #   reuses them exactly at every step (issue 17). Must match training: a model trained without it reads
+    #   reuses them exactly at every step. Must match training: a model trained without it reads
     #   its prompt through the targets' masks. Causal calls ignore it (causal already hides the future). With
     #   shift_logits the prompt's last position, which predicts the first target, is not hidden from the rest.
     image_tokens: int = 0  # N = h*w image tokens; > 0 turns on the learned 2D image-position embedding
@@ -92,6 +98,14 @@ class ModelConfig:
             elif h * w != self.image_tokens:
                 raise ValueError(f"image_grid {self.image_grid} does not hold "
                                  f"image_tokens={self.image_tokens}")
+        if self.head_codebook and self.tie_head:
+            raise ValueError("head_codebook needs an untied head (tie_head=False) and the codebook projection "
+                             "(codebook_dim > 0); a tied head already has it")
+        if self.vocab_size > 0:
+            self.check_run_time_fields()
+
+    def check_run_time_fields(self) -> None:
+        """ValueError when the fields that come from the data do not fit the architecture."""
         if self.codebook_dim > 0:
             if self.codebook_size <= 0 or self.image_offset <= 0:
                 raise ValueError("codebook_dim > 0 needs codebook_size and image_offset (from the Vocab)")
@@ -100,7 +114,7 @@ class ModelConfig:
         if self.mask_positions and not 0 <= self.mask_id < self.vocab_size:
             raise ValueError(f"mask_positions needs mask_id (Vocab.mask) in [0, {self.vocab_size}), "
                              f"got {self.mask_id}")
-        if self.head_codebook and (self.tie_head or self.codebook_dim <= 0):
+        if self.head_codebook and self.codebook_dim <= 0:
             raise ValueError("head_codebook needs an untied head (tie_head=False) and the codebook projection "
                              "(codebook_dim > 0); a tied head already has it")
 
@@ -237,6 +251,8 @@ class Transformer(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         cfg = self.config = config
+        if cfg.vocab_size <= 0:
+            raise ValueError("ModelConfig.vocab_size is 0: fill the run-time fields from the data's vocabulary first")
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.modality_emb = nn.Embedding(2, cfg.n_embd)  # 0: text position, 1: image position
         if cfg.image_tokens > 0:  # the last row of each is a zero "not an image position" entry
@@ -318,7 +334,7 @@ class Transformer(nn.Module):
         """(embedding Float[V, C], head Float[V, C]). Without autograd (sampling, evaluation) both are kept
         between calls until a tensor they are built from changes (its identity, dtype or in-place version:
         an optimizer step, an EMA swap, `load_state_dict`, `.to()`), so a decoding step does not rebuild the
-        codebook projection every call (issue 17: about a quarter of a batch-1 step)."""
+        codebook projection every call (a large share of a batch-1 step)."""
         if torch.is_grad_enabled():
             embedding = self.embedding_table()
             return embedding, self.head_table(embedding)

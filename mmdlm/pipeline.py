@@ -58,7 +58,7 @@ from mmdlm.text_tokenizer import TextTokenizer
 from mmdlm.vocab import Vocab
 
 BLANK = "[MASK]"  # marks a span to fill in `infill`
-# Hybrid decoding's default revision, chosen on held-out val 500-699 (BENCHMARKS.md, issue 18): the MDM judges only
+# Hybrid decoding's default revision, chosen on held-out val 500-699 (BENCHMARKS.md, "Revision"): the MDM judges only
 # the tokens the AR drafter gave p < 0.6 (~3% of them), and rewrites those it finds below 0.2 and would replace.
 HYBRID_REVISION = Revision(threshold=0.2, draft_confidence=0.6)
 MAX_LENGTH_CANDIDATES = 256  # `infill(tokens_per_blank=None)`: length combinations tried per text

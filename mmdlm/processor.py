@@ -63,7 +63,7 @@ class MMDLMProcessor:
 
     @classmethod
     def from_pretrained(cls, folder: str | Path) -> MMDLMProcessor:
-        """The processor of a model folder (`mmdlm.commands.export`, `save_pretrained`): its `text_tokenizer/` and `vq/`,
+        """The processor of a model folder (`mmdlm export`, `save_pretrained`): its `text_tokenizer/` and `vq/`,
         and the layout recorded in its config.json, whose vocabulary must be the tokenizers' one."""
         folder = Path(folder)
         config = read_config(folder)

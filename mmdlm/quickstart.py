@@ -46,7 +46,7 @@ def step_env() -> dict[str, str]:
     """The environment of every step: OpenMP threads that sleep instead of spinning when they wait.
 
     With the default (active) wait policy, torch's two threads collapse when anything else runs on a 2-core
-    box (measured 1.32 s/step against 0.82 s/step with PASSIVE, issue 15); a user's own setting wins.
+    box (BENCHMARKS.md, "Learning"); a user's own setting wins.
     """
     return {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
 
@@ -96,8 +96,7 @@ def vq_tokenizer_step(args: argparse.Namespace, out: Path, train_glob: str, val_
                 [sys.executable, "train.py", "fit", "--config", "configs/vq-shapes.yaml",
                  "--data.train_shards", train_glob, "--data.val_shards", val_glob,
                  "--model.export_dir", str(out / "vq"), "--model.vq.codebook_size", str(codebook_size(args)),
-                 "--trainer.max_steps", str(args.vq_steps), "--trainer.default_root_dir", str(out / "vq-run"),
-                 "--trainer.logger.init_args.save_dir", str(out / "vq-run")],
+                 "--trainer.max_steps", str(args.vq_steps), "--trainer.default_root_dir", str(out / "vq-run")],
                 out / "vq" / "config.json")
 
 
@@ -107,17 +106,18 @@ def codebook_size(args: argparse.Namespace) -> int:
 
 
 TOKENIZER_STEPS = {"patch": patch_tokenizer_step, "vq": vq_tokenizer_step}
+BASE, AR = "configs/mdm-shapes.yaml", "configs/ar.yaml"  # the base recipe and the AR twin's overlay
 
 
-def fit_step(name: str, config: str, args: argparse.Namespace, out: Path, codes: Path, run: str, export: str,
-             max_steps: int, extra: list[str]) -> Step:
+def fit_step(name: str, configs: list[str], args: argparse.Namespace, out: Path, codes: Path, run: str,
+             export: str, max_steps: int, extra: list[str]) -> Step:
     """A `train.py fit` step on the pre-tokenized shards; a killed one resumes from its `last.ckpt`."""
     return Step(name,
-                [sys.executable, "train.py", "fit", "--config", config,
+                [sys.executable, "train.py", "fit", *[arg for c in configs for arg in ("--config", c)],
                  "--data.train_shards", f"{codes}/train/*.tar", "--data.val_shards", f"{codes}/val/*.tar",
                  "--data.text_tokenizer", str(out / "text_tokenizer"), "--data.vq", str(out / "vq"),
                  "--model.export_dir", str(out / export), "--trainer.max_steps", str(max_steps),
-                 "--trainer.default_root_dir", str(out / run), "--trainer.logger.init_args.save_dir", str(out / run)]
+                 "--trainer.default_root_dir", str(out / run)]
                 + extra
                 # a run before this one was killed: resume from OUT/RUN/checkpoints/last.ckpt (train.py keeps
                 # checkpoints there, not in the logger's new version_N folder; none yet = a fresh start)
@@ -128,20 +128,20 @@ def fit_step(name: str, config: str, args: argparse.Namespace, out: Path, codes:
 def training_steps(args: argparse.Namespace, out: Path, codes: Path) -> list[Step]:
     """The model: an AR warm start adapted to masked diffusion (`--ar-steps` > 0), or an MDM from scratch.
 
-    The warm start is the AR twin (`configs/ar-shapes.yaml`) trained for `--ar-steps`; the MDM then starts
-    from its weights (`--model.init_from`: bidirectional attention, the AR's next-token head kept through
+    The warm start is the AR twin (the base recipe + `configs/ar.yaml`) trained for `--ar-steps`; the MDM then
+    starts from its weights (`--model.init_from`: bidirectional attention, the AR's next-token head kept through
     `shift_logits`, as Dream / DiffuLLaMA adapt AR models) and trains `--mdm-steps` on the masked-diffusion
-    objective, half of each batch still on the AR one (`--ar-rows`: the adaptation then keeps more of what the
-    AR learned: text-to-image 42% -> 56% at AR 1,800 + MDM 800 steps). The AR learns image-text grounding
-    several times faster per step than masked diffusion from scratch (BENCHMARKS.md, issue 15).
+    objective, half of each batch still on the AR one (`--ar-rows`: the adaptation keeps more of what the AR
+    learned). The AR learns image-text grounding faster per step than masked diffusion from scratch
+    (BENCHMARKS.md, "Learning").
     """
     if args.ar_steps <= 0:
-        return [fit_step("train the masked-diffusion model", "configs/mdm-shapes.yaml", args, out, codes,
+        return [fit_step("train the masked-diffusion model", [BASE], args, out, codes,
                          "mdm-run", "model", args.mdm_steps, shlex.split(args.mdm_args))]
     return [
-        fit_step("train the AR warm start", "configs/ar-shapes.yaml", args, out, codes, "ar-run", "ar",
+        fit_step("train the AR warm start", [BASE, AR], args, out, codes, "ar-run", "ar",
                  args.ar_steps, shlex.split(args.ar_args)),
-        fit_step("adapt it to masked diffusion", "configs/mdm-shapes.yaml", args, out, codes, "mdm-run", "model",
+        fit_step("adapt it to masked diffusion", [BASE], args, out, codes, "mdm-run", "model",
                  args.mdm_steps, ["--model.init_from", str(out / "ar"), "--model.ar_rows", str(args.ar_rows)]
                  + shlex.split(args.mdm_args)),
     ]

@@ -15,8 +15,8 @@ A document is interleaved text and images (MMC4 / OBELICS; UniDisc's interleaved
 target. Text regions are fixed, as in the other templates: a given text is `Layout.text_len` tokens (content, then
 `<pad>`), a generated one `Layout.segment_len` (content, then the `<eos>` fill). So a segment's place depends only on
 the kinds of the segments before it: an edit's result sits at a fixed offset from its source, and copying the
-unchanged part is one relative shift. (The first edits model, trained with each given text as long as its content,
-left the rest of the scene unchanged in 46% of its edits after 2,000 steps: BENCHMARKS.md, issue 20.) Each image
+unchanged part is one relative shift (variable-length given texts make edits that change the rest of the scene:
+BENCHMARKS.md, "Editing"). Each image
 has its own 2D positions (`image_index` restarts at 0 per image), and the segments' order is in the 1D (RoPE)
 positions.
 

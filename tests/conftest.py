@@ -24,7 +24,8 @@ def shapes_texts(n: int = 300, seed: int = 0) -> list[str]:
     return texts
 
 
-@pytest.fixture(scope="session")
+# scope "package": tests/ is no Python package, so pytest builds each of these once for the whole run
+@pytest.fixture(scope="package")
 def tiny_model_dir(tmp_path_factory) -> str:
     """A self-contained model folder: BPE trained on shapes text, an untrained tiny VQ, a random MDM."""
     from mmdlm.folder import write_model_folder
@@ -49,7 +50,7 @@ def tiny_model_dir(tmp_path_factory) -> str:
     return str(write_model_folder(model, processor, root / "model"))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def tiny_shards(tmp_path_factory) -> str:
     """A few small shapes shards (train 96 / val 24 scenes) with png + json; no pre-computed codes."""
     from mmdlm.worlds.shapes import ShapesConfig, write_shapes

@@ -21,7 +21,7 @@ from PIL import Image
 from benchmarks import (
     caption_decoding,
     compare,
-    gpu_session,
+    gpu,
     infill_length,
     learning_curve,
     revision,
@@ -88,8 +88,8 @@ def _is_rate(x) -> bool:
 
 # ---- pieces -------------------------------------------------------------------------------------------
 def test_cap_steps_and_peaks():
-    assert speed.cap_steps([4, 8, 16, 32, 64], 4) == {4: [4, 8, 16, 32, 64]}
-    assert speed.cap_steps([64, 4, 100], 64) == {4: [4], 64: [64, 100]}
+    assert compare.cap_steps([4, 8, 16, 32, 64], 4) == {4: [4, 8, 16, 32, 64]}
+    assert compare.cap_steps([64, 4, 100], 64) == {4: [4], 64: [64, 100]}
     assert train_speed.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
     assert train_speed.peak_flops("NVIDIA H100 PCIe") == 756e12
     assert train_speed.peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
@@ -247,11 +247,11 @@ def test_speed(pair, val_shards, tmp_path):
         assert rows[("AR + KV cache", task)]["quality"] == rows[("AR, no cache", task)]["quality"]
     assert len(saved["checks"]) == 3 and all(isinstance(c["holds"], bool) for c in saved["checks"])
     md = (out / "sampling_speed.md").read_text()
-    assert "python -m benchmarks.speed" in md and "Acceptance (issue 17)" in md and "AR + KV cache" in md
+    assert "python -m benchmarks.speed" in md and "## Acceptance" in md and "AR + KV cache" in md
 
 
 def test_speed_variants_pick_the_rows_and_the_models(pair, val_shards, tmp_path, capsys):
-    """--variants fast,ar-kv: issue 21's sweep needs only the prefix-attention MDM and the AR twin."""
+    """--variants fast,ar-kv: the GPU sweep needs only the prefix-attention MDM and the AR twin."""
     mdm_dir, ar_dir = pair
     fast_dir = tmp_path / "fast"
     shutil.copytree(mdm_dir, fast_dir)
@@ -347,7 +347,7 @@ def test_infill_length(pair, val_shards, tmp_path):
 
 
 @pytest.mark.parametrize("module", [compare, speed, train_speed, learning_curve, caption_decoding, revision,
-                                    infill_length, gpu_session])
+                                    infill_length, gpu])
 def test_help_is_the_docstring(module, capsys):
     with pytest.raises(SystemExit) as exit_info:
         module.main(["--help"])
@@ -372,13 +372,14 @@ def test_learning_curve(tiny_model_dir, tiny_shards, tmp_path, monkeypatch, caps
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
+    from mmdlm.model import ModelConfig
     from mmdlm.training import LitMDM, MDMDataModule
 
     L.seed_everything(0)
     dm = MDMDataModule(train_shards=f"{tiny_shards}/train/*.tar", val_shards=f"{tiny_shards}/val/*.tar",
                        text_tokenizer=f"{tiny_model_dir}/text_tokenizer", vq=f"{tiny_model_dir}/vq",
                        batch_size=4, resampled=True, shuffle_buffer=16)
-    module = LitMDM(n_layer=1, n_head=2, n_embd=32, warmup_steps=1, samples_at_val=0)
+    module = LitMDM(ModelConfig(n_layer=1, n_head=2, n_embd=32), warmup_steps=1, samples_at_val=0)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "run" / "checkpoints", every_n_train_steps=2, save_top_k=-1)
     L.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
               limit_val_batches=0, callbacks=[ckpt]).fit(module, datamodule=dm)
@@ -406,7 +407,7 @@ def test_learning_curve(tiny_model_dir, tiny_shards, tmp_path, monkeypatch, caps
     assert again["curves"] == result["curves"]
     untrained = [None] * len(learning_curve.TARGETS)  # an untrained model meets none
     assert [t["first_step"] for t in again["targets"]["tiny"]] == untrained
-    assert "Targets (issues 20 and 21)" in (out / "learning_curve.md").read_text()
+    assert "## Targets: where each was first met" in (out / "learning_curve.md").read_text()
 
     with pytest.raises(SystemExit):  # against wall-clock: the run must say when it started
         learning_curve.main(argv + ["--x", "minutes"])
@@ -452,7 +453,7 @@ def test_budget_plot_joins_points_by_label_and_names_a_missing_file(tmp_path, ca
 
     from benchmarks.budget_plot import main
 
-    r = "benchmarks/results/issue15"
+    r = "benchmarks/results/learning/recipe"
     curves = main(["--out", str(tmp_path / "b.png"), "--point", f"x=2600={r}/ar_2600.json",
                    "--point", f"x=650={r}/ar_650.json", "--curve", f"old={r}/mdm_scratch_step*.json"])
     assert (tmp_path / "b.png").stat().st_size > 0

@@ -1,4 +1,4 @@
-"""The `mmdlm` command (mmdlm/cli.py): its help lists the subcommands, each subcommand's `--help` is its own,
+"""The `mmdlm` command (mmdlm/commands): its help lists the subcommands, each subcommand's `--help` is its own,
 an unknown subcommand is one sentence and exit 2, and `mmdlm vqa` / `mmdlm train` behave exactly as
 `python -m mmdlm.commands.vqa` / `python train.py` (same output, errors and exit statuses) on the tiny model.
 
@@ -18,11 +18,13 @@ import pytest
 # train imports Lightning here, not inside a test: its log handler keeps the stderr of the moment, and a test's
 # captured stderr is closed after it
 import train
-from mmdlm import cli, train_cli, vqa
+from mmdlm import commands as cli
+from mmdlm.commands import train as train_cmd
+from mmdlm.commands import vqa
 
 REPO = Path(__file__).resolve().parents[1]
-SUBCOMMANDS = ["train", "vqa", "generate", "evaluate", "export", "demo", "quickstart",  # the issue's list
-               "caption", "infill"]  # and the sampler's other tasks
+SUBCOMMANDS = ["train", "vqa", "generate", "evaluate", "export", "demo", "quickstart",  # the documented list
+               "caption", "infill", "pretokenize"]  # the sampler's other tasks, and the data step
 CONSOLE_SCRIPT = Path(sys.executable).parent / "mmdlm"  # what `pip install -e .` writes beside the venv's python
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -49,7 +51,7 @@ def scene(tmp_path_factory) -> Path:
 
 # ---- the top level ---------------------------------------------------------------------------------------
 def test_help_lists_every_subcommand_with_its_summary() -> None:
-    helped = run(sys.executable, "-m", "mmdlm.commands", "--help")
+    helped = run(sys.executable, "-m", "mmdlm", "--help")
     assert helped.returncode == 0 and helped.stderr == ""
     assert helped.stdout.startswith("usage: mmdlm SUBCOMMAND")
     assert_lists_subcommands(helped.stdout)
@@ -114,8 +116,7 @@ def test_train_keeps_the_one_sentence_errors_and_exit_2(tmp_path: Path, monkeypa
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["train", "fit", "--config", str(REPO / "configs" / "mdm-shapes.yaml"),
                   "--data.text_tokenizer", str(missing), "--data.train_shards", str(tmp_path / "*.tar"),
-                  "--trainer.default_root_dir", str(tmp_path / "run"),
-                  "--trainer.logger.init_args.save_dir", str(tmp_path / "run")])
+                  "--trainer.default_root_dir", str(tmp_path / "run")])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "Traceback" not in err
     assert err.strip().splitlines()[-1] == f"error: text tokenizer path {str(missing)!r} does not exist"
@@ -123,7 +124,7 @@ def test_train_keeps_the_one_sentence_errors_and_exit_2(tmp_path: Path, monkeypa
 
 
 def test_train_py_is_the_same_cli() -> None:
-    assert train.main is train_cli.main and train.cli_main is train_cli.cli_main
+    assert train.main is train_cmd.main
 
 
 def test_vqa_gives_what_python_m_mmdlm_vqa_gives(tiny_model_dir: str, scene: Path, tmp_path: Path, capsys) -> None:
@@ -154,14 +155,18 @@ def test_vqa_process_matches_python_m(tiny_model_dir: str, scene: Path) -> None:
     assert (new.returncode, new.stdout, new.stderr) == (old.returncode, old.stdout, old.stderr)
 
 
+BASE = "mdm-shapes.yaml"
+EDITS = [BASE, "edits.yaml"]
+
+
 @pytest.mark.parametrize("configs", [
-    *[[name.name] for name in sorted((REPO / "configs").glob("*.yaml")) if not name.stem.endswith(("-wc", "-pairs"))],
-    ["mdm-edits.yaml", "mdm-edits-wc.yaml"], ["ar-edits.yaml", "ar-edits-wc.yaml"],  # overlays over their stage 2
-    ["mdm-edits.yaml", "mdm-edits-wc.yaml", "mdm-edits-pairs.yaml"],  # stage 4 over stage 3 over stage 2
-    ["ar-edits.yaml", "ar-edits-wc.yaml", "ar-edits-pairs.yaml"],
+    [BASE], ["grpo-shapes.yaml"], ["vq-shapes.yaml"],  # the bases
+    [BASE, "ar.yaml"], [BASE, "gpu.yaml"], [BASE, "ar.yaml", "gpu.yaml"],  # the AR twin, one GPU
+    EDITS, [*EDITS, "ar.yaml"], [*EDITS, "edits-wc.yaml"], [*EDITS, "edits-wc.yaml", "ar.yaml"],  # editing stages
+    [*EDITS, "edits-wc.yaml", "edits-pairs.yaml"], [*EDITS, "edits-wc.yaml", "edits-pairs.yaml", "ar.yaml"],
 ])
 def test_the_shipped_configs_parse(configs: list[str], capsys) -> None:
-    """Each training recipe (an overlay read after its base) is a valid LightningCLI config: `--print_config`
+    """Each training recipe (a base and its overlays) is a valid LightningCLI config: `--print_config`
     resolves it without instantiating anything; the overlay's values win."""
     args = [a for name in configs for a in ("--config", str(REPO / "configs" / name))]
     with pytest.raises(SystemExit) as exit_info:
@@ -174,3 +179,12 @@ def test_the_shipped_configs_parse(configs: list[str], capsys) -> None:
     if configs[-1].endswith("-pairs.yaml"):  # stage 4: no shapes shards, and it starts from stage 3's folder
         assert "what-changed-codes" in printed and "shapes-codes" not in printed and "max_steps: 2500" in printed
         assert "-edits-wc/model" in printed
+    if configs[-1] == "ar.yaml":  # the AR twin: causal, whatever stage it follows
+        assert "causal: true" in printed and "ar_rows: 0.0" in printed and "task_balanced: false" in printed
+    if "gpu.yaml" in configs:
+        assert "n_layer: 12" in printed and "precision: bf16-mixed" in printed
+
+
+def test_every_config_is_a_base_or_an_overlay_and_every_base_is_tested() -> None:
+    tested = {name for case in test_the_shipped_configs_parse.pytestmark[0].args[1] for name in case}
+    assert tested == {p.name for p in (REPO / "configs").glob("*.yaml")}

@@ -1,9 +1,9 @@
-"""Bad input through the real command-line entry points (issue 14): every case gets a one-sentence error and
+"""Bad input through the real command-line entry points: every case gets a one-sentence error and
 a non-zero exit, never a traceback, and the good input around it is still processed.
 
     OMP_NUM_THREADS=1 python -m pytest -q tests/test_cli_reliability.py
 
-Covered: text that is not valid Unicode in `mmdlm.commands.vqa` / `mmdlm.commands.generate` (item 3), unsafe and non-checkpoint
+Covered: text that is not valid Unicode in `mmdlm vqa` / `mmdlm generate`, unsafe and non-checkpoint
 files given to `mmdlm.commands.export` (items 4, 6), a model folder with damaged weights (item 5), a model that gives
 no answer (item 12), and `benchmarks.train_speed` with a patch tokenizer or without the recipe's folders
 (item 13).
@@ -29,6 +29,8 @@ from mmdlm.worlds.shapes import render, sample_scene
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+EXPORT = [sys.executable, "-m", "mmdlm.commands.export"]
 
 
 def one_line_error(stderr: str) -> str:
@@ -126,6 +128,7 @@ def real_checkpoint(tiny_model_dir, tiny_shards, tmp_path_factory) -> Path:
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
+    from mmdlm.model import ModelConfig
     from mmdlm.training import LitMDM, MDMDataModule
 
     root = tmp_path_factory.mktemp("ckpt")
@@ -136,7 +139,7 @@ def real_checkpoint(tiny_model_dir, tiny_shards, tmp_path_factory) -> Path:
     trainer = L.Trainer(max_steps=2, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0, default_root_dir=root,
                         callbacks=[ModelCheckpoint(dirpath=root / "ck", save_last=True)])
-    trainer.fit(LitMDM(n_layer=1, n_head=2, n_embd=32, warmup_steps=2, samples_at_val=0), datamodule=dm)
+    trainer.fit(LitMDM(ModelConfig(n_layer=1, n_head=2, n_embd=32), warmup_steps=2, samples_at_val=0), datamodule=dm)
     return root / "ck" / "last.ckpt"
 
 
@@ -150,7 +153,7 @@ def test_export_refuses_a_checkpoint_that_would_run_code(kind, tmp_path) -> None
         torch.save(payload, ckpt)
     else:
         ckpt.write_bytes(pickle.dumps(payload))
-    run = subprocess.run([sys.executable, "-m", "mmdlm.commands.export", "--ckpt", str(ckpt), "--out", str(tmp_path / "out")],
+    run = subprocess.run([*EXPORT, "--ckpt", str(ckpt), "--out", str(tmp_path / "out")],
                          capture_output=True, text=True, cwd=REPO, env=ENV, timeout=300)
     assert run.returncode == 2
     line = one_line_error(run.stderr)
@@ -181,7 +184,7 @@ def test_export_on_files_that_are_not_checkpoints_is_one_sentence(real_checkpoin
         line = one_line_error(capsys.readouterr().err)
         assert str(path) in line and message in line, line
     assert not (tmp_path / "out").exists()
-    run = subprocess.run([sys.executable, "-m", "mmdlm.commands.export", "--ckpt", str(text), "--out", str(tmp_path / "out")],
+    run = subprocess.run([*EXPORT, "--ckpt", str(text), "--out", str(tmp_path / "out")],
                          capture_output=True, text=True, cwd=REPO, env=ENV, timeout=300)
     assert run.returncode == 2 and one_line_error(run.stderr) == (f"error: '{text}' is not a PyTorch checkpoint "
                                                                   f"(or it is truncated)")

@@ -1,4 +1,4 @@
-"""Bad training data through the real entry points (issue 14): data with nothing usable stops in seconds
+"""Bad training data through the real entry points: data with nothing usable stops in seconds
 with one sentence, text that is not valid Unicode is skipped and counted, a shard pattern that matches nothing
 is one sentence, skip counts reach TensorBoard and the end-of-run summaries, and DDP validates with a single
 val shard (samples, not shards, shared out between the ranks in equal numbers)."""
@@ -46,11 +46,12 @@ def train_cli(model_dir: str, root: Path, train: str, val: str, *extra: str) -> 
     return [sys.executable, "train.py", "fit", "--config", "configs/mdm-shapes.yaml",
             "--data.train_shards", train, "--data.val_shards", val,
             "--data.text_tokenizer", f"{model_dir}/text_tokenizer", "--data.vq", f"{model_dir}/vq",
-            "--data.batch_size", "4", "--data.num_workers", "0", "--model.n_layer", "1", "--model.n_embd", "32",
+            "--data.batch_size", "4", "--data.num_workers", "0", "--model.config.n_layer", "1",
+            "--model.config.n_embd", "32",
             "--model.compile", "false",  # a few steps: compiling would cost more than it saves
-            "--model.n_head", "2", "--model.warmup_steps", "2", "--model.samples_at_val", "0",
+            "--model.config.n_head", "2", "--model.warmup_steps", "2", "--model.samples_at_val", "0",
             "--model.export_dir", str(root / "model"), "--trainer.default_root_dir", str(root),
-            "--trainer.logger.init_args.save_dir", str(root), "--trainer.enable_progress_bar", "false",
+            "--trainer.enable_progress_bar", "false",
             "--trainer.enable_model_summary", "false", *extra]
 
 

@@ -1,5 +1,5 @@
 """The Gradio web demo (`mmdlm.demo`): its handlers on the tiny model, the real server started with
-`python -m mmdlm.demo`, and every tab driven in headless Chromium.
+`python -m mmdlm.commands.demo`, and every tab driven in headless Chromium.
 
 The browser test needs Debian's `chromium` and `chromium-driver` (the Makefile installs them) and Selenium;
 it is skipped, saying which is missing, only when they are absent. It saves a screenshot of each tab into
@@ -28,8 +28,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmdlm import demo
-from mmdlm.commands.vqa import InputError
+from mmdlm.commands import demo as demo_command
+from mmdlm.demo import app as demo_app
+from mmdlm.demo import guard as demo_guard
+from mmdlm.demo import handlers as demo_handlers
+from mmdlm.inputs import InputError
 from mmdlm.pipeline import MMDLMPipeline
 from mmdlm.worlds.shapes import make_object, render
 
@@ -39,19 +42,19 @@ SCENE = [make_object("red", "circle", "large", 0), make_object("blue", "square",
 
 
 @pytest.fixture(scope="module")
-def handlers(tiny_model_dir: str) -> demo.Demo:
-    return demo.Demo(MMDLMPipeline.from_pretrained(tiny_model_dir, device="cpu"))
+def handlers(tiny_model_dir: str) -> demo_handlers.Demo:
+    return demo_handlers.Demo(MMDLMPipeline.from_pretrained(tiny_model_dir, device="cpu"))
 
 
 @pytest.fixture(scope="module")
-def ar_handlers(tiny_model_dir: str, tmp_path_factory) -> demo.Demo:
+def ar_handlers(tiny_model_dir: str, tmp_path_factory) -> demo_handlers.Demo:
     """The tiny model as an autoregressive baseline: the same folder with `causal: true` in its config."""
     folder = tmp_path_factory.mktemp("ar") / "model"
     shutil.copytree(tiny_model_dir, folder)
     config = json.loads((folder / "config.json").read_text())
     config["model"]["causal"] = True
     (folder / "config.json").write_text(json.dumps(config))
-    return demo.Demo(MMDLMPipeline.from_pretrained(folder, device="cpu"))
+    return demo_handlers.Demo(MMDLMPipeline.from_pretrained(folder, device="cpu"))
 
 
 @pytest.fixture(scope="module")
@@ -80,25 +83,25 @@ def test_caption_and_answer_return_text(handlers, scene):
     answer, info = handlers.answer({"path": str(scene)}, "what color is the circle?", steps=2, seed=3)
     pipe = handlers.pipe
     expected = pipe.answer([Image.open(scene)], ["what color is the circle?"], steps=2, seed=3).texts[0]
-    assert answer == (expected or demo.NO_TEXT) and info.startswith("done: 2 forward passes")
+    assert answer == (expected or demo_handlers.NO_TEXT) and info.startswith("done: 2 forward passes")
 
 
 def test_text_to_image_shows_every_step_then_the_images(handlers):
     frames = list(handlers.text_to_image("a red circle at the top left", num=2, steps=4, guidance=2,
                                          self_correction=True))
-    grid_side = 32 * demo.scale(2)
+    grid_side = 32 * demo_handlers.scale(2)
     pictures = [np.asarray(f[0]) for f in frames]
     assert len(frames) >= 4 + 1 and frames[-1][1].startswith("done: ")  # a frame before each step, then the result
     assert all(p.shape == pictures[0].shape for p in pictures) and pictures[0].shape[0] == grid_side + 4
     first = pictures[0][2:-2, 2:2 + grid_side]  # the first tile, inside the grid's padding
     assert (first == 127).all()  # before the first step every cell is masked: grey (0.5)
     assert frames[0][1] == f"step 1: {2 * handlers.pipe.vq.tokens_per_image} tokens masked"
-    sampler = demo.sampler_config("text_to_image", 4, 1, 0, True, 2)
+    sampler = demo_handlers.sampler_config("text_to_image", 4, 1, 0, True, 2)
     assert sampler.self_correction is not None and sampler.steps == 4 and sampler.guidance_scale == 2
     final = handlers.pipe.text_to_image(["a red circle at the top left"] * 2, sampler)
-    from mmdlm.commands.generate import make_grid, to_pil
+    from mmdlm.render import make_grid, to_pil
 
-    assert (pictures[-1] == np.asarray(to_pil(make_grid(final.images, 2, demo.scale(2))))).all()
+    assert (pictures[-1] == np.asarray(to_pil(make_grid(final.images, 2, demo_handlers.scale(2))))).all()
 
 
 def test_joint_gives_images_and_captions(handlers):
@@ -110,11 +113,11 @@ def test_joint_gives_images_and_captions(handlers):
 
 def test_inpainting_regenerates_only_the_painted_cells(handlers, scene):
     editor = handlers.inpaint_canvas({"path": str(scene)})
-    assert editor["background"].size == (demo.CANVAS, demo.CANVAS)
+    assert editor["background"].size == (demo_handlers.CANVAS, demo_handlers.CANVAS)
     frames = list(handlers.inpaint(painted(editor, (0, 0, 64, 64)), "", num=1, steps=3))
     assert frames[-1][1].startswith("done: ") and len(frames) >= 2
     side, (_, w) = handlers.pipe.vq.image_size, handlers.pipe.vq.grid
-    masked_cells = (64 * side // demo.CANVAS // (side // w)) ** 2  # the painted square covers these token cells
+    masked_cells = (64 * side // demo_handlers.CANVAS // (side // w)) ** 2  # the token cells under the painted square
     assert frames[0][1] == f"step 1: {masked_cells} tokens masked"
     with pytest.raises(InputError, match="nothing is painted"):
         next(handlers.inpaint(painted(editor, (0, 0, 0, 0)), ""))
@@ -124,12 +127,12 @@ def test_inpainting_regenerates_only_the_painted_cells(handlers, scene):
 
 def test_edit_shows_the_original_then_the_edits(handlers, scene):
     strip, info = handlers.edit({"path": str(scene)}, "make the red circle blue", num=2, image_guidance=1.5, steps=3)
-    side = 32 * demo.scale(3)
+    side = 32 * demo_handlers.scale(3)
     assert strip.size == (3 * side + 4 * 2, side + 4) and info.startswith("done: 3 forward passes")
     original = np.asarray(strip)[2:2 + side, 2:2 + side]
-    from mmdlm.commands.generate import to_pil, upscale
+    from mmdlm.render import to_pil, upscale
 
-    expected = np.asarray(to_pil(upscale(handlers.pipe.image_tensor([Image.open(scene)]), demo.scale(3))[0]))
+    expected = np.asarray(to_pil(upscale(handlers.pipe.image_tensor([Image.open(scene)]), demo_handlers.scale(3))[0]))
     assert (original == expected).all()
     with pytest.raises(InputError, match="instruction"):
         handlers.edit({"path": str(scene)}, "   ")
@@ -154,9 +157,9 @@ def test_the_autoregressive_baseline_says_what_it_cannot_do(ar_handlers, scene):
 
 def test_the_app_has_a_tab_per_task_and_disables_what_ar_cannot_do(handlers, ar_handlers):
     for pipe, ar in ((handlers.pipe, False), (ar_handlers.pipe, True)):
-        app = demo.build_app(pipe)
+        app = demo_app.build_app(pipe)
         by_id = {b.elem_id: b for b in app.blocks.values() if getattr(b, "elem_id", None)}
-        assert {f"tab-{t}" for t in demo.TABS} <= set(by_id)
+        assert {f"tab-{t}" for t in demo_app.TABS} <= set(by_id)
         assert [by_id[f"{t}-run"].interactive for t in ("inpaint", "infill")] == [not ar, not ar]
         api = {d["api_name"] for d in app.config["dependencies"] if d.get("api_name")}
         assert {"caption", "answer", "text_to_image", "joint", "inpaint", "edit", "infill"} <= api
@@ -169,10 +172,10 @@ def test_errors_become_one_sentence_for_the_page():
         raise kind("the prompt is 80 tokens, longer than the model's limit of 20")
 
     with pytest.raises(gr.Error) as err:
-        demo.user_errors(bad)(ValueError)
+        demo_app.user_errors(bad)(ValueError)
     assert err.value.message == "the prompt is 80 tokens, longer than the model's limit of 20"
     with pytest.raises(gr.Error) as err:
-        demo.user_errors(bad)(RuntimeError)
+        demo_app.user_errors(bad)(RuntimeError)
     assert err.value.message == ("internal error: RuntimeError: the prompt is 80 tokens, longer than the model's "
                                  "limit of 20")
 
@@ -180,17 +183,17 @@ def test_errors_become_one_sentence_for_the_page():
         yield 1
         raise InputError("the text is empty")
 
-    wrapped = demo.user_errors(gen)
+    wrapped = demo_app.user_errors(gen)
     with pytest.raises(gr.Error) as err:
         list(wrapped())
     assert err.value.message == "the text is empty"
 
 
 def test_cli_rejects_a_missing_model_and_a_bad_port(tmp_path, capsys):
-    assert demo.main(["--model", str(tmp_path / "nothing")]) == 2
+    assert demo_command.main(["--model", str(tmp_path / "nothing")]) == 2
     assert capsys.readouterr().err.strip() == f"error: model folder {str(tmp_path / 'nothing')!r} does not exist"
     with pytest.raises(SystemExit) as exit_info:
-        demo.main(["--model", str(tmp_path), "--port", "70000"])
+        demo_command.main(["--model", str(tmp_path), "--port", "70000"])
     assert exit_info.value.code == 2 and "--port must be 1-65535" in capsys.readouterr().err
 
 
@@ -203,14 +206,14 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir: str, tmp_path_factory) -> Iterator[str]:
-    """`python -m mmdlm.demo` on a free port (default host: 127.0.0.1); its URL."""
+    """`python -m mmdlm.commands.demo` on a free port (default host: 127.0.0.1); its URL."""
     model = os.environ.get("MMDLM_DEMO_MODEL") or tiny_model_dir
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False",
            "GRADIO_TEMP_DIR": str(tmp_path_factory.mktemp("gradio"))}
     log = tmp_path_factory.mktemp("log") / "demo.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "mmdlm.demo", "--model", model, "--port", str(port),
+        proc = subprocess.Popen([sys.executable, "-m", "mmdlm.commands.demo", "--model", model, "--port", str(port),
                                  "--device", "cpu"], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -254,12 +257,12 @@ def test_server_refuses_foreign_hosts_origins_and_huge_bodies(server):
         sock.sendall(f"POST /gradio_api/upload HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
                      f"Content-Length: {100 * 2**20}\r\n\r\n".encode())
         reply = sock.makefile("rb").read().decode()
-    assert reply.startswith("HTTP/1.1 413") and f"the demo accepts at most {demo.MAX_BODY}" in reply
+    assert reply.startswith("HTTP/1.1 413") and f"the demo accepts at most {demo_guard.MAX_BODY}" in reply
 
 
 def test_cli_says_so_when_the_port_is_taken(server, tiny_model_dir, capsys):
     port = server.rsplit(":", 1)[1]
-    assert demo.main(["--model", tiny_model_dir, "--port", port, "--device", "cpu"]) == 2
+    assert demo_command.main(["--model", tiny_model_dir, "--port", port, "--device", "cpu"]) == 2
     assert capsys.readouterr().err.startswith(f"error: Cannot find empty port in range: {port}-{port}.")
 
 
@@ -415,7 +418,7 @@ def test_browser_every_tab_returns_an_output(server, scene, tmp_path):
         shot("infilling")
     finally:
         driver.quit()
-    assert sorted(p.name for p in shots.glob("demo-*.png")) == sorted(f"demo-{t}.png" for t in demo.TABS)
+    assert sorted(p.name for p in shots.glob("demo-*.png")) == sorted(f"demo-{t}.png" for t in demo_app.TABS)
 
 
 TAB_NAMES = {"caption": "Caption", "vqa": "VQA", "text-to-image": "Text to image", "joint": "Joint",

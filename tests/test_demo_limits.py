@@ -21,14 +21,16 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from mmdlm import demo
-from mmdlm.commands.vqa import InputError
+from mmdlm.demo import guard as demo_guard
+from mmdlm.demo import handlers as demo_handlers
+from mmdlm.demo import limits as demo_limits
+from mmdlm.inputs import InputError
 from mmdlm.pipeline import MMDLMPipeline
 
 
 @pytest.fixture(scope="module")
-def handlers(tiny_model_dir: str) -> demo.Demo:
-    return demo.Demo(MMDLMPipeline.from_pretrained(tiny_model_dir, device="cpu"))
+def handlers(tiny_model_dir: str) -> demo_handlers.Demo:
+    return demo_handlers.Demo(MMDLMPipeline.from_pretrained(tiny_model_dir, device="cpu"))
 
 
 def write(tmp_path: Path, name: str, data: bytes) -> str:
@@ -78,7 +80,7 @@ def test_huge_text_is_rejected_before_tokenizing(handlers):
 
 def test_text_at_the_character_limit_reaches_the_token_check(handlers):
     with pytest.raises(ValueError, match="longer than the model's limit"):
-        next(handlers.text_to_image("a" * demo.MAX_TEXT_CHARS))
+        next(handlers.text_to_image("a" * demo_limits.MAX_TEXT_CHARS))
 
 
 @pytest.mark.parametrize("text, message", [
@@ -90,7 +92,7 @@ def test_text_at_the_character_limit_reaches_the_token_check(handlers):
 ])
 def test_text_that_is_not_valid_unicode_is_refused(text, message):
     with pytest.raises(InputError) as err:
-        demo.check_text(text, "prompt")
+        demo_limits.check_text(text, "prompt")
     assert str(err.value) == message
 
 
@@ -105,7 +107,7 @@ def test_text_that_is_not_valid_unicode_is_refused(text, message):
 ])
 def test_controls_out_of_range_are_refused(value, message):
     with pytest.raises(InputError) as err:
-        demo.check_number(value, "steps", 1, 64, integer=True)
+        demo_limits.check_number(value, "steps", 1, 64, integer=True)
     assert str(err.value) == message
 
 
@@ -113,10 +115,10 @@ def test_controls_map_to_the_sampler():
     from mmdlm.pipeline import DEFAULT_SAMPLERS
     from mmdlm.sampling import SelfCorrection
 
-    config = demo.sampler_config("text_to_image", 8, 0.5, 0.9, True, 3)
+    config = demo_handlers.sampler_config("text_to_image", 8, 0.5, 0.9, True, 3)
     assert config == dataclasses.replace(DEFAULT_SAMPLERS["text_to_image"], steps=8, temperature=0.5, threshold=0.9,
                              guidance_scale=3, self_correction=SelfCorrection())
-    config = demo.sampler_config("caption", 8.0, 0, 0, False, block_length=None)  # threshold 0: the schedule
+    config = demo_handlers.sampler_config("caption", 8.0, 0, 0, False, block_length=None)  # threshold 0: the schedule
     assert config == dataclasses.replace(DEFAULT_SAMPLERS["caption"], steps=8, temperature=0, block_length=None,
                                          threshold=None)
 
@@ -126,8 +128,8 @@ def test_100_megapixel_png_is_rejected_without_decoding(tmp_path):
     data = png_bytes(Image.new("1", (10_000, 10_000)), optimize=True)  # ~12 KB; decoded: +300 MB as RGB
     assert len(data) < 50_000
     start = time.perf_counter()
-    with pytest.raises(demo.TooLarge) as err:
-        demo.open_image({"path": write(tmp_path, "big.png", data)})
+    with pytest.raises(demo_limits.TooLarge) as err:
+        demo_limits.open_image({"path": write(tmp_path, "big.png", data)})
     assert str(err.value) == ("the image is 10000 x 10000 = 100000000 pixels; the demo accepts at most 16777216 "
                               "(4096 x 4096)")
     assert time.perf_counter() - start < 1.0
@@ -141,14 +143,14 @@ def test_100_megapixel_png_is_rejected_without_decoding(tmp_path):
 def test_header_size_decides_before_any_decoder_runs(tmp_path, data, message):
     """The pixel data behind these headers is unreadable: a size error (not a decode error) shows it was
     never decoded."""
-    with pytest.raises(demo.TooLarge) as err:
-        demo.open_image(write(tmp_path, "x.img", data))
+    with pytest.raises(demo_limits.TooLarge) as err:
+        demo_limits.open_image(write(tmp_path, "x.img", data))
     assert str(err.value).startswith(message)
 
 
 def test_an_image_under_the_limit_with_a_corrupt_body_is_refused(tmp_path):
     with pytest.raises(InputError, match="^the image is not a readable image: "):
-        demo.open_image(write(tmp_path, "x.png", sized_png(64, 64)))
+        demo_limits.open_image(write(tmp_path, "x.png", sized_png(64, 64)))
 
 
 @pytest.mark.parametrize("fmt", ["TIFF", "PPM", "ICO"])
@@ -156,7 +158,7 @@ def test_formats_beyond_the_common_ones_are_not_opened(tmp_path, fmt):
     buf = io.BytesIO()
     Image.new("RGB", (8, 8), "red").save(buf, format=fmt)
     with pytest.raises(InputError) as err:
-        demo.open_image(write(tmp_path, "x", buf.getvalue()))
+        demo_limits.open_image(write(tmp_path, "x", buf.getvalue()))
     assert str(err.value) == "the image is not a readable image (the demo reads PNG, JPEG, GIF, BMP, WEBP)"
 
 
@@ -167,7 +169,7 @@ def test_formats_beyond_the_common_ones_are_not_opened(tmp_path, fmt):
 ])
 def test_a_missing_image_is_one_sentence(value, message):
     with pytest.raises(InputError) as err:
-        demo.open_image(value)
+        demo_limits.open_image(value)
     assert str(err.value) == message
 
 
@@ -175,12 +177,12 @@ def test_the_handlers_check_images_the_same_way(handlers, tmp_path):
     big = write(tmp_path, "big.png", png_bytes(Image.new("1", (10_000, 10_000)), optimize=True))
     for call in (lambda: handlers.caption(big), lambda: handlers.answer({"path": big}, "what shape?"),
                  lambda: handlers.inpaint_canvas(big)):
-        with pytest.raises(demo.TooLarge, match="10000 x 10000"):
+        with pytest.raises(demo_limits.TooLarge, match="10000 x 10000"):
             call()
 
 
 # ---- who may call, and how much ----------------------------------------------------------------------------
-NAMES, ANY_IP = demo.allowed_names("127.0.0.1", ["Demo.LAN"])
+NAMES, ANY_IP = demo_guard.allowed_names("127.0.0.1", ["Demo.LAN"])
 
 
 @pytest.mark.parametrize("host, origin, message", [
@@ -196,7 +198,7 @@ NAMES, ANY_IP = demo.allowed_names("127.0.0.1", ["Demo.LAN"])
     (None, None, "the request has no Host header"),
 ])
 def test_foreign_host_or_origin_is_refused(host, origin, message):
-    assert demo.check_request(host, origin, NAMES, ANY_IP).startswith(message)
+    assert demo_guard.check_request(host, origin, NAMES, ANY_IP).startswith(message)
 
 
 @pytest.mark.parametrize("host, origin", [
@@ -207,13 +209,13 @@ def test_foreign_host_or_origin_is_refused(host, origin, message):
     ("DEMO.lan:7860", "http://demo.lan:7860"),  # --allow-host demo.lan
 ])
 def test_own_page_and_local_clients_are_served(host, origin):
-    assert demo.check_request(host, origin, NAMES, ANY_IP) is None
+    assert demo_guard.check_request(host, origin, NAMES, ANY_IP) is None
 
 
 def test_bound_to_any_address_any_ip_literal_names_it():
-    names, any_ip = demo.allowed_names("0.0.0.0")
-    assert any_ip and demo.check_request("10.0.0.5:7860", None, names, any_ip) is None
-    assert demo.check_request("evil.example", None, names, any_ip) is not None
+    names, any_ip = demo_guard.allowed_names("0.0.0.0")
+    assert any_ip and demo_guard.check_request("10.0.0.5:7860", None, names, any_ip) is None
+    assert demo_guard.check_request("evil.example", None, names, any_ip) is not None
 
 
 def guard(headers: dict[str, str], kind: str = "http") -> tuple[list[dict], bool]:
@@ -230,13 +232,13 @@ def guard(headers: dict[str, str], kind: str = "http") -> tuple[list[dict], bool
         sent.append(message)
 
     scope = {"type": kind, "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()]}
-    asyncio.run(demo.RequestGuard(app, NAMES, ANY_IP)(scope, receive, send))
+    asyncio.run(demo_guard.RequestGuard(app, NAMES, ANY_IP)(scope, receive, send))
     return sent, bool(reached)
 
 
 @pytest.mark.parametrize("headers, status, message", [
     ({"Host": "127.0.0.1:7860", "Content-Length": str(100 * 2**20)}, 413,
-     f"the body is {100 * 2**20} bytes; the demo accepts at most {demo.MAX_BODY}"),
+     f"the body is {100 * 2**20} bytes; the demo accepts at most {demo_guard.MAX_BODY}"),
     ({"Host": "127.0.0.1:7860", "Transfer-Encoding": "chunked"}, 411, "a request body needs a Content-Length"),
     ({"Host": "127.0.0.1:7860", "Content-Length": "lots"}, 400, "the Content-Length 'lots' is not a number"),
     ({"Host": "evil.example"}, 403, "the Host header 'evil.example' does not name this server"),

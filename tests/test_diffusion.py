@@ -382,7 +382,7 @@ def test_ar_loss_force_causal_runs_a_bidirectional_model_as_its_causal_twin() ->
 
 
 def test_corruption_replaces_clean_targets_in_their_modality_and_scores_them() -> None:
-    """Correction training (issue 18): some clean targets become a wrong token of their modality; the loss
+    """Correction training: some clean targets become a wrong token of their modality; the loss
     adds their CE (weight 1) to the ELBO of the masked ones, which `nll` keeps alone."""
     batch = small_batch()
     B, T = batch.ids.shape

@@ -1,4 +1,4 @@
-"""Interleaved documents (issue 20): a user's MMC4 / OBELICS-style shard is read, pre-tokenized and laid out, and
+"""Interleaved documents: a user's MMC4 / OBELICS-style shard is read, pre-tokenized and laid out, and
 any of its segments can be generated given the others."""
 
 from __future__ import annotations
@@ -160,10 +160,10 @@ def test_the_builder_draws_the_target_among_the_records_targets(tiny_model_dir) 
 
 
 def test_edits_are_evaluated_and_compared_by_mode(doc_model_dir, tmp_path: Path, capsys) -> None:
-    """`mmdlm.evaluate --tasks edit,what_changed` on the edits world's val documents, and `benchmarks.edit_modes`:
+    """`mmdlm evaluate --tasks edit,what_changed` on the edits world's val documents, and `benchmarks.edit_modes`:
     every edit is scored by the oracle (an untrained model gets few right), every question answered."""
     from benchmarks import edit_modes
-    from mmdlm.evaluate import main as evaluate_main
+    from mmdlm.commands.evaluate import main as evaluate_main
     from mmdlm.worlds.edits import EditsConfig, write_edits
 
     write_edits(tmp_path / "edits", EditsConfig(train=4, val=12, seed=3), progress=False)

@@ -330,7 +330,7 @@ def test_shards_follow_the_document_format(shards) -> None:
 def test_train_samples_ask_several_questions_answered_together(tmp_path) -> None:
     """--questions-per-sample 3: a train what-changed sample asks 1..3 distinct questions of its pair, the answers
     one target group; val asks one (the evaluation's layout); the data loader reads the groups."""
-    from mmdlm.evaluate import load_records
+    from mmdlm.eval.records import load_records
 
     main(["--out", str(tmp_path), "--train", "40", "--val", "6", "--seed", "2", "--what-changed-fraction", "1",
           "--questions-per-sample", "3", "--quiet"])

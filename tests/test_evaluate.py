@@ -1,4 +1,5 @@
-"""Tests of mmdlm.evaluate (metrics, scorers, CLI) and mmdlm.worlds.digits_scorer, on the tiny model fixture."""
+"""Tests of the evaluation (mmdlm.eval: metrics, tasks, report), its command (mmdlm.commands.evaluate), the
+world scorers (mmdlm.worlds.scoring) and mmdlm.worlds.digits_scorer, on the tiny model fixture."""
 
 from __future__ import annotations
 
@@ -11,8 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmdlm import evaluate as ev
+from mmdlm.commands.evaluate import main as evaluate_main
+from mmdlm.eval.metrics import cider, mean_dicts, prf
+from mmdlm.eval.records import load_records, stack_images
+from mmdlm.eval.report import TITLES
+from mmdlm.eval.tasks import ALL_TASKS, NLL_TASKS, PIPELINE_TASK, eval_nll, eval_t2i, evaluate
 from mmdlm.pipeline import DEFAULT_SAMPLERS
+from mmdlm.worlds.scoring import ATTRIBUTES, CaptionsWorld, ShapesWorld, parse_digit, world_for
 from mmdlm.worlds.shapes import ShapesConfig, caption, make_object, paraphrase, render, write_shapes
 
 RATE_SECTIONS = {
@@ -69,7 +75,7 @@ TWO = [make_object("red", "circle", "large", 0), make_object("blue", "square", "
 
 
 def _summary(text: str, objects: list[dict] = TWO) -> dict:
-    world = ev.ShapesWorld()
+    world = ShapesWorld()
     return world.caption_summary([world.caption_counts(text, _scene_record(objects))])
 
 
@@ -78,7 +84,7 @@ def test_perfect_caption_scores_one():
     s = _summary("a large red circle at the top left and a small blue square in the middle")
     assert s["exact_match"] == 1.0 and s["parse_rate"] == 1.0 and s["scene_match"] == 1.0
     assert s["all_attributes_f1"] == 1.0
-    for attr in ev.ATTRIBUTES:
+    for attr in ATTRIBUTES:
         assert s["per_attribute"][attr] == {"precision": 1.0, "recall": 1.0, "f1": 1.0}
 
 
@@ -106,7 +112,7 @@ def test_missing_and_extra_objects():
 
 
 def test_caption_counts_micro_average_over_records():
-    world = ev.ShapesWorld()
+    world = ShapesWorld()
     one = [make_object("white", "cross", "small", 8)]
     counts = [world.caption_counts("a small white cross at the bottom right", _scene_record(one)),
               world.caption_counts("a large red circle at the top left", _scene_record(TWO))]
@@ -118,18 +124,18 @@ def test_caption_counts_micro_average_over_records():
 
 # ---- image scoring -------------------------------------------------------------------------------------
 def test_t2i_scorer_on_ground_truth_is_all_correct():
-    world = ev.ShapesWorld()
+    world = ShapesWorld()
     scenes = [TWO, [make_object("orange", "triangle", "large", 2)],
               [make_object("cyan", "cross", "small", 6), make_object("yellow", "square", "large", 7)]]
     records = [_scene_record(s, f"s{i}") for i, s in enumerate(scenes)]
-    summary = ev.mean_dicts(world.score_images(torch.stack([r["image"] for r in records]), records))
+    summary = mean_dicts(world.score_images(torch.stack([r["image"] for r in records]), records))
     assert summary["all_correct"] == 1.0 and summary["object"] == 1.0 and summary["extra_objects"] == 0.0
     swapped = world.score_images(torch.stack([records[1]["image"]]), [records[0]])[0]  # the wrong image
     assert swapped["all_correct"] == 0.0 and swapped["object"] == 0.0
 
 
 def test_joint_reading_agrees_on_a_true_pair_only():
-    world = ev.ShapesWorld()
+    world = ShapesWorld()
     image = _scene_record(TWO)["image"][None]
     assert world.read_images(image)[0] == world.read_caption(caption(TWO))
     assert world.read_images(image)[0] != world.read_caption("a large red circle at the top left")
@@ -138,11 +144,11 @@ def test_joint_reading_agrees_on_a_true_pair_only():
 
 
 def test_parse_digit_and_prf():
-    assert ev.parse_digit("a handwritten digit seven") == 7
-    assert ev.parse_digit("The digit ZERO, handwritten") == 0
-    assert ev.parse_digit("seven or eight") is None and ev.parse_digit("eleventy") is None
-    assert ev.prf(0, 0, 3) == {"precision": 0.0, "recall": 0.0, "f1": 0.0}
-    assert ev.prf(1, 2, 4)["f1"] == pytest.approx(2 * 0.5 * 0.25 / 0.75)
+    assert parse_digit("a handwritten digit seven") == 7
+    assert parse_digit("The digit ZERO, handwritten") == 0
+    assert parse_digit("seven or eight") is None and parse_digit("eleventy") is None
+    assert prf(0, 0, 3) == {"precision": 0.0, "recall": 0.0, "f1": 0.0}
+    assert prf(1, 2, 4)["f1"] == pytest.approx(2 * 0.5 * 0.25 / 0.75)
 
 
 def test_digits_classifier_reads_held_out_digits():
@@ -167,21 +173,21 @@ def _check_sections(metrics: dict, tasks: list[str]) -> None:
         assert section["cost"]["nfe_total"] > 0 and section["cost"]["nfe_per_call"] > 0
         assert section["cost"]["seconds_per_sample"] > 0 and section["cost"]["batch_size"] > 0
     if "caption" in tasks:
-        for prf in metrics["caption"]["per_attribute"].values():
-            assert all(0.0 <= v <= 1.0 for v in prf.values())
+        for scores in metrics["caption"]["per_attribute"].values():
+            assert all(0.0 <= v <= 1.0 for v in scores.values())
     if "t2i" in tasks:
         assert metrics["t2i"]["scorer_on_ground_truth"]["all_correct"] == 1.0  # the oracle on real renders
         assert 0.0 <= metrics["t2i"]["scorer_on_reconstructions"]["all_correct"] <= 1.0
     if "nll" in tasks:
         assert math.isfinite(metrics["nll"]["nll"]) and metrics["nll"]["nll"] > 0
-        for t in ev.NLL_TASKS:
+        for t in NLL_TASKS:
             assert math.isfinite(metrics["nll"]["per_task"][t]["nll"]) and metrics["nll"]["per_task"][t]["tokens"] > 0
 
 
 def test_the_guidance_flags_reach_every_task_that_draws_an_image_from_a_condition(tiny_model_dir, shapes_val, tmp_path):
     """`--guidance` sets text-to-image's and an edit's scale (it was read by text-to-image only), not VQA's."""
     out = tmp_path / "metrics.json"
-    ev.main(["--model", tiny_model_dir, "--shards", shapes_val, "--out", str(out), "--limit", "2", "--tasks",
+    evaluate_main(["--model", tiny_model_dir, "--shards", shapes_val, "--out", str(out), "--limit", "2", "--tasks",
              "t2i,edit,vqa", "--guidance", "0.5", "--steps", "2", "--device", "cpu", "--quiet"])
     samplers = json.loads(out.read_text())["settings"]["sampler"]
     assert samplers["t2i"]["guidance_scale"] == samplers["edit"]["guidance_scale"] == 0.5
@@ -190,7 +196,7 @@ def test_the_guidance_flags_reach_every_task_that_draws_an_image_from_a_conditio
 
 def test_cli_writes_metrics_report_and_samples(tiny_model_dir, shapes_val, tmp_path):
     out = tmp_path / "run"
-    ev.main(["--model", tiny_model_dir, "--shards", shapes_val, "--out", str(out / "metrics.json"),
+    evaluate_main(["--model", tiny_model_dir, "--shards", shapes_val, "--out", str(out / "metrics.json"),
              "--report", str(out / "report.md"), "--samples", str(out / "samples.png"), "--limit", "4",
              "--batch-size", "3", "--steps", "2", "--device", "cpu", "--quiet"])
     metrics = json.loads((out / "metrics.json").read_text())
@@ -198,16 +204,16 @@ def test_cli_writes_metrics_report_and_samples(tiny_model_dir, shapes_val, tmp_p
     assert "--limit 4" in metrics["command"] and metrics["model"] == str(Path(tiny_model_dir).resolve())
     samplers = metrics["settings"]["sampler"]  # every generating task's whole config, --steps in each
     assert {t: c["steps"] for t, c in samplers.items()} == {"vqa": 2, "caption": 2, "t2i": 2, "joint": 2}
-    defaults = {t: DEFAULT_SAMPLERS[ev.PIPELINE_TASK[t]] for t in samplers}
+    defaults = {t: DEFAULT_SAMPLERS[PIPELINE_TASK[t]] for t in samplers}
     assert samplers["t2i"]["guidance_scale"] == defaults["t2i"].guidance_scale == 2.0
     assert samplers["caption"]["block_length"] == defaults["caption"].block_length  # the rest: the task defaults
     assert metrics["settings"]["batch_size"] == 3
-    _check_sections(metrics, list(ev.ALL_TASKS))
+    _check_sections(metrics, list(ALL_TASKS))
     assert metrics["caption"]["cost"]["nfe_per_call"] == 2  # --steps reaches the sampler
     assert metrics["caption"]["cost"]["calls"] == 2  # 4 records in batches of 3
     assert metrics["joint"]["n"] == 4 and metrics["nll"]["draws"] == 4
     report = (out / "report.md").read_text()
-    for name, title in ev._TITLES.items():  # every task evaluated has its section (the default run: not the edits')
+    for name, title in TITLES.items():  # every task evaluated has its section (the default run: not the edits')
         assert (title in report) == (name in metrics), name
     assert "| accuracy |" in report
     png = (out / "samples.png").read_bytes()
@@ -218,33 +224,33 @@ def test_ar_twin_is_scored_on_the_same_sequences(pipe, ar_model_dir, shapes_val)
     from mmdlm.pipeline import MMDLMPipeline
 
     ar = MMDLMPipeline.from_pretrained(ar_model_dir, device="cpu")
-    records = ev.load_records(shapes_val, 32, limit=3)
+    records = load_records(shapes_val, 32, limit=3)
     tasks = ["vqa", "t2i", "nll"]
-    m_ar = ev.evaluate(ar, records=records, tasks=tasks, batch_size=8, progress=False)
-    m_mdm = ev.evaluate(pipe, records=records, tasks=["nll"], batch_size=8, nll_draws=4, progress=False)
+    m_ar = evaluate(ar, records=records, tasks=tasks, batch_size=8, progress=False)
+    m_mdm = evaluate(pipe, records=records, tasks=["nll"], batch_size=8, nll_draws=4, progress=False)
     _check_sections(m_ar, tasks)
     assert m_ar["model_kind"] == "ar" and m_ar["nll"]["draws"] == 1 and "exact" in m_ar["nll"]["bound"]
     assert "ELBO" in m_mdm["nll"]["bound"]
-    for t in ev.NLL_TASKS:
+    for t in NLL_TASKS:
         assert m_ar["nll"]["per_task"][t]["tokens"] == m_mdm["nll"]["per_task"][t]["tokens"]
     assert m_ar["t2i"]["cost"]["nfe_per_call"] == ar.vq.tokens_per_image  # one forward per image token
 
 
 def test_mdm_nll_bound_averages_draws(pipe, shapes_val):
-    records = ev.load_records(shapes_val, 32, limit=3)
-    one = ev.eval_nll(pipe, records, draws=1, seed=1, progress=False).metrics
-    four = ev.eval_nll(pipe, records, draws=4, seed=1, progress=False).metrics
+    records = load_records(shapes_val, 32, limit=3)
+    one = eval_nll(pipe, records, draws=1, seed=1, progress=False).metrics
+    four = eval_nll(pipe, records, draws=4, seed=1, progress=False).metrics
     assert four["cost"]["nfe_total"] == 4 * one["cost"]["nfe_total"]
     assert one["nll"] != four["nll"]  # independent draws of (t, mask) differ
-    again = ev.eval_nll(pipe, records, draws=4, seed=1, progress=False).metrics
+    again = eval_nll(pipe, records, draws=4, seed=1, progress=False).metrics
     assert again["nll"] == four["nll"]  # seeded
 
 
 def test_sampler_config_reaches_the_pipeline(pipe, shapes_val):
-    records = ev.load_records(shapes_val, 32, limit=2)
+    records = load_records(shapes_val, 32, limit=2)
     opts = pipe.sampler("text_to_image", steps=3, guidance_scale=1.5)
     assert opts.temperature == 1.0 and opts.guidance_plausibility == 0.1  # the task's other defaults kept
-    result = ev.eval_t2i(pipe, records, opts, batch_size=2, progress=False, scorer_ceiling=False)
+    result = eval_t2i(pipe, records, opts, batch_size=2, progress=False, scorer_ceiling=False)
     assert result.metrics["cost"]["nfe_per_call"] == 3 and "scorer_on_ground_truth" not in result.metrics
     assert len(result.examples) == 2 - result.metrics["too_long"]
 
@@ -268,16 +274,16 @@ def _digit_shards(folder: Path, indices: list[int]) -> str:
 
 def test_digits_world(pipe, tmp_path):
     shards = _digit_shards(tmp_path / "digits", [3, 10, 42, 77])
-    metrics = ev.evaluate(pipe, shards, tasks=["vqa", "caption", "t2i"], limit=4, batch_size=4,
-                          samplers={t: pipe.sampler(ev.PIPELINE_TASK[t], steps=2) for t in ("vqa", "caption", "t2i")},
+    metrics = evaluate(pipe, shards, tasks=["vqa", "caption", "t2i"], limit=4, batch_size=4,
+                          samplers={t: pipe.sampler(PIPELINE_TASK[t], steps=2) for t in ("vqa", "caption", "t2i")},
                           progress=False)
     assert metrics["source"] == "digits" and metrics["t2i"]["scorer"] == "digits classifier"
     assert set(metrics["vqa"]["per_type"]) == {"digit", "parity"}
     assert metrics["t2i"]["scorer_on_ground_truth"]["all_correct"] == 1.0  # held-out scans, read right
     for key in ("exact_match", "parse_rate", "digit_accuracy", "bleu4"):
         assert 0.0 <= metrics["caption"][key] <= 1.0
-    world = ev.world_for(ev.load_records(shards, 32), 32)
-    record = ev.load_records(shards, 32, limit=1)[0]
+    world = world_for(load_records(shards, 32), 32)
+    record = load_records(shards, 32, limit=1)[0]
     perfect = world.caption_summary([world.caption_counts(record["captions"][0], record)])
     assert perfect == {"exact_match": 1.0, "parse_rate": 1.0, "digit_accuracy": 1.0}
 
@@ -285,7 +291,7 @@ def test_digits_world(pipe, tmp_path):
 # ---- command-line errors ---------------------------------------------------------------------------------
 def _cli_error(args: list[str], capsys) -> str:
     with pytest.raises(SystemExit) as exit_info:
-        ev.main(args)
+        evaluate_main(args)
     assert exit_info.value.code == 2
     return capsys.readouterr().err
 
@@ -309,13 +315,13 @@ def test_cli_rejects_an_empty_glob(tiny_model_dir, tmp_path, capsys):
 def test_mixed_sources_are_refused_and_unknown_ones_are_plain_captioned_images():
     record = _scene_record(TWO)
     with pytest.raises(ValueError, match="mix"):
-        ev.world_for([record, {**record, "meta": {"source": "digits"}}], 32)
-    world = ev.world_for([{**record, "meta": {"source": "laion"}}], 32)
-    assert isinstance(world, ev.CaptionsWorld) and world.scorer is None
+        world_for([record, {**record, "meta": {"source": "digits"}}], 32)
+    world = world_for([{**record, "meta": {"source": "laion"}}], 32)
+    assert isinstance(world, CaptionsWorld) and world.scorer is None
     with pytest.raises(ValueError, match="module:function"):
-        ev.world_for([{**record, "meta": {}}], 32, scorer="no_colon")
+        world_for([{**record, "meta": {}}], 32, scorer="no_colon")
     with pytest.raises(ValueError, match="its own"):
-        ev.world_for([record], 32, scorer="test_evaluate:brightness_scorer")
+        world_for([record], 32, scorer="test_evaluate:brightness_scorer")
 
 
 def brightness_scorer(images, records):
@@ -341,15 +347,15 @@ def _user_shards(folder: Path, n: int = 4) -> str:
 
 def test_evaluation_on_a_users_own_captioned_shards(pipe, tmp_path):
     shards = _user_shards(tmp_path / "mine")
-    metrics = ev.evaluate(pipe, shards, tasks=list(ev.ALL_TASKS), batch_size=4, progress=False,
-                          samplers={t: pipe.sampler(ev.PIPELINE_TASK[t], steps=2) for t in ev.PIPELINE_TASK})
+    metrics = evaluate(pipe, shards, tasks=list(ALL_TASKS), batch_size=4, progress=False,
+                          samplers={t: pipe.sampler(PIPELINE_TASK[t], steps=2) for t in PIPELINE_TASK})
     assert metrics["source"] == "captions" and metrics["records"] == 4
     assert metrics["vqa"]["n"] == 0  # no qa in these records
     assert 0.0 <= metrics["caption"]["exact_match"] <= 1 and metrics["caption"]["cider"] >= 0.0
     assert 0.0 <= metrics["caption"]["bleu4"] <= 1
     assert "scorer" in metrics["t2i"]["skipped"] and "skipped" in metrics["joint"]
     assert math.isfinite(metrics["nll"]["nll"]) and metrics["nll"]["per_task"]["t2i"]["tokens"] > 0
-    scored = ev.evaluate(pipe, shards, tasks=["t2i"], batch_size=4, progress=False,
+    scored = evaluate(pipe, shards, tasks=["t2i"], batch_size=4, progress=False,
                          scorer="test_evaluate:brightness_scorer",
                          samplers={"t2i": pipe.sampler("text_to_image", steps=2)})["t2i"]
     assert scored["scorer"] == "test_evaluate:brightness_scorer" and 0.0 <= scored["all_correct"] <= 1.0
@@ -357,16 +363,16 @@ def test_evaluation_on_a_users_own_captioned_shards(pipe, tmp_path):
 
 
 def test_cider_agrees_with_its_definition():
-    assert ev.cider(["a red circle on the left"] * 2, [["a red circle on the left"], ["a blue square"]]) > 0
-    same = ev.cider(["a red circle", "a blue square"], [["a red circle"], ["a blue square"]])
-    worse = ev.cider(["a red circle", "a red circle"], [["a red circle"], ["a blue square"]])
+    assert cider(["a red circle on the left"] * 2, [["a red circle on the left"], ["a blue square"]]) > 0
+    same = cider(["a red circle", "a blue square"], [["a red circle"], ["a blue square"]])
+    worse = cider(["a red circle", "a red circle"], [["a red circle"], ["a blue square"]])
     assert same > worse >= 0.0
 
 
 def test_captions_decode_one_token_per_step_in_blocks_by_default(pipe, shapes_val):
     """The caption default is LLaDA's semi-AR decoding (the `<eos>` fill would otherwise be committed first):
     as many steps as the caption region has tokens; one block with any step count on request."""
-    images = ev.stack_images(ev.load_records(shapes_val, 32, limit=2))
+    images = stack_images(load_records(shapes_val, 32, limit=2))
     assert pipe.caption(images).nfe == pipe.layout.caption_len
     assert pipe.caption(images, steps=3, block_length=None).nfe == 3
     assert pipe.caption(images, steps=2).nfe == 2  # fewer steps than blocks of 4: two blocks of 12

@@ -1,4 +1,4 @@
-"""GRPO (issue 19): on a tiny model, a few dozen updates raise the mean reward of its own samples; the AR twin
+"""GRPO: on a tiny model, a few dozen updates raise the mean reward of its own samples; the AR twin
 runs the same recipe (ordinary GRPO); bad arguments are one sentence."""
 
 from __future__ import annotations
@@ -151,7 +151,8 @@ def test_the_recipe_runs_through_the_lightning_cli(roomy, tiny_shards, tmp_path)
               "--model.sampler", '{"steps": 2}', "--model.export_dir", str(out / "model"),
               "--data.shards", f"{tiny_shards}/train/*.tar", "--data.limit", "8", "--data.prompts_per_step", "2",
               "--trainer.max_steps", "1", "--trainer.default_root_dir", str(out),
-              "--trainer.logger.init_args.save_dir", str(out), "--trainer.enable_progress_bar", "false"])
+              "--trainer.enable_progress_bar", "false"])
+    assert list((out / "tb").rglob("events.out.tfevents.*"))  # the logger follows the run folder
     assert (out / "model" / "model.safetensors").is_file()
     assert list((out / "checkpoints").glob("*.ckpt"))
 

@@ -1,4 +1,4 @@
-"""The package layout (issue 16): no package named plain `data` installed, `vision` importing nothing of `mmdlm`,
+"""The package layout: no package named plain `data` installed, `vision` importing nothing of `mmdlm`,
 and the recipes' two command forms (`python -m data.shapes` from the repository root, `python -m
 mmdlm.worlds.shapes` anywhere) writing the same shards.
 
@@ -131,7 +131,8 @@ def import_graph(packages: tuple[str, ...] = ("mmdlm", "vision")) -> dict[str, s
 
 
 def is_command(module: str) -> bool:
-    return module == "mmdlm.commands" or module.startswith("mmdlm.commands.")
+    """A command module: the `mmdlm` dispatcher and its subcommands (`mmdlm.commands`), or `python -m mmdlm`."""
+    return module in ("mmdlm.commands", "mmdlm.__main__") or module.startswith("mmdlm.commands.")
 
 
 def test_no_library_module_imports_a_command_module() -> None:

@@ -22,6 +22,7 @@ import pytest
 import torch
 import webdataset as wds
 
+from mmdlm.model import ModelConfig
 from mmdlm.sampling import MaskedScheduler, SamplerConfig
 from mmdlm.sequence import Layout, caption_prompt, collate, vqa_prompt
 from mmdlm.text_tokenizer import BPETokenizer, texts_of_record
@@ -69,10 +70,10 @@ def toy_data(tiny_model_dir, tmp_path) -> MDMDataModule:
                          shuffle_buffer=64, seed=0, layout=Layout(question_len=8, answer_len=4))
 
 
-def fit(dm: MDMDataModule, steps: int, **model_args) -> LitMDM:
+def fit(dm: MDMDataModule, steps: int, causal: bool = False, **model_args) -> LitMDM:
     L.seed_everything(0)
-    module = LitMDM(n_layer=2, n_head=2, n_embd=64, lr=3e-3, warmup_steps=20, ema_decay=0.0, samples_at_val=0,
-                    weighting="masked_mean", task_balanced=True, **model_args)
+    module = LitMDM(config=ModelConfig(n_layer=2, n_head=2, n_embd=64, causal=causal), lr=3e-3, warmup_steps=20,
+                    ema_decay=0.0, samples_at_val=0, weighting="masked_mean", task_balanced=True, **model_args)
     L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False,
               enable_model_summary=False, limit_val_batches=0).fit(module, datamodule=dm)
     return module

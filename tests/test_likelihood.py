@@ -1,4 +1,4 @@
-"""The log-likelihood estimates a policy gradient is built on (issue 19): the coupled ELBO estimate's mean is the
+"""The log-likelihood estimates a policy gradient is built on: the coupled ELBO estimate's mean is the
 exact ELBO (every mask enumerated), gradients flow through it; the AR twin's log-likelihood is the teacher-forced
 sum, position by position."""
 

@@ -1,4 +1,4 @@
-"""Exact prefix caching (issue 17): a model trained with prefix attention (LaViDa's Prefix-DLM) decodes the same
+"""Exact prefix caching: a model trained with prefix attention (LaViDa's Prefix-DLM) decodes the same
 tokens with its prompt's keys and values computed once as with every step recomputing the whole sequence, for
 every pipeline task; its prompt does not see the generated region, a plain bidirectional model's does."""
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from mmdlm.quickstart import main, steps
+from mmdlm.commands.quickstart import main
+from mmdlm.quickstart import steps
 
 
 def plan(tmp_path: Path, **overrides) -> list:
@@ -37,7 +38,8 @@ def test_the_warm_start_plan_trains_the_ar_twin_and_adapts_its_folder(tmp_path: 
     plan_ = plan(tmp_path, ar_steps=11, ar_args="--model.lr 0.003")
     assert [s.name for s in plan_][-3:] == ["train the AR warm start", "adapt it to masked diffusion", "evaluate"]
     ar, mdm = plan_[5].command, plan_[6].command
-    assert ar[ar.index("--config") + 1] == "configs/ar-shapes.yaml" and ar[ar.index("--trainer.max_steps") + 1] == "11"
+    configs = [ar[i + 1] for i, arg in enumerate(ar) if arg == "--config"]
+    assert configs == ["configs/mdm-shapes.yaml", "configs/ar.yaml"] and ar[ar.index("--trainer.max_steps") + 1] == "11"
     assert ar[-2:] == ["--model.lr", "0.003"] and plan_[5].done_when == tmp_path / "qs" / "ar" / "config.json"
     assert mdm[mdm.index("--config") + 1] == "configs/mdm-shapes.yaml"
     assert mdm[mdm.index("--model.init_from") + 1] == str(tmp_path / "qs" / "ar")

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import lightning as L
@@ -19,6 +20,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from safetensors.torch import load_file
 
 from mmdlm.errors import UserError
+from mmdlm.model import ModelConfig
 from mmdlm.training import LitMDM, MDMDataModule
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,9 +61,10 @@ def fit_command(root: Path, text_tokenizer: str, vq: str, shards: str, *extra: s
             "--data.train_shards", f"{shards}/train/*.tar", "--data.val_shards", f"{shards}/val/*.tar",
             "--data.text_tokenizer", text_tokenizer, "--data.vq", vq, "--data.batch_size", "4",
             "--model.compile", "false",  # a few steps: compiling would cost more than it saves
-            "--data.shuffle_buffer", "16", "--model.n_layer", "1", "--model.n_head", "2", "--model.n_embd", "32",
+            "--data.shuffle_buffer", "16", "--model.config.n_layer", "1", "--model.config.n_head", "2",
+            "--model.config.n_embd", "32",
             "--model.warmup_steps", "2", "--model.samples_at_val", "0", "--model.export_dir", str(root / "model"),
-            "--trainer.default_root_dir", str(root), "--trainer.logger.init_args.save_dir", str(root), *extra]
+            "--trainer.default_root_dir", str(root), *extra]
 
 
 def load(path: Path) -> dict:
@@ -164,8 +167,8 @@ def test_init_from_starts_at_the_folder_weights_with_a_fresh_optimizer(tiny_mode
             at_start["step"], at_start["lr"] = trainer.global_step, trainer.optimizers[0].param_groups[0]["lr"]
 
     L.seed_everything(0)
-    module = LitMDM(n_layer=4, n_embd=128, warmup_steps=2, samples_at_val=0, lr=1e-3,  # the folder's shape wins
-                    init_from=tiny_model_dir)
+    module = LitMDM(config=ModelConfig(n_layer=4, n_embd=128), warmup_steps=2, samples_at_val=0, lr=1e-3,
+                    init_from=tiny_model_dir)  # the folder's shape wins
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True)
     L.Trainer(max_steps=3, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
               enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path,
@@ -177,7 +180,7 @@ def test_init_from_starts_at_the_folder_weights_with_a_fresh_optimizer(tiny_mode
         assert torch.equal(at_start["model"][name], value), name
         if name in at_start["ema"]:
             assert torch.equal(at_start["ema"][name], value), name
-    assert module.hparams.n_layer == 2 and module.hparams.n_embd == 32
+    assert module.hparams.config["n_layer"] == 2 and module.hparams.config["n_embd"] == 32  # what was built
     assert module.global_step == 3
     assert any(not torch.equal(v, folder[k]) for k, v in module.model.state_dict().items())  # it trained
     assert load(tmp_path / "ck" / "last.ckpt")["mmdlm"]["model_config"]["n_layer"] == 2
@@ -243,3 +246,30 @@ def test_a_missing_tokenizer_folder_is_one_sentence_not_a_wrapped_traceback(tiny
     assert exit_info.value.code == 2 and "Traceback" not in err and "Union subtypes" not in err
     missing = str(tmp_path / "no-tokenizer")
     assert err.strip().splitlines()[-1] == f"error: text tokenizer path {missing!r} does not exist"
+
+
+def test_a_checkpoint_with_the_architecture_given_field_by_field_loads(tiny_model_dir, code_shards, tmp_path) -> None:
+    """Checkpoints whose hyper-parameters hold the architecture as separate fields (n_layer, causal, ...) beside
+    the training options load: `LitMDM.migrate_hparams` gathers them into `config` once, on load."""
+    L.seed_everything(0)
+    module = LitMDM(config=ModelConfig(n_layer=1, n_head=2, n_embd=32), warmup_steps=2, samples_at_val=0)
+    L.Trainer(max_steps=1, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+              enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path,
+              callbacks=[ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True)]
+              ).fit(module, datamodule=datamodule(tiny_model_dir, code_shards))
+    state = torch.load(tmp_path / "ck" / "last.ckpt", map_location="cpu", weights_only=True)
+    hp = dict(state["hyper_parameters"])
+    config = hp.pop("config")
+    fields = ("n_layer", "n_head", "n_embd", "causal", "qk_norm", "tie_head", "head_codebook", "mask_positions",
+              "shift_logits", "prefix_attention", "dropout")
+    old = {**hp, **{k: config[k] for k in fields}}
+    assert "config" not in old and old["n_layer"] == 1
+    torch.save({**state, "hyper_parameters": old}, tmp_path / "old.ckpt")
+
+    loaded = LitMDM.load_from_checkpoint(tmp_path / "old.ckpt", map_location="cpu")
+    assert loaded.architecture == ModelConfig(**{**asdict(ModelConfig()), **{k: config[k] for k in fields}})
+    assert loaded.architecture.n_layer == 1 and loaded.architecture.n_embd == 32
+    for name, value in module.model.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[name], value), name
+    with pytest.raises(TypeError):  # without the migration the old fields are not LitMDM arguments
+        LitMDM(**old)

@@ -1,4 +1,4 @@
-"""Revision (issue 18): a model's leave-one-out token scores, the corrective step that re-masks and refills only the
+"""Revision: a model's leave-one-out token scores, the corrective step that re-masks and refills only the
 tokens it doubts, an AR model drafting for a masked-diffusion model (hybrid), and best-of-n by self-scoring."""
 
 from __future__ import annotations

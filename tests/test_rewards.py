@@ -1,4 +1,4 @@
-"""Verifiable rewards (issue 19): the oracle's image reward, exact VQA, caption F1, and a user's own callable."""
+"""Verifiable rewards: the oracle's image reward, exact VQA, caption F1, and a user's own callable."""
 
 from __future__ import annotations
 

@@ -18,12 +18,13 @@ import pytest
 import torch
 from PIL import Image
 
-from mmdlm import generate, vqa
+from mmdlm.commands import generate, vqa
 from mmdlm.pipeline import MMDLMPipeline
+from mmdlm.render import GREY, PADDING, decode_canvas
 from mmdlm.worlds.shapes import render, sample_scene
 
 REPO = Path(__file__).resolve().parents[1]
-PAD = generate.PADDING
+PAD = PADDING
 LONG_QUESTION = " ".join(["what color is the circle"] * 6)  # far beyond Layout.question_len tokens
 
 
@@ -163,9 +164,9 @@ def test_generate_progress_writes_a_frame_per_step_and_a_gif(tiny_model_dir, tmp
 def test_decode_canvas_paints_exactly_the_masked_cells_grey(pipe):
     codes = torch.randint(0, pipe.vq.codebook_size, (1, *pipe.vq.grid))
     codes[0, 1, 2] = -1
-    images = generate.decode_canvas(pipe, codes)
+    images = decode_canvas(pipe, codes)
     cell = images[0, :, 4:8, 8:12]  # token (1, 2) of a 4-pixel-per-token grid
-    assert torch.all(cell == generate.GREY)
+    assert torch.all(cell == GREY)
     full = pipe.vq.decode(codes.clamp(min=0))
     outside = torch.ones_like(images, dtype=torch.bool)
     outside[..., 4:8, 8:12] = False
@@ -277,7 +278,7 @@ def test_generate_input_errors_exit_2(case, tiny_model_dir, scene, tmp_path, cap
 
 # ---- caption and infill ----------------------------------------------------------------------------------
 def test_caption_prints_the_pipeline_caption_and_takes_sampler_flags(tiny_model_dir, pipe, scene, tmp_path, capsys):
-    from mmdlm import caption
+    from mmdlm.commands import caption
 
     status = caption.main(["--model", tiny_model_dir, "--device", "cpu", "--image", str(scene), "--steps", "4",
                            "--block-length", "0", "--threshold", "none", "-v"])
@@ -296,7 +297,7 @@ def test_caption_prints_the_pipeline_caption_and_takes_sampler_flags(tiny_model_
 
 
 def test_infill_fills_the_blanks_and_refuses_texts_without_one(tiny_model_dir, pipe, capsys):
-    from mmdlm import infill
+    from mmdlm.commands import infill
 
     text = "a large [MASK] circle at the top left"
     assert infill.main(["--model", tiny_model_dir, "--device", "cpu", "--text", text]) == infill.EXIT_OK
@@ -307,7 +308,7 @@ def test_infill_fills_the_blanks_and_refuses_texts_without_one(tiny_model_dir, p
 
 def test_revision_flags_reach_the_pipeline(tiny_model_dir, pipe, scene, tmp_path, capsys):
     """--revise, --draft (any model folder of the same vocabulary drafts), --best-of and --tokens-per-blank auto."""
-    from mmdlm import caption, infill
+    from mmdlm.commands import caption, infill
     from mmdlm.sampling.revise import Revision
 
     image = Image.open(scene)
@@ -332,7 +333,7 @@ def test_revision_flags_reach_the_pipeline(tiny_model_dir, pipe, scene, tmp_path
 
 
 def test_sampler_help_shows_the_task_defaults(capsys):
-    from mmdlm import caption
+    from mmdlm.commands import caption
     from mmdlm.pipeline import DEFAULT_SAMPLERS
 
     with pytest.raises(SystemExit):

@@ -11,11 +11,12 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
+from mmdlm.model import ModelConfig
 from mmdlm.pipeline import MMDLMPipeline
 from mmdlm.training import LitMDM, MDMDataModule
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = dict(n_layer=2, n_head=2, n_embd=32, warmup_steps=2, samples_at_val=0)
+TINY = dict(config=ModelConfig(n_layer=2, n_head=2, n_embd=32), warmup_steps=2, samples_at_val=0)
 
 
 def datamodule(model_dir: str, shards: str, **kw) -> MDMDataModule:
@@ -111,7 +112,8 @@ def test_export_from_checkpoint_cli(tiny_model_dir, tiny_shards, tmp_path) -> No
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True)
     trainer(tmp_path, 3, [ckpt]).fit(module, datamodule=datamodule(tiny_model_dir, tiny_shards))
     out = tmp_path / "exported"
-    result = subprocess.run([sys.executable, "-m", "mmdlm.commands.export", "--ckpt", str(tmp_path / "ck" / "last.ckpt"),
+    export = [sys.executable, "-m", "mmdlm.commands.export"]
+    result = subprocess.run([*export, "--ckpt", str(tmp_path / "ck" / "last.ckpt"),
                              "--out", str(out)], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     pipe = MMDLMPipeline.from_pretrained(out, device="cpu")
@@ -127,10 +129,11 @@ def _cli(model_dir: str, shards: str, root: Path, *extra: str) -> list[str]:
     return [sys.executable, "train.py", "fit", "--config", "configs/mdm-shapes.yaml",
             "--data.train_shards", f"{shards}/train/*.tar", "--data.val_shards", f"{shards}/val/*.tar",
             "--data.text_tokenizer", f"{model_dir}/text_tokenizer", "--data.vq", f"{model_dir}/vq",
-            "--data.batch_size", "4", "--data.num_workers", "0", "--model.n_layer", "1", "--model.n_embd", "32",
+            "--data.batch_size", "4", "--data.num_workers", "0", "--model.config.n_layer", "1",
+            "--model.config.n_embd", "32",
             "--model.compile", "false",  # a few steps: compiling would cost more than it saves
-            "--model.n_head", "2", "--model.export_dir", str(root / "model"), "--trainer.default_root_dir",
-            str(root), "--trainer.logger.init_args.save_dir", str(root), "--trainer.enable_progress_bar", "false",
+            "--model.config.n_head", "2", "--model.export_dir", str(root / "model"), "--trainer.default_root_dir",
+            str(root), "--trainer.enable_progress_bar", "false",
             *extra]
 
 
@@ -154,7 +157,7 @@ def test_cli_fit_and_ddp_on_two_cpu_processes(tiny_model_dir, tiny_shards, tmp_p
 
 def test_bad_cli_argument_exits_nonzero_with_a_sentence(tmp_path) -> None:
     run = subprocess.run([sys.executable, "train.py", "fit", "--config", "configs/mdm-shapes.yaml",
-                          "--model.n_layer", "four"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+                          "--model.config.n_layer", "four"], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert run.returncode != 0
     assert "n_layer" in run.stderr
 
@@ -200,7 +203,8 @@ def test_validation_logs_text_samples_and_an_image_grid_to_tensorboard(tiny_mode
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     L.seed_everything(0)
-    module = LitMDM(**(TINY | {"samples_at_val": 16, "causal": causal}))
+    module = LitMDM(**(TINY | {"samples_at_val": 16, "config": ModelConfig(n_layer=2, n_head=2, n_embd=32,
+                                                                           causal=causal)}))
     logger = TensorBoardLogger(tmp_path, name="tb")
     L.Trainer(max_steps=2, accelerator="cpu", devices=1, logger=logger, enable_progress_bar=False,
               enable_model_summary=False, enable_checkpointing=False, limit_val_batches=1, val_check_interval=2,

@@ -247,7 +247,7 @@ def read_tar(path: Path) -> dict[str, dict[str, bytes]]:
 
 def test_pretokenize_writes_the_codes_of_encode_beside_the_original_members(tiny: VQTokenizer,
                                                                             tmp_path: Path) -> None:
-    from mmdlm.pretokenize import main
+    from mmdlm.commands.pretokenize import main
 
     tiny.save_pretrained(tmp_path / "vq")
     x = torch.rand(7, 3, 16, 16)
@@ -312,8 +312,7 @@ def test_train_cli_fits_and_exports_with_the_shipped_config(tmp_path: Path) -> N
               "--data.val_shards", str(tmp_path / "val" / "*.tar"), "--data.batch_size", "8",
               "--model.vq.channels", "8", "--model.vq.max_channels", "16", "--model.vq.norm_groups", "4",
               "--model.export_dir", str(tmp_path / "vq"), "--trainer.max_steps", "4",
-              "--trainer.val_check_interval", "2", "--trainer.default_root_dir", str(tmp_path),
-              "--trainer.logger.init_args.save_dir", str(tmp_path / "tb")])
+              "--trainer.val_check_interval", "2", "--trainer.default_root_dir", str(tmp_path)])
     tok = VQTokenizer.from_pretrained(tmp_path / "vq")
     assert tok.grid == (8, 8) and tok.encode(x[:2]).shape == (2, 8, 8)
     assert list((tmp_path / "tb").rglob("events.out.tfevents.*"))  # TensorBoard got the validation

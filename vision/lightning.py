@@ -20,7 +20,6 @@ diffusers `VQModel` folder at the end of fit (`export_dir`).
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from vision.schedule import warmup_cosine
 from vision.tokenizer import VQConfig, VQTokenizer
 
 
@@ -165,11 +165,8 @@ class VQLitModule(LightningModule):
         optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=(0.9, 0.99))
         total = max(int(self.trainer.estimated_stepping_batches), 1) if self._trainer else 10_000
 
-        def schedule(step: int) -> float:
-            if step < hp.warmup_steps:
-                return (step + 1) / hp.warmup_steps
-            progress = min((step - hp.warmup_steps) / max(total - hp.warmup_steps, 1), 1.0)
-            return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        def schedule(step: int) -> float:  # a plain function: LambdaLR keeps it out of the checkpoint
+            return warmup_cosine(step, hp.warmup_steps, total, hp.min_lr_ratio)
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -6,10 +6,10 @@
     mmdlm generate --model runs/quickstart/model --prompt "a large red circle at the top left" --out samples.png
     mmdlm SUBCOMMAND --help                            # that subcommand's own options
 
-Each subcommand hands the rest of the command line, unchanged, to the module that has always run it
-(`mmdlm vqa ...` is `python -m mmdlm.commands.vqa ...`, `mmdlm train ...` is `python train.py ...`), so their options,
-checks, error sentences and exit statuses are theirs; those forms, and the `mmdlm-vqa`, ... scripts, still work.
-Paths (`configs/...`, `train.py` in the quickstart) are relative to the current directory, as before.
+Each subcommand hands the rest of the command line, unchanged, to its module in `mmdlm.commands` (`mmdlm vqa ...`
+is `mmdlm vqa ...`; `mmdlm train ...` is `python train.py ...`), so the options, checks, error
+sentences and exit statuses are that module's; `python -m mmdlm ...` is this command. Paths (`configs/...`,
+`train.py` in the quickstart) are relative to the current directory.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def help_text() -> str:
         lines.append(textwrap.fill(summary(module), width=110, initial_indent=f"  {name:<{width}}",
                                    subsequent_indent=" " * (width + 2)))
     lines += ["", f"'{PROG} SUBCOMMAND --help' shows a subcommand's options.",
-              "'python -m mmdlm.SUBCOMMAND ...' and 'python train.py ...' are the same commands."]
+              "'python -m mmdlm.commands.SUBCOMMAND ...' and 'python train.py ...' are the same commands."]
     return "\n".join(lines) + "\n"
 
 

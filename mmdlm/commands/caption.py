@@ -31,7 +31,7 @@ from mmdlm.inputs import (
 from mmdlm.sampling.arguments import add_sampler_arguments, defaults_help, sampler_from_args
 
 
-def build_parser(prog: str = "python -m mmdlm.commands.caption") -> argparse.ArgumentParser:
+def build_parser(prog: str = "mmdlm caption") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)
@@ -41,7 +41,7 @@ def build_parser(prog: str = "python -m mmdlm.commands.caption") -> argparse.Arg
     return parser
 
 
-def main(argv: list[str] | None = None, prog: str = "python -m mmdlm.commands.caption") -> int:
+def main(argv: list[str] | None = None, prog: str = "mmdlm caption") -> int:
     """Caption images given on the command line; returns the exit status documented above."""
     parser = build_parser(prog)
     args = parser.parse_args(argv)

@@ -17,7 +17,7 @@ import argparse
 from mmdlm.training.checkpoint import export_checkpoint
 
 
-def main(argv: list[str] | None = None, prog: str = "python -m mmdlm.commands.export") -> None:
+def main(argv: list[str] | None = None, prog: str = "mmdlm export") -> None:
     """Export a training checkpoint as a self-contained model folder."""
     parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -27,7 +27,7 @@ def blank_length(text: str) -> int | None:
     return None if text.strip().lower() == "auto" else positive_int(text)
 
 
-def build_parser(prog: str = "python -m mmdlm.commands.infill") -> argparse.ArgumentParser:
+def build_parser(prog: str = "mmdlm infill") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)
@@ -40,7 +40,7 @@ def build_parser(prog: str = "python -m mmdlm.commands.infill") -> argparse.Argu
     return parser
 
 
-def main(argv: list[str] | None = None, prog: str = "python -m mmdlm.commands.infill") -> int:
+def main(argv: list[str] | None = None, prog: str = "mmdlm infill") -> int:
     """Fill the blanks of a text; returns the exit status documented above."""
     parser = build_parser(prog)
     args = parser.parse_args(argv)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 
 from mmdlm.errors import UserError
+from mmdlm.inputs import add_device_argument
 from mmdlm.pretokenize import pretokenize, skip_summary
 
 
@@ -24,7 +25,7 @@ def main(argv: list[str] | None = None, prog: str = "mmdlm pretokenize") -> None
     parser.add_argument("--shards", required=True, help="input shards: a glob or brace pattern (quote it)")
     parser.add_argument("--out", required=True, help="output folder; shards keep their names and sub-folders")
     parser.add_argument("--batch-size", type=int, default=256, help="images encoded per forward")
-    parser.add_argument("--device", default="cpu", help="torch device of the encoder")
+    add_device_argument(parser, default="cpu", help="torch device of the encoder")
     args = parser.parse_args(argv)
     try:
         summary = pretokenize(args.vq, args.shards, args.out, batch_size=args.batch_size, device=args.device)

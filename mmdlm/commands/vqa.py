@@ -1,8 +1,8 @@
 """Visual question answering from the command line: one question, or a JSONL file of them in batches.
 
-    python -m mmdlm.commands.vqa --model runs/quickstart/model --image scene.png --question "what color is the circle?"
-    python -m mmdlm.commands.vqa --model runs/quickstart/model --questions qa.jsonl --out answers.jsonl --batch-size 64
-    python -m mmdlm.commands.vqa --model runs/quickstart/model --device cpu --image scene.png --question "how many squares?" -v
+    mmdlm vqa --model runs/quickstart/model --image scene.png --question "what color is the circle?"
+    mmdlm vqa --model runs/quickstart/model --questions qa.jsonl --out answers.jsonl --batch-size 64
+    mmdlm vqa --model runs/quickstart/model --device cpu --image scene.png --question "how many squares?" -v
     mmdlm-vqa --model DIR --image scene.png --question "is there a cross?" --threshold 0.9   # parallel decoding
 
 Single mode prints the answer on stdout (with --verbose, the NFE and time on stderr). When the model
@@ -188,7 +188,7 @@ def answer_one(pipe: MMDLMPipeline, image: Image.Image, question: str, options: 
 
 
 # ---- command line ---------------------------------------------------------------------------------------
-def build_parser(prog: str = "python -m mmdlm.commands.vqa") -> argparse.ArgumentParser:
+def build_parser(prog: str = "mmdlm vqa") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)
@@ -203,7 +203,7 @@ def build_parser(prog: str = "python -m mmdlm.commands.vqa") -> argparse.Argumen
     return parser
 
 
-def main(argv: list[str] | None = None, prog: str = "python -m mmdlm.commands.vqa") -> int:
+def main(argv: list[str] | None = None, prog: str = "mmdlm vqa") -> int:
     """Run the VQA command; returns (and, as a script, exits with) the status documented above."""
     parser = build_parser(prog)
     args = parser.parse_args(argv)

@@ -50,7 +50,7 @@ class SamplerConfig:
     """How one call decodes: the masked-diffusion scheduler's options and the AR scheduler's."""
 
     steps: int | None = 16  # denoising steps (MDM); None = one token per step (the largest masked
-    #   text region's length: captions and infilling decode best so, BENCHMARKS.md issue 15). AR: one per token
+    #   text region's length: captions and infilling decode best so, BENCHMARKS.md). AR: one per token
     image_steps: int | None = None  # steps for image regions when they should differ (None = `steps`, or
     #   16 when `steps` is None); MaskGIT draws 16x16 grids in 8-12 cosine steps, ours are <= 8x8
     temperature: float = 0.0  # 0 = argmax (LLaDA's benchmark setting); > 0 Gumbel-max sampling
@@ -120,15 +120,12 @@ class SamplerConfig:
         return d
 
 
-# Each task's sampler, chosen on held-out val scenes 500-699 (not the evaluation's 0-199) of the quickstart model
-# (BENCHMARKS.md issue 17): the fastest settings that keep its quality. Captions one token per step left to right in
-# blocks of 2, and every token above 0.8 confidence at once (Fast-dLLM): F1 0.911/0.781/0.755/0.822 (blocks of 4, one
-# token per step) -> 0.936/0.815/0.786/0.892 at fewer steps; answers (1-3 tokens) one token per step left to right
-# (VQA 78.1% -> 78.8% against confidence order, session 8); a text ends in the step that picks its <eos>
-# (`SamplerConfig.eos_fill`: answers 4 -> 2.95 NFE at the same accuracy); images in 7 MaskGIT cosine steps, sampled
-# (temperature 1), guidance 2 under the plausibility constraint (all-correct on 400 scenes: 57.25% at 16 steps,
-# 56.5% at 8, 55.75% at 7, 54.25% at 6, for a model trained with prefix attention; one without it lost 7 points
-# from 16 to 8 steps on 200 scenes: pass steps=16 to it); infilling one token per step.
+# Each task's sampler, chosen on held-out val scenes 500-699 (not the evaluation's 0-199) of the quickstart model:
+# the fastest settings that keep its quality (BENCHMARKS.md, "Sampler settings"). Captions one token per step left
+# to right in blocks of 2, with every token above 0.8 confidence committed at once (Fast-dLLM); answers (1-3 tokens)
+# one token per step left to right; a text ends in the step that picks its <eos> (`SamplerConfig.eos_fill`); images
+# in 7 MaskGIT cosine steps, sampled (temperature 1), guidance 2 under the plausibility constraint (a model trained
+# without prefix attention needs more image steps: pass steps=16 to it); infilling one token per step.
 DEFAULT_SAMPLERS: dict[str, SamplerConfig] = {
     "caption": SamplerConfig(steps=None, block_length=2, threshold=0.8),
     "answer": SamplerConfig(steps=None, block_length=1),
@@ -137,5 +134,5 @@ DEFAULT_SAMPLERS: dict[str, SamplerConfig] = {
     "inpaint": SamplerConfig(steps=16, temperature=1.0),
     "infill": SamplerConfig(steps=None),
     "document": SamplerConfig(steps=16, temperature=1.0),  # joint generation's: any mix of text and image blanks
-    "edit": SamplerConfig(steps=7, temperature=1.0, guidance_scale=2.0),  # text-to-image's until measured (issue 20)
+    "edit": SamplerConfig(steps=7, temperature=1.0, guidance_scale=2.0),  # text-to-image's settings
 }

@@ -10,7 +10,7 @@ until none is left. It follows:
 - Fast-dLLM (Wu et al. 2025): threshold parallel decoding, committing every prediction whose confidence
   passes a threshold on top of the schedule (and at least one token per step), so a text or an image takes at
   most its steps and fewer when its predictions are sure; a row's next text block opens as soon as the open
-  ones are filled (issue 17: how many tokens a step commits is decided by confidence).
+  ones are filled (how many tokens a step commits is decided by confidence).
 - ReMDM (Wang et al. 2025): committed tokens may be re-masked and predicted again (`SelfCorrection`).
 - LaViDa's exact prefix cache: a model trained with `ModelConfig.prefix_attention` keeps its prompt from
   attending to the generated region, so the prompt's keys/values are computed in the first step and reused

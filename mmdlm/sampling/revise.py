@@ -48,7 +48,7 @@ class Revision:
     rounds: int = 1  # score -> re-mask -> refill cycles (a round that finds nothing ends the revision)
     draft_confidence: float = 1.0  # revising another model's draft: only the tokens the drafting model itself gave
     #   p below this are judged (1.0: every token). The quickstart's MDM reads images worse than its AR twin, and
-    #   judging every token of the AR's captions replaced more right words than wrong ones (BENCHMARKS.md, issue 18)
+    #   judging every token of the AR's captions replaced more right words than wrong ones (BENCHMARKS.md, "Revision")
 
     def __post_init__(self) -> None:
         if not 0 <= self.threshold <= 1 or not 0 < self.draft_confidence <= 1:

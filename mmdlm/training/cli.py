@@ -21,8 +21,10 @@ is rewritten at the end of fit, so it always holds the final step.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+from jsonargparse import Namespace
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningCLI
 
@@ -45,7 +47,19 @@ def check_ckpt_path(ckpt_path: str | None) -> None:
 
 
 class MMDLMCLI(LightningCLI):
-    """`LightningCLI` whose trainer keeps its checkpoints in one folder per run root (see `stable_checkpoints`)."""
+    """`LightningCLI` whose run folder is named once, by `trainer.default_root_dir`: checkpoints go to
+    `<root>/checkpoints` (`stable_checkpoints`), TensorBoard logs to `<root>/tb` when the config names no logger,
+    and a model's `export_dir` left unset is `<root>/model`."""
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        root = config.trainer.default_root_dir or os.getcwd()
+        if config.trainer.logger in (None, True):
+            config.trainer.logger = Namespace(class_path="lightning.pytorch.loggers.TensorBoardLogger",
+                                              init_args=Namespace(save_dir=root, name="tb"))
+        init = config.model.get("init_args") if isinstance(config.model, Namespace) else None
+        if init is not None and "export_dir" in init and init.export_dir is None:
+            init.export_dir = os.path.join(root, "model")
 
     def instantiate_trainer(self, **kwargs) -> Trainer:  # noqa: ANN003
         trainer = super().instantiate_trainer(**kwargs)

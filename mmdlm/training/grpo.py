@@ -1,4 +1,4 @@
-"""`LitGRPO`: group-relative policy optimisation of an mmdlm model from verifiable rewards (issue 19, first cut).
+"""`LitGRPO`: group-relative policy optimisation of an mmdlm model from verifiable rewards.
 
 Per step, for each of the batch's prompts: `group_size` completions from the model's own sampler (the task's
 default `SamplerConfig`, or `sampler`), a reward for each (`mmdlm.training.rewards`), advantages relative to the group
@@ -16,8 +16,8 @@ where and when the sampler committed it (TraceRL / MaskGRPO: the rollout's own c
 step), `elbo`, the coupled ELBO estimate (coupled-GRPO; the policy and the reference on the same masks), or
 `full_mask`, diffu-GRPO's one-step estimate. When the rollouts are drawn with classifier-free
 guidance, the per-token terms are those of the guided distribution, softmax(cond + w (cond - uncond)): trained on
-the conditional likelihood alone, the policy improved its unguided samples (all-correct +5.25 points) and lost 6.5
-points of guided ones (BENCHMARKS.md, issue 19). Dividing by the completion's length L_i is GSPO's sequence-level
+the conditional likelihood alone, the policy improved its unguided samples and lost on its guided ones
+(BENCHMARKS.md). Dividing by the completion's length L_i is GSPO's sequence-level
 ratio: a 64-token image's log-likelihood would otherwise swing the ratio by e^(tens) for a small update. One update
 per rollout batch, so the ratio is 1 in value and PPO's clipping would never act; it is left out. KL_i is the k3
 estimate exp(d) - d - 1 with d = (ll_ref - ll) / L_i.
@@ -61,7 +61,7 @@ LIKELIHOODS = ("elbo", "trajectory", "full_mask")  # a masked-diffusion model's 
 
 
 class PromptData(L.LightningDataModule):
-    """Prompts for RL: the records of webdataset shards (`mmdlm.evaluate.load_records`: images decoded, captions,
+    """Prompts for RL: the records of webdataset shards (`mmdlm.eval.records.load_records`: images decoded, captions,
     QA and the scene in `meta`), `prompts_per_step` per batch, reshuffled every epoch. What a record prompts is the
     task's (`LitGRPO.task`): its first caption, or one of its questions."""
 
@@ -72,7 +72,7 @@ class PromptData(L.LightningDataModule):
         self.items: list[dict] | None = None
 
     def setup(self, stage: str | None = None) -> None:
-        from mmdlm.evaluate import load_records
+        from mmdlm.eval.records import load_records
 
         if self.items is None:
             self.items = load_records(self.hparams.shards, self.hparams.image_size, self.hparams.limit)
@@ -96,15 +96,15 @@ class LitGRPO(L.LightningModule):
         lr: AdamW learning rate.
         beta: weight of the KL penalty to the starting model (0: no penalty, and no reference forward).
         likelihood: a masked-diffusion model's log-likelihood of a rollout, one of `LIKELIHOODS` (module docstring).
-            `elbo` peaks at +6.75 (100 steps), then falls back; `trajectory`, exact for the sampler's choices
-            (tests/test_likelihood.py), gains +3.25 and keeps it, and with `importance_clip` +6 kept to 300 steps
-            with the other tasks unchanged (BENCHMARKS.md, issue 19; the recipe's choice).
+            `elbo` peaks early, then falls back; `trajectory`, exact for the sampler's choices
+            (tests/test_likelihood.py), keeps its gain, and more of it with `importance_clip`, the other tasks
+            unchanged (BENCHMARKS.md; the recipe's choice).
         likelihood_draws: coupled mask pairs per ELBO estimate (`likelihood: elbo`).
         sampler: `SamplerConfig` fields overriding the task's default: the sampler the policy is trained for (its
             guidance defines the likelihood's distribution) and, without `explore`, the one drawing the rollouts.
         explore: `SamplerConfig` fields overriding `sampler` for drawing the rollouts only, e.g.
-            `{"guidance_scale": 0.0}`: the guided sampler draws one image 8 times for most prompts, so most groups
-            carry no advantage (BENCHMARKS.md, issue 19); an exploring sampler's rollouts are scored under the
+            `{"guidance_scale": 0.0}`: the guided sampler draws the same image again and again for most prompts, so
+            most groups carry no advantage (BENCHMARKS.md); an exploring sampler's rollouts are scored under the
             target sampler's distribution all the same (off-policy, uncorrected: advantage-weighted likelihood).
         negative_weight: the weight of the below-average rollouts' (negative) advantages against the above-average
             ones' (1: GRPO; 0: only the better rollouts are pushed up, as rejection-sampling fine-tuning does;

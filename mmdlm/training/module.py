@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-import math
+import io
 import os
 import shutil
 import time
@@ -28,10 +28,11 @@ from mmdlm.processor import MMDLMProcessor
 from mmdlm.sequence import Batch, Task, generated_image
 from mmdlm.text_tokenizer import TextTokenizer
 from mmdlm.vocab import Vocab
+from vision.schedule import warmup_cosine
 
-# ModelConfig fields that LitMDM takes as arguments: with `init_from`, the model folder's values are used
+# the ModelConfig fields that LitMDM's hyper-parameters held one by one before `config` (`migrate_hparams`)
 ARCHITECTURE = ("n_layer", "n_head", "n_embd", "causal", "qk_norm", "tie_head", "head_codebook", "mask_positions",
-                "shift_logits", "prefix_attention")
+                "shift_logits", "prefix_attention", "dropout")
 
 
 @torch.no_grad()
@@ -95,7 +96,7 @@ class EMA:
 
     Kept over Lightning's `EMAWeightAveraging`: that callback's average starts after the first step (ours at
     the initial weights), and it ignores the `checkpoint["ema"]` of our checkpoints on resume (BENCHMARKS.md,
-    issue 16, `benchmarks/library_equivalence.py`)."""
+    `benchmarks/library_equivalence.py`)."""
 
     def __init__(self, module: torch.nn.Module, decay: float) -> None:
         self.decay = decay
@@ -118,24 +119,15 @@ class EMA:
 
 
 class LitMDM(LightningModule):
-    """The masked-diffusion transformer (or, with `causal=True`, the autoregressive baseline).
+    """The masked-diffusion transformer (or, with `config.causal`, its autoregressive twin).
 
     Args:
-        n_layer: transformer blocks.
-        n_head: attention heads.
-        n_embd: model width.
-        causal: False = masked diffusion (bidirectional); True = the AR baseline, same parameters.
-        qk_norm: RMS-normalise queries and keys (stabler at higher learning rates).
-        tie_head: score outputs with the input embedding table (codebook projection included), so codes that
-            look alike get alike logits; measured: image NLL 0.72 -> 0.31 at 1,300 CPU steps (BENCHMARKS.md),
-            but a tiny model's text answers learn slower (tests/test_learning.py).
-        head_codebook: with an untied head, add the codebook projection to its image rows only: the image
-            side of tying, text rows free (see BENCHMARKS.md for the three heads side by side).
-        mask_positions: give each masked text token a learned absolute position embedding, so the slots
-            of a fully masked text region (a caption, an answer) are told apart from the first layer
-            (RoPE alone is relative, and the masks are identical).
-        dropout: dropout in attention and MLP.
-        codebook_embeddings: add a projection of the VQ codebook vector to each image token's embedding.
+        config: the architecture (`ModelConfig`: layers, width, heads, causal, heads and attention options).
+            Its run-time fields (vocab size, sequence length, image grid, codebook) are filled from the data
+            module's processor in `configure_model`; values given for them are replaced. With `init_from`, the
+            folder's architecture is used instead (see there).
+        codebook_embeddings: add a projection of the VQ codebook vector to each image token's embedding (fills
+            `config.codebook_dim` from the data's codebook).
         lr: peak AdamW learning rate.
         min_lr_ratio: final learning rate as a fraction of `lr` (cosine decay).
         weight_decay: AdamW weight decay on matrices (not on norms, biases and embeddings).
@@ -148,34 +140,30 @@ class LitMDM(LightningModule):
             lower variance); the logged NLL is the ELBO either way.
         task_balanced: average the per-task losses, so small target regions (VQA answers) weigh as much
             as large ones (images). The AR twin's loss too (`ar_loss(task_balanced=)`); `ar_rows`' AR half
-            keeps the token mean. Balancing the AR stage measured worse (BENCHMARKS.md, issue 15, session 7).
+            keeps the token mean.
         modality_balanced: with `task_balanced`, each task's share is split evenly between its image and its
-            text target tokens: the document task holds edits (64 image tokens) and "what changed?" answers
-            (a 10-token region), whose share of it a token mean sets by their mix: ~5% in the edit recipe's
-            stage 2 (a quarter of its documents ask), ~40% in stage 3 (three quarters ask).
+            text target tokens (the document task holds edits, 64 image tokens, and "what changed?" answers,
+            a 10-token region, whose share a token mean would set by their mix).
         paired_masks: train each sequence with two complementary masks (LaViDa, DiffuCoder), so every
             target token is supervised once per pair; the forward runs on 2x the batch (halve batch_size
             for equal compute). Validation uses single masks.
         task_t: per-task interval of the training mask ratio t, e.g. `{vqa: [0.5, 1.0]}`: understanding is
             decoded from a fully masked answer, so its training can favour high t. Unlisted tasks: U(0, 1).
             Validation always uses U(0, 1), so `val/nll` stays the ELBO.
-        shift_logits: read position i's logits from the hidden state at i - 1, as a causal LM does (Dream):
-            the masked-diffusion and AR objectives then share one head. `init_from` an AR folder with
-            `causal: false` turns this on: the AR checkpoint is adapted to masked diffusion.
-        prefix_attention: LaViDa's Prefix-DLM attention (`ModelConfig.prefix_attention`): the prompt (image +
-            question, caption) does not attend to the generated region, so a sampler computes it once per request
-            and reuses it exactly at every step (issue 17). With `init_from`, a folder trained with it keeps it.
-        corrupt: correction training (issue 18): the share of the clean target tokens replaced by a random token
-            of their modality and scored (`masked_diffusion_loss(corrupt=)`), so the model learns to spot and fix
-            a wrong committed token; training only (validation's NLL stays the ELBO). 0 = off.
+        corrupt: correction training: the share of the clean target tokens replaced by a random token of their
+            modality and scored (`masked_diffusion_loss(corrupt=)`), so the model learns to spot and fix a wrong
+            committed token; training only (validation's NLL stays the ELBO). 0 = off.
         ar_rows: share of each batch trained with the AR objective (causal attention, same weights) beside
-            the masked-diffusion rows: one model on both objectives. Needs `shift_logits`; sampling stays
+            the masked-diffusion rows: one model on both objectives. Needs `config.shift_logits`; sampling stays
             masked diffusion.
         ema_decay: EMA of the weights for validation and export; 0 disables it.
-        export_dir: write a self-contained model folder here at the end of fit.
-        init_from: start from the weights of a model folder (`mmdlm.commands.export`, `MMDLMPipeline.from_pretrained`):
-            fine-tuning. Its architecture replaces `n_layer` ... `mask_positions`; the optimizer, schedule and
-            step count start fresh; the data's tokenizers must be the folder's (checked, `UserError` if not).
+        export_dir: write a self-contained model folder here at the end of fit (the CLI's default:
+            `<trainer.default_root_dir>/model`; "" writes none).
+        init_from: start from the weights of a model folder (`mmdlm.folder`, `MMDLMPipeline.from_pretrained`):
+            fine-tuning. Its architecture replaces `config`'s, except `dropout` and `prefix_attention` (turned on
+            if either asks); a causal folder with `config.causal` false is adapted to masked diffusion
+            (`shift_logits`, as Dream / DiffuLLaMA). The optimizer, schedule and step count start fresh; the
+            data's tokenizers must be the folder's (checked, `UserError` if not).
         max_seq_len: the model's longest sequence, when the data's is longer than the layout's templates
             (interleaved documents: an edit is ~150 tokens); the larger of the two is built, and a model loaded
             with `init_from` grows to it (RoPE positions extend; not with learned `mask_positions`).
@@ -183,21 +171,12 @@ class LitMDM(LightningModule):
         seed: seeds the masking noise, per step, so a resumed run repeats an uninterrupted one.
         compile: `torch.compile` the transformer's blocks for the training forward (`compile_for_training`;
             sampling and validation stay eager); parameter names and checkpoints are unchanged. Needs a C++
-            compiler (g++). On 2 CPU cores a step of the quickstart model costs 27% less (0.246 -> 0.180 s,
-            BENCHMARKS.md issue 15) after ~20-30 s of compiling; on an H100, 23% vs 17% MFU.
+            compiler (g++).
     """
 
     def __init__(
         self,
-        n_layer: int = 4,
-        n_head: int = 4,
-        n_embd: int = 128,
-        causal: bool = False,
-        qk_norm: bool = True,
-        tie_head: bool = ModelConfig.tie_head,  # one default, with its reason, in ModelConfig
-        head_codebook: bool = False,
-        mask_positions: bool = False,
-        dropout: float = 0.0,
+        config: ModelConfig | None = None,
         codebook_embeddings: bool = True,
         lr: float = 2e-3,
         min_lr_ratio: float = 0.1,
@@ -211,8 +190,6 @@ class LitMDM(LightningModule):
         modality_balanced: bool = False,
         paired_masks: bool = False,
         task_t: dict[str, list[float]] | None = None,
-        shift_logits: bool = False,
-        prefix_attention: bool = False,
         corrupt: float = 0.0,
         ar_rows: float = 0.0,
         ema_decay: float = 0.995,
@@ -224,61 +201,82 @@ class LitMDM(LightningModule):
         compile: bool = False,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        if isinstance(config, dict):  # from a checkpoint's hyper-parameters
+            config = ModelConfig(**config)
+        self.architecture = config or ModelConfig()
+        self.save_hyperparameters(ignore=["config"])
+        self.hparams["config"] = asdict(self.architecture)  # plain values: checkpoints load with weights_only
         self.model: Transformer | None = None
         self.ema: EMA | None = None
         self._tokens_seen = 0
         self._t_last: float | None = None
 
+    @classmethod
+    def migrate_hparams(cls, hparams: dict[str, Any]) -> dict[str, Any]:
+        """The hyper-parameters of a checkpoint in today's form: architecture fields given one by one beside
+        the training options (the form before `config`) are gathered into `config`."""
+        hparams = dict(hparams)
+        flat = {name: hparams.pop(name) for name in ARCHITECTURE if name in hparams}
+        if flat:
+            hparams["config"] = {**asdict(ModelConfig()), **hparams.get("config", {}), **flat}
+        return hparams
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> LitMDM:  # noqa: D102
+        checkpoint = checkpoint_path
+        if not isinstance(checkpoint, dict):
+            checkpoint = torch.load(checkpoint_path, map_location=kwargs.get("map_location", "cpu"),
+                                    weights_only=True)
+        checkpoint = {**checkpoint, "hyper_parameters": cls.migrate_hparams(checkpoint.get("hyper_parameters", {}))}
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        buffer.seek(0)
+        return super().load_from_checkpoint(buffer, *args, **kwargs)
+
     # ---- building from the data's run-time values --------------------------------------------------
     def configure_model(self) -> None:
-        if self.model is not None:
+        if self.model is not None or self._trainer is None:  # load_from_checkpoint: on_load_checkpoint builds it
             return
         processor = self.trainer.datamodule.processor  # an MMDLMProcessor (train_speed: a stand-in of sizes)
         hp = self.hparams
-        if hp.get("init_from"):
+        if hp.init_from:
             self.init_from_folder(hp.init_from, processor)
             return
         vocab: Vocab = processor.vocab
         codebook = processor.code_features() if hp.codebook_embeddings else None
-        config = ModelConfig(
-            vocab_size=vocab.size, n_layer=hp.n_layer, n_head=hp.n_head, n_embd=hp.n_embd,
-            max_seq_len=max(processor.max_seq_len, hp.get("max_seq_len") or 0), causal=hp.causal, qk_norm=hp.qk_norm,
-            tie_head=hp.tie_head,
-            head_codebook=hp.head_codebook, mask_positions=hp.get("mask_positions", False), mask_id=vocab.mask,
-            shift_logits=hp.get("shift_logits", False), prefix_attention=hp.get("prefix_attention", False),
-            dropout=hp.dropout, image_grid=processor.image_grid,
-            codebook_size=vocab.codebook_size, image_offset=vocab.image_offset,
-            codebook_dim=0 if codebook is None else codebook.shape[1],
-        )
+        config = replace(  # the run-time fields, from the data
+            self.architecture, vocab_size=vocab.size, max_seq_len=max(processor.max_seq_len, hp.max_seq_len or 0),
+            mask_id=vocab.mask, image_tokens=0, image_grid=processor.image_grid, codebook_size=vocab.codebook_size,
+            image_offset=vocab.image_offset, codebook_dim=0 if codebook is None else codebook.shape[1])
         self.build(config, vocab, codebook)
 
     def build(self, config: ModelConfig, vocab: Vocab, codebook: torch.Tensor | None = None) -> None:
         self.config, self.vocab = config, vocab
-        if self.hparams.get("ar_rows", 0.0) > 0 and (config.causal or not config.shift_logits):
+        if self.hparams.ar_rows > 0 and (config.causal or not config.shift_logits):
             raise UserError("--model.ar_rows trains a masked-diffusion model on the AR objective too: it needs "
-                            "--model.causal false and --model.shift_logits true (one head for both objectives)")
+                            "--model.config.causal false and --model.config.shift_logits true (one head for both "
+                            "objectives)")
         self.model = Transformer(config)
         if codebook is not None:
             self.model.set_codebook(codebook)
-        if self.hparams.get("compile", False):
+        if self.hparams.compile:
             if not any(shutil.which(c) for c in (os.environ.get("CXX"), "g++", "clang++") if c):
                 raise UserError("--model.compile true needs a C++ compiler (g++ or clang++, or $CXX) on the PATH; "
                                 "install one or pass --model.compile false")
             self.model.compile_for_training()
         hp = self.hparams
-        balance = {"task_balanced": hp.task_balanced, "modality_balanced": hp.get("modality_balanced", False)}
+        balance = {"task_balanced": hp.task_balanced, "modality_balanced": hp.modality_balanced}
         self.objective = (partial(ar_loss, **balance) if config.causal else partial(
             masked_diffusion_loss, vocab=vocab, image_schedule=ImageSchedule(hp.image_schedule),
             weighting=Weighting(hp.weighting), **balance))
-        t_ranges = {Task[name.upper()]: tuple(r) for name, r in (hp.get("task_t") or {}).items()}
+        t_ranges = {Task[name.upper()]: tuple(r) for name, r in (hp.task_t or {}).items()}
         if balance["modality_balanced"] and not hp.task_balanced:
             raise UserError("--model.modality_balanced true splits each task's share of a task-balanced loss; "
                             "it needs --model.task_balanced true")
-        if not 0.0 <= hp.get("corrupt", 0.0) < 1.0:
+        if not 0.0 <= hp.corrupt < 1.0:
             raise UserError(f"--model.corrupt must be in [0, 1), got {hp.corrupt}")
         self.train_objective = (self.objective if config.causal else partial(
-            self.objective, paired=hp.get("paired_masks", False), t_ranges=t_ranges, corrupt=hp.get("corrupt", 0.0)))
+            self.objective, paired=hp.paired_masks, t_ranges=t_ranges, corrupt=hp.corrupt))
         if self.hparams.ema_decay > 0:
             self.ema = EMA(self.model, self.hparams.ema_decay)
 
@@ -300,7 +298,7 @@ class LitMDM(LightningModule):
         g = self._generator(salt=0)
         if self.hparams.p_uncond > 0 or self.hparams.p_uncond_text > 0:
             batch = cond_dropout(batch, self.hparams.p_uncond, generator=g, p_uncond_text=self.hparams.p_uncond_text)
-        k = round(self.hparams.get("ar_rows", 0.0) * len(batch))  # rows for the AR objective
+        k = round(self.hparams.ar_rows * len(batch))  # rows for the AR objective
         out = self._loss(batch.select(slice(k, None)) if k else batch, g, train=True)
         bs = len(batch)
         if k:
@@ -380,11 +378,8 @@ class LitMDM(LightningModule):
         )
         total = max(self.trainer.max_steps, hp.warmup_steps + 1)
 
-        def schedule(step: int) -> float:  # not transformers' cosine-with-min-lr: its warmup starts at lr 0
-            if step < hp.warmup_steps:
-                return (step + 1) / hp.warmup_steps
-            progress = min(1.0, (step - hp.warmup_steps) / max(1, total - hp.warmup_steps))
-            return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        def schedule(step: int) -> float:  # a plain function: LambdaLR keeps it out of the checkpoint
+            return warmup_cosine(step, hp.warmup_steps, total, hp.min_lr_ratio)
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
@@ -393,7 +388,7 @@ class LitMDM(LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["mmdlm"] = {"model_config": asdict(self.config), "vocab": self.vocab.to_dict()}
         processor = getattr(getattr(self.trainer, "datamodule", None), "processor", None)
-        if isinstance(processor, MMDLMProcessor):  # what `mmdlm.commands.export --ckpt` rebuilds it from (absolute paths)
+        if isinstance(processor, MMDLMProcessor):  # what `mmdlm export --ckpt` rebuilds it from (absolute paths)
             checkpoint["mmdlm"].update(processor.sources(), layout=asdict(processor.layout))
         if self.ema is not None:
             checkpoint["ema"] = self.ema.shadow
@@ -412,20 +407,20 @@ class LitMDM(LightningModule):
             raise UserError(f"--model.init_from {str(folder)!r} does not fit this data: {problem} (train on the "
                             f"folder's own tokenizers: --data.text_tokenizer {Path(folder) / 'text_tokenizer'} "
                             f"--data.vq {Path(folder) / 'vq'})")
-        prefix_attention = pipe.model.config.prefix_attention or self.hparams.get("prefix_attention", False)
-        longest = max(pipe.model.config.max_seq_len, self.hparams.get("max_seq_len") or 0)
+        prefix_attention = pipe.model.config.prefix_attention or self.architecture.prefix_attention
+        longest = max(pipe.model.config.max_seq_len, self.hparams.max_seq_len or 0)
         if longest > pipe.model.config.max_seq_len and pipe.model.config.mask_positions:
             raise UserError(f"--model.max_seq_len {longest} exceeds the --model.init_from folder's "
                             f"{pipe.model.config.max_seq_len}, whose learned mask positions cannot grow")
-        config = replace(pipe.model.config, dropout=self.hparams.dropout, prefix_attention=prefix_attention,
+        config = replace(pipe.model.config, dropout=self.architecture.dropout, prefix_attention=prefix_attention,
                          max_seq_len=longest)  # RoPE positions extend to any length
-        if config.causal and not self.hparams.causal:  # adapt an AR checkpoint to masked diffusion (Dream)
+        if config.causal and not self.architecture.causal:  # adapt an AR checkpoint to masked diffusion (Dream)
             config = replace(config, causal=False, shift_logits=True)
         self.build(config, pipe.vocab)  # no codebook argument: the folder's is in its weights
         self.model.load_state_dict(pipe.model.state_dict())
         if self.ema is not None:  # the average starts at the loaded weights, not at build()'s random ones
             self.ema = EMA(self.model, self.hparams.ema_decay)
-        self.hparams.update({name: getattr(config, name) for name in ARCHITECTURE})  # what was built, logged
+        self.hparams["config"] = asdict(config)  # what was built, logged
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if self.model is None:  # loading outside of fit: rebuild from the stored config

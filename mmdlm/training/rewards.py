@@ -1,4 +1,4 @@
-"""Verifiable rewards for reinforcement learning (issue 19): a reward reads a task's completions against the
+"""Verifiable rewards for reinforcement learning: a reward reads a task's completions against the
 records they were prompted from and returns Float[N] in [0, 1], one value per completion.
 
 The worlds make rewards exact: the shapes oracle reads a generated image back to its scene graph, the digits
@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from mmdlm.evaluate import World, load_callable, normalize, world_for
+from mmdlm.eval.metrics import normalize
+from mmdlm.worlds.scoring import World, load_callable, world_for
 
 Reward = Callable[[Any, Sequence[dict]], torch.Tensor]
 """(completions, records) -> Float[N]: images Float[N, 3, H, W] in [0, 1] for text-to-image, texts otherwise;

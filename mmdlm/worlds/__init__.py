@@ -11,6 +11,7 @@ probe compositional generation):
 | `edits.py` | the shapes world's editing recipe: scene-graph edits, instructions, what-changed QA, `check_edit` |
 | `digits.py` | scikit-learn's bundled handwritten digits (1,797 real scans) as shards with captions and QA |
 | `digits_scorer.py` | the digits world's scorer: a k-NN digit classifier, fitted leaving out the scans it scores |
+| `scoring.py` | how evaluation and rewards score a source: `World`, its three worlds, `world_for` |
 
 They are installed with mmdlm (evaluation and benchmarks import them at run time); the short recipe commands
 `python -m data.shapes` / `python -m data.digits`, run from the repository root beside the shards they write,

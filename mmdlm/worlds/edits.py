@@ -531,8 +531,8 @@ def make_sample(source: list[dict], edit: Edit, rng: random.Random, image_size: 
     else:
         layout = {"kind": "edit", "texts": [None, edit.instruction(source, rng), None],
                   "images": ["0.png", None, "1.png"], "targets": [2]}
-    # "source" names the data source, as the shapes world's json does (`mmdlm.evaluate` reads it); the scenes are
-    # "before" and "after"
+    # "source" names the data source, as the shapes world's json does (`mmdlm.worlds.scoring.world_for` reads it);
+    # the scenes are "before" and "after"
     meta = {"source": SOURCE, **layout, "edit": edit.to_dict(), "before": source, "after": result, "split": split}
     return {"json": json.dumps(meta).encode(), "0.png": _png(source, image_size), "1.png": _png(result, image_size)}
 
