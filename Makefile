@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 
 ## make quickstart: data -> text BPE -> image tokenizer -> MDM -> evaluation -> runs/quickstart/{metrics.json,report.md,samples.png}
 quickstart: $(STAMP)
-	$(BIN)/python -m mmdlm.quickstart --out runs/quickstart
+	$(BIN)/python -m mmdlm.commands.quickstart --out runs/quickstart
 
 ## make browser: Debian's chromium + chromedriver for the demo's headless browser test (tests/test_demo.py;
 ## Selenium drives this binary, nothing downloads a browser). `make test` tries it and goes on without it
