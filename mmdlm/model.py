@@ -39,7 +39,7 @@ class ModelConfig:
     """
 
     vocab_size: int = 0  # Vocab.size: text ids + image codes + specials (0: not filled from the data yet)
-    n_layer: int = 4  # a small model runs 3-4x more steps in a CPU budget (BENCHMARKS.md, founding)
+    n_layer: int = 4  # a small model runs more steps in a CPU budget (BENCHMARKS.md, "Founding measurements")
     n_head: int = 4  # head dim 32 at d=128: enough for RoPE, cheap on CPU
     n_embd: int = 128  # d=128 runs 3-4x more steps than d=256 in the same CPU time (BENCHMARKS.md)
     max_seq_len: int = 256  # longest template (VQA with 3 QA pairs at 64 image tokens) is ~142

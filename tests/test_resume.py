@@ -262,7 +262,8 @@ def test_a_checkpoint_with_the_architecture_given_field_by_field_loads(tiny_mode
     config = hp.pop("config")
     fields = ("n_layer", "n_head", "n_embd", "causal", "qk_norm", "tie_head", "head_codebook", "mask_positions",
               "shift_logits", "prefix_attention", "dropout")
-    old = {**hp, **{k: config[k] for k in fields}}
+    old = {**hp, **{k: config[k] for k in fields},  # and the class path LightningCLI recorded for it
+           "_class_path": "mmdlm.lightning.LitMDM", "_instantiator": "lightning.pytorch.cli.instantiate_module"}
     assert "config" not in old and old["n_layer"] == 1
     torch.save({**state, "hyper_parameters": old}, tmp_path / "old.ckpt")
 

@@ -61,8 +61,8 @@ class SamplerConfig:
     image_guidance_scale: float | None = None  # a condition of text and images (an edit: the source image and the
     #   instruction) guided on each apart, as InstructPix2Pix: cond + w (cond - no_text) + w_img (no_text - none),
     #   `no_text` dropping the condition's text only (3 rows per call); None = one scale for the whole condition
-    guidance_plausibility: float = 0.1  # guide only tokens with p_cond >= this * max p_cond: at guidance 2,
-    #   text-to-image all-correct 0% -> 65.5% (4,000 steps), 3.5% -> 13% (1,300; BENCHMARKS.md, guidance)
+    guidance_plausibility: float = 0.1  # guide only tokens with p_cond >= this * max p_cond: unconstrained
+    #   guidance pushes implausible tokens up and ruins images (BENCHMARKS.md, "Sampler settings")
     threshold: float | None = None  # Fast-dLLM (MDM): besides the schedule's tokens, commit every prediction
     #   above it (at least one token per row and step), so a row finishes in fewer steps when its predictions are
     #   sure; NFE stays <= steps (0: everything in one step)
@@ -70,8 +70,8 @@ class SamplerConfig:
     #   None = one block. Blocks grow to ceil(region / steps) tokens when steps < blocks
     image_block_length: int | None = None  # the same blocks over the image target (MDM): this many tokens in
     #   raster order (8 = a row of an 8x8 grid), top to bottom, the image steps split over them; None = one block.
-    #   An edit's changed cells are then drawn seeing the rows above them; measured on edits (BENCHMARKS.md, issue
-    #   20): argmax and unguided it lifted a weak model 25.1 -> 36.9%; guided it lost (52.7 -> 47.3% at 16 steps)
+    #   An edit's changed cells are then drawn seeing the rows above them (it helps unguided argmax edits, not
+    #   guided ones: BENCHMARKS.md, "Editing")
     confidence: Confidence = Confidence.PROBABILITY  # commit order (MDM); margin / random are ablations
     self_correction: SelfCorrection | None = None  # None = a committed token is final (LLaDA, MaskGIT)
     prefix_cache: int = 0  # MDM, Fast-dLLM's approximate prefix cache: the keys/values of the positions before

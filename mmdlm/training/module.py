@@ -214,8 +214,11 @@ class LitMDM(LightningModule):
     @classmethod
     def migrate_hparams(cls, hparams: dict[str, Any]) -> dict[str, Any]:
         """The hyper-parameters of a checkpoint in today's form: architecture fields given one by one beside
-        the training options (the form before `config`) are gathered into `config`."""
+        the training options (the form before `config`) are gathered into `config`, and the class path the
+        LightningCLI recorded names this module (`mmdlm.lightning.LitMDM` before the training package)."""
         hparams = dict(hparams)
+        if hparams.get("_class_path") == "mmdlm.lightning.LitMDM":
+            hparams["_class_path"] = f"{cls.__module__}.{cls.__qualname__}"
         flat = {name: hparams.pop(name) for name in ARCHITECTURE if name in hparams}
         if flat:
             hparams["config"] = {**asdict(ModelConfig()), **hparams.get("config", {}), **flat}
