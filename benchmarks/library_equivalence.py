@@ -2,7 +2,7 @@
 
     python -m benchmarks.library_equivalence          # CPU, a few seconds
 
-1. EMA: `mmdlm.lightning.EMA` against torch's `AveragedModel` with the EMA functions that Lightning's
+1. EMA: `mmdlm.training.module.EMA` against torch's `AveragedModel` with the EMA functions that Lightning's
    `EMAWeightAveraging` callback uses (`get_ema_avg_fn`) or could use (`get_ema_multi_avg_fn`). A tiny
    transformer takes 20 AdamW steps, and every average is updated after each step. The callback builds its
    `AveragedModel` at setup (`n_averaged = 0`), so the first update copies the weights after step 1. Ours

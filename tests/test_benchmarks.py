@@ -281,7 +281,7 @@ trainer:
   gradient_clip_val: 1.0
 model:
   class_path: mmdlm.training.LitMDM
-  init_args: {{n_layer: 1, n_head: 2, n_embd: 32, causal: true, weighting: masked_mean,
+  init_args: {{config: {{n_layer: 1, n_head: 2, n_embd: 32, causal: true}}, weighting: masked_mean,
               export_dir: {tmp_path / 'must_not_be_written'}}}
 data:
   class_path: mmdlm.training.MDMDataModule

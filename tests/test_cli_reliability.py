@@ -23,7 +23,8 @@ import pytest
 import torch
 
 from benchmarks import train_speed
-from mmdlm import export, generate, vqa
+from mmdlm import folder
+from mmdlm.commands import export, generate, vqa
 from mmdlm.pipeline import MMDLMPipeline
 from mmdlm.worlds.shapes import render, sample_scene
 
@@ -86,7 +87,7 @@ def test_non_utf8_bytes_on_the_command_line_are_a_one_line_error(command, tiny_m
     else:
         argv = [b"--prompt", b"a red \xff circle", b"--out", str(tmp_path / "g.png").encode()]
         expected = "error: the --prompt is not valid UTF-8 text (character 7 is the byte 0xff)"
-    run = subprocess.run([sys.executable.encode(), b"-m", f"mmdlm.{command}".encode(), b"--model",
+    run = subprocess.run([sys.executable.encode(), b"-m", f"mmdlm.commands.{command}".encode(), b"--model",
                           tiny_model_dir.encode(), b"--device", b"cpu", *argv],
                          capture_output=True, cwd=REPO, env=ENV, timeout=300)
     stderr = run.stderr.decode("utf-8", "backslashreplace")
@@ -195,7 +196,7 @@ def test_a_real_checkpoint_still_exports_and_records_the_weights_checksum(real_c
     export.main(["--ckpt", str(real_checkpoint), "--out", str(tmp_path / "model")])
     assert "exported" in capsys.readouterr().out
     config = json.loads((tmp_path / "model" / "config.json").read_text())
-    assert config[export.CHECKSUM_KEY] == export.sha256_file(tmp_path / "model" / "model.safetensors")
+    assert config[folder.CHECKSUM_KEY] == folder.sha256_file(tmp_path / "model" / "model.safetensors")
     state = torch.load(real_checkpoint, map_location="cpu", weights_only=True)
     pipe = MMDLMPipeline.from_pretrained(tmp_path / "model", device="cpu")
     for name, value in pipe.model.state_dict().items():  # the EMA weights of the run
@@ -217,7 +218,7 @@ def test_flipped_bytes_in_the_weights_are_refused(tiny_model_dir, scene, tmp_pat
     for i in range(len(data) // 2, len(data) // 2 + 4):  # flip four bytes inside the tensors (not the header)
         data[i] ^= 0xFF
     weights.write_bytes(bytes(data))
-    with pytest.raises(export.CorruptModelError, match="is damaged: its sha256 differs"):
+    with pytest.raises(folder.CorruptModelError, match="is damaged: its sha256 differs"):
         MMDLMPipeline.from_pretrained(model, device="cpu")
     status = vqa.main(["--model", str(model), "--device", "cpu", "--image", str(scene), "--question", "what shape?"])
     out, err = capsys.readouterr()
@@ -231,7 +232,7 @@ def test_a_folder_exported_before_checksums_loads_with_a_warning(tiny_model_dir,
     model = tmp_path / "old"
     shutil.copytree(tiny_model_dir, model)
     config = json.loads((model / "config.json").read_text())
-    del config[export.CHECKSUM_KEY]
+    del config[folder.CHECKSUM_KEY]
     (model / "config.json").write_text(json.dumps(config))
     with pytest.warns(UserWarning, match="records no weights_sha256"):
         MMDLMPipeline.from_pretrained(model, device="cpu")
@@ -297,7 +298,7 @@ def recipe(tmp_path: Path, text_tokenizer: str, vq: str) -> Path:
     config.write_text(f"""
 model:
   class_path: mmdlm.training.LitMDM
-  init_args: {{n_layer: 1, n_head: 2, n_embd: 32}}
+  init_args: {{config: {{n_layer: 1, n_head: 2, n_embd: 32}}}}
 data:
   class_path: mmdlm.training.MDMDataModule
   init_args:

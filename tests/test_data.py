@@ -16,13 +16,12 @@ from torch.utils.data import DataLoader
 from mmdlm.data import (
     BadSample,
     BadSampleCounter,
-    ImageDataModule,
     LengthBuckets,
-    ShardDataModule,
     collate_records,
     expand_shards,
     record_pipeline,
 )
+from mmdlm.training import ImageDataModule, ShardDataModule
 from mmdlm.worlds.digits import write_digits
 from mmdlm.worlds.shapes import ShapesConfig, render, write_shapes
 
