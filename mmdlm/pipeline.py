@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import itertools
 import warnings
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,6 @@ from mmdlm.sampling import SamplerConfig, SampleResult, StepCallback, scheduler_
 from mmdlm.sampling.config import DEFAULT_SAMPLERS  # each task's sampler, re-exported here
 from mmdlm.sampling.revise import Revision, content, revise, token_scores
 from mmdlm.sequence import (
-    Batch,
     Layout,
     Sample,
     Segment,
@@ -50,6 +49,7 @@ from mmdlm.sequence import (
     mask_target,
     t2i_prompt,
     t2i_sample,
+    target_regions,
     text_prompt,
     text_sample,
     vqa_prompt,
@@ -549,45 +549,3 @@ def image_codes(ids: torch.Tensor, samples: list[Sample], vocab: Vocab, grid: tu
     rows = [vocab.token_to_image(row[generated_image(s.image_index, s.target, n).to(ids.device)]).view(*grid)
             for row, s in zip(ids, samples)]
     return torch.stack(rows)
-
-
-def select_rows(batch: Batch, rows: slice) -> Batch:
-    """A sub-batch of the given rows."""
-    return Batch(**{f.name: getattr(batch, f.name)[rows] for f in fields(batch)})
-
-
-def target_regions(target: torch.Tensor) -> list[torch.Tensor]:
-    """Bool[T] -> index tensors of each maximal run of True (the separate target regions of a row)."""
-    idx = target.nonzero().squeeze(1)
-    if idx.numel() == 0:
-        return []
-    breaks = (idx[1:] != idx[:-1] + 1).nonzero().squeeze(1) + 1
-    return list(torch.tensor_split(idx, breaks.tolist()))
-
-
-@torch.no_grad()
-def fill_targets(model: Transformer, batch: Batch, vocab: Vocab, steps: int = 8) -> torch.Tensor:
-    """Mask a batch's targets and decode them again (greedy); used to show samples during training."""
-    masked = replace(batch, ids=torch.where(batch.target, vocab.mask, batch.ids))
-    was_training = model.training
-    model.eval()
-    try:
-        return scheduler_for(model.config, vocab).sample(model, masked, SamplerConfig(steps=steps)).ids
-    finally:
-        model.train(was_training)
-
-
-def decode_targets(batch: Batch, pred: torch.Tensor, vocab: Vocab, tokenizer: TextTokenizer) -> list[str]:
-    """Human-readable 'truth -> prediction' lines for the text targets of a batch."""
-    lines = []
-    for i in range(len(batch)):
-        text = batch.target[i] & (batch.image_index[i] < 0)
-        for region in target_regions(text.cpu()):
-            truth = tokenizer.decode(vocab.text_ids_only(batch.ids[i, region]))
-            guess = tokenizer.decode(vocab.text_ids_only(pred[i, region]))
-            lines.append(f"`{truth}` -> `{guess}`")
-        if bool((batch.target[i] & (batch.image_index[i] >= 0)).any()):
-            img = batch.target[i] & (batch.image_index[i] >= 0)
-            acc = (pred[i][img] == batch.ids[i][img]).float().mean().item()
-            lines.append(f"image tokens recovered: {acc:.0%}")
-    return lines

@@ -519,3 +519,12 @@ def collate(samples: Sequence[Sample], vocab: Vocab) -> Batch:
         batch.image_index[i, :n] = s.image_index
         batch.cond[i, :n] = s.cond
     return batch
+
+
+def target_regions(target: torch.Tensor) -> list[torch.Tensor]:
+    """Bool[T] -> index tensors of each maximal run of True (the separate target regions of a row)."""
+    idx = target.nonzero().squeeze(1)
+    if idx.numel() == 0:
+        return []
+    breaks = (idx[1:] != idx[:-1] + 1).nonzero().squeeze(1) + 1
+    return list(torch.tensor_split(idx, breaks.tolist()))

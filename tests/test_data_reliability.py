@@ -180,7 +180,8 @@ def test_pretokenize_prints_skips_by_reason_and_refuses_shards_with_nothing_usab
     broken = [*samples[:3], ("broken", {**samples[3][1], "png": b"not a png"}),
               ("imageless", {"json": samples[4][1]["json"]})]
     shard = write_tar(tmp_path / "in" / "a.tar", broken)
-    cmd = [sys.executable, "-m", "mmdlm.commands.pretokenize", "--vq", f"{tiny_model_dir}/vq", "--out", str(tmp_path / "out")]
+    cmd = [sys.executable, "-m", "mmdlm.commands.pretokenize", "--vq", f"{tiny_model_dir}/vq",
+           "--out", str(tmp_path / "out")]
     result, _ = run([*cmd, "--shards", str(shard)], timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "3 samples in 1 shards" in result.stdout and "2 skipped: image 1, no_image 1" in result.stdout

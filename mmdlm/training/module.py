@@ -25,36 +25,15 @@ from mmdlm.diffusion import ImageSchedule, LossOutput, Weighting, ar_loss, cond_
 from mmdlm.errors import UserError
 from mmdlm.model import ModelConfig, Transformer
 from mmdlm.processor import MMDLMProcessor
-from mmdlm.sequence import Batch, Task, generated_image
+from mmdlm.sequence import Batch, Task
 from mmdlm.text_tokenizer import TextTokenizer
+from mmdlm.training.samples import decode_targets, fill_targets, image_grid
 from mmdlm.vocab import Vocab
 from vision.schedule import warmup_cosine
 
 # the ModelConfig fields that LitMDM's hyper-parameters held one by one before `config` (`migrate_hparams`)
 ARCHITECTURE = ("n_layer", "n_head", "n_embd", "causal", "qk_norm", "tie_head", "head_codebook", "mask_positions",
                 "shift_logits", "prefix_attention", "dropout")
-
-
-@torch.no_grad()
-def image_grid(batch: Batch, pred: torch.Tensor, vocab: Vocab, vq: Any) -> torch.Tensor | None:
-    """Float[3, H', W']: the image targets of a batch, truth (top row) over prediction (bottom row), decoded
-    by the image tokenizer (torchvision's `make_grid`); None when no row generates an image."""
-    from torchvision.utils import make_grid
-
-    rows = [i for i in range(len(batch)) if bool((batch.target[i] & (batch.image_index[i] >= 0)).any())]
-    if not rows:
-        return None
-    h, w = vq.grid
-
-    def codes(ids: torch.Tensor) -> torch.Tensor:
-        out = []
-        for i in rows:  # the row's generated image (a document may hold several)
-            tok = ids[i][generated_image(batch.image_index[i], batch.target[i], h * w)]  # (h*w,)
-            out.append(torch.where(vocab.is_image(tok), tok - vocab.image_offset, 0).view(h, w))
-        return torch.stack(out).cpu()  # (R, h, w): the DataModule's tokenizer stays on the CPU
-
-    truth, made = vq.decode(codes(batch.ids)), vq.decode(codes(pred))  # (R, 3, H, W) each
-    return make_grid(torch.cat([truth, made]).float().clamp(0, 1).cpu(), nrow=len(rows))
 
 
 def _text_vocabulary(tokenizer: TextTokenizer) -> Any:
@@ -355,10 +334,8 @@ class LitMDM(LightningModule):
         """Decode the targets of a few val rows (greedy, 8 steps) and log them next to the truth: texts
         (captions, answers) as `val/samples`, generated images (text-to-image, joint) as the grid
         `val/images`, truth above prediction, as a diffusion trainer's validation images."""
-        from mmdlm.pipeline import decode_targets, fill_targets, select_rows
-
         n = self.hparams.samples_at_val
-        sub = select_rows(batch, slice(0, n))
+        sub = batch.select(slice(0, n))
         pred = fill_targets(self.model, sub, self.vocab, steps=8)
         processor = self.trainer.datamodule.processor
         experiment = getattr(self.logger, "experiment", None)
