@@ -407,9 +407,9 @@ def test_ar_kv_cache_equals_recompute() -> None:
             runs = []
             for use_cache in (True, False):
                 counting = Counting(model)
-                out = AR.sample(counting, batch, dataclasses.replace(options, use_cache=use_cache),
+                out = AR.sample(counting, batch, dataclasses.replace(options, use_cache=use_cache, eos_fill=False),
                                 generator=torch.Generator().manual_seed(2))
-                assert out.nfe == counting.calls == n_target
+                assert out.nfe == counting.calls == n_target  # without eos_fill every target position is decoded
                 fed = sum(ids.shape[1] for ids, _ in counting.inputs)  # positions run through the model
                 span_end = int(batch.target[0].nonzero().max()) + 1
                 if use_cache:  # every position once (the last target is predicted, never fed)
@@ -432,6 +432,64 @@ def test_ar_restricts_modality_and_fills_after_eos() -> None:
     assert bool((out.ids[batch.target] == VOCAB.eos).all())
     with pytest.raises(ValueError):
         AR.sample(tiny(causal=False), batch)
+
+
+def reference_ar(model: Transformer, batch: Batch) -> torch.Tensor:
+    """Greedy AR decoding written out plainly: one row at a time, the whole prefix recomputed for every target
+    position, a text region `<eos>` from its first `<eos>` on."""
+    allowed = VOCAB.allowed_table(batch.ids.device)
+    out = batch.ids.clone()
+    for b in range(len(batch)):
+        ended = False
+        for p in range(batch.ids.shape[1]):
+            text = bool(batch.target[b, p]) and int(batch.image_index[b, p]) < 0
+            ended &= text
+            if not bool(batch.target[b, p]):
+                continue
+            if ended:
+                out[b, p] = VOCAB.eos
+                continue
+            logits = model(out[b : b + 1, :p], pad=batch.pad[b : b + 1, :p],
+                           image_index=batch.image_index[b : b + 1, :p])[0, -1]  # (V,)
+            modality = (batch.image_index[b, p : p + 1] >= 0).long()
+            out[b, p] = restrict(logits[None].double(), modality, allowed).argmax(-1)[0]
+            ended = text and int(out[b, p]) == VOCAB.eos
+    return out
+
+
+@pytest.mark.parametrize("make", [caption_batch, vqa_batch])
+def test_ar_stops_at_eos_as_generate_does(make) -> None:
+    """A row leaves once its last text region has emitted `<eos>`, a region every row has ended is skipped, and
+    the call ends when every row is done: the same tokens as plain one-row decoding, in fewer calls and rows."""
+    model = tiny(causal=True)
+    with torch.no_grad():  # larger weights: logits that depend on the context, so rows end at different places
+        for weight in model.parameters():
+            weight.mul_(5.0)
+    batch = make()
+    cols = batch.target[0].nonzero().squeeze(1)  # (n,)
+    breaks = (cols[1:] != cols[:-1] + 1).nonzero().squeeze(1)  # where a target region ends
+    last_region = int(cols[breaks[-1] + 1]) if len(breaks) else int(cols[0])  # the last region's first position
+    bias = torch.zeros(VOCAB.size)
+    for boost in torch.arange(0.0, 4.0, 0.25).tolist():  # an <eos> boost that ends every row early, not alike
+        bias[VOCAB.eos] = boost
+        expected = reference_ar(Counting(model, bias), batch)
+        is_eos = (expected == VOCAB.eos) & batch.target  # (B, T)
+        ends = [int(row[last_region:].nonzero()[0]) + last_region if bool(row[last_region:].any()) else -1
+                for row in is_eos]  # each row's first <eos> in the last region
+        if min(ends) >= 0 and max(ends) < int(cols[-1]) and len({tuple(row.tolist()) for row in is_eos}) > 1:
+            break
+    else:
+        raise AssertionError("no <eos> boost ended the rows early at different places")
+    counting = Counting(model, bias)
+    out = AR.sample(counting, batch, SamplerConfig())
+    assert torch.equal(out.ids, expected)
+    n_target = int(batch.target[0].sum())
+    assert out.nfe == counting.calls < n_target  # the positions after every row's <eos> are never decoded
+    assert out.forward_rows == counting.rows == int(out.row_nfe.sum()) < out.nfe * len(batch)  # rows left early
+    if not len(breaks):  # one region: each row left at its <eos>
+        assert out.row_nfe.tolist() == [out.nfe - (max(ends) - end) for end in ends]
+    full = AR.sample(Counting(model, bias), batch, SamplerConfig(eos_fill=False))
+    assert full.nfe == n_target  # without eos_fill every target position is decoded
 
 
 # ---- learning: a tiny model trained with the project's loss is solved by the samplers ------------------

@@ -3,6 +3,10 @@
 nanoGPT / litgpt style: a prefill call over the prefix, then one call per target position that feeds the
 newest tokens and appends to the cache; greedy, temperature or top-k, with the same modality restriction as
 the masked scheduler (image positions take image codes, text positions text or `<eos>`).
+
+It stops as `generate` does (with `SamplerConfig.eos_fill`, the default): a text region ends at a row's `<eos>`
+(the rest of the region is `<eos>`, never decoded); a row whose last region has ended leaves the batch (the
+cache drops its row), and the call ends when every row has; a region that every row has ended is skipped.
 """
 
 from __future__ import annotations
@@ -38,26 +42,59 @@ class ARState:
     cache: KVCache | None
     p: int  # the position predicted next
     end: int  # one past the last target position
+    region_end: torch.Tensor  # Long[T]: one past the last position of the target region holding each position
+    last_region: int  # the first position of the span's last target region
+    live: torch.Tensor  # Long[L]: the rows still decoding (and in the cache)
+    row_nfe: torch.Tensor  # Long[B]: forward calls each row was in
+    eos: int  # the <eos> id
     i: int = 0
     nfe: int = 0
+    forward_rows: int = 0
 
     @property
     def done(self) -> bool:
-        return self.p >= self.end
+        return self.p >= self.end or len(self.live) == 0
 
     def result(self) -> SampleResult:
-        return SampleResult(self.canvas, self.nfe, None, self.nfe * self.canvas.shape[0])
+        return SampleResult(self.canvas, self.nfe, None, self.forward_rows, row_nfe=self.row_nfe)
 
     def advance(self) -> None:
         """Move `p` to the next target position; a text region ends at its first <eos>, the next starts
         afresh. Given tokens inside the span (a question between two VQA answers, `<eoi>`) are fed with
-        the next call."""
+        the next call. With `eos_fill`, a text region every live row has ended is filled with `<eos>` and
+        skipped, and in the last region a row that has ended leaves."""
         target = self.batch.target[0]
+        fill = self.config.eos_fill
         while self.p < self.end:
             self.ended &= self.is_text_target[:, self.p]
+            if fill and self.p >= self.last_region:  # the rows that are done leave
+                keep = ~self.ended[self.live]  # (L,)
+                if not bool(keep.all()):
+                    self.leave(keep)
+                if len(self.live) == 0:
+                    self.p = self.end
+                    return
+            if fill and bool(self.is_text_target[0, self.p]) and bool(self.ended[self.live].all()):
+                stop = int(self.region_end[self.p])  # every live row has ended this region: skip its rest
+                self.canvas[self.live, self.p:stop] = self.eos
+                self.p = stop
+                continue
             if bool(target[self.p]):
                 return
             self.p += 1
+
+    def leave(self, keep: torch.Tensor) -> None:
+        """Drop the live rows where Bool[L] `keep` is False; their cache rows go with them and the rest of
+        their last region is `<eos>`."""
+        gone = self.live[~keep]  # (G,)
+        self.canvas[gone, self.p:self.end] = torch.where(self.is_text_target[gone, self.p:self.end], self.eos,
+                                                        self.canvas[gone, self.p:self.end])
+        self.live = self.live[keep]
+        if self.cache is not None:
+            at = keep.nonzero().squeeze(1)  # (L',)
+            self.cache.k = [k[at] for k in self.cache.k]
+            self.cache.v = [v[at] for v in self.cache.v]
+            self.cache.pad = self.cache.pad[at]
 
 
 class ARScheduler(Scheduler):
@@ -86,30 +123,42 @@ class ARScheduler(Scheduler):
         start, end = (int(cols[0]), int(cols[-1]) + 1) if len(cols) else (0, 0)
         if len(cols) and start == 0:
             raise ValueError("the target span needs a prefix to condition on (the task token at least)")
+        starts = cols[torch.cat([cols.new_ones(1, dtype=torch.bool), cols[1:] != cols[:-1] + 1])] if len(cols) \
+            else cols  # (R,) first position of each target region
+        region_end = torch.zeros(ids.shape[1], dtype=torch.long, device=ids.device)  # (T,)
+        for r, lo in enumerate(starts.tolist()):  # one past each region's last position
+            hi = int(starts[r + 1]) if r + 1 < len(starts) else end
+            region_end[lo:hi] = int(cols[cols < hi].max()) + 1
         state = ARState(canvas=ids, config=config, batch=batch, generator=generator,
                         allowed=self.vocab.allowed_table(ids.device), modality=(batch.image_index >= 0).long(),
                         is_text_target=target & (batch.image_index < 0),
                         ended=torch.zeros(B, dtype=torch.bool, device=ids.device), cache=None,  # `prepare` adds it
-                        p=start, end=end)
+                        p=start, end=end, region_end=region_end,
+                        last_region=int(starts[-1]) if len(starts) else 0,
+                        live=torch.arange(B, device=ids.device),
+                        row_nfe=torch.zeros(B, dtype=torch.long, device=ids.device), eos=self.vocab.eos)
         state.advance()
         return state
 
     def model_inputs(self, state: ARState) -> dict[str, Any]:
         """The positions not yet in the cache, up to (not including) `p` (all of them without a cache)."""
-        b, p = state.batch, state.p
+        b, p, rows = state.batch, state.p, state.live
         lo = state.cache.length if state.cache is not None else 0
-        kw = {"ids": state.canvas[:, lo:p], "pad": b.pad[:, lo:p], "image_index": b.image_index[:, lo:p]}
+        kw = {"ids": state.canvas[rows, lo:p], "pad": b.pad[rows, lo:p], "image_index": b.image_index[rows, lo:p]}
         return kw | ({"cache": state.cache} if state.cache is not None else {})
 
     def step(self, logits: torch.Tensor, state: ARState) -> None:
-        s, o, p = state, state.config, state.p
+        s, o, p, rows = state, state.config, state.p, state.live
         s.nfe += 1
-        lg = restrict(logits[:, -1].double(), s.modality[:, p], s.allowed)  # (B, V)
-        tok = sample_tokens(lg, o.temperature, s.generator, o.top_k)  # (B,)
+        s.forward_rows += len(rows)
+        s.row_nfe[rows] += 1
+        lg = restrict(logits[:, -1].double(), s.modality[rows, p], s.allowed)  # (L, V)
+        tok = sample_tokens(lg, o.temperature, s.generator, o.top_k)  # (L,)
         if o.eos_fill:
-            tok = torch.where(s.ended & s.is_text_target[:, p], self.vocab.eos, tok)
-            s.ended |= (tok == self.vocab.eos) & s.is_text_target[:, p]
-        s.canvas[:, p] = tok
+            text = s.is_text_target[rows, p]
+            tok = torch.where(s.ended[rows] & text, self.vocab.eos, tok)
+            s.ended[rows] |= (tok == self.vocab.eos) & text
+        s.canvas[rows, p] = tok
         s.p, s.i = p + 1, s.i + 1
         s.advance()
 
