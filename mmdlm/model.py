@@ -245,6 +245,15 @@ class Block(nn.Module):
         return x + self.drop(self.mlp(self.norm2(x)))
 
 
+def attention_blocks(block: torch.Tensor, shift: bool) -> torch.Tensor:
+    """Long[B, S] attention blocks from token blocks: the same, or, for a model whose position i predicts token
+    i + 1 (`shift_logits`), moved one position left, so the position that predicts a block's first token sits in
+    that block (the row's last position keeps its own)."""
+    if not shift:
+        return block
+    return torch.cat([block[:, 1:], block[:, -1:]], dim=1)  # (B, S)
+
+
 class Transformer(nn.Module):
     """Bidirectional (masked diffusion) or causal (AR baseline) transformer over the joint vocabulary."""
 
@@ -378,15 +387,18 @@ class Transformer(nn.Module):
 
     # ---- forward -------------------------------------------------------------------------------------
     def _attention_mask(self, key_pad: torch.Tensor | None, start: int, T: int, device: torch.device,
-                        causal: bool, prefix: torch.Tensor | None = None) -> tuple[torch.Tensor | None, bool]:
+                        causal: bool, prefix: torch.Tensor | None = None,
+                        block: torch.Tensor | None = None) -> tuple[torch.Tensor | None, bool]:
         """(mask Bool[B|1, 1, T, S] with True = may attend, or None; is_causal) for SDPA.
 
         Queries are positions start..start+T-1, keys 0..S-1 with S = start + T. Pad keys are hidden;
         causal hides the future; `prefix` (Long[B], prefix attention) hides keys at or after a row's prefix
-        from the queries before it. A query always sees itself, so no row is all-masked (which would make
-        SDPA return NaN): this only matters for pad queries, whose outputs nobody reads.
+        from the queries before it; `block` (Long[B, S], attention blocks) lets a query see the keys of its
+        own block and of the blocks before it (block diffusion). A query always sees itself, so no row is
+        all-masked (which would make SDPA return NaN): this only matters for pad queries, whose outputs
+        nobody reads.
         """
-        if key_pad is None and start == 0 and prefix is None:
+        if key_pad is None and start == 0 and prefix is None and block is None:
             return None, causal  # the fast paths: full or plain causal attention
         S = start + T
         q_pos = torch.arange(start, S, device=device)  # (T,)
@@ -399,13 +411,16 @@ class Transformer(nn.Module):
         elif prefix is not None:  # Prefix-DLM: a prompt query sees the prompt only
             p = prefix[:, None, None]  # (B, 1, 1)
             allowed = allowed & ~((q_pos[None, :, None] < p) & (k_pos[None, None, :] >= p))  # (B, T, S)
+        elif block is not None:  # block-causal: bidirectional inside a block, causal across blocks
+            allowed = allowed & (block[:, None, :S] <= block[:, start:S, None])  # (B, T, S)
         allowed = allowed | (k_pos[None, :] == q_pos[:, None])  # every query sees itself
         return allowed.unsqueeze(1), False  # (B, 1, T, S)
 
     def forward(self, ids: torch.Tensor, pad: torch.Tensor | None = None,
                 image_index: torch.Tensor | None = None, cache: KVCache | None = None, *,
                 pos: torch.Tensor | None = None, logits_at: torch.Tensor | None = None,
-                causal: bool | None = None, prefix: torch.Tensor | None = None) -> torch.Tensor:
+                causal: bool | None = None, prefix: torch.Tensor | None = None,
+                block: torch.Tensor | None = None) -> torch.Tensor:
         """Logits Float[B, T, V] for ids Long[B, T] (Float[M, V] with `logits_at`).
 
         Args:
@@ -425,6 +440,11 @@ class Transformer(nn.Module):
             prefix: Long[B], each row's prompt length (`Batch.prefix`); read only by a model built with
                 `prefix_attention` (then positions before it see only each other), ignored otherwise, so
                 callers pass it whatever the model. Absolute positions: with a cache too. Keyword only.
+            block: Long[B, S] token blocks (`mmdlm.blocks.token_blocks`) over the whole row (absolute positions,
+                S >= cache.length + T): block-causal attention, each query seeing its own block and the ones
+                before it; it replaces `prefix` (one target block is prefix attention). With `shift_logits`
+                each block's first token is predicted from the position before it, so attention blocks are the
+                token blocks moved one position left (`attention_blocks`). Ignored by causal calls. Keyword only.
         """
         cfg = self.config
         B, T = ids.shape
@@ -462,18 +482,22 @@ class Transformer(nn.Module):
         else:
             key_pad = pad
         causal = cfg.causal if causal is None else causal
-        if cfg.prefix_attention and not causal and prefix is not None:
+        if block is not None and not causal:
+            block = attention_blocks(block, cfg.shift_logits)  # (B, S)
+            prefix = None
+        elif cfg.prefix_attention and not causal and prefix is not None:
             # a model reading position i's logits at i - 1 predicts the first target from the position before
             # it: that one must see the generated region too, or the first token is chosen blind to the rest
             # (measured: captions began "there large ...", "a is a ...": F1 0.95 -> 0.72 on cell)
             prefix = prefix - int(cfg.shift_logits)  # (B,)
         else:
             prefix = None
-        mask, is_causal = self._attention_mask(key_pad, start, T, ids.device, causal, prefix)
+        mask, is_causal = self._attention_mask(key_pad, start, T, ids.device, causal, prefix,
+                                               None if causal else block)
         train_graph = self._compiled_blocks and self.training and torch.is_grad_enabled() and cache is None
-        for i, block in enumerate(self._compiled_blocks if train_graph else self.blocks):
+        for i, layer in enumerate(self._compiled_blocks if train_graph else self.blocks):
             kv = (cache.k[i], cache.v[i]) if cache is not None else None
-            x = block(x, rot, mask, is_causal, kv, start)
+            x = layer(x, rot, mask, is_causal, kv, start)
         if cfg.shift_logits and not causal:  # position i reads the hidden state of i - 1
             x = torch.cat([x[:, :1], x[:, :-1]], dim=1)  # (B, T, C)
         if logits_at is not None:
