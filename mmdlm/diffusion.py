@@ -26,6 +26,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from mmdlm.model import attention_blocks
 from mmdlm.sequence import Batch, Task
 from mmdlm.vocab import Vocab
 
@@ -128,11 +129,13 @@ def sample_t(batch_size: int, eps: float = 1e-3, generator: torch.Generator | No
 def _mask(batch: Batch, t: torch.Tensor, vocab: Vocab, generator: torch.Generator | None,
           image_schedule: Schedule, text_schedule: Schedule
           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """forward_mask, also returning `forced` Bool[B, T]: the positions masked only by the guarantee."""
+    """forward_mask, also returning `forced` Bool[B, T]: the positions masked only by the guarantee. `t` is
+    Float[B] (one time per sequence) or Float[B, T] (per position: block diffusion's time per block)."""
     ids = batch.ids
     B, T = ids.shape
     is_image = batch.image_index >= 0  # (B, T)
-    p_image, p_text = image_schedule.mask_prob(t)[:, None], text_schedule.mask_prob(t)[:, None]  # (B, 1)
+    t = t[:, None] if t.dim() == 1 else t  # (B, 1) or (B, T)
+    p_image, p_text = image_schedule.mask_prob(t), text_schedule.mask_prob(t)  # (B, 1) or (B, T)
     p = torch.where(is_image, p_image, p_text)  # (B, T)
     target = batch.target & ~batch.pad  # (B, T)
     u = _rand((B, T), generator, ids.device)  # (B, T)
@@ -231,7 +234,8 @@ def masked_diffusion_loss(model: torch.nn.Module, batch: Batch, vocab: Vocab, *,
                           t: torch.Tensor | None = None, weighting: Weighting | str = Weighting.ELBO,
                           task_balanced: bool = False, paired: bool = False,
                           t_ranges: Mapping[int, tuple[float, float]] | None = None,
-                          corrupt: float = 0.0, modality_balanced: bool = False) -> LossOutput:
+                          corrupt: float = 0.0, modality_balanced: bool = False,
+                          block: torch.Tensor | None = None) -> LossOutput:
     """The masked-diffusion training loss of one batch.
 
     `loss` = sum over masked target tokens of w(t) * CE, divided by the number of target tokens (the
@@ -259,6 +263,14 @@ def masked_diffusion_loss(model: torch.nn.Module, batch: Batch, vocab: Vocab, *,
     model otherwise only ever sees `<mask>` or the truth). Their mean CE joins the loss as masked tokens' does
     (weight 1); `nll` stays the ELBO of the masked tokens. The first view only, with `paired`.
 
+    `block` (Long[B, T] token blocks, `mmdlm.blocks.token_blocks`) trains block diffusion (BD3-LM): each block of
+    a row is noised at its own time (stratified over rows x blocks, each mapped by `t_ranges` per task) and
+    predicted given the clean blocks before it, all blocks in one forward over the noisy and the clean sequence
+    (`Transformer.forward(block=, clean=)`; a batch of one block per row needs no clean copy). For a model whose
+    head is shifted (`shift_logits`), a block's last token is also the next block's first context position: its
+    input there stays clean and it is scored from the position before it, inside its own block. `nll` is the sum
+    of the blocks' bounds per target token. Not with `paired`.
+
     Logits are computed only at the masked positions (`Transformer.forward(logits_at=...)`): the head
     would otherwise score every position of the batch for nothing.
 
@@ -271,11 +283,24 @@ def masked_diffusion_loss(model: torch.nn.Module, batch: Batch, vocab: Vocab, *,
     kind = ImageSchedule(image_schedule)
     schedule = IMAGE_SCHEDULE[kind]
     B = len(batch)
-    if t is None:
+    if block is not None:
+        if paired:
+            raise ValueError("paired masks are not available with block diffusion (block=)")
+        units = int(block.max()) if block.numel() else 0  # blocks per row at most (block 0 is the prompt)
+        if t is None:
+            u = sample_t(B * max(units, 1), eps, generator, batch.ids.device)  # (B * U,)
+            if t_ranges:
+                u = task_times(u, batch.task.repeat_interleave(max(units, 1)), t_ranges)
+            t = u.view(B, max(units, 1))  # (B, U): each block's time
+        t = t.gather(1, (block - 1).clamp(0, t.shape[1] - 1))  # (B, T): each position's block's time
+    elif t is None:
         t = sample_t(B, eps, generator, batch.ids.device)
         if t_ranges:
             t = task_times(t, batch.task, t_ranges)
     noisy, masked, forced = _mask(batch, t, vocab, generator, schedule, LINEAR)
+    if block is not None:  # a block's last token is the next block's context (shifted head): its input stays clean
+        own = attention_blocks(block, bool(getattr(getattr(model, "config", None), "shift_logits", False))) == block
+        noisy = torch.where(own, noisy, batch.ids)  # (B, T)
     is_image = batch.image_index >= 0  # (B, T)
     target = batch.target & ~batch.pad  # (B, T)
     corrupted = torch.zeros_like(masked)  # (B, T) clean targets replaced by a wrong token
@@ -283,8 +308,11 @@ def masked_diffusion_loss(model: torch.nn.Module, batch: Batch, vocab: Vocab, *,
         shape = tuple(masked.shape)
         wrong = vocab.uniform_tokens(_rand(shape, generator, noisy.device), is_image)  # (B, T)
         corrupted = target & ~masked & (_rand(shape, generator, noisy.device) < corrupt) & (wrong != batch.ids)
+        if block is not None:
+            corrupted = corrupted & own
         noisy = torch.where(corrupted, wrong, noisy)  # (B, T)
-    w = torch.where(is_image, schedule.weight(t)[:, None], LINEAR.weight(t)[:, None])  # (B, T)
+    tt = t[:, None] if t.dim() == 1 else t  # (B, 1) or (B, T)
+    w = torch.where(is_image, schedule.weight(tt), LINEAR.weight(tt))  # (B, T)
     w = torch.where(forced, 1.0, w)  # see the docstring: a forced token is not weighted by w(t)
     pad, image_index, task, ids, prefix = batch.pad, batch.image_index, batch.task, batch.ids, batch.prefix
     if paired:  # the complementary view: mask exactly what the first view kept, at the complementary time
@@ -298,7 +326,11 @@ def masked_diffusion_loss(model: torch.nn.Module, batch: Batch, vocab: Vocab, *,
         pad, image_index, ids = pad.repeat(2, 1), image_index.repeat(2, 1), ids.repeat(2, 1)  # (2B, T)
         task, is_image, target, prefix = task.repeat(2), is_image.repeat(2, 1), target.repeat(2, 1), prefix.repeat(2)
     scored = masked | corrupted  # (B, T)
-    logits = model(noisy, pad, image_index, logits_at=scored, prefix=prefix)  # (M, V): scored positions only
+    if block is None:
+        logits = model(noisy, pad, image_index, logits_at=scored, prefix=prefix)  # (M, V): scored positions only
+    else:  # every block given the clean ones before it; one block per row needs no clean copy
+        clean = ids if int(block.max()) > 1 else None
+        logits = model(noisy, pad, image_index, logits_at=scored, block=block, clean=clean)  # (M, V)
 
     ce = torch.zeros(masked.shape, device=logits.device)  # (B, T), 0 where not scored
     ce[scored] = F.cross_entropy(logits.float(), ids[scored], reduction="none")  # (M,)

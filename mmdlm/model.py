@@ -254,6 +254,27 @@ def attention_blocks(block: torch.Tensor, shift: bool) -> torch.Tensor:
     return torch.cat([block[:, 1:], block[:, -1:]], dim=1)  # (B, S)
 
 
+def two_stream_mask(block: torch.Tensor, pad: torch.Tensor | None) -> torch.Tensor:
+    """Bool[B, 1, 2T, 2T] attention of the two-stream training forward over [noisy | clean] (BD3-LM's block
+    diffusion mask), from Long[B, T] attention blocks and Bool[B, 2T] pads, True = may attend:
+
+        query, key:      noisy key       clean key
+        noisy query      same block      earlier blocks
+        clean query      -               same or earlier blocks
+
+    Pad keys are hidden; every query sees itself."""
+    B, T = block.shape
+    stream = torch.arange(2 * T, device=block.device) >= T  # (2T,) False = noisy, True = clean
+    b2 = torch.cat([block, block], 1)  # (B, 2T)
+    q, k = b2[:, :, None], b2[:, None, :]  # (B, 2T, 1), (B, 1, 2T)
+    qs, ks = stream[None, :, None], stream[None, None, :]  # (1, 2T, 1), (1, 1, 2T)
+    allowed = (~qs & ~ks & (k == q)) | (~qs & ks & (k < q)) | (qs & ks & (k <= q))  # (B, 2T, 2T)
+    if pad is not None:
+        allowed = allowed & ~pad[:, None, :]
+    allowed = allowed | torch.eye(2 * T, dtype=torch.bool, device=block.device)  # every query sees itself
+    return allowed.unsqueeze(1)  # (B, 1, 2T, 2T)
+
+
 class Transformer(nn.Module):
     """Bidirectional (masked diffusion) or causal (AR baseline) transformer over the joint vocabulary."""
 
@@ -420,7 +441,7 @@ class Transformer(nn.Module):
                 image_index: torch.Tensor | None = None, cache: KVCache | None = None, *,
                 pos: torch.Tensor | None = None, logits_at: torch.Tensor | None = None,
                 causal: bool | None = None, prefix: torch.Tensor | None = None,
-                block: torch.Tensor | None = None) -> torch.Tensor:
+                block: torch.Tensor | None = None, clean: torch.Tensor | None = None) -> torch.Tensor:
         """Logits Float[B, T, V] for ids Long[B, T] (Float[M, V] with `logits_at`).
 
         Args:
@@ -445,6 +466,10 @@ class Transformer(nn.Module):
                 before it; it replaces `prefix` (one target block is prefix attention). With `shift_logits`
                 each block's first token is predicted from the position before it, so attention blocks are the
                 token blocks moved one position left (`attention_blocks`). Ignored by causal calls. Keyword only.
+            clean: Long[B, T] the clean sequence beside the noisy `ids`, with `block` (training, BD3-LM's
+                vectorised form): the forward runs both copies, the noisy one's blocks each seeing themselves
+                and the clean blocks before them, the clean copy block-causal; the logits are the noisy copy's,
+                each block's as if it were decoded after the clean blocks before it. No cache. Keyword only.
         """
         cfg = self.config
         B, T = ids.shape
@@ -453,6 +478,13 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence of {start + T} positions exceeds max_seq_len={cfg.max_seq_len}")
         if pos is None:
             pos = torch.arange(start, start + T, device=ids.device)[None]  # (1, T): same for every row
+        two_streams = clean is not None
+        if two_streams:  # [noisy | clean]: the same positions, pads and image slots twice
+            if block is None or cache is not None or (causal if causal is not None else cfg.causal):
+                raise ValueError("clean= (the two-stream training forward) needs block= and no cache or causal")
+            ids, pos = torch.cat([ids, clean], 1), torch.cat([pos, pos], 1)  # (B, 2T), (B|1, 2T)
+            pad = None if pad is None else torch.cat([pad, pad], 1)  # (B, 2T)
+            image_index = None if image_index is None else torch.cat([image_index, image_index], 1)  # (B, 2T)
         table, head = self.tables()  # (V, C) each
         x = F.embedding(ids, table)  # (B, T, C)
         if image_index is not None:
@@ -492,12 +524,17 @@ class Transformer(nn.Module):
             prefix = prefix - int(cfg.shift_logits)  # (B,)
         else:
             prefix = None
-        mask, is_causal = self._attention_mask(key_pad, start, T, ids.device, causal, prefix,
-                                               None if causal else block)
+        if two_streams:
+            mask, is_causal = two_stream_mask(block, key_pad), False  # (B, 1, 2T, 2T)
+        else:
+            mask, is_causal = self._attention_mask(key_pad, start, T, ids.device, causal, prefix,
+                                                   None if causal else block)
         train_graph = self._compiled_blocks and self.training and torch.is_grad_enabled() and cache is None
         for i, layer in enumerate(self._compiled_blocks if train_graph else self.blocks):
             kv = (cache.k[i], cache.v[i]) if cache is not None else None
             x = layer(x, rot, mask, is_causal, kv, start)
+        if two_streams:
+            x = x[:, :T]  # (B, T, C): the noisy copy is the one scored
         if cfg.shift_logits and not causal:  # position i reads the hidden state of i - 1
             x = torch.cat([x[:, :1], x[:, :-1]], dim=1)  # (B, T, C)
         if logits_at is not None:

@@ -1,16 +1,20 @@
-"""Block diffusion's blocks: `mmdlm.blocks.token_blocks` on the real templates, and the transformer's block-causal
-attention: one target block is prefix attention exactly, one block per position is causal attention, and a
-finished block's keys and values in the KV cache give the logits of a full recompute.
+"""Block diffusion's blocks: `mmdlm.blocks.token_blocks` on the real templates; the transformer's block-causal
+attention (one target block is prefix attention exactly, one block per position is causal attention, a finished
+block's keys and values in the KV cache give the logits of a full recompute); the vectorised training loss (one
+forward over the noisy and clean copies equals a forward per block; one block is the prefix-attention loss).
 
     python -m pytest -q tests/test_blocks.py
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from mmdlm.blocks import token_blocks
+from mmdlm.diffusion import masked_diffusion_loss
 from mmdlm.model import ModelConfig, Transformer, attention_blocks
 from mmdlm.sequence import Batch, Layout, caption_prompt, collate, t2i_prompt, vqa_prompt
 from mmdlm.vocab import Vocab
@@ -126,3 +130,69 @@ def test_finished_blocks_in_the_kv_cache_give_the_full_recompute(shift: bool) ->
                     torch.testing.assert_close(got[0], full[b, lo:hi], rtol=0, atol=1e-5)
                 else:
                     torch.testing.assert_close(got[0, 1:], full[b, lo + 1 : hi], rtol=0, atol=1e-5)
+
+
+class Recording(torch.nn.Module):
+    """The real model, keeping the inputs of its last call and returning the logits of every position too."""
+
+    def __init__(self, model: Transformer) -> None:
+        super().__init__()
+        self.model, self.config = model, model.config
+
+    def forward(self, ids, pad=None, image_index=None, *, logits_at=None, block=None, clean=None, prefix=None):
+        self.ids, self.block, self.clean = ids.clone(), block, clean
+        self.logits = self.model(ids, pad, image_index, block=block, clean=clean, prefix=prefix)  # (B, T, V)
+        return self.logits[logits_at] if logits_at is not None else self.logits
+
+
+def train_batch() -> Batch:
+    """Training rows: the targets hold the truth (a caption, a text-to-image image, two VQA answers)."""
+    batch = batch_of_tasks()
+    truth = torch.randint(0, VOCAB.text_size, batch.ids.shape, generator=torch.Generator().manual_seed(5))
+    image = torch.randint(0, VOCAB.codebook_size, batch.ids.shape, generator=torch.Generator().manual_seed(6))
+    truth = torch.where(batch.image_index >= 0, image + VOCAB.image_offset, truth)  # (B, T)
+    return dataclasses.replace(batch, ids=torch.where(batch.target, truth, batch.ids))
+
+
+@pytest.mark.parametrize("shift", [False, True])
+def test_the_vectorised_block_loss_equals_a_loop_over_blocks(shift: bool) -> None:
+    """One forward over [noisy | clean] scores every block as a forward of its own would, given the clean blocks
+    before it and its own noisy tokens (the later blocks hidden by the block-causal mask)."""
+    model, batch = Recording(tiny(shift)), train_batch()
+    block = blocks(batch, block_size=3, image_block_rows=2)  # (B, T)
+    out = masked_diffusion_loss(model, batch, VOCAB, generator=torch.Generator().manual_seed(0), block=block)
+    assert out.num_tokens > 0 and torch.isfinite(out.loss)
+    noisy, logits = model.ids, model.logits  # (B, T), (B, T, V) of the two-stream forward
+    assert model.clean is not None and torch.equal(model.clean, batch.ids)
+    att = attention_blocks(block, shift)  # (B, T)
+    assert bool((noisy[att != block] == batch.ids[att != block]).all())  # a block's context position is clean
+    kw = {"pad": batch.pad, "image_index": batch.image_index}
+    with torch.no_grad():
+        for unit in range(1, int(block.max()) + 1):
+            own = torch.where(att < unit, batch.ids, noisy)  # clean before the block, its own noisy tokens
+            alone = model.model(own, block=block, **kw)  # (B, T, V), one stream
+            at = (block == unit) & batch.target  # the tokens of this block, scored where the head reads them
+            torch.testing.assert_close(logits[at], alone[at], rtol=0, atol=1e-5)
+
+
+def test_one_target_block_trains_as_prefix_attention_exactly() -> None:
+    """With every target in one block the block loss is today's prefix-attention loss, bit for bit."""
+    model, batch = tiny(shift=True, prefix_attention=True), train_batch()
+    one = blocks(batch, one_block=True)
+    a = masked_diffusion_loss(model, batch, VOCAB, generator=torch.Generator().manual_seed(3), block=one)
+    b = masked_diffusion_loss(model, batch, VOCAB, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a.loss, b.loss) and torch.equal(a.nll, b.nll)
+
+
+def test_blocks_are_noised_at_their_own_times() -> None:
+    batch = train_batch()
+    block = blocks(batch, block_size=3, image_block_rows=2)
+    units = int(block.max())
+    t = torch.linspace(0.05, 0.95, units).repeat(len(batch), 1)  # (B, U): early blocks barely masked
+    model = Recording(tiny(shift=False))
+    masked_diffusion_loss(model, batch, VOCAB, generator=torch.Generator().manual_seed(1), t=t, block=block)
+    masked = (model.ids == VOCAB.mask) & batch.target  # (B, T)
+    early, late = masked[(block == 1) & batch.target], masked[(block >= units - 1) & batch.target]
+    assert early.float().mean() < late.float().mean()
+    with pytest.raises(ValueError, match="paired"):
+        masked_diffusion_loss(model, batch, VOCAB, block=block, paired=True)
