@@ -72,6 +72,10 @@ class ModelConfig:
     #   reuses them exactly at every step. Must match training: a model trained without it reads
     #   its prompt through the targets' masks. Causal calls ignore it (causal already hides the future). With
     #   shift_logits the prompt's last position, which predicts the first target, is not hidden from the rest.
+    block_diffusion: bool = False  # trained as block diffusion (BD3-LM): targets cut into blocks (`mmdlm.blocks`),
+    #   bidirectional inside a block, causal across blocks; each block learned given the clean ones before it
+    block_size: int = 0  # tokens per text block (0: a text region is one block)
+    image_block_rows: int = 0  # grid rows per image block (0: an image is one block)
     image_tokens: int = 0  # N = h*w image tokens; > 0 turns on the learned 2D image-position embedding
     image_grid: tuple[int, int] = (0, 0)  # (h, w) of the VQ grid; (0, 0) = square; either field is enough
     codebook_size: int = 0  # K: number of VQ codes (Vocab.codebook_size); used by the codebook projection
@@ -98,6 +102,11 @@ class ModelConfig:
             elif h * w != self.image_tokens:
                 raise ValueError(f"image_grid {self.image_grid} does not hold "
                                  f"image_tokens={self.image_tokens}")
+        if self.block_size < 0 or self.image_block_rows < 0:
+            raise ValueError(f"block_size and image_block_rows must be >= 0, got {self.block_size}, "
+                             f"{self.image_block_rows}")
+        if self.block_diffusion and self.causal:
+            raise ValueError("block_diffusion is a masked-diffusion model's attention: it needs causal=False")
         if self.head_codebook and self.tie_head:
             raise ValueError("head_codebook needs an untied head (tie_head=False) and the codebook projection "
                              "(codebook_dim > 0); a tied head already has it")

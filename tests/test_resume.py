@@ -274,3 +274,33 @@ def test_a_checkpoint_with_the_architecture_given_field_by_field_loads(tiny_mode
         assert torch.equal(loaded.model.state_dict()[name], value), name
     with pytest.raises(TypeError):  # without the migration the old fields are not LitMDM arguments
         LitMDM(**old)
+
+
+def test_init_from_adapts_a_folder_to_block_diffusion(tiny_model_dir, code_shards, tmp_path) -> None:
+    """`config.block_diffusion` with `init_from`: the folder's weights train as block diffusion with this run's
+    block sizes; the loss is the block loss of `mmdlm.blocks`' blocks; no sampler pretends to decode it."""
+    from mmdlm.blocks import token_blocks
+    from mmdlm.diffusion import masked_diffusion_loss
+    from mmdlm.sampling import scheduler_for
+
+    L.seed_everything(0)
+    arch = ModelConfig(block_diffusion=True, block_size=4, image_block_rows=2)
+    module = LitMDM(config=arch, warmup_steps=2, samples_at_val=2, init_from=tiny_model_dir)
+    dm = datamodule(tiny_model_dir, code_shards)
+    L.Trainer(max_steps=2, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+              enable_model_summary=False, limit_val_batches=1, val_check_interval=2, default_root_dir=tmp_path,
+              enable_checkpointing=False).fit(module, datamodule=dm)
+    config = module.model.config
+    assert config.block_diffusion and (config.block_size, config.image_block_rows) == (4, 2)
+    batch = next(iter(dm.train_dataloader()))
+    block = token_blocks(batch.target, batch.pad, batch.image_index, batch.prefix, block_size=4, image_block_rows=2,
+                         grid_width=config.image_grid[1])
+    assert int(block.max()) > 1
+    module.model.eval()
+    with torch.no_grad():
+        got = module._loss(batch, torch.Generator().manual_seed(4))
+        want = module.objective(module.model, batch, generator=torch.Generator().manual_seed(4), block=block)
+        plain = masked_diffusion_loss(module.model, batch, module.vocab, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(got.loss, want.loss) and not torch.equal(got.loss, plain.loss)
+    with pytest.raises(ValueError, match="block sampler"):
+        scheduler_for(config, module.vocab)

@@ -42,6 +42,9 @@ def __getattr__(name: str) -> Any:
 
 def scheduler_for(model_config: Any, vocab: Any) -> Any:
     """The scheduler a model was trained for: `ARScheduler` for a causal model, else `MaskedScheduler`."""
+    if getattr(model_config, "block_diffusion", False):
+        raise ValueError("this model was trained as block diffusion and mmdlm has no block sampler yet: the "
+                         "masked scheduler would decode it with attention it was not trained with")
     from mmdlm.sampling.autoregressive import ARScheduler
     from mmdlm.sampling.masked import MaskedScheduler
 

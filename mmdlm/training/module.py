@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningModule
 
+from mmdlm.blocks import token_blocks
 from mmdlm.diffusion import ImageSchedule, LossOutput, Weighting, ar_loss, cond_dropout, masked_diffusion_loss
 from mmdlm.errors import UserError
 from mmdlm.model import ModelConfig, Transformer
@@ -141,7 +142,8 @@ class LitMDM(LightningModule):
         init_from: start from the weights of a model folder (`mmdlm.folder`, `MMDLMPipeline.from_pretrained`):
             fine-tuning. Its architecture replaces `config`'s, except `dropout` and `prefix_attention` (turned on
             if either asks); a causal folder with `config.causal` false is adapted to masked diffusion
-            (`shift_logits`, as Dream / DiffuLLaMA). The optimizer, schedule and step count start fresh; the
+            (`shift_logits`, as Dream / DiffuLLaMA), and with `config.block_diffusion` to block diffusion with
+            this run's block sizes (SDAR, Fast-dLLM v2). The optimizer, schedule and step count start fresh; the
             data's tokenizers must be the folder's (checked, `UserError` if not).
         max_seq_len: the model's longest sequence, when the data's is longer than the layout's templates
             (interleaved documents: an edit is ~150 tokens); the larger of the two is built, and a model loaded
@@ -273,8 +275,14 @@ class LitMDM(LightningModule):
 
     def _loss(self, batch: Batch, generator: torch.Generator, train: bool = False) -> LossOutput:
         objective = self.train_objective if train else self.objective
-        return (objective(self.model, batch) if self.config.causal
-                else objective(self.model, batch, generator=generator))
+        if self.config.causal:
+            return objective(self.model, batch)
+        if self.config.block_diffusion:  # each row's blocks from its template (`mmdlm.blocks`)
+            c = self.config
+            block = token_blocks(batch.target, batch.pad, batch.image_index, batch.prefix, block_size=c.block_size,
+                                 image_block_rows=c.image_block_rows, grid_width=max(c.image_grid[1], 1))
+            return objective(self.model, batch, generator=generator, block=block)
+        return objective(self.model, batch, generator=generator)
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         g = self._generator(salt=0)
@@ -334,6 +342,8 @@ class LitMDM(LightningModule):
         """Decode the targets of a few val rows (greedy, 8 steps) and log them next to the truth: texts
         (captions, answers) as `val/samples`, generated images (text-to-image, joint) as the grid
         `val/images`, truth above prediction, as a diffusion trainer's validation images."""
+        if self.config.block_diffusion:  # no block sampler yet: the masked scheduler would read it wrongly
+            return
         n = self.hparams.samples_at_val
         sub = batch.select(slice(0, n))
         pred = fill_targets(self.model, sub, self.vocab, steps=8)
@@ -396,6 +406,10 @@ class LitMDM(LightningModule):
                          max_seq_len=longest)  # RoPE positions extend to any length
         if config.causal and not self.architecture.causal:  # adapt an AR checkpoint to masked diffusion (Dream)
             config = replace(config, causal=False, shift_logits=True)
+        if self.architecture.block_diffusion:  # adapt it to block diffusion: this run's blocks
+            arch = self.architecture
+            config = replace(config, block_diffusion=True, block_size=arch.block_size,
+                             image_block_rows=arch.image_block_rows)
         self.build(config, pipe.vocab)  # no codebook argument: the folder's is in its weights
         self.model.load_state_dict(pipe.model.state_dict())
         if self.ema is not None:  # the average starts at the loaded weights, not at build()'s random ones
