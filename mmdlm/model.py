@@ -263,25 +263,39 @@ def attention_blocks(block: torch.Tensor, shift: bool) -> torch.Tensor:
     return torch.cat([block[:, 1:], block[:, -1:]], dim=1)  # (B, S)
 
 
-def two_stream_mask(block: torch.Tensor, pad: torch.Tensor | None) -> torch.Tensor:
-    """Bool[B, 1, 2T, 2T] attention of the two-stream training forward over [noisy | clean] (BD3-LM's block
-    diffusion mask), from Long[B, T] attention blocks and Bool[B, 2T] pads, True = may attend:
+def clean_positions(att: torch.Tensor, pad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The positions of a row's clean copy in the two-stream forward: those of every block but the prompt (block 0,
+    never noised: the noisy stream's copy serves) and the row's last block (no later block reads it). Returns
+    (Long[B, C] positions in order, Bool[B, C] filler slots of rows with fewer than C) from Long[B, T] attention
+    blocks and Bool[B, T] pads."""
+    last = att.masked_fill(pad, 0).amax(1, keepdim=True)  # (B, 1)
+    copy = (att > 0) & (att < last) & ~pad  # (B, T)
+    C = int(copy.sum(1).max()) if copy.numel() else 0
+    at = torch.argsort((~copy).to(torch.int8), dim=1, stable=True)[:, :C]  # (B, C): copied positions first
+    filler = torch.arange(C, device=att.device)[None] >= copy.sum(1, keepdim=True)  # (B, C)
+    return at, filler
 
-        query, key:      noisy key       clean key
-        noisy query      same block      earlier blocks
-        clean query      -               same or earlier blocks
 
-    Pad keys are hidden; every query sees itself."""
-    B, T = block.shape
-    stream = torch.arange(2 * T, device=block.device) >= T  # (2T,) False = noisy, True = clean
-    b2 = torch.cat([block, block], 1)  # (B, 2T)
-    q, k = b2[:, :, None], b2[:, None, :]  # (B, 2T, 1), (B, 1, 2T)
-    qs, ks = stream[None, :, None], stream[None, None, :]  # (1, 2T, 1), (1, 1, 2T)
-    allowed = (~qs & ~ks & (k == q)) | (~qs & ks & (k < q)) | (qs & ks & (k <= q))  # (B, 2T, 2T)
-    if pad is not None:
-        allowed = allowed & ~pad[:, None, :]
-    allowed = allowed | torch.eye(2 * T, dtype=torch.bool, device=block.device)  # every query sees itself
-    return allowed.unsqueeze(1)  # (B, 1, 2T, 2T)
+def two_stream_mask(noisy: torch.Tensor, clean: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+    """Bool[B, 1, T+C, T+C] attention of the two-stream training forward over [noisy | clean copy] (BD3-LM's block
+    diffusion mask), from the Long[B, T] attention blocks of the noisy stream, the Long[B, C] ones of the clean
+    copy (`clean_positions`) and Bool[B, T+C] pads, True = may attend:
+
+        query, key:      noisy key                     clean key
+        noisy query      same block, or the prompt     earlier blocks
+        clean query      the prompt                    same or earlier blocks
+
+    The prompt (block 0) is never noised, so its noisy copy is its clean one. Pad keys are hidden; every query
+    sees itself."""
+    T = noisy.shape[1]
+    b2 = torch.cat([noisy, clean], 1)  # (B, T+C)
+    stream = torch.arange(b2.shape[1], device=b2.device) >= T  # (T+C,) False = noisy, True = clean
+    q, k = b2[:, :, None], b2[:, None, :]  # (B, T+C, 1), (B, 1, T+C)
+    qs, ks = stream[None, :, None], stream[None, None, :]  # (1, T+C, 1), (1, 1, T+C)
+    prompt = ~ks & (k == 0)  # (B, 1, T+C): the prompt's keys, in the noisy stream
+    allowed = ((~qs & ~ks & (k == q)) | (~qs & ks & (k < q)) | (qs & ks & (k <= q)) | prompt) & ~pad[:, None, :]
+    allowed = allowed | torch.eye(b2.shape[1], dtype=torch.bool, device=b2.device)  # every query sees itself
+    return allowed.unsqueeze(1)  # (B, 1, T+C, T+C)
 
 
 class Transformer(nn.Module):
@@ -488,12 +502,18 @@ class Transformer(nn.Module):
         if pos is None:
             pos = torch.arange(start, start + T, device=ids.device)[None]  # (1, T): same for every row
         two_streams = clean is not None
-        if two_streams:  # [noisy | clean]: the same positions, pads and image slots twice
+        if two_streams:  # [noisy | clean copy of the blocks a later block reads]: their positions, pads, image slots
             if block is None or cache is not None or (causal if causal is not None else cfg.causal):
                 raise ValueError("clean= (the two-stream training forward) needs block= and no cache or causal")
-            ids, pos = torch.cat([ids, clean], 1), torch.cat([pos, pos], 1)  # (B, 2T), (B|1, 2T)
-            pad = None if pad is None else torch.cat([pad, pad], 1)  # (B, 2T)
-            image_index = None if image_index is None else torch.cat([image_index, image_index], 1)  # (B, 2T)
+            pad = torch.zeros_like(ids, dtype=torch.bool) if pad is None else pad  # (B, T)
+            att = attention_blocks(block, cfg.shift_logits)  # (B, T)
+            at, filler = clean_positions(att, pad)  # (B, C) each
+            att2 = (att, torch.where(filler, 0, att.gather(1, at)))  # (B, T), (B, C)
+            pos = pos.expand(B, T)
+            ids, pos = torch.cat([ids, clean.gather(1, at)], 1), torch.cat([pos, pos.gather(1, at)], 1)  # (B, T+C)
+            pad = torch.cat([pad, pad.gather(1, at) | filler], 1)  # (B, T+C)
+            if image_index is not None:
+                image_index = torch.cat([image_index, image_index.gather(1, at)], 1)  # (B, T+C)
         table, head = self.tables()  # (V, C) each
         x = F.embedding(ids, table)  # (B, T, C)
         if image_index is not None:
@@ -523,8 +543,10 @@ class Transformer(nn.Module):
         else:
             key_pad = pad
         causal = cfg.causal if causal is None else causal
-        if block is not None and not causal:
+        if block is not None and not causal and not two_streams:
             block = attention_blocks(block, cfg.shift_logits)  # (B, S)
+            prefix = None
+        elif two_streams:
             prefix = None
         elif cfg.prefix_attention and not causal and prefix is not None:
             # a model reading position i's logits at i - 1 predicts the first target from the position before
@@ -534,7 +556,7 @@ class Transformer(nn.Module):
         else:
             prefix = None
         if two_streams:
-            mask, is_causal = two_stream_mask(block, key_pad), False  # (B, 1, 2T, 2T)
+            mask, is_causal = two_stream_mask(*att2, key_pad), False  # (B, 1, T+C, T+C)
         else:
             mask, is_causal = self._attention_mask(key_pad, start, T, ids.device, causal, prefix,
                                                    None if causal else block)
