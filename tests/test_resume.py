@@ -278,7 +278,7 @@ def test_a_checkpoint_with_the_architecture_given_field_by_field_loads(tiny_mode
 
 def test_init_from_adapts_a_folder_to_block_diffusion(tiny_model_dir, code_shards, tmp_path) -> None:
     """`config.block_diffusion` with `init_from`: the folder's weights train as block diffusion with this run's
-    block sizes; the loss is the block loss of `mmdlm.blocks`' blocks; no sampler pretends to decode it."""
+    block sizes; the loss is the block loss of `mmdlm.blocks`' blocks; the block scheduler decodes it."""
     from mmdlm.blocks import token_blocks
     from mmdlm.diffusion import masked_diffusion_loss
     from mmdlm.sampling import scheduler_for
@@ -302,5 +302,4 @@ def test_init_from_adapts_a_folder_to_block_diffusion(tiny_model_dir, code_shard
         want = module.objective(module.model, batch, generator=torch.Generator().manual_seed(4), block=block)
         plain = masked_diffusion_loss(module.model, batch, module.vocab, generator=torch.Generator().manual_seed(4))
     assert torch.equal(got.loss, want.loss) and not torch.equal(got.loss, plain.loss)
-    with pytest.raises(ValueError, match="block sampler"):
-        scheduler_for(config, module.vocab)
+    assert type(scheduler_for(config, module.vocab)).__name__ == "BlockScheduler"

@@ -9,6 +9,7 @@
 - `scheduler`: the `Scheduler` interface (`set_timesteps`, `model_inputs`, `step`) and its decoding loop.
 - `masked`: `MaskedScheduler` (LLaDA, MaskGIT, Fast-dLLM, ReMDM).
 - `autoregressive`: `ARScheduler` (left to right with a KV cache).
+- `block`: `BlockScheduler` (block diffusion: block by block with an exact KV cache, masked decoding inside a block).
 - `tokens`: schedules, confidence scores, modality restriction, Gumbel-max choice, guidance.
 - `revise`: a model's leave-one-out scores of finished tokens, and `revise` (re-mask the doubtful ones, decode
   them again): self-revision, hybrid AR draft -> MDM refinement, best-of-n by self-scoring.
@@ -22,7 +23,7 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "ARScheduler": "autoregressive",
+    "ARScheduler": "autoregressive", "BlockScheduler": "block",
     "Confidence": "config", "SamplerConfig": "config", "SelfCorrection": "config",
     "MaskedScheduler": "masked",
     "SampleResult": "scheduler", "Scheduler": "scheduler", "StepCallback": "scheduler",
@@ -41,10 +42,13 @@ def __getattr__(name: str) -> Any:
 
 
 def scheduler_for(model_config: Any, vocab: Any) -> Any:
-    """The scheduler a model was trained for: `ARScheduler` for a causal model, else `MaskedScheduler`."""
+    """The scheduler a model was trained for: `ARScheduler` for a causal model, `BlockScheduler` for a block-diffusion
+    one, else `MaskedScheduler`."""
     if getattr(model_config, "block_diffusion", False):
-        raise ValueError("this model was trained as block diffusion and mmdlm has no block sampler yet: the "
-                         "masked scheduler would decode it with attention it was not trained with")
+        from mmdlm.sampling.block import BlockScheduler
+
+        return BlockScheduler(vocab, model_config.block_size, model_config.image_block_rows,
+                              max(model_config.image_grid[1], 1), model_config.shift_logits)
     from mmdlm.sampling.autoregressive import ARScheduler
     from mmdlm.sampling.masked import MaskedScheduler
 

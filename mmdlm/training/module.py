@@ -342,8 +342,6 @@ class LitMDM(LightningModule):
         """Decode the targets of a few val rows (greedy, 8 steps) and log them next to the truth: texts
         (captions, answers) as `val/samples`, generated images (text-to-image, joint) as the grid
         `val/images`, truth above prediction, as a diffusion trainer's validation images."""
-        if self.config.block_diffusion:  # no block sampler yet: the masked scheduler would read it wrongly
-            return
         n = self.hparams.samples_at_val
         sub = batch.select(slice(0, n))
         pred = fill_targets(self.model, sub, self.vocab, steps=8)

@@ -1,0 +1,130 @@
+"""The block scheduler on a block-diffusion model: the KV cache is exact (the same tokens and logits as a full
+block-masked recompute at every step), a finished block is fed once more with its final tokens and never again,
+and every template it serves fills its targets with legal ids.
+
+    python -m pytest -q tests/test_block_sampling.py
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from mmdlm.model import ModelConfig, Transformer
+from mmdlm.sampling import BlockScheduler, SamplerConfig, scheduler_for
+from mmdlm.sequence import Batch, Layout, caption_prompt, collate, joint_prompt, t2i_prompt, vqa_prompt
+from mmdlm.vocab import Vocab
+
+VOCAB = Vocab(text_size=24, codebook_size=16)
+GRID = 4
+LAYOUT = Layout(caption_len=8, question_len=4, answer_len=3, text_len=12, qa_per_sample=2)
+
+
+def tiny(shift: bool) -> Transformer:
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=VOCAB.size, n_layer=2, n_head=2, n_embd=32, max_seq_len=64,
+                         image_tokens=GRID * GRID, codebook_size=VOCAB.codebook_size, image_offset=VOCAB.image_offset,
+                         shift_logits=shift, block_diffusion=True, block_size=3, image_block_rows=2)
+    model = Transformer(config).eval()
+    with torch.no_grad():  # larger weights: predictions that depend on the context
+        for weight in model.parameters():
+            weight.mul_(4.0)
+    return model
+
+
+def codes(seed: int) -> torch.Tensor:
+    return torch.randint(0, VOCAB.codebook_size, (GRID, GRID), generator=torch.Generator().manual_seed(seed))
+
+
+BATCHES = {
+    "caption": lambda: collate([caption_prompt(codes(i), VOCAB, LAYOUT) for i in range(3)], VOCAB),
+    "vqa": lambda: collate([vqa_prompt(codes(i), [[1, 2], [3]], VOCAB, LAYOUT) for i in range(2)], VOCAB),
+    "t2i": lambda: collate([t2i_prompt([4, 5], VOCAB, LAYOUT, GRID * GRID), t2i_prompt([6], VOCAB, LAYOUT,
+                                                                                       GRID * GRID)], VOCAB),
+    "joint": lambda: collate([joint_prompt(VOCAB, LAYOUT, GRID * GRID) for _ in range(2)], VOCAB),
+}
+
+
+class Recording(BlockScheduler):
+    """The block scheduler, keeping the logits of every step's masked positions and each call's positions."""
+
+    def sample(self, *args, **kwargs):
+        self.logits, self.fed = [], []
+        return super().sample(*args, **kwargs)
+
+    def model_inputs(self, state):
+        kw = super().model_inputs(state)
+        self.fed.append((state.start, state.start + kw["ids"].shape[1], state.unit))
+        return kw
+
+    def unit_logits(self, logits, state):
+        masked, lg = super().unit_logits(logits, state)
+        self.logits.append(lg.clone())
+        return masked, lg
+
+
+def recording(model: Transformer) -> Recording:
+    c = model.config
+    return Recording(VOCAB, c.block_size, c.image_block_rows, GRID, c.shift_logits)
+
+
+@pytest.mark.parametrize("shift", [False, True])
+@pytest.mark.parametrize("task", sorted(BATCHES))
+@pytest.mark.parametrize("options", [SamplerConfig(steps=2), SamplerConfig(steps=None, threshold=0.5),
+                                     SamplerConfig(steps=2, temperature=1.0)])
+def test_the_cache_gives_the_recompute_s_tokens_and_logits(shift: bool, task: str, options: SamplerConfig) -> None:
+    model, batch = tiny(shift), BATCHES[task]()
+    runs = []
+    for use_cache in (True, False):
+        scheduler = recording(model)
+        out = scheduler.sample(model, batch, dataclasses.replace(options, use_cache=use_cache),
+                               generator=torch.Generator().manual_seed(1))
+        runs.append((out, scheduler.logits))
+    (cached, logits_c), (full, logits_f) = runs
+    assert torch.equal(cached.ids, full.ids) and cached.nfe == full.nfe == len(logits_c)
+    for a, b in zip(logits_c, logits_f, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    filled = cached.ids[batch.target]
+    assert not bool((filled == VOCAB.mask).any())
+    image = (batch.image_index >= 0)[batch.target]
+    assert bool(VOCAB.is_image(filled[image]).all()) and not bool(VOCAB.is_image(filled[~image]).any())
+
+
+@pytest.mark.parametrize("shift", [False, True])
+@pytest.mark.parametrize("task", ["caption", "t2i", "vqa"])
+def test_a_finished_block_is_fed_once_more_and_never_again(shift: bool, task: str) -> None:
+    """Calls of a block feed from its first position; the first call of the next block starts at the finished
+    block's first position (its final tokens), and no later call goes back before that: the prompt is fed once."""
+    model, batch = tiny(shift), BATCHES[task]()
+    scheduler = recording(model)
+    out = scheduler.sample(model, batch, SamplerConfig(steps=2, eos_fill=False))
+    fed = scheduler.fed  # (start, end, block) of every call
+    assert out.nfe == len(fed) > len({u for *_, u in fed}) and fed[0][0] == 0
+    first = {u: lo for lo, _, u in fed[1:]}  # where the calls of each block begin, but its first
+    for (lo, _, u), (_, _, before) in zip(fed[1:], fed[:-1], strict=True):
+        if u == before:
+            assert lo == first[u]  # inside a block: from its own first position
+        else:
+            assert lo == first.get(before, lo) and lo <= first[u]  # the block just finished, fed again
+    starts = [lo for lo, *_ in fed]
+    assert starts == sorted(starts) and starts.count(0) == 1  # never back: the prompt once
+
+
+def test_scheduler_for_a_block_model_and_the_options_it_refuses() -> None:
+    model = tiny(shift=True)
+    assert isinstance(scheduler_for(model.config, VOCAB), BlockScheduler)
+    batch = BATCHES["t2i"]()
+    with pytest.raises(ValueError, match="guidance"):
+        scheduler_for(model.config, VOCAB).sample(model, batch, SamplerConfig(guidance_scale=2.0))
+
+
+def test_rows_with_different_layouts_are_decoded_in_groups() -> None:
+    model = tiny(shift=True)
+    batch: Batch = collate([vqa_prompt(codes(0), [[1, 2], [3]], VOCAB, LAYOUT), vqa_prompt(codes(1), [[1]], VOCAB,
+                                                                                           LAYOUT)], VOCAB)
+    together = scheduler_for(model.config, VOCAB).sample(model, batch, SamplerConfig(steps=2))
+    for r in range(2):
+        alone = scheduler_for(model.config, VOCAB).sample(model, batch.select([r]), SamplerConfig(steps=2))
+        assert torch.equal(together.ids[r], alone.ids[0])
