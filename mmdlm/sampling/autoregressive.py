@@ -171,7 +171,7 @@ class ARScheduler(Scheduler):
             raise ValueError("the AR scheduler needs a causal model (ModelConfig.causal=True)")
         target = batch.target
         if len(target) and not bool((target == target[:1]).all()):
-            return self._sample_groups(model, batch, config, generator=generator)
+            return self.sample_in_groups(model, batch, config, generator=generator)
         return super().sample(model, batch, config, anchor=anchor, generator=generator, history=history,
                               callback=callback)
 
@@ -179,16 +179,3 @@ class ARScheduler(Scheduler):
         """Give the run a KV cache for the span (`SamplerConfig.use_cache`)."""
         if state.config.use_cache and state.end > 0:
             state.cache = model.new_cache(state.canvas.shape[0], state.end, device=state.canvas.device)
-
-    def _sample_groups(self, model: nn.Module, batch: Batch, config: SamplerConfig,
-                       generator: torch.Generator | None) -> SampleResult:
-        """Rows with different target layouts (training's validation batches): one run per layout."""
-        ids = batch.ids.clone()
-        nfe = rows = 0
-        _, group = torch.unique(batch.target, dim=0, return_inverse=True)  # (B,)
-        for g in range(int(group.max()) + 1):
-            sel = (group == g).nonzero().squeeze(1)  # (b,)
-            out = self.sample(model, batch.select(sel), config, generator=generator)
-            ids[sel] = out.ids
-            nfe, rows = nfe + out.nfe, rows + out.forward_rows
-        return SampleResult(ids, nfe, None, rows)

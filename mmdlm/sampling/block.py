@@ -172,19 +172,6 @@ class BlockScheduler(Scheduler):
                history: bool = False, callback: StepCallback | None = None) -> SampleResult:
         target = batch.target
         if len(target) and not bool((target == target[:1]).all()):
-            return self._sample_groups(model, batch, config, generator=generator)
+            return self.sample_in_groups(model, batch, config, generator=generator)
         return super().sample(model, batch, config, anchor=anchor, generator=generator, history=history,
                               callback=callback)
-
-    def _sample_groups(self, model: nn.Module, batch: Batch, config: SamplerConfig,
-                       generator: torch.Generator | None) -> SampleResult:
-        """Rows with different target layouts: one run per layout."""
-        ids = batch.ids.clone()
-        nfe = rows = 0
-        _, group = torch.unique(batch.target, dim=0, return_inverse=True)  # (B,)
-        for g in range(int(group.max()) + 1):
-            sel = (group == g).nonzero().squeeze(1)  # (b,)
-            out = self.sample(model, batch.select(sel), config, generator=generator)
-            ids[sel] = out.ids
-            nfe, rows = nfe + out.nfe, rows + out.forward_rows
-        return SampleResult(ids, nfe, None, rows)

@@ -97,3 +97,17 @@ class Scheduler:
         out.ids = out.ids.clone()  # outside inference mode: a tensor callers may write into
         out.history = None if frames is None else [f.clone() for f in frames]
         return out
+
+    def sample_in_groups(self, model: nn.Module, batch: Batch, config: SamplerConfig,
+                         generator: torch.Generator | None = None) -> SampleResult:
+        """`sample` one group of rows at a time, the rows of a group sharing one target layout (for schedulers
+        that need it: the AR and block schedulers, given training's mixed validation batches)."""
+        ids = batch.ids.clone()
+        nfe = rows = 0
+        _, group = torch.unique(batch.target, dim=0, return_inverse=True)  # (B,)
+        for g in range(int(group.max()) + 1):
+            sel = (group == g).nonzero().squeeze(1)  # (b,)
+            out = self.sample(model, batch.select(sel), config, generator=generator)
+            ids[sel] = out.ids
+            nfe, rows = nfe + out.nfe, rows + out.forward_rows
+        return SampleResult(ids, nfe, None, rows)
