@@ -158,6 +158,11 @@ class KVCache:
         self.length = 0
         self.pad.zero_()
 
+    def keep_rows(self, rows: torch.Tensor | slice) -> None:
+        """Keep only these rows (Long[R] indices or a slice): the rows a sampler still decodes."""
+        self.k, self.v = [k[rows] for k in self.k], [v[rows] for v in self.v]
+        self.pad = self.pad[rows]
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-5) -> None:
@@ -501,14 +506,15 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence of {start + T} positions exceeds max_seq_len={cfg.max_seq_len}")
         if pos is None:
             pos = torch.arange(start, start + T, device=ids.device)[None]  # (1, T): same for every row
+        causal = cfg.causal if causal is None else causal
+        att = attention_blocks(block, cfg.shift_logits) if block is not None and not causal else None  # (B, S)
         two_streams = clean is not None
         if two_streams:  # [noisy | clean copy of the blocks a later block reads]: their positions, pads, image slots
-            if block is None or cache is not None or (causal if causal is not None else cfg.causal):
+            if att is None or cache is not None:
                 raise ValueError("clean= (the two-stream training forward) needs block= and no cache or causal")
             pad = torch.zeros_like(ids, dtype=torch.bool) if pad is None else pad  # (B, T)
-            att = attention_blocks(block, cfg.shift_logits)  # (B, T)
             at, filler = clean_positions(att, pad)  # (B, C) each
-            att2 = (att, torch.where(filler, 0, att.gather(1, at)))  # (B, T), (B, C)
+            att_clean = torch.where(filler, 0, att.gather(1, at))  # (B, C)
             pos = pos.expand(B, T)
             ids, pos = torch.cat([ids, clean.gather(1, at)], 1), torch.cat([pos, pos.gather(1, at)], 1)  # (B, T+C)
             pad = torch.cat([pad, pad.gather(1, at) | filler], 1)  # (B, T+C)
@@ -542,13 +548,7 @@ class Transformer(nn.Module):
             key_pad = cache.pad[:, : start + T]  # (B, S)
         else:
             key_pad = pad
-        causal = cfg.causal if causal is None else causal
-        if block is not None and not causal and not two_streams:
-            block = attention_blocks(block, cfg.shift_logits)  # (B, S)
-            prefix = None
-        elif two_streams:
-            prefix = None
-        elif cfg.prefix_attention and not causal and prefix is not None:
+        if att is None and cfg.prefix_attention and not causal and prefix is not None:
             # a model reading position i's logits at i - 1 predicts the first target from the position before
             # it: that one must see the generated region too, or the first token is chosen blind to the rest
             # (measured: captions began "there large ...", "a is a ...": F1 0.95 -> 0.72 on cell)
@@ -556,10 +556,9 @@ class Transformer(nn.Module):
         else:
             prefix = None
         if two_streams:
-            mask, is_causal = two_stream_mask(*att2, key_pad), False  # (B, 1, T+C, T+C)
+            mask, is_causal = two_stream_mask(att, att_clean, key_pad), False  # (B, 1, T+C, T+C)
         else:
-            mask, is_causal = self._attention_mask(key_pad, start, T, ids.device, causal, prefix,
-                                                   None if causal else block)
+            mask, is_causal = self._attention_mask(key_pad, start, T, ids.device, causal, prefix, att)
         train_graph = self._compiled_blocks and self.training and torch.is_grad_enabled() and cache is None
         for i, layer in enumerate(self._compiled_blocks if train_graph else self.blocks):
             kv = (cache.k[i], cache.v[i]) if cache is not None else None

@@ -20,6 +20,7 @@ from torch import nn
 from mmdlm.sampling.config import SamplerConfig
 from mmdlm.sampling.scheduler import SampleResult, Scheduler, StepCallback
 from mmdlm.sampling.tokens import restrict, sample_tokens
+from mmdlm.sequence import target_regions
 from mmdlm.vocab import Vocab
 
 if TYPE_CHECKING:
@@ -91,10 +92,7 @@ class ARState:
                                                         self.canvas[gone, self.p:self.end])
         self.live = self.live[keep]
         if self.cache is not None:
-            at = keep.nonzero().squeeze(1)  # (L',)
-            self.cache.k = [k[at] for k in self.cache.k]
-            self.cache.v = [v[at] for v in self.cache.v]
-            self.cache.pad = self.cache.pad[at]
+            self.cache.keep_rows(keep.nonzero().squeeze(1))
 
 
 class ARScheduler(Scheduler):
@@ -123,18 +121,17 @@ class ARScheduler(Scheduler):
         start, end = (int(cols[0]), int(cols[-1]) + 1) if len(cols) else (0, 0)
         if len(cols) and start == 0:
             raise ValueError("the target span needs a prefix to condition on (the task token at least)")
-        starts = cols[torch.cat([cols.new_ones(1, dtype=torch.bool), cols[1:] != cols[:-1] + 1])] if len(cols) \
-            else cols  # (R,) first position of each target region
+        regions = target_regions(target[0])  # index tensors of each target region
         region_end = torch.zeros(ids.shape[1], dtype=torch.long, device=ids.device)  # (T,)
-        for r, lo in enumerate(starts.tolist()):  # one past each region's last position
-            hi = int(starts[r + 1]) if r + 1 < len(starts) else end
-            region_end[lo:hi] = int(cols[cols < hi].max()) + 1
+        for r, region in enumerate(regions):  # one past each region's last position, up to the next region
+            hi = int(regions[r + 1][0]) if r + 1 < len(regions) else end
+            region_end[int(region[0]) : hi] = int(region[-1]) + 1
         state = ARState(canvas=ids, config=config, batch=batch, generator=generator,
                         allowed=self.vocab.allowed_table(ids.device), modality=(batch.image_index >= 0).long(),
                         is_text_target=target & (batch.image_index < 0),
                         ended=torch.zeros(B, dtype=torch.bool, device=ids.device), cache=None,  # `prepare` adds it
                         p=start, end=end, region_end=region_end,
-                        last_region=int(starts[-1]) if len(starts) else 0,
+                        last_region=int(regions[-1][0]) if regions else 0,
                         live=torch.arange(B, device=ids.device),
                         row_nfe=torch.zeros(B, dtype=torch.long, device=ids.device), eos=self.vocab.eos)
         state.advance()

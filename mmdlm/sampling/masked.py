@@ -296,9 +296,7 @@ class MaskedScheduler(Scheduler):
     def _drop_uncond_rows(cache: KVCache, copies: int) -> None:
         """Keep the first of the cache's `copies` blocks of rows: the conditional ones (`model_inputs` puts them
         first)."""
-        keep = len(cache.pad) // copies
-        cache.k, cache.v = [k[:keep] for k in cache.k], [v[:keep] for v in cache.v]
-        cache.pad = cache.pad[:keep]
+        cache.keep_rows(slice(0, len(cache.pad) // copies))
 
     @staticmethod
     def _live_rows(s: MaskedState, live: torch.Tensor, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -319,10 +317,7 @@ class MaskedScheduler(Scheduler):
         index = torch.cat([rows + j * B for j in range(copies)])  # (copies * L,)
         if s.cache is not None and keep is not None:
             cached = len(s.cache.pad) // copies  # rows per copy in the cache before this step
-            at = torch.cat([keep + j * cached for j in range(copies)])
-            s.cache.k = [k[at] for k in s.cache.k]
-            s.cache.v = [v[at] for v in s.cache.v]
-            s.cache.pad = s.cache.pad[at]
+            s.cache.keep_rows(torch.cat([keep + j * cached for j in range(copies)]))
         return {k: v[index] for k, v in inputs.items()}
 
     def _guided(self, logits: torch.Tensor, state: MaskedState) -> torch.Tensor:
