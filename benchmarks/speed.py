@@ -28,10 +28,13 @@ Variants (`variants`):
 - prefix MDM, no cache / + exact prefix cache: `--fast`, a model trained with prefix attention, with the
   `before_samplers`, recomputing the prompt every step or computing it once (exact: same tokens).
 - MDM fast: `--fast` with the pipeline's defaults and the exact cache: every trick together.
+- block, one token per call / block: `--block`, a block-diffusion model (`configs/block.yaml`), first decoding one
+  token per call inside each block (its slowest setting), then with its default samplers (`BLOCK_SAMPLERS`).
 - AR + KV cache / AR, no cache: `--ar`, greedy answers and captions, sampled images (temperature 1).
 
 `--variants` keeps some of them, by the names before, approx-cache, fast-decoding, prefix-nocache, prefix-cache,
-fast, ar-kv, ar-nocache; only the model folders those variants use are needed (fast,ar-kv: --fast and --ar).
+fast, block-slow, block, ar-kv, ar-nocache; only the model folders those variants use are needed (fast,ar-kv: --fast
+and --ar; block,ar-kv: --block and --ar).
 
 Writes sampling_speed.json (every measurement, the machine, the command) and sampling_speed.md (one table per
 task, and the acceptance checks) under --out.
@@ -80,6 +83,22 @@ def before_samplers() -> dict[str, SamplerConfig]:
             "t2i": SamplerConfig(steps=16, temperature=1.0, guidance_scale=2.0, eos_fill=False)}
 
 
+def block_samplers() -> dict[str, SamplerConfig]:
+    """A block-diffusion model's default samplers (`BLOCK_SAMPLERS`), per evaluation task."""
+    from mmdlm.eval.tasks import PIPELINE_TASK
+    from mmdlm.sampling.config import BLOCK_SAMPLERS
+
+    return {task: BLOCK_SAMPLERS[PIPELINE_TASK[task]] for task in TASKS}
+
+
+def slowest_block_samplers() -> dict[str, SamplerConfig]:
+    """A block-diffusion model's slowest setting: one token per call in every block."""
+    from mmdlm.sampling import SamplerConfig
+
+    return {"vqa": SamplerConfig(steps=None), "caption": SamplerConfig(steps=None),
+            "t2i": SamplerConfig(steps=16, temperature=1.0, guidance_scale=2.0)}
+
+
 def current_samplers() -> dict[str, SamplerConfig]:
     """The pipeline's defaults now (`DEFAULT_SAMPLERS`), per evaluation task."""
     from mmdlm.eval.tasks import PIPELINE_TASK
@@ -92,16 +111,17 @@ def current_samplers() -> dict[str, SamplerConfig]:
 class Variant:
     name: str
     key: str  # its --variants name
-    model: str  # "mdm", "fast" or "ar": which --model folder
+    model: str  # "mdm", "fast", "block" or "ar": which --model folder
     samplers: dict[str, SamplerConfig]  # per task
 
 
 # --variants names, in table order; "prefix-*" and "fast" need --fast
-VARIANT_KEYS = ("before", "approx-cache", "fast-decoding", "prefix-nocache", "prefix-cache", "fast", "ar-kv",
-                "ar-nocache")
+VARIANT_KEYS = ("before", "approx-cache", "fast-decoding", "prefix-nocache", "prefix-cache", "fast", "block-slow",
+                "block", "ar-kv", "ar-nocache")
+BLOCK, BLOCK_SLOW = "block", "block, one token per call"  # the block model's rows
 
 
-def variants(has_fast: bool) -> list[Variant]:
+def variants(has_fast: bool, has_block: bool = False) -> list[Variant]:
     """The rows of the tables, in order: as it was, each trick alone, all together, the AR twin."""
     from mmdlm.sampling import SamplerConfig
 
@@ -117,16 +137,19 @@ def variants(has_fast: bool) -> list[Variant]:
         rows += [Variant("prefix MDM, no cache", "prefix-nocache", "fast", with_(before, use_cache=False)),
                  Variant("+ exact prefix cache", "prefix-cache", "fast", before),
                  Variant("MDM fast (all)", "fast", "fast", now)]
+    if has_block:
+        rows += [Variant(BLOCK_SLOW, "block-slow", "block", slowest_block_samplers()),
+                 Variant(BLOCK, "block", "block", block_samplers())]
     ar = dict.fromkeys(TASKS, SamplerConfig())
     ar = {t: replace(c, temperature=1.0) if t == "t2i" else c for t, c in ar.items()}
     return rows + [Variant("AR + KV cache", "ar-kv", "ar", ar),
                    Variant("AR, no cache", "ar-nocache", "ar", with_(ar, use_cache=False))]
 
 
-def select_variants(keys: Sequence[str] | None, has_fast: bool) -> list[Variant]:
+def select_variants(keys: Sequence[str] | None, has_fast: bool, has_block: bool = False) -> list[Variant]:
     """The variants named by `keys` (all of them for None), in table order; ValueError for an unknown name or
-    one that needs --fast without it."""
-    rows = variants(has_fast)
+    one that needs --fast or --block without it."""
+    rows = variants(has_fast, has_block)
     if keys is None:
         return rows
     unknown = sorted(set(keys) - set(VARIANT_KEYS))
@@ -134,7 +157,8 @@ def select_variants(keys: Sequence[str] | None, has_fast: bool) -> list[Variant]
         raise ValueError(f"--variants: unknown {', '.join(unknown)} (choose from {','.join(VARIANT_KEYS)})")
     missing = sorted(set(keys) - {v.key for v in rows})
     if missing:
-        raise ValueError(f"--variants {','.join(missing)} need(s) --fast, a model trained with prefix attention")
+        raise ValueError(f"--variants {','.join(missing)} need(s) --fast (a model trained with prefix attention) "
+                         f"or --block (a block-diffusion model)")
     return [v for v in rows if v.key in keys]
 
 
@@ -274,6 +298,40 @@ def checks(result: dict[str, Any]) -> list[tuple[str, str, bool]]:
     return out
 
 
+BLOCK_TARGETS = {"caption": 2.0, "vqa": 1.5, "t2i": 3.0}  # batch-1 speed-up over AR + KV cache
+
+
+def block_checks(result: dict[str, Any]) -> list[tuple[str, str, bool]]:
+    """The block model's targets on this run: batch 1 faster than AR + KV cache by `BLOCK_TARGETS` at quality
+    within 1 point of its own slowest setting; at the largest batch no task slower; captions >= 2.5 tokens per
+    forward."""
+    rows, out = result["rows"], []
+    tasks, sizes = result["settings"]["tasks"], result["settings"]["batch_sizes"]
+    if not all(_row(rows, v, t) for v in (BLOCK, BLOCK_SLOW, "AR + KV cache") for t in tasks):
+        return out
+
+    def ms(v: str, t: str, b: int) -> float:
+        return _row(rows, v, t)["timing"][str(b)]["ms_per_sample"]["median"]
+
+    for task in tasks:
+        if 1 in sizes and "quality" in _row(rows, BLOCK, task):
+            speedup = ms("AR + KV cache", task, 1) / ms(BLOCK, task, 1)
+            own, fast = _row(rows, BLOCK_SLOW, task)["quality"], _row(rows, BLOCK, task)["quality"]
+            drop = (max(own["f1"][k] - fast["f1"][k] for k in own["f1"]) if task == "caption"
+                    else own["value"] - fast["value"])
+            out.append((f"{TITLES[task]}, batch 1: block >= {BLOCK_TARGETS[task]:g}x faster than AR + KV, within 1 "
+                        f"point of its slowest setting", f"{speedup:.2f}x, {-100 * drop:+.1f} points",
+                        speedup >= BLOCK_TARGETS[task] and drop <= 0.01))
+        big = max(sizes)
+        if big > 1:
+            ratio = ms("AR + KV cache", task, big) / ms(BLOCK, task, big)
+            out.append((f"{TITLES[task]}, batch {big}: block not slower than AR + KV", f"{ratio:.2f}x", ratio >= 1))
+    if "caption" in tasks and 1 in sizes:
+        tpf = _row(rows, BLOCK, "caption")["timing"]["1"]["tokens_per_forward"]
+        out.append(("captions: block >= 2.5 tokens per forward", f"{tpf:.2f}", tpf >= 2.5))
+    return out
+
+
 def render_markdown(result: dict[str, Any]) -> str:
     m = result["machine"]
     s = result["settings"]
@@ -302,7 +360,7 @@ def render_markdown(result: dict[str, Any]) -> str:
                                  f"{t['ms_per_sample']['median']:.3g}"]
             table.append([r["variant"], cell, *timing_cells])
         lines += [f"## {TITLES[task]}", ""] + md_table(header, table) + [""]
-    found = checks(result)
+    found = checks(result) + block_checks(result)
     if found:
         lines += ["## Acceptance", ""] + md_table(["target", "measured", "holds"],
                                                              [[a, b, "yes" if c else "no"] for a, b, c in found])
@@ -318,6 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mdm", help="masked-diffusion model folder (as it was); needed by the variants before, "
                                       "approx-cache and fast-decoding")
     parser.add_argument("--fast", help="a masked-diffusion model trained with prefix attention (optional)")
+    parser.add_argument("--block", help="a block-diffusion model folder (optional): the variants block-slow, block")
     parser.add_argument("--ar", required=True, help="the causal twin's model folder")
     parser.add_argument("--variants", type=lambda text: [v.strip() for v in text.split(",") if v.strip()],
                         help=f"comma-separated subset of {','.join(VARIANT_KEYS)} (default: all that the models "
@@ -346,13 +405,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parser.error(f"--tasks must be a subset of {','.join(TASKS)}")
     if args.warmup < 0 or args.limit < 0:
         parser.error("--warmup and --limit must be >= 0")
-    folders = {"mdm": args.mdm, "fast": args.fast, "ar": args.ar}
+    folders = {"mdm": args.mdm, "fast": args.fast, "block": args.block, "ar": args.ar}
     try:
-        args.variants = select_variants(args.variants, has_fast=bool(args.fast))
+        args.variants = select_variants(args.variants, has_fast=bool(args.fast), has_block=bool(args.block))
         if args.mdm is None and any(v.model == "mdm" for v in args.variants):
             raise ValueError("--mdm is needed by the variants " + ",".join(v.key for v in args.variants
                                                                             if v.model == "mdm"))
-        pipes = load_models({k: folders[k] for k in ("mdm", "fast", "ar")
+        pipes = load_models({k: folders[k] for k in ("mdm", "fast", "block", "ar")
                              if any(v.model == k for v in args.variants)}, args.device)
         first = next(iter(pipes.values()))
         need = max(args.limit, max(args.batch_sizes) * (args.warmup + args.repeats) + 16)
@@ -364,9 +423,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = {"command": command_line("benchmarks.speed", argv), "machine": machine_info(first.device),
               "settings": {"repeats": args.repeats, "warmup": args.warmup, "batch_sizes": args.batch_sizes,
                            "tasks": args.tasks, "limit": args.limit, "seed": args.seed,
-                           "models": {"mdm": args.mdm, "fast": args.fast, "ar": args.ar}},
+                           "models": {"mdm": args.mdm, "fast": args.fast, "block": args.block, "ar": args.ar}},
               "rows": rows}
-    result["checks"] = [{"target": a, "measured": b, "holds": c} for a, b, c in checks(result)]
+    result["checks"] = [{"target": a, "measured": b, "holds": c} for a, b, c in checks(result) + block_checks(result)]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "sampling_speed.json").write_text(json.dumps(result, indent=2) + "\n")

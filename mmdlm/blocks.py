@@ -17,7 +17,13 @@ Attention is bidirectional inside a block and causal across blocks (`Transformer
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:
+    from mmdlm.model import ModelConfig
+    from mmdlm.sequence import Batch
 
 
 def token_blocks(target: torch.Tensor, pad: torch.Tensor, image_index: torch.Tensor, prefix: torch.Tensor, *,
@@ -29,47 +35,36 @@ def token_blocks(target: torch.Tensor, pad: torch.Tensor, image_index: torch.Ten
         raise ValueError(f"block_size and image_block_rows must be >= 0 and grid_width >= 1, got {block_size}, "
                          f"{image_block_rows}, {grid_width}")
     B, T = target.shape
+    pos = torch.arange(T, device=target.device).expand(B, T)  # (B, T)
+    after = pos >= prefix[:, None]  # (B, T) past the prompt
     if one_block:
-        return (torch.arange(T, device=target.device)[None] >= prefix[:, None]).long()  # (B, T)
-    out = torch.zeros(B, T, dtype=torch.long, device=target.device)  # (B, T)
-    for b in range(B):
-        out[b] = _row_blocks(target[b] & ~pad[b], image_index[b], int(prefix[b]), block_size, image_block_rows,
-                             grid_width)
-    return out
+        return after.long()  # (B, T)
+    tgt = target & ~pad & after  # (B, T)
+    img = image_index >= 0  # (B, T)
+
+    def before(x: torch.Tensor) -> torch.Tensor:  # (B, T) the value at the position before (False at 0)
+        return torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], 1)
+
+    # a region starts after a gap, at a change of modality, or at a new image (its raster index restarts at 0)
+    start = tgt & (~before(tgt) | (img != before(img)) | (img & (image_index == 0)))  # (B, T)
+    run = pos - torch.where(start, pos, -1).cummax(1).values  # (B, T) position within the region
+    text_part = run // block_size if block_size else torch.zeros_like(run)  # (B, T)
+    image_part = image_index.clamp(min=0) // (image_block_rows * grid_width) if image_block_rows else text_part * 0
+    part = torch.where(img, image_part, text_part)  # (B, T)
+    new = start | (tgt & (part != before(part)))  # (B, T) the first position of each block
+    unit = new.long().cumsum(1)  # (B, T) blocks 1, 2, ... in sequence order
+    last = unit[:, -1:]  # (B, 1) the row's last block
+    big = T + 1
+    nxt = torch.where(tgt, unit, big).flip(1).cummin(1).values.flip(1)  # (B, T) the block of the next target
+    block = torch.where(tgt, unit, torch.where(nxt < big, nxt, last))  # (B, T)
+    return block * after  # (B, T) the prompt is block 0
 
 
-def _row_blocks(target: torch.Tensor, image_index: torch.Tensor, prefix: int, block_size: int, rows: int,
-                width: int) -> torch.Tensor:
-    """Long[T] blocks of one row (see `token_blocks`)."""
-    T = target.shape[0]
-    block = torch.zeros(T, dtype=torch.long)
-    unit, key = 0, None  # the current block and its (region start, part of the region)
-    region, run = -1, 0  # the current target region's first position, and the position within it
-    prev_target, prev_image, last_target = False, False, -1
-    for i in range(prefix, T):
-        if not bool(target[i]):
-            prev_target = False
-            continue
-        is_image = int(image_index[i]) >= 0
-        if not prev_target or is_image != prev_image or (is_image and int(image_index[i]) == 0):
-            region, run = i, 0  # a new region: after a gap, at a change of modality, or a new image
-        else:
-            run += 1
-        if is_image:
-            part = int(image_index[i]) // (rows * width) if rows else 0
-        else:
-            part = run // block_size if block_size else 0
-        if (region, part) != key:
-            unit, key = unit + 1, (region, part)
-        block[i] = unit
-        prev_target, prev_image, last_target = True, is_image, i
-    # the given positions after the prompt join the block of the next target; those after the last, the last block
-    nxt = unit
-    for i in range(T - 1, prefix - 1, -1):
-        if bool(target[i]):
-            nxt = int(block[i])
-        elif i > last_target:
-            block[i] = unit
-        else:
-            block[i] = nxt
-    return block.to(target.device)
+def model_blocks(config: ModelConfig, batch: Batch, *, one_block: bool = False) -> torch.Tensor | None:
+    """Long[B, T] the token blocks a block-diffusion model (`ModelConfig.block_diffusion`) reads for `batch`, with
+    the block sizes it was trained with; None for any other model (it needs none)."""
+    if not config.block_diffusion:
+        return None
+    return token_blocks(batch.target, batch.pad, batch.image_index, batch.prefix, block_size=config.block_size,
+                        image_block_rows=config.image_block_rows, grid_width=max(config.image_grid[1], 1),
+                        one_block=one_block)

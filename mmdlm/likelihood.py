@@ -34,6 +34,7 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
+from mmdlm.blocks import model_blocks
 from mmdlm.sampling.config import SamplerConfig
 from mmdlm.sampling.tokens import guided_logits, restrict
 from mmdlm.sequence import Batch
@@ -46,14 +47,17 @@ def _masked_log_probs(model: torch.nn.Module, batch: Batch, masked: torch.Tensor
     elsewhere. `guidance` = w > 0: of the classifier-free-guided distribution the sampler draws from,
     softmax(cond + w (cond - uncond)), the condition dropped as `pad | cond` (both rows in one call)."""
     noisy = batch.ids.masked_fill(masked, vocab.mask)  # (B, T)
+    block = model_blocks(model.config, batch)  # (B, T): a block-diffusion model's blocks, else None
     if guidance > 0:
         logits = model(noisy.repeat(2, 1), torch.cat([batch.pad, batch.pad | batch.cond]),
                        batch.image_index.repeat(2, 1), logits_at=masked.repeat(2, 1),
-                       prefix=batch.prefix.repeat(2))  # (2M, V): cond rows, then uncond rows
+                       prefix=batch.prefix.repeat(2),
+                       block=None if block is None else block.repeat(2, 1))  # (2M, V): cond rows, then uncond rows
         cond, uncond = logits.float().chunk(2)
         logits = cond + guidance * (cond - uncond)  # (M, V)
     else:
-        logits = model(noisy, batch.pad, batch.image_index, logits_at=masked, prefix=batch.prefix)  # (M, V)
+        logits = model(noisy, batch.pad, batch.image_index, logits_at=masked, prefix=batch.prefix,
+                       block=block)  # (M, V)
     out = torch.zeros(masked.shape, dtype=logits.dtype, device=logits.device)
     out[masked] = -F.cross_entropy(logits.float(), batch.ids[masked], reduction="none").to(logits.dtype)  # (M,)
     return out

@@ -33,7 +33,7 @@ from mmdlm.folder import CHECKSUM_KEY, CONFIG_FILE, WEIGHTS_FILE, read_config, v
 from mmdlm.model import ModelConfig, Transformer
 from mmdlm.processor import MMDLMProcessor
 from mmdlm.sampling import SamplerConfig, SampleResult, StepCallback, scheduler_for
-from mmdlm.sampling.config import DEFAULT_SAMPLERS  # each task's sampler, re-exported here
+from mmdlm.sampling.config import BLOCK_SAMPLERS, DEFAULT_SAMPLERS, default_sampler  # noqa: F401 (re-exported)
 from mmdlm.sampling.revise import Revision, content, revise, token_scores
 from mmdlm.sequence import (
     Layout,
@@ -193,9 +193,9 @@ class MMDLMPipeline:
         return self.scheduler.autoregressive
 
     def sampler(self, task: str, sampler: SamplerConfig | None = None, **overrides) -> SamplerConfig:
-        """The `SamplerConfig` of a call: `sampler` (default: the task's `DEFAULT_SAMPLERS` entry) with
-        `overrides` (field names of `SamplerConfig`) replaced."""
-        return replace(sampler or DEFAULT_SAMPLERS[task], **overrides)
+        """The `SamplerConfig` of a call: `sampler` (default: the task's entry of `DEFAULT_SAMPLERS`, or of
+        `BLOCK_SAMPLERS` for a block-diffusion model) with `overrides` (field names of `SamplerConfig`) replaced."""
+        return replace(sampler or default_sampler(task, self.model.config.block_diffusion), **overrides)
 
     # ---- inputs (the processor's) -------------------------------------------------------------------
     def image_tensor(self, images: Any) -> torch.Tensor:

@@ -106,7 +106,7 @@ def codebook_size(args: argparse.Namespace) -> int:
 
 
 TOKENIZER_STEPS = {"patch": patch_tokenizer_step, "vq": vq_tokenizer_step}
-BASE, AR = "configs/mdm-shapes.yaml", "configs/ar.yaml"  # the base recipe and the AR twin's overlay
+BASE, AR, BLOCK = "configs/mdm-shapes.yaml", "configs/ar.yaml", "configs/block.yaml"  # the base recipe, overlays
 
 
 def fit_step(name: str, configs: list[str], args: argparse.Namespace, out: Path, codes: Path, run: str,
@@ -125,24 +125,31 @@ def fit_step(name: str, configs: list[str], args: argparse.Namespace, out: Path,
                 out / export / "config.json")
 
 
-def training_steps(args: argparse.Namespace, out: Path, codes: Path) -> list[Step]:
-    """The model: an AR warm start adapted to masked diffusion (`--ar-steps` > 0), or an MDM from scratch.
+ADAPTATIONS = {"block": [BASE, BLOCK], "mdm": [BASE]}  # --adapt: the second stage's configs
 
-    The warm start is the AR twin (the base recipe + `configs/ar.yaml`) trained for `--ar-steps`; the MDM then
-    starts from its weights (`--model.init_from`: bidirectional attention, the AR's next-token head kept through
-    `shift_logits`, as Dream / DiffuLLaMA adapt AR models) and trains `--mdm-steps` on the masked-diffusion
-    objective, half of each batch still on the AR one (`--ar-rows`: the adaptation keeps more of what the AR
-    learned). The AR learns image-text grounding faster per step than masked diffusion from scratch
-    (BENCHMARKS.md, "Learning").
+
+def training_steps(args: argparse.Namespace, out: Path, codes: Path) -> list[Step]:
+    """The model: an AR warm start adapted to block or full-sequence masked diffusion (`--ar-steps` > 0), or an MDM
+    from scratch.
+
+    The warm start is the AR twin (the base recipe + `configs/ar.yaml`) trained for `--ar-steps`; the second stage
+    starts from its weights (`--model.init_from`: the AR's next-token head kept through `shift_logits`, as Dream /
+    DiffuLLaMA / SDAR adapt AR models) and trains `--mdm-steps` on the diffusion objective, half of each batch still
+    on the AR one (`--ar-rows`: the adaptation keeps more of what the AR learned). `--adapt block` (+
+    `configs/block.yaml`) makes it block diffusion: causal across blocks of 4 text tokens / 2 image rows, masked
+    diffusion inside one, an exact KV cache; `--adapt mdm` full-sequence masked diffusion. `--seed` seeds the data,
+    the weights and the masking noise.
     """
+    seed = ["--seed_everything", str(args.seed), "--model.seed", str(args.seed)]
     if args.ar_steps <= 0:
-        return [fit_step("train the masked-diffusion model", [BASE], args, out, codes,
-                         "mdm-run", "model", args.mdm_steps, shlex.split(args.mdm_args))]
+        return [fit_step("train the masked-diffusion model", ADAPTATIONS[args.adapt], args, out, codes,
+                         "mdm-run", "model", args.mdm_steps, seed + shlex.split(args.mdm_args))]
     return [
         fit_step("train the AR warm start", [BASE, AR], args, out, codes, "ar-run", "ar",
-                 args.ar_steps, shlex.split(args.ar_args)),
-        fit_step("adapt it to masked diffusion", [BASE], args, out, codes, "mdm-run", "model",
-                 args.mdm_steps, ["--model.init_from", str(out / "ar"), "--model.ar_rows", str(args.ar_rows)]
+                 args.ar_steps, seed + shlex.split(args.ar_args)),
+        fit_step(f"adapt it to {'block' if args.adapt == 'block' else 'masked'} diffusion", ADAPTATIONS[args.adapt],
+                 args, out, codes, "mdm-run", "model", args.mdm_steps,
+                 seed + ["--model.init_from", str(out / "ar"), "--model.ar_rows", str(args.ar_rows)]
                  + shlex.split(args.mdm_args)),
     ]
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from mmdlm.model import ModelConfig, Transformer
-from mmdlm.sampling import BlockScheduler, SamplerConfig, scheduler_for
+from mmdlm.sampling import BlockScheduler, SamplerConfig, SelfCorrection, scheduler_for
 from mmdlm.sequence import Batch, Layout, caption_prompt, collate, joint_prompt, t2i_prompt, vqa_prompt
 from mmdlm.vocab import Vocab
 
@@ -73,7 +73,9 @@ def recording(model: Transformer) -> Recording:
 @pytest.mark.parametrize("shift", [False, True])
 @pytest.mark.parametrize("task", sorted(BATCHES))
 @pytest.mark.parametrize("options", [SamplerConfig(steps=2), SamplerConfig(steps=None, threshold=0.5),
-                                     SamplerConfig(steps=2, temperature=1.0)])
+                                     SamplerConfig(steps=2, temperature=1.0),
+                                     SamplerConfig(steps=2, temperature=1.0, guidance_scale=2.0, guidance_steps=3),
+                                     SamplerConfig(steps=2, guidance_scale=1.0, image_guidance_scale=1.5)])
 def test_the_cache_gives_the_recompute_s_tokens_and_logits(shift: bool, task: str, options: SamplerConfig) -> None:
     model, batch = tiny(shift), BATCHES[task]()
     runs = []
@@ -116,8 +118,29 @@ def test_scheduler_for_a_block_model_and_the_options_it_refuses() -> None:
     model = tiny(shift=True)
     assert isinstance(scheduler_for(model.config, VOCAB), BlockScheduler)
     batch = BATCHES["t2i"]()
-    with pytest.raises(ValueError, match="guidance"):
-        scheduler_for(model.config, VOCAB).sample(model, batch, SamplerConfig(guidance_scale=2.0))
+    with pytest.raises(ValueError, match="self-correction"):
+        scheduler_for(model.config, VOCAB).sample(model, batch, SamplerConfig(self_correction=SelfCorrection()))
+
+
+def test_guidance_changes_the_image_and_uses_the_unconditional_rows() -> None:
+    model, batch = tiny(shift=True), BATCHES["t2i"]()
+    plain = scheduler_for(model.config, VOCAB).sample(model, batch, SamplerConfig(steps=2))
+    guided = scheduler_for(model.config, VOCAB).sample(model, batch, SamplerConfig(steps=2, guidance_scale=3.0))
+    assert plain.nfe == guided.nfe and guided.forward_rows == 2 * plain.forward_rows
+    assert not torch.equal(plain.ids, guided.ids)
+
+
+def test_a_row_with_nothing_to_fill_leaves_and_the_others_decode_as_alone() -> None:
+    model, batch = tiny(shift=True), BATCHES["caption"]()
+    ids = batch.ids.clone()
+    ids[1, batch.target[1]] = 3  # row 1's caption is given: nothing to decode
+    batch = dataclasses.replace(batch, ids=ids)
+    for options in (SamplerConfig(steps=2), SamplerConfig(steps=2, guidance_scale=1.0)):
+        out = scheduler_for(model.config, VOCAB).sample(model, batch, options)
+        assert out.row_nfe.tolist() == [out.nfe, 0, out.nfe] and torch.equal(out.ids[1], ids[1])
+        for r in (0, 2):
+            alone = scheduler_for(model.config, VOCAB).sample(model, batch.select([r]), options)
+            torch.testing.assert_close(out.ids[r], alone.ids[0])
 
 
 def test_rows_with_different_layouts_are_decoded_in_groups() -> None:

@@ -196,3 +196,49 @@ def test_blocks_are_noised_at_their_own_times() -> None:
     assert early.float().mean() < late.float().mean()
     with pytest.raises(ValueError, match="paired"):
         masked_diffusion_loss(model, batch, VOCAB, block=block, paired=True)
+
+
+def reference_blocks(target, image_index, prefix: int, block_size: int, rows: int, width: int) -> list[int]:
+    """One row's blocks, position by position (what `token_blocks` computes at once)."""
+    T = len(target)
+    block = [0] * T
+    unit, key, region, run, prev_target, prev_image, last_target = 0, None, -1, 0, False, False, -1
+    for i in range(prefix, T):
+        if not target[i]:
+            prev_target = False
+            continue
+        is_image = image_index[i] >= 0
+        if not prev_target or is_image != prev_image or (is_image and image_index[i] == 0):
+            region, run = i, 0
+        else:
+            run += 1
+        part = (image_index[i] // (rows * width) if rows else 0) if is_image else (run // block_size if block_size
+                                                                                    else 0)
+        if (region, part) != key:
+            unit, key = unit + 1, (region, part)
+        block[i], prev_target, prev_image, last_target = unit, True, is_image, i
+    nxt = unit
+    for i in range(T - 1, prefix - 1, -1):
+        if target[i]:
+            nxt = block[i]
+        else:
+            block[i] = unit if i > last_target else nxt
+    return block
+
+
+@pytest.mark.parametrize("sizes", [(0, 0), (1, 1), (2, 1), (3, 2), (5, 4)])
+def test_token_blocks_equal_a_position_by_position_reference_on_random_layouts(sizes: tuple[int, int]) -> None:
+    g = torch.Generator().manual_seed(sum(sizes))
+    B, T = 16, 40
+    target = torch.rand(B, T, generator=g) < 0.6
+    pad = torch.rand(B, T, generator=g) < 0.1
+    image = torch.rand(B, T, generator=g) < 0.4
+    image_index = torch.where(image, torch.randint(0, GRID * GRID, (B, T), generator=g), -1)
+    image_index[:, 20:36] = torch.arange(16)  # one whole image per row too
+    prefix = torch.randint(0, 10, (B,), generator=g)
+    got = token_blocks(target, pad, image_index, prefix, block_size=sizes[0], image_block_rows=sizes[1],
+                       grid_width=GRID)
+    for b in range(B):
+        want = reference_blocks((target[b] & ~pad[b]).tolist(), image_index[b].tolist(), int(prefix[b]), *sizes,
+                                GRID)
+        assert got[b].tolist() == want, b

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from mmdlm.quickstart import TOKENIZER_STEPS, WORLDS, steps
+from mmdlm.quickstart import ADAPTATIONS, TOKENIZER_STEPS, WORLDS, steps
 
 
 def main(argv: list[str] | None = None, prog: str = "mmdlm quickstart") -> None:
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None, prog: str = "mmdlm quickstart") -> None:
                         help="where the shards go (default: data/shards/shapes or data/shards/digits)")
     parser.add_argument("--train", type=int, default=20_000, help="training scenes (shapes)")
     parser.add_argument("--val", type=int, default=1_000, help="held-out scenes (shapes)")
-    parser.add_argument("--seed", type=int, default=0, help="data seed")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data, the weights and the training noise")
     parser.add_argument("--text-vocab", type=int, default=512, help="BPE vocab size")
     parser.add_argument("--tokenizer", choices=sorted(TOKENIZER_STEPS), default="patch",
                         help="image tokenizer: a fitted patch dictionary, or the diffusers VQ-VAE (Lightning)")
@@ -40,8 +40,11 @@ def main(argv: list[str] | None = None, prog: str = "mmdlm quickstart") -> None:
     parser.add_argument("--vq-steps", type=int, default=500, help="VQ-VAE training steps (--tokenizer vq)")
     parser.add_argument("--ar-steps", type=int, default=2000,
                         help="steps of the AR warm start the MDM is adapted from (0: train the MDM from scratch)")
+    parser.add_argument("--adapt", choices=sorted(ADAPTATIONS), default="mdm",
+                        help="what the AR warm start becomes: block diffusion (configs/block.yaml) or full-sequence "
+                             "masked diffusion")
     parser.add_argument("--mdm-steps", type=int, default=1000,
-                        help="masked-diffusion training steps (after the warm start; ~0.25 s each on 2 idle cores)")
+                        help="diffusion training steps (after the warm start)")
     parser.add_argument("--ar-rows", type=float, default=0.5,
                         help="share of each adaptation batch kept on the AR objective (LitMDM ar_rows; 0 = none)")
     parser.add_argument("--ar-args", default="", help="more train.py arguments for the AR warm start")

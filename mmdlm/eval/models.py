@@ -11,8 +11,9 @@ if TYPE_CHECKING:  # the model stack loads lazily: a command's `--help` answers 
 
 
 def load_models(folders: dict[str, str], device: str | None) -> dict[str, MMDLMPipeline]:
-    """Pipelines by kind: "mdm" and "fast" (masked diffusion; "fast" trained with prefix attention) and "ar" (the
-    causal twin); raises ValueError naming the flag (--mdm, --fast, --ar) of a folder of the wrong kind."""
+    """Pipelines by kind: "mdm" and "fast" (masked diffusion; "fast" trained with prefix attention), "block" (block
+    diffusion) and "ar" (the causal twin); raises ValueError naming the flag (--mdm, --fast, --block, --ar) of a
+    folder of the wrong kind."""
     from mmdlm.pipeline import MMDLMPipeline
 
     pipes = {}
@@ -24,6 +25,8 @@ def load_models(folders: dict[str, str], device: str | None) -> dict[str, MMDLMP
             raise ValueError(f"--{kind} {folder!r} is a causal (AR) model")
         if kind == "fast" and not pipe.model.config.prefix_attention:
             raise ValueError(f"--fast {folder!r} was not trained with prefix attention")
+        if (kind == "block") != pipe.model.config.block_diffusion:
+            raise ValueError(f"--{kind} {folder!r} is {'not ' if kind == 'block' else ''}a block-diffusion model")
         pipes[kind] = pipe
     return pipes
 

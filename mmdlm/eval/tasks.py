@@ -246,6 +246,7 @@ def eval_nll(pipe: MMDLMPipeline, records: Sequence[dict], tasks: Sequence[str] 
     Every record is laid out under every task it can do (`SequenceBuilder(..., seed)`), one task per
     batch, so both models are scored on identical sequences. Image codes come from the pipeline's VQ.
     """
+    from mmdlm.blocks import model_blocks
     from mmdlm.diffusion import ar_loss, masked_diffusion_loss
     from mmdlm.sequence import SequenceBuilder, Task, collate
 
@@ -257,8 +258,10 @@ def eval_nll(pipe: MMDLMPipeline, records: Sequence[dict], tasks: Sequence[str] 
 
     def nll_sum(batch) -> tuple[float, int]:
         """(NLL summed over the batch's target tokens, their number), averaged over the draws."""
+        block = model_blocks(pipe.model.config, batch)  # (B, T) a block model's ELBO: each block given the ones before
         outs = [ar_loss(pipe.model, batch) if exact else
-                masked_diffusion_loss(pipe.model, batch, pipe.vocab, generator=generator) for _ in range(draws)]
+                masked_diffusion_loss(pipe.model, batch, pipe.vocab, generator=generator, block=block)
+                for _ in range(draws)]
         return sum(float(o.nll) * o.num_tokens for o in outs) / draws, outs[0].num_tokens
 
     codes = torch.cat([pipe.encode_images(stack_images(chunk)).cpu() for _, chunk in batches(records, batch_size)])

@@ -11,8 +11,14 @@ block's last token is read at the position before it, so a call also feeds that 
 next attention block, which the current block's queries cannot see.
 
 The rows of a batch share one target layout and move from block to block together (a batch whose rows differ is
-decoded in groups of rows that agree); a row that finishes a block early waits for the others. Not yet: guidance
-rows, anchored tokens (inpainting), self-correction.
+decoded in groups of rows that agree); a row that finishes a block early waits for the others, and a row with no
+`<mask>` left (an `<eos>` filled the rest of its text) leaves the calls and the cache. Classifier-free guidance runs
+the unconditional copies of the rows in the same call (`pad | cond`): the condition lives in the prompt, so the
+copies differ only in their cached prompt and share everything the sampler commits.
+
+Target positions that hold a token are anchors (inpainting's kept cells, infilling's given words): never changed.
+Blocks stay causal, so a blank sees the anchors before it and in its own block, not those in later blocks (a block
+model is trained on that context only). Not yet: self-correction.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from mmdlm.model import attention_blocks
 from mmdlm.sampling.config import SamplerConfig
 from mmdlm.sampling.masked import eos_fill
 from mmdlm.sampling.scheduler import SampleResult, Scheduler, StepCallback
-from mmdlm.sampling.tokens import CONFIDENCE, predict, top_k_mask
+from mmdlm.sampling.tokens import CONFIDENCE, guided_logits, predict, restrict, top_k_mask
 from mmdlm.vocab import Vocab
 
 if TYPE_CHECKING:
@@ -48,7 +54,8 @@ class BlockState:
     block: torch.Tensor  # Long[B, T] token blocks
     bounds: list[tuple[int, int]]  # per block u: the positions [lo, hi) a call of it feeds
     modality: torch.Tensor  # Long[B, T]
-    columns: list[torch.Tensor]  # Long[V_m] per modality: the ids a position may take
+    allowed: torch.Tensor  # Bool[2, V] per modality: the ids a position may take
+    columns: list[torch.Tensor]  # Long[V_m] per modality: the same as index lists
     text: torch.Tensor  # Bool[B, T]: text target positions
     units: int  # blocks holding targets
     mask_id: int  # the <mask> id
@@ -57,17 +64,20 @@ class BlockState:
     final: int = 0  # positions [0, final) hold final keys and values in the cache
     start: int = 0  # where the last call's positions began
     cache: KVCache | None = None
+    live: torch.Tensor | None = None  # Long[L]: the rows in the calls and the cache (None = all)
+    guided: bool = False  # the last call had the unconditional rows
     i: int = 0
     nfe: int = 0
+    rows: int = 0  # sequences run in all (guidance rows included)
+    row_nfe: torch.Tensor | None = None  # Long[B] calls each row was in
 
     @property
     def done(self) -> bool:
         return self.unit > self.units
 
     def result(self) -> SampleResult:
-        B = self.canvas.shape[0]
-        return SampleResult(self.canvas, self.nfe, None, self.nfe * B,
-                            row_nfe=torch.full((B,), self.nfe, dtype=torch.long, device=self.canvas.device))
+        row_nfe = self.row_nfe if self.row_nfe is not None else torch.zeros_like(self.canvas[:, 0])
+        return SampleResult(self.canvas, self.nfe, None, self.rows, row_nfe=row_nfe)
 
     def masked(self) -> torch.Tensor:
         """Bool[B, T]: the `<mask>` targets of the current block."""
@@ -84,10 +94,10 @@ class BlockScheduler(Scheduler):
 
     def set_timesteps(self, batch: Batch, config: SamplerConfig, *, anchor: torch.Tensor | None = None,
                       generator: torch.Generator | None = None) -> BlockState:
-        if anchor is not None and bool(anchor.any()):
-            raise ValueError("the block scheduler cannot keep anchored tokens yet (inpainting)")
-        if config.guidance_scale or config.image_guidance_scale or config.self_correction is not None:
-            raise ValueError("the block scheduler has no guidance rows or self-correction yet")
+        if anchor is not None and bool((anchor & (batch.ids == self.vocab.mask)).any()):
+            raise ValueError("an anchored position holds <mask>: write the anchored token into batch.ids")
+        if config.self_correction is not None:
+            raise ValueError("the block scheduler has no self-correction yet")
         if bool(batch.target.any()) and not bool((batch.target == batch.target[:1]).all()):
             raise ValueError("the block scheduler needs the same target layout in every row of the batch")
         block = token_blocks(batch.target, batch.pad, batch.image_index, batch.prefix, block_size=self.block_size,
@@ -101,41 +111,79 @@ class BlockScheduler(Scheduler):
             bounds.append((int(at[0]), max(int(at[-1]) + 1, last + 1)))
         allowed = self.vocab.allowed_table(batch.ids.device)  # (2, V)
         state = BlockState(canvas=batch.ids.clone(), config=config, batch=batch, generator=generator, block=block,
-                           bounds=bounds, modality=(batch.image_index >= 0).long(),
+                           bounds=bounds, modality=(batch.image_index >= 0).long(), allowed=allowed,
                            columns=[row.nonzero().squeeze(1) for row in allowed],
                            text=batch.target & (batch.image_index < 0), units=units, mask_id=self.vocab.mask)
         self._next_unit(state)
         return state
 
     def prepare(self, model: nn.Module, state: BlockState) -> None:
-        """A KV cache over the whole row (`SamplerConfig.use_cache`)."""
+        """A KV cache over the whole row for every row of the calls, guidance copies included
+        (`SamplerConfig.use_cache`)."""
         if state.config.use_cache and not state.done:
-            state.cache = model.new_cache(state.canvas.shape[0], state.canvas.shape[1], device=state.canvas.device)
+            B, T = state.canvas.shape
+            state.cache = model.new_cache(B * state.config.guidance_rows, T, device=state.canvas.device)
 
     def model_inputs(self, state: BlockState) -> dict[str, Any]:
         """The positions from the first block not yet final in the cache to the end of the current one (from 0
-        without a cache)."""
-        b = state.batch
-        hi = state.bounds[state.unit][1]
-        lo = state.final if state.cache is not None else 0
-        state.start = lo
-        kw = {"ids": state.canvas[:, lo:hi], "pad": b.pad[:, lo:hi], "image_index": b.image_index[:, lo:hi],
-              "block": state.block}
-        if state.cache is not None:
-            state.cache.length = lo  # the provisional entries of the current block are rewritten
-            kw["cache"] = state.cache
+        without a cache), for the rows with a `<mask>` left; with guidance, the same rows again with the condition
+        dropped. Only the current block's `<mask>` positions are scored (`logits_at`)."""
+        s, o, b = state, state.config, state.batch
+        hi = s.bounds[s.unit][1]
+        lo = s.final if s.cache is not None else 0
+        s.start = lo
+        copies = o.guidance_rows
+        guided = copies > 1 and (o.guidance_steps is None or s.i < o.guidance_steps)
+        if s.cache is not None and s.guided and not guided:  # guidance has just ended: its rows leave the cache
+            s.cache.keep_rows(slice(0, len(s.cache.pad) // copies))
+        s.guided = guided
+        self._leave(s, copies if guided else 1)
+        rows = s.live if s.live is not None else slice(None)
+        pad = b.pad[rows, lo:hi]  # (L, W)
+        kw = {"ids": s.canvas[rows, lo:hi], "pad": pad, "image_index": b.image_index[rows, lo:hi],
+              "block": s.block[rows], "logits_at": s.masked()[rows, lo:hi]}
+        if guided:
+            cond = b.cond[rows, lo:hi]  # (L, W)
+            dropped = [pad | cond & (kw["image_index"] < 0), pad | cond] if copies == 3 else [pad | cond]
+            kw = {k: v.repeat(copies, 1) for k, v in kw.items()} | {"pad": torch.cat([pad, *dropped])}
+        s.rows += kw["ids"].shape[0]
+        if s.cache is not None:
+            s.cache.length = lo  # the provisional entries of the current block are rewritten
+            kw["cache"] = s.cache
         return kw
 
+    @staticmethod
+    def _leave(s: BlockState, copies: int) -> None:
+        """Rows with no `<mask>` left leave the calls, and their rows (with their guidance copies) the cache."""
+        B = s.canvas.shape[0]
+        left = ((s.canvas == s.mask_id) & s.batch.target).any(1)  # (B,)
+        rows = left.nonzero().squeeze(1)  # (L,)
+        held = s.live if s.live is not None else torch.arange(B, device=left.device)
+        if len(rows) == len(held):
+            return
+        if s.cache is not None:
+            keep = torch.isin(held, rows).nonzero().squeeze(1)  # (L,) among the cached rows of each copy
+            s.cache.keep_rows(torch.cat([keep + j * len(held) for j in range(copies)]))
+        s.live = rows
+
     def unit_logits(self, logits: torch.Tensor, state: BlockState) -> tuple[torch.Tensor, torch.Tensor]:
-        """(Bool[B, T] the current block's `<mask>` targets, Float[N, V] their logits in row-major order) from the
-        logits of `model_inputs`' positions."""
-        masked = state.masked()  # (B, T)
-        lo = state.start
-        return masked, logits[masked[:, lo : lo + logits.shape[1]]]  # (N, V)
+        """(Bool[B, T] the current block's `<mask>` targets, Float[N, V] their logits in row-major order, guidance
+        combined) from the scored logits of `model_inputs`."""
+        s, o = state, state.config
+        masked = s.masked()  # (B, T)
+        if not s.guided:
+            return masked, logits
+        c, *text_uncond, u = logits.float().chunk(o.guidance_rows)  # (N, V) each: the same positions
+        reference = restrict(c, s.modality[masked], s.allowed) if o.guidance_plausibility > 0 else None
+        return masked, guided_logits(c, u, o.guidance_scale, o.guidance_plausibility, reference,
+                                     text_uncond[0] if text_uncond else None, o.image_guidance_scale or 0.0)
 
     def step(self, logits: torch.Tensor, state: BlockState) -> None:
         s, o = state, state.config
         s.nfe += 1
+        in_call = torch.zeros_like(s.canvas[:, 0])  # (B,)
+        in_call[s.live if s.live is not None else slice(None)] = 1
+        s.row_nfe = in_call if s.row_nfe is None else s.row_nfe + in_call
         if s.cache is not None:
             s.final = s.bounds[s.unit][0]  # everything before the current block was fed with its final tokens
         masked, lg = self.unit_logits(logits, s)  # (B, T), (N, V)

@@ -136,3 +136,23 @@ DEFAULT_SAMPLERS: dict[str, SamplerConfig] = {
     "document": SamplerConfig(steps=16, temperature=1.0),  # joint generation's: any mix of text and image blanks
     "edit": SamplerConfig(steps=7, temperature=1.0, guidance_scale=2.0),  # text-to-image's settings
 }
+
+# A block-diffusion model's samplers (`ModelConfig.block_diffusion`, `BlockScheduler`): `steps` and `threshold` act
+# inside each block (a text block of 4 tokens, an image band of 2 rows), chosen on the same held-out val scenes
+# (BENCHMARKS.md, "Sampler settings").
+BLOCK_SAMPLERS: dict[str, SamplerConfig] = {
+    "caption": SamplerConfig(steps=None, threshold=0.8),
+    "answer": SamplerConfig(steps=None, threshold=0.8),
+    "text_to_image": SamplerConfig(steps=3, temperature=1.0, guidance_scale=2.0),
+    "joint": SamplerConfig(steps=3, temperature=1.0),
+    "inpaint": SamplerConfig(steps=16, temperature=1.0),
+    "infill": SamplerConfig(steps=None),
+    "document": SamplerConfig(steps=3, temperature=1.0),
+    "edit": SamplerConfig(steps=3, temperature=1.0, guidance_scale=2.0),
+}
+
+
+def default_sampler(task: str, block_diffusion: bool = False) -> SamplerConfig:
+    """A task's default sampler for a model of this kind (`BLOCK_SAMPLERS` for block diffusion, else
+    `DEFAULT_SAMPLERS`; the AR scheduler reads only the options it has)."""
+    return (BLOCK_SAMPLERS if block_diffusion else DEFAULT_SAMPLERS)[task]

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmdlm.blocks import model_blocks
 from mmdlm.sampling.config import SamplerConfig
 from mmdlm.sampling.tokens import restrict, top_k_mask
 
@@ -85,7 +86,8 @@ def token_scores(model: nn.Module, batch: Batch, positions: torch.Tensor, vocab:
     """p(x_i | rest) of every position in `positions` (Bool[B, T], text or image tokens of `batch.ids`).
 
     Masked-diffusion model: one row per scored position, that position masked (leave-one-out), in calls of up
-    to `chunk` rows. Causal model: one call, p(x_i | x_<i) teacher-forced."""
+    to `chunk` rows; a block-diffusion model reads the rest of the position's block and the blocks before it.
+    Causal model: one call, p(x_i | x_<i) teacher-forced."""
     ids = batch.ids
     B, T = ids.shape
     allowed = vocab.allowed_table(ids.device)  # (2, V)
@@ -99,6 +101,7 @@ def token_scores(model: nn.Module, batch: Batch, positions: torch.Tensor, vocab:
             _fill(p, best, positions, ids, restrict(lg.double(), modality[positions], allowed))
             return TokenScores(p, best, 1, B)
         row, col = positions.nonzero(as_tuple=True)  # (N,) each
+        block = model_blocks(model.config, batch)  # (B, T) or None
         nfe = 0
         for lo in range(0, len(row), chunk):
             r, c = row[lo : lo + chunk], col[lo : lo + chunk]  # (n,)
@@ -107,7 +110,8 @@ def token_scores(model: nn.Module, batch: Batch, positions: torch.Tensor, vocab:
             x[torch.arange(n, device=ids.device), c] = vocab.mask
             at = torch.zeros(n, T, dtype=torch.bool, device=ids.device)
             at[torch.arange(n, device=ids.device), c] = True
-            logits = model(x, batch.pad[r], batch.image_index[r], logits_at=at, prefix=batch.prefix[r])  # (n, V)
+            logits = model(x, batch.pad[r], batch.image_index[r], logits_at=at, prefix=batch.prefix[r],
+                           block=None if block is None else block[r])  # (n, V)
             sel = torch.zeros_like(positions)
             sel[r, c] = True
             lg = restrict(logits.double(), modality[r, c], allowed)  # (n, V)

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningModule
 
-from mmdlm.blocks import token_blocks
+from mmdlm.blocks import model_blocks
 from mmdlm.diffusion import ImageSchedule, LossOutput, Weighting, ar_loss, cond_dropout, masked_diffusion_loss
 from mmdlm.errors import UserError
 from mmdlm.model import ModelConfig, Transformer
@@ -278,10 +278,7 @@ class LitMDM(LightningModule):
         if self.config.causal:
             return objective(self.model, batch)
         if self.config.block_diffusion:  # each row's blocks from its template (`mmdlm.blocks`)
-            c = self.config
-            block = token_blocks(batch.target, batch.pad, batch.image_index, batch.prefix, block_size=c.block_size,
-                                 image_block_rows=c.image_block_rows, grid_width=max(c.image_grid[1], 1))
-            return objective(self.model, batch, generator=generator, block=block)
+            return objective(self.model, batch, generator=generator, block=model_blocks(self.config, batch))
         return objective(self.model, batch, generator=generator)
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
