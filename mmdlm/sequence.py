@@ -6,7 +6,7 @@ UniDisc, with fixed-length text regions so that every sample of a task has the s
     text-to-image  <t2i> caption(pad-fill) <soi> img*N <eoi>                          target: image
     captioning     <mmu> <soi> img*N <eoi> <sep> caption(eos-fill)                    target: caption
     VQA            <mmu> <soi> img*N <eoi> q1(pad-fill) <sep> a1(eos-fill) q2 ...      target: answers
-    joint          <joint> <soi> img*N <eoi> <sep> caption(eos-fill)                  target: both
+    joint          <joint> caption(eos-fill) <soi> img*N <eoi>                        target: both
     text-only      <text> text(eos-fill)                                               target: text
     document       <bos> (<soi> img*N <eoi> | <sep> text)*                             target: any segments
 
@@ -250,12 +250,13 @@ def vqa_sample(codes: torch.Tensor, qa: Sequence[tuple[Sequence[int], Sequence[i
 
 def joint_sample(codes: torch.Tensor | None, caption_ids: Sequence[int] | None, vocab: Vocab, layout: Layout,
                  counter: Counter[str] | None = None, n_image_tokens: int | None = None) -> Sample:
-    """`<joint> <soi> img*N <eoi> <sep> caption(eos-fill)`; target = image and caption."""
+    """`<joint> caption(eos-fill) <soi> img*N <eoi>`; target = caption and image. The caption comes first: a model
+    that decodes in sequence order (the AR twin, block diffusion) writes the caption, then draws the image it
+    describes (a masked-diffusion model reads both ways either way)."""
     b = _Builder(vocab, counter)
     b.token(vocab.joint)
-    b.image(codes, n_image_tokens, target=True)
-    b.token(vocab.sep)
     b.target_text(caption_ids, layout.caption_len, "caption")
+    b.image(codes, n_image_tokens, target=True)
     return b.build(Task.JOINT)
 
 

@@ -15,7 +15,7 @@ from mmdlm.quickstart import steps
 def plan(tmp_path: Path, **overrides) -> list:
     args = dict(out=str(tmp_path / "qs"), world="shapes", data=str(tmp_path / "shapes"), train=100, val=10, seed=0,
                 text_vocab=300, tokenizer="patch", codebook_size=None, vq_steps=5, ar_steps=0, mdm_steps=7,
-                ar_rows=0.5, ar_args="", mdm_args="", eval_limit=3)
+                ar_rows=0.5, ar_args="", mdm_args="", eval_limit=3, adapt="mdm")
     return steps(argparse.Namespace(**{**args, **overrides}))
 
 
@@ -45,6 +45,17 @@ def test_the_warm_start_plan_trains_the_ar_twin_and_adapts_its_folder(tmp_path: 
     assert mdm[mdm.index("--model.init_from") + 1] == str(tmp_path / "qs" / "ar")
     assert mdm[mdm.index("--trainer.max_steps") + 1] == "7" and "--ckpt_path" not in mdm
     assert mdm[mdm.index("--model.ar_rows") + 1] == "0.5"
+
+
+def test_adapt_block_adds_the_block_overlay_and_the_seed_reaches_every_stage(tmp_path: Path) -> None:
+    plan_ = plan(tmp_path, ar_steps=11, adapt="block", seed=3)
+    assert [s.name for s in plan_][-2] == "adapt it to block diffusion"
+    ar, block = plan_[5].command, plan_[6].command
+    assert [block[i + 1] for i, arg in enumerate(block) if arg == "--config"] == ["configs/mdm-shapes.yaml",
+                                                                                  "configs/block.yaml"]
+    for command in (plan_[0].command, ar, block):
+        assert command[command.index("--seed") + 1 if "--seed" in command else command.index("--model.seed") + 1] == "3"
+    assert block[block.index("--seed_everything") + 1] == "3"
 
 
 def test_the_vq_plan_trains_the_vqvae_and_extra_mdm_arguments_are_passed_on(tmp_path: Path) -> None:

@@ -84,8 +84,8 @@ def test_vqa_layout_packs_several_pairs() -> None:
 
 def test_joint_and_text_layouts() -> None:
     s = joint_sample(CODES, [7], V, L)
-    assert s.ids.tolist() == [V.joint, V.soi] + IMG + [V.eoi, V.sep, 7] + [V.eos] * 5
-    assert s.target.tolist() == [False, False] + [True] * N + [False, False] + [True] * 6
+    assert s.ids.tolist() == [V.joint, 7] + [V.eos] * 5 + [V.soi] + IMG + [V.eoi]
+    assert s.target.tolist() == [False] + [True] * 6 + [False] + [True] * N + [False]
     t = text_sample([1, 2, 3], V, L)
     assert t.ids.tolist() == [V.text_task, 1, 2, 3] + [V.eos] * 7
     assert t.target.tolist() == [False] + [True] * 10 and not t.pad.any()

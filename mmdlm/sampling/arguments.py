@@ -28,6 +28,7 @@ _FLAGS: dict[str, tuple[str, type, str]] = {
                 "text token per step)"),
     "--image-steps": ("image_steps", int, "steps for image regions, when they should differ from --steps"),
     "--temperature": ("temperature", float, "0 = argmax; > 0 Gumbel-max sampling"),
+    "--text-temperature": ("text_temperature", float, "the text's own temperature (default: --temperature)"),
     "--top-k": ("top_k", int, "sample among the k most likely tokens"),
     "--guidance": ("guidance_scale", float, "classifier-free guidance scale (0 = none)"),
     "--guidance-steps": ("guidance_steps", int, "guide only the first N steps (none = every step)"),

@@ -150,7 +150,8 @@ class ARScheduler(Scheduler):
         s.forward_rows += len(rows)
         s.row_nfe[rows] += 1
         lg = restrict(logits[:, -1].double(), s.modality[rows, p], s.allowed)  # (L, V)
-        tok = sample_tokens(lg, o.temperature, s.generator, o.top_k)  # (L,)
+        temperature = o.temperatures[int(s.modality[rows[0], p])]  # the rows share a layout: one modality at p
+        tok = sample_tokens(lg, temperature, s.generator, o.top_k)  # (L,)
         if o.eos_fill:
             text = s.is_text_target[rows, p]
             tok = torch.where(s.ended[rows] & text, self.vocab.eos, tok)

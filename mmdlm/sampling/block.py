@@ -188,7 +188,7 @@ class BlockScheduler(Scheduler):
             s.final = s.bounds[s.unit][0]  # everything before the current block was fed with its final tokens
         masked, lg = self.unit_logits(logits, s)  # (B, T), (N, V)
         where = masked.nonzero(as_tuple=True)
-        chosen, _, c = predict(lg, s.modality[where], s.columns, o.temperature, s.generator, o.top_k,
+        chosen, _, c = predict(lg, s.modality[where], s.columns, o.temperatures, s.generator, o.top_k,
                                CONFIDENCE[o.confidence])  # (N,) each
         B, T = s.canvas.shape
         conf = torch.full((B, T), float("-inf"), dtype=torch.float64, device=s.canvas.device)

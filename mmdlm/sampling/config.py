@@ -54,6 +54,8 @@ class SamplerConfig:
     image_steps: int | None = None  # steps for image regions when they should differ (None = `steps`, or
     #   16 when `steps` is None); MaskGIT draws 16x16 grids in 8-12 cosine steps, ours are <= 8x8
     temperature: float = 0.0  # 0 = argmax (LLaDA's benchmark setting); > 0 Gumbel-max sampling
+    text_temperature: float | None = None  # the text's own temperature where it should differ (MDM and block:
+    #   joint generation samples the image and reads its caption greedily); None = `temperature`
     top_k: int | None = None  # sample among the k most likely allowed tokens; None = all
     guidance_scale: float = 0.0  # classifier-free guidance w (MDM); 0 = conditional only, no uncond rows
     guidance_steps: int | None = None  # guide only the first n steps (MDM), whose few commits lay out the image;
@@ -93,8 +95,8 @@ class SamplerConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1 (or None), got {value}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.temperature < 0 or (self.text_temperature or 0) < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}, text {self.text_temperature}")
         if self.guidance_scale < 0:
             raise ValueError(f"guidance_scale must be >= 0, got {self.guidance_scale}")
         if self.image_guidance_scale is not None and self.image_guidance_scale < 0:
@@ -104,6 +106,11 @@ class SamplerConfig:
         if self.threshold is not None and not 0 <= self.threshold <= 1:
             raise ValueError(f"threshold must be in [0, 1] (or None), got {self.threshold}")
         object.__setattr__(self, "confidence", Confidence(self.confidence))
+
+    @property
+    def temperatures(self) -> tuple[float, float]:
+        """(text, image) temperature, in `Modality` order."""
+        return (self.temperature if self.text_temperature is None else self.text_temperature, self.temperature)
 
     @property
     def guidance_rows(self) -> int:

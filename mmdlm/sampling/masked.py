@@ -346,7 +346,7 @@ class MaskedScheduler(Scheduler):
 
         # predict the eligible positions
         where = eligible.nonzero(as_tuple=True)
-        chosen, p, c = predict(logits[:n_eligible], s.modality[where], s.columns, o.temperature, s.generator,
+        chosen, p, c = predict(logits[:n_eligible], s.modality[where], s.columns, o.temperatures, s.generator,
                                o.top_k, CONFIDENCE[o.confidence])  # (N,) each
         conf = torch.full((B, T), float("-inf"), dtype=torch.float64, device=s.canvas.device)
         conf[where] = c

@@ -95,12 +95,14 @@ def sample_tokens(logits: torch.Tensor, temperature: float = 0.0, generator: tor
     return (logits / temperature + gumbel).argmax(dim=-1)
 
 
-def predict(logits: torch.Tensor, modality: torch.Tensor, columns: list[torch.Tensor], temperature: float,
-            generator: torch.Generator | None, top_k: int | None,
+def predict(logits: torch.Tensor, modality: torch.Tensor, columns: list[torch.Tensor],
+            temperature: float | tuple[float, ...], generator: torch.Generator | None, top_k: int | None,
             confidence: ConfidenceFn) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(chosen Long[N], p(chosen) Float64[N], confidence Float64[N]) for Float[N, V] logits, each position choosing
     among its modality's ids only (`columns[m]`, Long[V_m]): the same distribution as `restrict` then
-    `sample_tokens` over all V ids, with a softmax and Gumbel noise over ~2/3 of the columns for image codes."""
+    `sample_tokens` over all V ids, with a softmax and Gumbel noise over ~2/3 of the columns for image codes.
+    `temperature`: one for every position, or one per modality."""
+    temperatures = temperature if isinstance(temperature, tuple) else (temperature,) * len(columns)
     N = logits.shape[0]
     chosen = torch.empty(N, dtype=torch.long, device=logits.device)
     p = torch.empty(N, dtype=torch.float64, device=logits.device)
@@ -110,7 +112,7 @@ def predict(logits: torch.Tensor, modality: torch.Tensor, columns: list[torch.Te
         if rows.numel() == 0:
             continue
         lg = logits[rows][:, cols].double()  # (N_m, V_m)
-        c = sample_tokens(lg, temperature, generator, top_k)  # (N_m,) column index
+        c = sample_tokens(lg, temperatures[m], generator, top_k)  # (N_m,) column index
         probs = lg.softmax(dim=-1)  # (N_m, V_m)
         chosen[rows] = cols[c]
         p[rows] = probability_confidence(probs, c)
