@@ -717,3 +717,21 @@ def test_predict_over_a_modalitys_ids_equals_restricting_all_ids() -> None:
     torch.testing.assert_close(conf, CONFIDENCE["margin"](probs, chosen))
     sampled, _, _ = predict(logits, modality, columns, 1.0, g, None, CONFIDENCE["probability"])
     assert bool(allowed[modality, sampled].all())  # a sample stays in its modality
+
+
+def test_a_text_temperature_of_its_own_reads_text_greedily_and_samples_images() -> None:
+    from mmdlm.sampling.tokens import CONFIDENCE, predict, sample_tokens
+
+    logits = torch.randn(400, VOCAB.size, generator=torch.Generator().manual_seed(1))
+    modality = torch.tensor([0, 1] * 200)
+    allowed = VOCAB.allowed_table()
+    columns = [row.nonzero().squeeze(1) for row in allowed]
+    config = SamplerConfig(temperature=1.0, text_temperature=0.0)
+    assert config.temperatures == (0.0, 1.0) and SamplerConfig(temperature=0.5).temperatures == (0.5, 0.5)
+    chosen, _, _ = predict(logits, modality, columns, config.temperatures, torch.Generator().manual_seed(2), None,
+                           CONFIDENCE["probability"])
+    greedy = sample_tokens(restrict(logits.double(), modality, allowed), 0.0)
+    text = modality == 0
+    assert torch.equal(chosen[text], greedy[text]) and not torch.equal(chosen[~text], greedy[~text])
+    with pytest.raises(ValueError, match="temperature"):
+        SamplerConfig(text_temperature=-1.0)
