@@ -56,7 +56,7 @@ def block_pipe(tiny_model_dir) -> MMDLMPipeline:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     assert sum(losses[-5:]) < sum(losses[:5])  # it learned something
     pipe.model = model.eval()
     pipe.scheduler = scheduler_for(config, pipe.vocab)
