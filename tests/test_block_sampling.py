@@ -151,3 +151,12 @@ def test_rows_with_different_layouts_are_decoded_in_groups() -> None:
     for r in range(2):
         alone = scheduler_for(model.config, VOCAB).sample(model, batch.select([r]), SamplerConfig(steps=2))
         assert torch.equal(together.ids[r], alone.ids[0])
+
+
+def test_image_steps_count_per_band_and_steps_per_text_block() -> None:
+    model = tiny(shift=True)
+    scheduler = scheduler_for(model.config, VOCAB)
+    t2i = scheduler.sample(model, BATCHES["t2i"](), SamplerConfig(steps=None, image_steps=2, eos_fill=False))
+    assert t2i.nfe == 2 * 2  # two bands of two rows, two steps each
+    caption = scheduler.sample(model, BATCHES["caption"](), SamplerConfig(steps=None, image_steps=1, eos_fill=False))
+    assert caption.nfe == LAYOUT.caption_len  # text: one token per step whatever image_steps says

@@ -1,8 +1,8 @@
 """`BlockScheduler`: block diffusion's decoder (BD3-LM, SDAR, Fast-dLLM v2), block by block with an exact KV cache.
 
 The target is cut into the blocks the model was trained with (`mmdlm.blocks`). Blocks are decoded in order; inside
-a block the masked scheduler's rule commits tokens (the most confident first, `steps` per block or one token per
-step, a `threshold` committing every prediction above it, `<eos>` filling the rest of a text region). Each call
+a block the masked scheduler's rule commits tokens (the most confident first, `steps` per block, `image_steps` per
+image band when they differ, or one token per step, a `threshold` committing every prediction above it, `<eos>` filling the rest of a text region). Each call
 feeds the model the positions from the first block whose final tokens are not yet cached up to the end of the
 current block: a block's keys and values are written once more with its final tokens, at the first call of the
 next block, and never recomputed after that (exact: a block attends only to itself and the blocks before it). The
@@ -196,10 +196,12 @@ class BlockScheduler(Scheduler):
         proposal = s.canvas.clone()
         proposal[where] = chosen
         n_masked = masked.sum(1)  # (B,)
-        if o.steps is None:  # one token per step
+        image = bool((masked & (s.modality == 1)).any())  # an image band (a block holds one modality's targets)
+        steps = o.image_steps if image and o.image_steps is not None else o.steps
+        if steps is None:  # one token per step
             k = n_masked.clamp(max=1)  # (B,)
         else:  # ceil: the block is done after `steps` steps
-            k = -(-n_masked // max(o.steps - s.j, 1))  # (B,)
+            k = -(-n_masked // max(steps - s.j, 1))  # (B,)
         commit = top_k_mask(conf, k)  # (B, T)
         if o.threshold is not None:
             commit |= masked & (conf > o.threshold)
