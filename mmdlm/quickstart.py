@@ -1,5 +1,5 @@
 """The quickstart recipe as a list of `Step`s: data -> text BPE -> image tokenizer -> pre-tokenize -> AR warm
-start -> masked-diffusion model adapted from it -> evaluation (`mmdlm quickstart` runs them).
+start -> block-diffusion (or masked-diffusion) model adapted from it -> evaluation (`mmdlm quickstart` runs them).
 
 Every step is an ordinary command a user could type; a step whose output already exists is skipped, so a
 killed quickstart picks up where it stopped (a training stage resumes from `OUT/{ar,mdm}-run/checkpoints/

@@ -1,9 +1,10 @@
 """Run the whole pipeline end to end on one CPU: data -> text BPE -> image tokenizer -> pre-tokenize -> AR warm
-start -> masked-diffusion model adapted from it -> evaluation.
+start -> block-diffusion model adapted from it -> evaluation.
 
     make quickstart                                   # = mmdlm quickstart --out runs/quickstart
-    mmdlm quickstart --out runs/quickstart --ar-steps 3000 --mdm-steps 1500
-    mmdlm quickstart --out runs/mdm-only --ar-steps 0 --mdm-steps 2600   # MDM from scratch
+    mmdlm quickstart --out runs/quickstart --seed 1   # another draw of the data, the weights and the noise
+    mmdlm quickstart --out runs/mdm --adapt mdm       # full-sequence masked diffusion instead of blocks
+    mmdlm quickstart --out runs/mdm-only --ar-steps 0 --adapt mdm --mdm-steps 2600   # MDM from scratch
     mmdlm quickstart --world digits --out runs/digits   # scikit-learn's real handwritten digits
 
 Every step is an ordinary command a user could type (printed before it runs, `mmdlm.quickstart`); a step whose
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None, prog: str = "mmdlm quickstart") -> None:
     parser.add_argument("--vq-steps", type=int, default=500, help="VQ-VAE training steps (--tokenizer vq)")
     parser.add_argument("--ar-steps", type=int, default=2000,
                         help="steps of the AR warm start the MDM is adapted from (0: train the MDM from scratch)")
-    parser.add_argument("--adapt", choices=sorted(ADAPTATIONS), default="mdm",
+    parser.add_argument("--adapt", choices=sorted(ADAPTATIONS), default="block",
                         help="what the AR warm start becomes: block diffusion (configs/block.yaml) or full-sequence "
                              "masked diffusion")
     parser.add_argument("--mdm-steps", type=int, default=1000,

@@ -211,13 +211,14 @@ def eval_scorer(pipe: MMDLMPipeline, records: Sequence[dict], world: World | Non
 
 def eval_joint(pipe: MMDLMPipeline, n: int, world: World, sampler: SamplerConfig | None = None,
                batch_size: int = 64, seed: int = 0, progress: bool = True) -> TaskResult:
-    """`n` image+caption pairs from nothing: parseable captions, readable images, and their agreement (only
-    where the world reads scenes from both captions and images: shapes, digits)."""
+    """`n` image+caption pairs from nothing: parseable captions, readable images, their agreement (only where the
+    world reads scenes from both captions and images: shapes, digits), and the share of distinct captions (a
+    sampler that writes one caption every time agrees trivially)."""
     if isinstance(world, CaptionsWorld):
         return TaskResult({"skipped": "joint generation is scored by a world that reads scenes (shapes, digits)",
                            "n": 0})
     cost = Cost(batch_size)
-    parsed, readable, agree = [], [], []
+    parsed, readable, agree, captions = [], [], [], []
     examples: list[Example] = []
     sizes = [min(batch_size, n - start) for start in range(0, n, batch_size)]
     with _progress(n, "joint", progress) as bar:
@@ -226,6 +227,7 @@ def eval_joint(pipe: MMDLMPipeline, n: int, world: World, sampler: SamplerConfig
                 out = pipe.generate_joint(k, seed=seed + b, sampler=sampler)
             cost.add(out.nfe, t.seconds, k)
             said = [world.read_caption(c) for c in out.captions]
+            captions += out.captions
             seen = world.read_images(out.images)
             parsed += [s is not None for s in said]
             readable += [s is not None for s in seen]
@@ -233,7 +235,8 @@ def eval_joint(pipe: MMDLMPipeline, n: int, world: World, sampler: SamplerConfig
             examples += [Example(img, c) for img, c in zip(out.images, out.captions)][: N_EXAMPLES - len(examples)]
             bar.update(k)
     metrics = {"agreement": rate(agree), "parse_rate": rate(parsed), "image_readable_rate": rate(readable),
-               "n": n, "scorer": world.scorer, "cost": cost.to_dict(),
+               "distinct_captions": len(set(captions)) / max(len(captions), 1), "n": n, "scorer": world.scorer,
+               "cost": cost.to_dict(),
                "examples": [e.text for e in examples]}
     return TaskResult(metrics, examples)
 

@@ -2,8 +2,8 @@
 
 The target is cut into the blocks the model was trained with (`mmdlm.blocks`). Blocks are decoded in order; inside
 a block the masked scheduler's rule commits tokens (the most confident first, `steps` per block, `image_steps` per
-image band when they differ, or one token per step, a `threshold` committing every prediction above it, `<eos>` filling the rest of a text region). Each call
-feeds the model the positions from the first block whose final tokens are not yet cached up to the end of the
+image band when they differ, or one token per step, a `threshold` committing every prediction above it, `<eos>`
+filling the rest of a text region). Each call feeds the model the positions from the first block whose final tokens are not yet cached up to the end of the
 current block: a block's keys and values are written once more with its final tokens, at the first call of the
 next block, and never recomputed after that (exact: a block attends only to itself and the blocks before it). The
 current block's entries are provisional and rewritten by every call. With a shifted head (`shift_logits`) a

@@ -144,17 +144,18 @@ DEFAULT_SAMPLERS: dict[str, SamplerConfig] = {
     "edit": SamplerConfig(steps=7, temperature=1.0, guidance_scale=2.0),  # text-to-image's settings
 }
 
-# A block-diffusion model's samplers (`ModelConfig.block_diffusion`, `BlockScheduler`): `steps` and `threshold` act
-# inside each block (a text block of 4 tokens, an image band of 2 rows), chosen on the same held-out val scenes
-# (BENCHMARKS.md, "Sampler settings").
+# A block-diffusion model's samplers (`ModelConfig.block_diffusion`, `BlockScheduler`): `steps`, `image_steps` and
+# `threshold` act inside each block (the quickstart's: 8 text tokens, an image band of 4 rows), chosen on held-out
+# val scenes (BENCHMARKS.md, "Block diffusion"). Joint generation writes its caption one token per step at
+# temperature 0.7, then draws the image (a greedy caption is the same caption every time).
 BLOCK_SAMPLERS: dict[str, SamplerConfig] = {
     "caption": SamplerConfig(steps=None, threshold=0.8),
     "answer": SamplerConfig(steps=None, threshold=0.8),
     "text_to_image": SamplerConfig(steps=3, temperature=1.0, guidance_scale=2.0),
-    "joint": SamplerConfig(steps=3, temperature=1.0),
-    "inpaint": SamplerConfig(steps=16, temperature=1.0),
+    "joint": SamplerConfig(steps=None, image_steps=3, temperature=1.0, text_temperature=0.7),
+    "inpaint": SamplerConfig(steps=3, temperature=1.0),
     "infill": SamplerConfig(steps=None),
-    "document": SamplerConfig(steps=3, temperature=1.0),
+    "document": SamplerConfig(steps=None, image_steps=3, temperature=1.0, text_temperature=0.7),
     "edit": SamplerConfig(steps=3, temperature=1.0, guidance_scale=2.0),
 }
 
