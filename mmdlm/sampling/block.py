@@ -1,14 +1,14 @@
 """`BlockScheduler`: block diffusion's decoder (BD3-LM, SDAR, Fast-dLLM v2), block by block with an exact KV cache.
 
-The target is cut into the blocks the model was trained with (`mmdlm.blocks`). Blocks are decoded in order; inside
-a block the masked scheduler's rule commits tokens (the most confident first, `steps` per block, `image_steps` per
+The target is cut into the blocks the model was trained with (`mmdlm.blocks`). Blocks are decoded in order; inside a
+block the masked scheduler's rule commits tokens (the most confident first, `steps` per block, `image_steps` per
 image band when they differ, or one token per step, a `threshold` committing every prediction above it, `<eos>`
-filling the rest of a text region). Each call feeds the model the positions from the first block whose final tokens are not yet cached up to the end of the
-current block: a block's keys and values are written once more with its final tokens, at the first call of the
-next block, and never recomputed after that (exact: a block attends only to itself and the blocks before it). The
-current block's entries are provisional and rewritten by every call. With a shifted head (`shift_logits`) a
-block's last token is read at the position before it, so a call also feeds that last position: it belongs to the
-next attention block, which the current block's queries cannot see.
+filling the rest of a text region). Each call feeds the model the positions from the first block whose final tokens
+are not yet cached up to the end of the current block: a block's keys and values are written once more with its
+final tokens, at the first call of the next block, and never recomputed after that (exact: a block attends only to
+itself and the blocks before it). The current block's entries are provisional and rewritten by every call. With a
+shifted head (`shift_logits`) a block's last token is read at the position before it, so a call also feeds that last
+position: it belongs to the next attention block, which the current block's queries cannot see.
 
 The rows of a batch share one target layout and move from block to block together (a batch whose rows differ is
 decoded in groups of rows that agree); a row that finishes a block early waits for the others, and a row with no
