@@ -186,3 +186,15 @@ def test_rollout_diversity_counts_the_groups_that_can_teach(roomy, tiny_shards, 
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["groups"] == 2 and line["informative_groups"] == 2  # brightness differs between any two images
     assert sum(line["distinct_images_and_rewards_differ"].values()) == 2
+
+
+def test_a_block_diffusion_model_is_refused_in_one_sentence(tiny_model_dir, tmp_path) -> None:
+    import shutil
+
+    out = tmp_path / "block"
+    shutil.copytree(tiny_model_dir, out)
+    config = json.loads((out / "config.json").read_text())
+    config["model"].update(block_diffusion=True, block_size=4, image_block_rows=2, shift_logits=True)
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="block-diffusion model"):
+        LitGRPO(str(out))

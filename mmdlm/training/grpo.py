@@ -142,6 +142,9 @@ class LitGRPO(L.LightningModule):
             pipe = MMDLMPipeline.from_pretrained(init_from, device="cpu")
         except (OSError, ValueError, KeyError) as err:
             raise UserError(f"cannot load --model.init_from {init_from!r}: {err}") from err
+        if pipe.model.config.block_diffusion:  # its likelihoods are per-block ELBOs, which GRPO does not compute
+            raise UserError(f"--model.init_from {init_from!r} is a block-diffusion model: GRPO trains a "
+                            f"masked-diffusion model or an AR twin (mmdlm quickstart --adapt mdm makes one)")
         self.model, self.processor = pipe.model.train(), pipe.processor
         self.reference = copy.deepcopy(pipe.model).eval().requires_grad_(False)
         self.scheduler = scheduler_for(self.model.config, self.processor.vocab)
