@@ -96,7 +96,7 @@ def slowest_block_samplers() -> dict[str, SamplerConfig]:
     from mmdlm.sampling import SamplerConfig
 
     return {"vqa": SamplerConfig(steps=None), "caption": SamplerConfig(steps=None),
-            "t2i": SamplerConfig(steps=16, temperature=1.0, guidance_scale=2.0)}
+            "t2i": SamplerConfig(steps=None, temperature=1.0, guidance_scale=2.0)}
 
 
 def current_samplers() -> dict[str, SamplerConfig]:

@@ -272,6 +272,27 @@ def test_speed_variants_pick_the_rows_and_the_models(pair, val_shards, tmp_path,
         assert says in capsys.readouterr().err
 
 
+def test_speed_of_a_block_model_against_the_ar_twin(pair, val_shards, tmp_path, capsys):
+    """--block: the block model at its slowest setting and its defaults against AR + KV, with the block targets."""
+    mdm_dir, ar_dir = pair
+    block_dir = tmp_path / "block"  # the tiny MDM as a block model (untrained for it: the benchmark runs all the same)
+    shutil.copytree(mdm_dir, block_dir)
+    config = json.loads((block_dir / "config.json").read_text())
+    config["model"].update(block_diffusion=True, block_size=4, image_block_rows=2, shift_logits=True)
+    (block_dir / "config.json").write_text(json.dumps(config))
+    common = ["--ar", ar_dir, "--shards", val_shards, "--limit", "2", "--repeats", "1", "--warmup", "0",
+              "--batch-sizes", "1,2", "--device", "cpu", "--quiet", "--out", str(tmp_path / "speed")]
+    result = speed.main(["--block", str(block_dir), "--variants", "block-slow,block,ar-kv", *common])
+    assert [r["variant"] for r in result["rows"]] == [speed.BLOCK_SLOW] * 3 + [speed.BLOCK] * 3 + ["AR + KV cache"] * 3
+    slow = {r["task"]: r for r in result["rows"] if r["variant"] == speed.BLOCK_SLOW}
+    assert slow["t2i"]["timing"]["1"]["tokens_per_forward"] == 1.0  # one image token per call
+    targets = [c["target"] for c in result["checks"]]
+    assert len(targets) == 7 and sum("batch 2: block not slower" in t for t in targets) == 3
+    with pytest.raises(SystemExit):
+        speed.main(["--block", mdm_dir, "--variants", "block", *common])
+    assert "not a block-diffusion model" in capsys.readouterr().err
+
+
 def test_train_speed(pair, tmp_path):
     mdm_dir, _ = pair
     config = tmp_path / "tiny.yaml"
