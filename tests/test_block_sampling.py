@@ -56,7 +56,7 @@ class Recording(BlockScheduler):
 
     def model_inputs(self, state):
         kw = super().model_inputs(state)
-        self.fed.append((state.start, state.start + kw["ids"].shape[1], state.unit))
+        self.fed.append((state.start, state.start + kw["ids"].shape[1], int(state.unit.max())))
         return kw
 
     def unit_logits(self, logits, state):
@@ -160,3 +160,21 @@ def test_image_steps_count_per_band_and_steps_per_text_block() -> None:
     assert t2i.nfe == 2 * 2  # two bands of two rows, two steps each
     caption = scheduler.sample(model, BATCHES["caption"](), SamplerConfig(steps=None, image_steps=1, eos_fill=False))
     assert caption.nfe == LAYOUT.caption_len  # text: one token per step whatever image_steps says
+
+
+def test_rows_move_to_their_next_block_on_their_own_and_decode_as_alone() -> None:
+    model, batch = tiny(shift=True), BATCHES["caption"]()
+    options = SamplerConfig(steps=None, threshold=0.3, eos_fill=False)  # rows fill their blocks at their own pace
+    units = []
+
+    class Watching(BlockScheduler):
+        def model_inputs(self, state):
+            units.append(state.unit.tolist())
+            return super().model_inputs(state)
+
+    c = model.config
+    together = Watching(VOCAB, c.block_size, c.image_block_rows, GRID, c.shift_logits).sample(model, batch, options)
+    assert any(len(set(u)) > 1 for u in units)  # at some call the rows were at different blocks
+    for r in range(len(together.ids)):
+        alone = scheduler_for(model.config, VOCAB).sample(model, batch.select([r]), options)
+        assert torch.equal(together.ids[r], alone.ids[0]) and int(together.row_nfe[r]) == alone.nfe

@@ -10,11 +10,14 @@ itself and the blocks before it). The current block's entries are provisional an
 shifted head (`shift_logits`) a block's last token is read at the position before it, so a call also feeds that last
 position: it belongs to the next attention block, which the current block's queries cannot see.
 
-The rows of a batch share one target layout and move from block to block together (a batch whose rows differ is
-decoded in groups of rows that agree); a row that finishes a block early waits for the others, and a row with no
-`<mask>` left (an `<eos>` filled the rest of its text) leaves the calls and the cache. Classifier-free guidance runs
-the unconditional copies of the rows in the same call (`pad | cond`): the condition lives in the prompt, so the
-copies differ only in their cached prompt and share everything the sampler commits.
+The rows of a batch share one target layout (a batch whose rows differ is decoded in groups of rows that agree) but
+each row moves to its next block as soon as its current one is filled, so rows sit at different blocks: a call feeds
+every row the positions from the earliest block not yet final in any row to the end of the furthest current block
+(a row ahead re-feeds some final blocks, which writes the same keys and values; a row behind feeds later blocks
+that its queries cannot see and that a later call rewrites). A row with no `<mask>` left (an `<eos>` filled the
+rest of its text) leaves the calls and the cache. Classifier-free guidance runs the unconditional copies of the
+rows in the same call (`pad | cond`): the condition lives in the prompt, so the copies differ only in their cached
+prompt and share everything the sampler commits.
 
 Target positions that hold a token are anchors (inpainting's kept cells, infilling's given words): never changed.
 Blocks stay causal, so a blank sees the anchors before it and in its own block, not those in later blocks (a block
@@ -44,24 +47,25 @@ if TYPE_CHECKING:
 
 @dataclass
 class BlockState:
-    """A block-diffusion run in progress: the current block `unit`, the steps taken in it, and the positions whose
-    cache entries are final (`final`)."""
+    """A block-diffusion run in progress: each row's current block `unit`, the steps it took in it, and the
+    positions whose cache entries are final (`final`)."""
 
     canvas: torch.Tensor  # Long[B, T]
     config: SamplerConfig
     batch: Batch
     generator: torch.Generator | None
     block: torch.Tensor  # Long[B, T] token blocks
-    bounds: list[tuple[int, int]]  # per block u: the positions [lo, hi) a call of it feeds
+    lo: torch.Tensor  # Long[U + 2] per block u: the first position a call of it feeds (T past the last block)
+    hi: torch.Tensor  # Long[U + 2] per block u: the end of the positions a call of it feeds
     modality: torch.Tensor  # Long[B, T]
     allowed: torch.Tensor  # Bool[2, V] per modality: the ids a position may take
     columns: list[torch.Tensor]  # Long[V_m] per modality: the same as index lists
     text: torch.Tensor  # Bool[B, T]: text target positions
     units: int  # blocks holding targets
     mask_id: int  # the <mask> id
-    unit: int = 1
-    j: int = 0  # steps taken in the current block
-    final: int = 0  # positions [0, final) hold final keys and values in the cache
+    unit: torch.Tensor  # Long[B] each row's current block (units + 1: none left)
+    j: torch.Tensor  # Long[B] steps each row took in its current block
+    final: torch.Tensor  # Long[B] positions [0, final) of each row hold final keys and values in the cache
     start: int = 0  # where the last call's positions began
     cache: KVCache | None = None
     live: torch.Tensor | None = None  # Long[L]: the rows in the calls and the cache (None = all)
@@ -73,15 +77,15 @@ class BlockState:
 
     @property
     def done(self) -> bool:
-        return self.unit > self.units
+        return bool((self.unit > self.units).all())
 
     def result(self) -> SampleResult:
         row_nfe = self.row_nfe if self.row_nfe is not None else torch.zeros_like(self.canvas[:, 0])
         return SampleResult(self.canvas, self.nfe, None, self.rows, row_nfe=row_nfe)
 
     def masked(self) -> torch.Tensor:
-        """Bool[B, T]: the `<mask>` targets of the current block."""
-        return (self.canvas == self.mask_id) & self.batch.target & (self.block == self.unit)
+        """Bool[B, T]: the `<mask>` targets of each row's current block."""
+        return (self.canvas == self.mask_id) & self.batch.target & (self.block == self.unit[:, None])
 
 
 class BlockScheduler(Scheduler):
@@ -104,16 +108,22 @@ class BlockScheduler(Scheduler):
                              image_block_rows=self.image_block_rows, grid_width=self.grid_width)  # (B, T)
         att = attention_blocks(block, self.shift)[0]  # (T,) the same in every row
         units = int(block[batch.target].max()) if bool(batch.target.any()) else 0
-        bounds = [(0, 0)]
+        B, T = batch.ids.shape
+        lo, hi = [0], [0]
         for u in range(1, units + 1):  # a block's attention positions, and with a shifted head its last token too
             at = (att == u).nonzero().squeeze(1)
             last = int((batch.target[0] & (block[0] == u)).nonzero().max())
-            bounds.append((int(at[0]), max(int(at[-1]) + 1, last + 1)))
-        allowed = self.vocab.allowed_table(batch.ids.device)  # (2, V)
+            lo.append(int(at[0]))
+            hi.append(max(int(at[-1]) + 1, last + 1))
+        device = batch.ids.device
+        allowed = self.vocab.allowed_table(device)  # (2, V)
+        zeros = torch.zeros(B, dtype=torch.long, device=device)
         state = BlockState(canvas=batch.ids.clone(), config=config, batch=batch, generator=generator, block=block,
-                           bounds=bounds, modality=(batch.image_index >= 0).long(), allowed=allowed,
+                           lo=torch.tensor(lo + [T], device=device), hi=torch.tensor(hi + [T], device=device),
+                           modality=(batch.image_index >= 0).long(), allowed=allowed,
                            columns=[row.nonzero().squeeze(1) for row in allowed],
-                           text=batch.target & (batch.image_index < 0), units=units, mask_id=self.vocab.mask)
+                           text=batch.target & (batch.image_index < 0), units=units, mask_id=self.vocab.mask,
+                           unit=zeros + 1, j=zeros.clone(), final=zeros.clone())
         self._next_unit(state)
         return state
 
@@ -125,13 +135,10 @@ class BlockScheduler(Scheduler):
             state.cache = model.new_cache(B * state.config.guidance_rows, T, device=state.canvas.device)
 
     def model_inputs(self, state: BlockState) -> dict[str, Any]:
-        """The positions from the first block not yet final in the cache to the end of the current one (from 0
-        without a cache), for the rows with a `<mask>` left; with guidance, the same rows again with the condition
-        dropped. Only the current block's `<mask>` positions are scored (`logits_at`)."""
+        """The positions from the first block not yet final in the cache in any row to the end of the furthest current
+        block (from 0 without a cache), for the rows with a `<mask>` left; with guidance, the same rows again with the
+        condition dropped. Only each row's current block's `<mask>` positions are scored (`logits_at`)."""
         s, o, b = state, state.config, state.batch
-        hi = s.bounds[s.unit][1]
-        lo = s.final if s.cache is not None else 0
-        s.start = lo
         copies = o.guidance_rows
         guided = copies > 1 and (o.guidance_steps is None or s.i < o.guidance_steps)
         if s.cache is not None and s.guided and not guided:  # guidance has just ended: its rows leave the cache
@@ -139,6 +146,9 @@ class BlockScheduler(Scheduler):
         s.guided = guided
         self._leave(s, copies if guided else 1)
         rows = s.live if s.live is not None else slice(None)
+        hi = int(s.hi[s.unit[rows]].max())
+        lo = int(s.final[rows].min()) if s.cache is not None else 0
+        s.start = lo
         pad = b.pad[rows, lo:hi]  # (L, W)
         kw = {"ids": s.canvas[rows, lo:hi], "pad": pad, "image_index": b.image_index[rows, lo:hi],
               "block": s.block[rows], "logits_at": s.masked()[rows, lo:hi]}
@@ -184,8 +194,8 @@ class BlockScheduler(Scheduler):
         in_call = torch.zeros_like(s.canvas[:, 0])  # (B,)
         in_call[s.live if s.live is not None else slice(None)] = 1
         s.row_nfe = in_call if s.row_nfe is None else s.row_nfe + in_call
-        if s.cache is not None:
-            s.final = s.bounds[s.unit][0]  # everything before the current block was fed with its final tokens
+        if s.cache is not None:  # each row's blocks before its current one were fed with their final tokens
+            s.final = torch.where(in_call.bool(), s.lo[s.unit], s.final)  # (B,)
         masked, lg = self.unit_logits(logits, s)  # (B, T), (N, V)
         where = masked.nonzero(as_tuple=True)
         chosen, _, c = predict(lg, s.modality[where], s.columns, o.temperatures, s.generator, o.top_k,
@@ -196,25 +206,31 @@ class BlockScheduler(Scheduler):
         proposal = s.canvas.clone()
         proposal[where] = chosen
         n_masked = masked.sum(1)  # (B,)
-        image = bool((masked & (s.modality == 1)).any())  # an image band (a block holds one modality's targets)
-        steps = o.image_steps if image and o.image_steps is not None else o.steps
-        if steps is None:  # one token per step
-            k = n_masked.clamp(max=1)  # (B,)
-        else:  # ceil: the block is done after `steps` steps
-            k = -(-n_masked // max(steps - s.j, 1))  # (B,)
+        image = (masked & (s.modality == 1)).any(1)  # (B,) rows in an image band (a block holds one modality)
+        k = n_masked.clamp(max=1)  # (B,) one token per step
+        for steps, rows in ((o.steps, ~image), (o.image_steps if o.image_steps is not None else o.steps, image)):
+            if steps is not None:  # ceil: the block is done after `steps` steps
+                k = torch.where(rows, -(-n_masked // (steps - s.j).clamp(min=1)), k)  # (B,)
         commit = top_k_mask(conf, k)  # (B, T)
         if o.threshold is not None:
             commit |= masked & (conf > o.threshold)
         s.canvas = torch.where(commit, proposal, s.canvas)
         if o.eos_fill:
             s.canvas = s.canvas.masked_fill(eos_fill(s.canvas, s.text, self.vocab.eos, self.vocab.mask), self.vocab.eos)
-        s.j, s.i = s.j + 1, s.i + 1
+        s.j, s.i = s.j + in_call, s.i + 1
         self._next_unit(s)
 
-    def _next_unit(self, s: BlockState) -> None:
-        """Move to the first block at or after the current one that still holds a `<mask>`."""
-        while s.unit <= s.units and not bool(s.masked().any()):
-            s.unit, s.j = s.unit + 1, 0
+    @staticmethod
+    def _next_unit(s: BlockState) -> None:
+        """Move each row to its first block at or after its current one that still holds a `<mask>`."""
+        B, U = s.canvas.shape[0], s.units + 2
+        left = torch.zeros(B, U, dtype=torch.bool, device=s.canvas.device)  # (B, U) blocks with a <mask> left
+        at = (s.canvas == s.mask_id) & s.batch.target  # (B, T)
+        left.scatter_(1, torch.where(at, s.block, 0), at)  # block 0 (the prompt) never holds a target
+        u = torch.arange(U, device=s.canvas.device)  # (U,)
+        nxt = torch.where(left & (u >= s.unit[:, None]), u, U - 1).amin(1)  # (B,) units + 1 when none is left
+        s.j = torch.where(nxt == s.unit, s.j, 0)
+        s.unit = nxt
 
     @torch.no_grad()
     def sample(self, model: nn.Module, batch: Batch, config: SamplerConfig = SamplerConfig(), *,
