@@ -1,5 +1,5 @@
 """How a task is decoded: quality and NFE of a model under several sampler settings (the quality-vs-NFE curve
-that the pipeline's defaults are chosen from), for captions, VQA answers or text-to-image.
+that the pipeline's defaults are chosen from), for captions, VQA answers, text-to-image or joint generation.
 
     python -m benchmarks.caption_decoding --model runs/quickstart/model \\
         --shards 'data/shards/shapes-codes/val/*.tar' --skip 500 --limit 200 \\
@@ -9,15 +9,18 @@ that the pipeline's defaults are chosen from), for captions, VQA answers or text
     python -m benchmarks.caption_decoding --task t2i --model runs/quickstart/model \\
         --shards 'data/shards/shapes-codes/val/*.tar' --skip 500 --limit 200 \\
         --setting steps=16 --setting steps=8 --setting steps=16,threshold=0.9
+    python -m benchmarks.caption_decoding --task joint --model runs/quickstart/model \\
+        --shards 'data/shards/shapes-codes/val/*.tar' --skip 500 --limit 200 --setting text_temperature=0.7
 
 A `--setting` is either STEPS:BLOCK, decoding in STEPS steps in blocks of BLOCK tokens left to right (LLaDA's
 semi-autoregressive decoding; `none` = one block, confidence order only), or comma-separated `field=value`
 overrides of the task's default `SamplerConfig` (`none` for None; `self_correction=true` for ReMDM-style
 revision), e.g. `steps=none,threshold=0.9`. `--skip`
 leaves out the first val records, so a setting can be chosen on scenes that `mmdlm evaluate --limit 200` does
-not score. Prints one JSON line per setting: the per-attribute F1s (shapes scenes) and the exact-match rate,
-or the VQA accuracy per question type, or text-to-image all-correct and per attribute; NFE per call, generated
-tokens per forward and seconds per sample (batches of 64; the speed benchmark times batch 1 and 32).
+not score (joint generation draws `--limit` pairs from nothing with seed `--skip`; the evaluation's is 0). Prints
+one JSON line per setting: the per-attribute F1s (shapes scenes) and the exact-match rate, or the VQA accuracy per
+question type, or text-to-image all-correct and per attribute, or joint agreement, parse, readable and distinct
+rates; NFE per call, generated tokens per forward and seconds per sample (batches of 64; the speed benchmark times batch 1 and 32).
 """
 
 from __future__ import annotations
@@ -28,12 +31,13 @@ from dataclasses import fields
 from typing import Any
 
 from mmdlm.eval.records import load_records
-from mmdlm.eval.tasks import PIPELINE_TASK, eval_caption, eval_t2i, eval_vqa
+from mmdlm.eval.tasks import PIPELINE_TASK, eval_caption, eval_joint, eval_t2i, eval_vqa
 from mmdlm.inputs import add_model_argument
 from mmdlm.pipeline import MMDLMPipeline
 from mmdlm.sampling import SamplerConfig, SelfCorrection
+from mmdlm.worlds.scoring import world_for
 
-TASKS = {"caption": eval_caption, "vqa": eval_vqa, "t2i": eval_t2i}
+TASKS = {"caption": eval_caption, "vqa": eval_vqa, "t2i": eval_t2i, "joint": eval_joint}
 FIELDS = {f.name for f in fields(SamplerConfig)}  # self_correction=true: `SelfCorrection()`
 
 
@@ -106,8 +110,12 @@ def main(argv: list[str] | None = None) -> None:
             sampler = pipe.sampler(pipeline_task, **({"prefix_cache": args.prefix_cache} | overrides))
         except ValueError as err:
             parser.error(str(err))
-        kwargs = {"scorer_ceiling": False} if args.task == "t2i" else {}
-        metrics = evaluate(pipe, records, sampler, progress=False, **kwargs).metrics
+        if args.task == "joint":  # `--limit` pairs from nothing, seeded by --skip (the evaluation's seed is 0)
+            metrics = eval_joint(pipe, args.limit, world_for(records, pipe.vq.image_size), sampler, seed=args.skip,
+                                 progress=False).metrics
+        else:
+            kwargs = {"scorer_ceiling": False} if args.task == "t2i" else {}
+            metrics = evaluate(pipe, records, sampler, progress=False, **kwargs).metrics
         cost = metrics["cost"]
         shown = {k: v if k != "self_correction" else v is not None for k, v in overrides.items()}
         print(json.dumps({"task": args.task, **shown, **summary(args.task, metrics),

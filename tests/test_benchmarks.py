@@ -504,6 +504,11 @@ def test_caption_decoding(tiny_model_dir, tiny_shards, capsys):
     assert row["nfe_per_call"] == 3 and row["sampler"]["guidance_scale"] == 0 and 0 <= row["all_correct"] <= 1
     assert revised["self_correction"] is True and revised["sampler"]["self_correction"]["extra_steps"] == 8
     assert 3 <= revised["nfe_per_call"] <= 3 + 8
+    caption_decoding.main(["--model", tiny_model_dir, "--shards", f"{tiny_shards}/val/*.tar", "--skip", "1",
+                           "--limit", "3", "--task", "joint", "--setting", "steps=2,text_temperature=0"])
+    (joint,) = (json.loads(line) for line in capsys.readouterr().out.splitlines())
+    assert joint["n"] == 3 and joint["sampler"]["text_temperature"] == 0 and joint["nfe_per_call"] == 2
+    assert all(0 <= joint[k] <= 1 for k in ("agreement", "parse_rate", "image_readable_rate", "distinct_captions"))
     for bad in ("four:4", "stepz=4", "steps=0"):
         with pytest.raises(SystemExit):
             caption_decoding.main(["--model", tiny_model_dir, "--shards", f"{tiny_shards}/val/*.tar", "--skip", "1",
