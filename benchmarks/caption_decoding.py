@@ -20,7 +20,8 @@ leaves out the first val records, so a setting can be chosen on scenes that `mmd
 not score (joint generation draws `--limit` pairs from nothing with seed `--skip`; the evaluation's is 0). Prints
 one JSON line per setting: the per-attribute F1s (shapes scenes) and the exact-match rate, or the VQA accuracy per
 question type, or text-to-image all-correct and per attribute, or joint agreement, parse, readable and distinct
-rates; NFE per call, generated tokens per forward and seconds per sample (batches of 64; the speed benchmark times batch 1 and 32).
+rates; NFE per call, generated tokens per forward and seconds per sample (batches of 64; the speed benchmark times
+batch 1 and 32).
 """
 
 from __future__ import annotations
