@@ -114,12 +114,23 @@ def test_a_finished_block_is_fed_once_more_and_never_again(shift: bool, task: st
     assert starts == sorted(starts) and starts.count(0) == 1  # never back: the prompt once
 
 
-def test_scheduler_for_a_block_model_and_the_options_it_refuses() -> None:
-    model = tiny(shift=True)
-    assert isinstance(scheduler_for(model.config, VOCAB), BlockScheduler)
-    batch = BATCHES["t2i"]()
-    with pytest.raises(ValueError, match="self-correction"):
-        scheduler_for(model.config, VOCAB).sample(model, batch, SamplerConfig(self_correction=SelfCorrection()))
+def test_scheduler_for_a_block_model() -> None:
+    assert isinstance(scheduler_for(tiny(shift=True).config, VOCAB), BlockScheduler)
+
+
+@pytest.mark.parametrize("task", ["caption", "t2i"])
+def test_self_correction_re_masks_inside_the_current_block_within_its_budget(task: str) -> None:
+    model, batch = tiny(shift=True), BATCHES[task]()
+    plain = SamplerConfig(steps=2, guidance_scale=1.0 if task == "t2i" else 0.0)
+    every = SelfCorrection(threshold=1.5, only_if_disagrees=False, extra_steps=3)  # re-mask whatever is checked
+    out = scheduler_for(model.config, VOCAB).sample(model, batch, dataclasses.replace(plain, self_correction=every))
+    base = scheduler_for(model.config, VOCAB).sample(model, batch, plain)
+    assert out.remasked > 0 and base.nfe < out.nfe <= base.nfe + 3 * 2  # each re-masking call: a step more
+    filled = out.ids[batch.target]
+    assert not bool((filled == VOCAB.mask).any())
+    never = SelfCorrection(threshold=0.0)  # checks, never re-masks: the plain decode, check rows and all
+    quiet = scheduler_for(model.config, VOCAB).sample(model, batch, dataclasses.replace(plain, self_correction=never))
+    assert quiet.remasked == 0 and torch.equal(quiet.ids, base.ids) and quiet.nfe == base.nfe
 
 
 def test_guidance_changes_the_image_and_uses_the_unconditional_rows() -> None:

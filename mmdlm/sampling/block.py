@@ -21,7 +21,12 @@ prompt and share everything the sampler commits.
 
 Target positions that hold a token are anchors (inpainting's kept cells, infilling's given words): never changed.
 Blocks stay causal, so a blank sees the anchors before it and in its own block, not those in later blocks (a block
-model is trained on that context only). Not yet: self-correction.
+model is trained on that context only).
+
+Self-correction (`SelfCorrection`, ReMDM as the masked scheduler does it) revises inside the current block: each call
+also runs every row again with the committed tokens of its current block it is least sure of masked, and re-masks
+those the model no longer believes in; a finished block is final. With it every call recomputes from the start (the
+check rows change the batch), at most `extra_steps` calls re-mask.
 """
 
 from __future__ import annotations
@@ -66,6 +71,11 @@ class BlockState:
     unit: torch.Tensor  # Long[B] each row's current block (units + 1: none left)
     j: torch.Tensor  # Long[B] steps each row took in its current block
     final: torch.Tensor  # Long[B] positions [0, final) of each row hold final keys and values in the cache
+    fill: torch.Tensor | None = None  # Bool[B, T]: the positions the sampler owns (masked targets, not anchors)
+    p_commit: torch.Tensor | None = None  # Float64[B, T]: p(token) when last judged (self-correction)
+    check: torch.Tensor | None = None  # Bool[B, T]: the committed tokens the next call checks (self-correction)
+    revisions: int = 0  # calls that re-masked a token (at most `SelfCorrection.extra_steps`)
+    remasked: int = 0
     start: int = 0  # where the last call's positions began
     cache: KVCache | None = None
     live: torch.Tensor | None = None  # Long[L]: the rows in the calls and the cache (None = all)
@@ -81,7 +91,7 @@ class BlockState:
 
     def result(self) -> SampleResult:
         row_nfe = self.row_nfe if self.row_nfe is not None else torch.zeros_like(self.canvas[:, 0])
-        return SampleResult(self.canvas, self.nfe, None, self.rows, row_nfe=row_nfe)
+        return SampleResult(self.canvas, self.nfe, None, self.rows, self.remasked, row_nfe)
 
     def masked(self) -> torch.Tensor:
         """Bool[B, T]: the `<mask>` targets of each row's current block."""
@@ -100,8 +110,6 @@ class BlockScheduler(Scheduler):
                       generator: torch.Generator | None = None) -> BlockState:
         if anchor is not None and bool((anchor & (batch.ids == self.vocab.mask)).any()):
             raise ValueError("an anchored position holds <mask>: write the anchored token into batch.ids")
-        if config.self_correction is not None:
-            raise ValueError("the block scheduler has no self-correction yet")
         if bool(batch.target.any()) and not bool((batch.target == batch.target[:1]).all()):
             raise ValueError("the block scheduler needs the same target layout in every row of the batch")
         block = token_blocks(batch.target, batch.pad, batch.image_index, batch.prefix, block_size=self.block_size,
@@ -123,14 +131,16 @@ class BlockScheduler(Scheduler):
                            modality=(batch.image_index >= 0).long(), allowed=allowed,
                            columns=[row.nonzero().squeeze(1) for row in allowed],
                            text=batch.target & (batch.image_index < 0), units=units, mask_id=self.vocab.mask,
-                           unit=zeros + 1, j=zeros.clone(), final=zeros.clone())
+                           unit=zeros + 1, j=zeros.clone(), final=zeros.clone(),
+                           fill=batch.target & (batch.ids == self.vocab.mask),
+                           p_commit=torch.zeros(B, T, dtype=torch.float64, device=device))
         self._next_unit(state)
         return state
 
     def prepare(self, model: nn.Module, state: BlockState) -> None:
         """A KV cache over the whole row for every row of the calls, guidance copies included
-        (`SamplerConfig.use_cache`)."""
-        if state.config.use_cache and not state.done:
+        (`SamplerConfig.use_cache`; not with self-correction, whose check rows change the batch every call)."""
+        if state.config.use_cache and state.config.self_correction is None and not state.done:
             B, T = state.canvas.shape
             state.cache = model.new_cache(B * state.config.guidance_rows, T, device=state.canvas.device)
 
@@ -152,8 +162,15 @@ class BlockScheduler(Scheduler):
         pad = b.pad[rows, lo:hi]  # (L, W)
         kw = {"ids": s.canvas[rows, lo:hi], "pad": pad, "image_index": b.image_index[rows, lo:hi],
               "block": s.block[rows], "logits_at": s.masked()[rows, lo:hi]}
+        s.check = self._check(s)
+        if bool(s.check.any()):  # check rows: each row again with its least sure tokens masked, after the rows
+            check = s.check[rows, lo:hi]  # (L, W)
+            kw = {k: torch.cat([v, v]) for k, v in kw.items()} | {
+                "ids": torch.cat([kw["ids"], kw["ids"].masked_fill(check, s.mask_id)]),
+                "logits_at": torch.cat([kw["logits_at"], check])}
+            pad = kw["pad"]
         if guided:
-            cond = b.cond[rows, lo:hi]  # (L, W)
+            cond = b.cond[rows, lo:hi].repeat(len(pad) // len(b.cond[rows]), 1)  # (L or 2L, W)
             dropped = [pad | cond & (kw["image_index"] < 0), pad | cond] if copies == 3 else [pad | cond]
             kw = {k: v.repeat(copies, 1) for k, v in kw.items()} | {"pad": torch.cat([pad, *dropped])}
         s.rows += kw["ids"].shape[0]
@@ -161,6 +178,18 @@ class BlockScheduler(Scheduler):
             s.cache.length = lo  # the provisional entries of the current block are rewritten
             kw["cache"] = s.cache
         return kw
+
+    @staticmethod
+    def _check(s: BlockState) -> torch.Tensor:
+        """Bool[B, T]: with self-correction, the committed tokens of each row's current block it is least sure of
+        (`SelfCorrection.max_per_step`), while its budget of re-masking calls lasts."""
+        sc = s.config.self_correction
+        check = torch.zeros_like(s.canvas, dtype=torch.bool)
+        if sc is None or s.revisions >= sc.extra_steps:
+            return check
+        committed = s.fill & (s.canvas != s.mask_id) & (s.block == s.unit[:, None])  # (B, T)
+        score = (-s.p_commit).masked_fill(~committed, float("-inf"))  # (B, T) least sure = highest
+        return top_k_mask(score, torch.full_like(s.unit, sc.max_per_step))
 
     @staticmethod
     def _leave(s: BlockState, copies: int) -> None:
@@ -184,7 +213,8 @@ class BlockScheduler(Scheduler):
         if not s.guided:
             return masked, logits
         c, *text_uncond, u = logits.float().chunk(o.guidance_rows)  # (N, V) each: the same positions
-        reference = restrict(c, s.modality[masked], s.allowed) if o.guidance_plausibility > 0 else None
+        modality = torch.cat([s.modality[masked], s.modality[s.check]])  # (N,): the rows, then the check rows
+        reference = restrict(c, modality, s.allowed) if o.guidance_plausibility > 0 else None
         return masked, guided_logits(c, u, o.guidance_scale, o.guidance_plausibility, reference,
                                      text_uncond[0] if text_uncond else None, o.image_guidance_scale or 0.0)
 
@@ -196,9 +226,10 @@ class BlockScheduler(Scheduler):
         s.row_nfe = in_call if s.row_nfe is None else s.row_nfe + in_call
         if s.cache is not None:  # each row's blocks before its current one were fed with their final tokens
             s.final = torch.where(in_call.bool(), s.lo[s.unit], s.final)  # (B,)
-        masked, lg = self.unit_logits(logits, s)  # (B, T), (N, V)
+        masked, lg = self.unit_logits(logits, s)  # (B, T), (N + C, V): the masks, then the checked tokens
         where = masked.nonzero(as_tuple=True)
-        chosen, _, c = predict(lg, s.modality[where], s.columns, o.temperatures, s.generator, o.top_k,
+        n = len(where[0])
+        chosen, p, c = predict(lg[:n], s.modality[where], s.columns, o.temperatures, s.generator, o.top_k,
                                CONFIDENCE[o.confidence])  # (N,) each
         B, T = s.canvas.shape
         conf = torch.full((B, T), float("-inf"), dtype=torch.float64, device=s.canvas.device)
@@ -215,10 +246,37 @@ class BlockScheduler(Scheduler):
         if o.threshold is not None:
             commit |= masked & (conf > o.threshold)
         s.canvas = torch.where(commit, proposal, s.canvas)
+        p_chosen = torch.zeros_like(s.p_commit)
+        p_chosen[where] = p
+        s.p_commit = torch.where(commit, p_chosen, s.p_commit)
+        if s.check is not None and bool(s.check.any()):
+            self._revise(s, lg[n:])
         if o.eos_fill:
-            s.canvas = s.canvas.masked_fill(eos_fill(s.canvas, s.text, self.vocab.eos, self.vocab.mask), self.vocab.eos)
+            filled = eos_fill(s.canvas, s.text, self.vocab.eos, self.vocab.mask)  # (B, T)
+            s.canvas = s.canvas.masked_fill(filled, self.vocab.eos)
+            s.p_commit = s.p_commit.masked_fill(filled, 1.0)
         s.j, s.i = s.j + in_call, s.i + 1
         self._next_unit(s)
+
+    @staticmethod
+    def _revise(s: BlockState, logits: torch.Tensor) -> None:
+        """Re-mask the checked tokens the model no longer believes in (`SelfCorrection`, as the masked scheduler):
+        p(token | the rest) below the threshold, and, by default, another token now preferred."""
+        sc = s.config.self_correction
+        cw = s.check.nonzero(as_tuple=True)
+        probs = restrict(logits.double(), s.modality[cw], s.allowed).softmax(dim=-1)  # (C, V)
+        token = s.canvas[cw]  # (C,)
+        p_now = probs.gather(1, token[:, None]).squeeze(1)  # (C,)
+        drop = p_now < sc.threshold
+        if sc.only_if_disagrees:
+            drop &= probs.argmax(dim=-1) != token
+        s.p_commit[cw] = p_now
+        again = torch.zeros_like(s.check)
+        again[cw] = drop
+        s.canvas = s.canvas.masked_fill(again, s.mask_id)
+        if bool(drop.any()):
+            s.remasked += int(drop.sum())
+            s.revisions += 1
 
     @staticmethod
     def _next_unit(s: BlockState) -> None:
