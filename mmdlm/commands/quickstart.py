@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None, prog: str = "mmdlm quickstart") -> None:
     parser.add_argument("--codebook-size", type=int, default=None,
                         help="image codes (default: 1024 for shapes, 32 for digits)")
     parser.add_argument("--vq-steps", type=int, default=500, help="VQ-VAE training steps (--tokenizer vq)")
-    parser.add_argument("--ar-steps", type=int, default=2000,
+    parser.add_argument("--ar-steps", type=int, default=2600,
                         help="steps of the AR warm start the MDM is adapted from (0: train the MDM from scratch)")
     parser.add_argument("--adapt", choices=sorted(ADAPTATIONS), default="block",
                         help="what the AR warm start becomes: block diffusion (configs/block.yaml) or full-sequence "
