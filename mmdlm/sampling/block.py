@@ -163,7 +163,7 @@ class BlockScheduler(Scheduler):
         kw = {"ids": s.canvas[rows, lo:hi], "pad": pad, "image_index": b.image_index[rows, lo:hi],
               "block": s.block[rows], "logits_at": s.masked()[rows, lo:hi]}
         s.check = self._check(s)
-        if bool(s.check.any()):  # check rows: each row again with its least sure tokens masked, after the rows
+        if s.check is not None:  # check rows: each row again with its least sure tokens masked, after the rows
             check = s.check[rows, lo:hi]  # (L, W)
             kw = {k: torch.cat([v, v]) for k, v in kw.items()} | {
                 "ids": torch.cat([kw["ids"], kw["ids"].masked_fill(check, s.mask_id)]),
@@ -180,16 +180,16 @@ class BlockScheduler(Scheduler):
         return kw
 
     @staticmethod
-    def _check(s: BlockState) -> torch.Tensor:
+    def _check(s: BlockState) -> torch.Tensor | None:
         """Bool[B, T]: with self-correction, the committed tokens of each row's current block it is least sure of
-        (`SelfCorrection.max_per_step`), while its budget of re-masking calls lasts."""
+        (`SelfCorrection.max_per_step`), while its budget of re-masking calls lasts; None when there are none."""
         sc = s.config.self_correction
-        check = torch.zeros_like(s.canvas, dtype=torch.bool)
         if sc is None or s.revisions >= sc.extra_steps:
-            return check
+            return None
         committed = s.fill & (s.canvas != s.mask_id) & (s.block == s.unit[:, None])  # (B, T)
         score = (-s.p_commit).masked_fill(~committed, float("-inf"))  # (B, T) least sure = highest
-        return top_k_mask(score, torch.full_like(s.unit, sc.max_per_step))
+        check = top_k_mask(score, torch.full_like(s.unit, sc.max_per_step))  # (B, T)
+        return check if bool(check.any()) else None
 
     @staticmethod
     def _leave(s: BlockState, copies: int) -> None:
@@ -213,7 +213,7 @@ class BlockScheduler(Scheduler):
         if not s.guided:
             return masked, logits
         c, *text_uncond, u = logits.float().chunk(o.guidance_rows)  # (N, V) each: the same positions
-        modality = torch.cat([s.modality[masked], s.modality[s.check]])  # (N,): the rows, then the check rows
+        modality = s.modality[masked] if s.check is None else torch.cat([s.modality[masked], s.modality[s.check]])
         reference = restrict(c, modality, s.allowed) if o.guidance_plausibility > 0 else None
         return masked, guided_logits(c, u, o.guidance_scale, o.guidance_plausibility, reference,
                                      text_uncond[0] if text_uncond else None, o.image_guidance_scale or 0.0)
@@ -249,7 +249,7 @@ class BlockScheduler(Scheduler):
         p_chosen = torch.zeros_like(s.p_commit)
         p_chosen[where] = p
         s.p_commit = torch.where(commit, p_chosen, s.p_commit)
-        if s.check is not None and bool(s.check.any()):
+        if s.check is not None:
             self._revise(s, lg[n:])
         if o.eos_fill:
             filled = eos_fill(s.canvas, s.text, self.vocab.eos, self.vocab.mask)  # (B, T)
