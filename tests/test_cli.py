@@ -162,6 +162,7 @@ EDITS = [BASE, "edits.yaml"]
 @pytest.mark.parametrize("configs", [
     [BASE], ["grpo-shapes.yaml"], ["vq-shapes.yaml"],  # the bases
     [BASE, "ar.yaml"], [BASE, "gpu.yaml"], [BASE, "ar.yaml", "gpu.yaml"],  # the AR twin, one GPU
+    [BASE, "block.yaml"], [BASE, "block.yaml", "gpu.yaml"],  # block diffusion
     EDITS, [*EDITS, "ar.yaml"], [*EDITS, "edits-wc.yaml"], [*EDITS, "edits-wc.yaml", "ar.yaml"],  # editing stages
     [*EDITS, "edits-wc.yaml", "edits-pairs.yaml"], [*EDITS, "edits-wc.yaml", "edits-pairs.yaml", "ar.yaml"],
 ])
@@ -183,6 +184,8 @@ def test_the_shipped_configs_parse(configs: list[str], capsys) -> None:
         assert "causal: true" in printed and "ar_rows: 0.0" in printed and "task_balanced: false" in printed
     if "gpu.yaml" in configs:
         assert "n_layer: 12" in printed and "precision: bf16-mixed" in printed
+    if "block.yaml" in configs:
+        assert "block_diffusion: true" in printed and "block_size: 8" in printed and "image_block_rows: 4" in printed
 
 
 def test_every_config_is_a_base_or_an_overlay_and_every_base_is_tested() -> None:
