@@ -422,7 +422,7 @@ def run_evaluation(pipe: MMDLMPipeline, shards: str | Sequence[str] | None = Non
                    progress)
     metrics: dict[str, Any] = {
         "source": ctx.world.source, "records": len(records),
-        "model_kind": "ar" if pipe.is_autoregressive else "mdm",
+        "model_kind": "ar" if pipe.is_autoregressive else "block" if pipe.model.config.block_diffusion else "mdm",
         "parameters": sum(p.numel() for p in pipe.model.parameters()),
         "device": str(pipe.device),
         "settings": {"tasks": list(tasks), "limit": limit, "batch_size": batch_size, "seed": seed,
