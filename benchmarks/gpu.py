@@ -241,7 +241,7 @@ def data_steps(bench: Bench) -> list[Any]:
     quickstart = argparse.Namespace(
         out=str(bench.tokenizers), world="shapes", data=str(bench.shards), train=plan.scenes[0],
         val=plan.scenes[1], seed=0, text_vocab=512, tokenizer="patch", codebook_size=plan.codebook_size,
-        vq_steps=0, ar_steps=0, mdm_steps=0, ar_rows=0.0, ar_args="", mdm_args="", eval_limit=0)
+        vq_steps=0, ar_steps=0, adapt="mdm", mdm_steps=0, ar_rows=0.0, ar_args="", mdm_args="", eval_limit=0)
     chosen = [s for s in steps(quickstart) if s.name in DATA_STEPS]
     if len(chosen) != len(DATA_STEPS):
         raise StageError(f"mmdlm.quickstart no longer has the steps {DATA_STEPS}")
