@@ -83,14 +83,6 @@ def before_samplers() -> dict[str, SamplerConfig]:
             "t2i": SamplerConfig(steps=16, temperature=1.0, guidance_scale=2.0, eos_fill=False)}
 
 
-def block_samplers() -> dict[str, SamplerConfig]:
-    """A block-diffusion model's default samplers (`BLOCK_SAMPLERS`), per evaluation task."""
-    from mmdlm.eval.tasks import PIPELINE_TASK
-    from mmdlm.sampling.config import BLOCK_SAMPLERS
-
-    return {task: BLOCK_SAMPLERS[PIPELINE_TASK[task]] for task in TASKS}
-
-
 def slowest_block_samplers() -> dict[str, SamplerConfig]:
     """A block-diffusion model's slowest setting: one token per call in every block."""
     from mmdlm.sampling import SamplerConfig
@@ -99,12 +91,13 @@ def slowest_block_samplers() -> dict[str, SamplerConfig]:
             "t2i": SamplerConfig(steps=None, temperature=1.0, guidance_scale=2.0)}
 
 
-def current_samplers() -> dict[str, SamplerConfig]:
-    """The pipeline's defaults now (`DEFAULT_SAMPLERS`), per evaluation task."""
+def current_samplers(block_diffusion: bool = False) -> dict[str, SamplerConfig]:
+    """The pipeline's defaults now (`DEFAULT_SAMPLERS`, or `BLOCK_SAMPLERS` for a block-diffusion model), per
+    evaluation task."""
     from mmdlm.eval.tasks import PIPELINE_TASK
-    from mmdlm.pipeline import DEFAULT_SAMPLERS
+    from mmdlm.sampling.config import default_sampler
 
-    return {task: DEFAULT_SAMPLERS[PIPELINE_TASK[task]] for task in TASKS}
+    return {task: default_sampler(PIPELINE_TASK[task], block_diffusion) for task in TASKS}
 
 
 @dataclass
@@ -139,7 +132,7 @@ def variants(has_fast: bool, has_block: bool = False) -> list[Variant]:
                  Variant("MDM fast (all)", "fast", "fast", now)]
     if has_block:
         rows += [Variant(BLOCK_SLOW, "block-slow", "block", slowest_block_samplers()),
-                 Variant(BLOCK, "block", "block", block_samplers())]
+                 Variant(BLOCK, "block", "block", current_samplers(block_diffusion=True))]
     ar = dict.fromkeys(TASKS, SamplerConfig())
     ar = {t: replace(c, temperature=1.0) if t == "t2i" else c for t, c in ar.items()}
     return rows + [Variant("AR + KV cache", "ar-kv", "ar", ar),

@@ -48,8 +48,9 @@ def token_blocks(target: torch.Tensor, pad: torch.Tensor, image_index: torch.Ten
     # a region starts after a gap, at a change of modality, or at a new image (its raster index restarts at 0)
     start = tgt & (~before(tgt) | (img != before(img)) | (img & (image_index == 0)))  # (B, T)
     run = pos - torch.where(start, pos, -1).cummax(1).values  # (B, T) position within the region
-    text_part = run // block_size if block_size else torch.zeros_like(run)  # (B, T)
-    image_part = image_index.clamp(min=0) // (image_block_rows * grid_width) if image_block_rows else text_part * 0
+    whole = torch.zeros_like(run)  # (B, T) a size of 0 keeps the region one block
+    text_part = run // block_size if block_size else whole  # (B, T)
+    image_part = image_index.clamp(min=0) // (image_block_rows * grid_width) if image_block_rows else whole
     part = torch.where(img, image_part, text_part)  # (B, T)
     new = start | (tgt & (part != before(part)))  # (B, T) the first position of each block
     unit = new.long().cumsum(1)  # (B, T) blocks 1, 2, ... in sequence order

@@ -158,8 +158,12 @@ class KVCache:
         self.length = 0
         self.pad.zero_()
 
-    def keep_rows(self, rows: torch.Tensor | slice) -> None:
-        """Keep only these rows (Long[R] indices or a slice): the rows a sampler still decodes."""
+    def keep_rows(self, rows: torch.Tensor | slice, copies: int = 1) -> None:
+        """Keep only these rows (Long[R] indices or a slice): the rows a sampler still decodes. With `copies` > 1 the
+        cache holds that many equal blocks of rows (guidance's copies) and Long `rows` index each of them."""
+        if copies > 1:
+            held = len(self.pad) // copies  # rows per copy
+            rows = torch.cat([rows + j * held for j in range(copies)])  # (copies * R,)
         self.k, self.v = [k[rows] for k in self.k], [v[rows] for v in self.v]
         self.pad = self.pad[rows]
 

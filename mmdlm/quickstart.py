@@ -136,7 +136,7 @@ def training_steps(args: argparse.Namespace, out: Path, codes: Path) -> list[Ste
     starts from its weights (`--model.init_from`: the AR's next-token head kept through `shift_logits`, as Dream /
     DiffuLLaMA / SDAR adapt AR models) and trains `--mdm-steps` on the diffusion objective, half of each batch still
     on the AR one (`--ar-rows`: the adaptation keeps more of what the AR learned). `--adapt block` (+
-    `configs/block.yaml`) makes it block diffusion: causal across blocks of 4 text tokens / 2 image rows, masked
+    `configs/block.yaml`) makes it block diffusion: causal across blocks of 8 text tokens / 4 image rows, masked
     diffusion inside one, an exact KV cache; `--adapt mdm` full-sequence masked diffusion. `--seed` seeds the data,
     the weights and the masking noise.
     """

@@ -42,7 +42,7 @@ from mmdlm.model import attention_blocks
 from mmdlm.sampling.config import SamplerConfig
 from mmdlm.sampling.masked import eos_fill
 from mmdlm.sampling.scheduler import SampleResult, Scheduler, StepCallback
-from mmdlm.sampling.tokens import CONFIDENCE, guided_logits, predict, restrict, top_k_mask
+from mmdlm.sampling.tokens import CONFIDENCE, doubted, guided_logits, least_sure, predict, restrict, top_k_mask
 from mmdlm.vocab import Vocab
 
 if TYPE_CHECKING:
@@ -73,6 +73,7 @@ class BlockState:
     final: torch.Tensor  # Long[B] positions [0, final) of each row hold final keys and values in the cache
     fill: torch.Tensor | None = None  # Bool[B, T]: the positions the sampler owns (masked targets, not anchors)
     p_commit: torch.Tensor | None = None  # Float64[B, T]: p(token) when last judged (self-correction)
+    scored: torch.Tensor | None = None  # Bool[B, T]: the current blocks' <mask> targets the last call scored
     check: torch.Tensor | None = None  # Bool[B, T]: the committed tokens the next call checks (self-correction)
     revisions: int = 0  # calls that re-masked a token (at most `SelfCorrection.extra_steps`)
     remasked: int = 0
@@ -160,8 +161,9 @@ class BlockScheduler(Scheduler):
         lo = int(s.final[rows].min()) if s.cache is not None else 0
         s.start = lo
         pad = b.pad[rows, lo:hi]  # (L, W)
+        s.scored = s.masked()  # (B, T)
         kw = {"ids": s.canvas[rows, lo:hi], "pad": pad, "image_index": b.image_index[rows, lo:hi],
-              "block": s.block[rows], "logits_at": s.masked()[rows, lo:hi]}
+              "block": s.block[rows], "logits_at": s.scored[rows, lo:hi]}
         s.check = self._check(s)
         if s.check is not None:  # check rows: each row again with its least sure tokens masked, after the rows
             check = s.check[rows, lo:hi]  # (L, W)
@@ -187,8 +189,7 @@ class BlockScheduler(Scheduler):
         if sc is None or s.revisions >= sc.extra_steps:
             return None
         committed = s.fill & (s.canvas != s.mask_id) & (s.block == s.unit[:, None])  # (B, T)
-        score = (-s.p_commit).masked_fill(~committed, float("-inf"))  # (B, T) least sure = highest
-        check = top_k_mask(score, torch.full_like(s.unit, sc.max_per_step))  # (B, T)
+        check = least_sure(s.p_commit, committed, sc.max_per_step)  # (B, T)
         return check if bool(check.any()) else None
 
     @staticmethod
@@ -201,15 +202,14 @@ class BlockScheduler(Scheduler):
         if len(rows) == len(held):
             return
         if s.cache is not None:
-            keep = torch.isin(held, rows).nonzero().squeeze(1)  # (L,) among the cached rows of each copy
-            s.cache.keep_rows(torch.cat([keep + j * len(held) for j in range(copies)]))
+            s.cache.keep_rows(torch.isin(held, rows).nonzero().squeeze(1), copies)  # among the cached rows
         s.live = rows
 
     def unit_logits(self, logits: torch.Tensor, state: BlockState) -> tuple[torch.Tensor, torch.Tensor]:
         """(Bool[B, T] the current block's `<mask>` targets, Float[N, V] their logits in row-major order, guidance
         combined) from the scored logits of `model_inputs`."""
         s, o = state, state.config
-        masked = s.masked()  # (B, T)
+        masked = s.scored  # (B, T)
         if not s.guided:
             return masked, logits
         c, *text_uncond, u = logits.float().chunk(o.guidance_rows)  # (N, V) each: the same positions
@@ -262,14 +262,8 @@ class BlockScheduler(Scheduler):
     def _revise(s: BlockState, logits: torch.Tensor) -> None:
         """Re-mask the checked tokens the model no longer believes in (`SelfCorrection`, as the masked scheduler):
         p(token | the rest) below the threshold, and, by default, another token now preferred."""
-        sc = s.config.self_correction
         cw = s.check.nonzero(as_tuple=True)
-        probs = restrict(logits.double(), s.modality[cw], s.allowed).softmax(dim=-1)  # (C, V)
-        token = s.canvas[cw]  # (C,)
-        p_now = probs.gather(1, token[:, None]).squeeze(1)  # (C,)
-        drop = p_now < sc.threshold
-        if sc.only_if_disagrees:
-            drop &= probs.argmax(dim=-1) != token
+        drop, p_now = doubted(logits, s.canvas[cw], s.modality[cw], s.allowed, s.config.self_correction)  # (C,) each
         s.p_commit[cw] = p_now
         again = torch.zeros_like(s.check)
         again[cw] = drop

@@ -146,7 +146,7 @@ DEFAULT_SAMPLERS: dict[str, SamplerConfig] = {
 
 # A block-diffusion model's samplers (`ModelConfig.block_diffusion`, `BlockScheduler`): `steps`, `image_steps` and
 # `threshold` act inside each block (the quickstart's: 8 text tokens, an image band of 4 rows), chosen on held-out
-# val scenes (BENCHMARKS.md, "Block diffusion"). Joint generation writes its caption one token per step at
+# val scenes (BENCHMARKS.md, "Block-diffusion samplers"). Joint generation writes its caption one token per step at
 # temperature 0.7, then draws the image (a greedy caption is the same caption every time).
 BLOCK_SAMPLERS: dict[str, SamplerConfig] = {
     "caption": SamplerConfig(steps=None, threshold=0.8),

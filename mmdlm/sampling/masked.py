@@ -46,7 +46,9 @@ from mmdlm.sampling.tokens import (
     CONFIDENCE,
     Schedule,
     cosine_schedule,
+    doubted,
     guided_logits,
+    least_sure,
     linear_schedule,
     predict,
     restrict,
@@ -255,9 +257,7 @@ class MaskedScheduler(Scheduler):
         check = torch.zeros_like(s.fill)
         sc = o.self_correction
         if sc is not None and not last:
-            committed = s.fill & ~masked  # (B, T)
-            score = (-s.p_commit).masked_fill(~committed, float("-inf"))  # (B, T) least sure = highest
-            check = top_k_mask(score, torch.full((s.canvas.shape[0],), sc.max_per_step, device=s.canvas.device))
+            check = least_sure(s.p_commit, s.fill & ~masked, sc.max_per_step)  # (B, T)
         s.masked, s.eligible, s.check = masked, eligible, check
 
         b = s.batch
@@ -316,8 +316,7 @@ class MaskedScheduler(Scheduler):
         copies = inputs["ids"].shape[0] // B  # 2 or 3 with guidance: the uncond rows follow the cond rows
         index = torch.cat([rows + j * B for j in range(copies)])  # (copies * L,)
         if s.cache is not None and keep is not None:
-            cached = len(s.cache.pad) // copies  # rows per copy in the cache before this step
-            s.cache.keep_rows(torch.cat([keep + j * cached for j in range(copies)]))
+            s.cache.keep_rows(keep, copies)
         return {k: v[index] for k, v in inputs.items()}
 
     def _guided(self, logits: torch.Tensor, state: MaskedState) -> torch.Tensor:
@@ -384,14 +383,9 @@ class MaskedScheduler(Scheduler):
 
         # re-mask the checked tokens the model no longer believes in
         if bool(check.any()):
-            sc = o.self_correction
             cw = check.nonzero(as_tuple=True)
-            lc = restrict(logits[n_eligible:].double(), s.modality[cw], s.allowed)  # (C, V)
-            pc = lc.softmax(dim=-1)  # (C, V)
-            p_now = pc.gather(1, s.canvas[cw][:, None]).squeeze(1)  # (C,)
-            drop = p_now < sc.threshold
-            if sc.only_if_disagrees:
-                drop &= pc.argmax(dim=-1) != s.canvas[cw]
+            drop, p_now = doubted(logits[n_eligible:], s.canvas[cw], s.modality[cw], s.allowed,
+                                  o.self_correction)  # (C,) each
             s.p_commit[cw] = p_now
             again = torch.zeros_like(check)
             again[cw] = drop

@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 
 from mmdlm.diffusion import COSINE
-from mmdlm.sampling.config import Confidence
+from mmdlm.sampling.config import Confidence, SelfCorrection
 
 Schedule = Callable[[torch.Tensor, int], torch.Tensor]
 """(n Long[B] tokens to commit, steps) -> Long[B, steps]: how many must still be masked after each
@@ -127,6 +127,27 @@ def top_k_mask(score: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(T, device=score.device).expand(B, T))
     return (rank < k[:, None]) & (score > float("-inf"))  # (B, T)
 
+
+
+# ---- self-correction (ReMDM) ------------------------------------------------------------------------------
+def least_sure(p_commit: torch.Tensor, committed: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool[B, T]: the k `committed` tokens (Bool[B, T]) of each row whose probability when committed (Float64[B, T]
+    `p_commit`) was lowest: the ones self-correction checks."""
+    score = (-p_commit).masked_fill(~committed, float("-inf"))  # (B, T) least sure = highest
+    return top_k_mask(score, torch.full((p_commit.shape[0],), k, device=p_commit.device))
+
+
+def doubted(logits: torch.Tensor, tokens: torch.Tensor, modality: torch.Tensor, allowed: torch.Tensor,
+            correction: SelfCorrection) -> tuple[torch.Tensor, torch.Tensor]:
+    """(re-mask Bool[C], p(token | the rest) Float64[C]) of C checked tokens Long[C] from their logits Float[C, V]
+    (each token masked in its own check row): the model no longer believes in a token below `correction.threshold`,
+    and, with `only_if_disagrees`, only when it would now pick another."""
+    probs = restrict(logits.double(), modality, allowed).softmax(dim=-1)  # (C, V)
+    p_now = probs.gather(1, tokens[:, None]).squeeze(1)  # (C,)
+    drop = p_now < correction.threshold
+    if correction.only_if_disagrees:
+        drop &= probs.argmax(dim=-1) != tokens
+    return drop, p_now
 
 # ---- guidance -------------------------------------------------------------------------------------------
 def guided_logits(cond: torch.Tensor, uncond: torch.Tensor, scale: float, plausibility: float = 0.0,

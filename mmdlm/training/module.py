@@ -277,9 +277,8 @@ class LitMDM(LightningModule):
         objective = self.train_objective if train else self.objective
         if self.config.causal:
             return objective(self.model, batch)
-        if self.config.block_diffusion:  # each row's blocks from its template (`mmdlm.blocks`)
-            return objective(self.model, batch, generator=generator, block=model_blocks(self.config, batch))
-        return objective(self.model, batch, generator=generator)
+        # a block-diffusion model's blocks from each row's template (`mmdlm.blocks`); None for any other
+        return objective(self.model, batch, generator=generator, block=model_blocks(self.config, batch))
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         g = self._generator(salt=0)
