@@ -234,7 +234,10 @@ class LitMDM(LightningModule):
             image_offset=vocab.image_offset, codebook_dim=0 if codebook is None else codebook.shape[1])
         self.build(config, vocab, codebook)
 
-    def build(self, config: ModelConfig, vocab: Vocab, codebook: torch.Tensor | None = None) -> None:
+    def build(self, config: ModelConfig, vocab: Vocab, codebook: torch.Tensor | None = None,
+              state: dict[str, torch.Tensor] | None = None) -> None:
+        """Build the transformer for `config` and `vocab`: its codebook, or a full `state` dict (weights to start
+        from), then compilation, the objectives and the EMA (which starts at the built weights)."""
         self.config, self.vocab = config, vocab
         if self.hparams.ar_rows > 0 and (config.causal or not config.shift_logits):
             raise UserError("--model.ar_rows trains a masked-diffusion model on the AR objective too: it needs "
@@ -243,6 +246,8 @@ class LitMDM(LightningModule):
         self.model = Transformer(config)
         if codebook is not None:
             self.model.set_codebook(codebook)
+        if state is not None:
+            self.model.load_state_dict(state)
         if self.hparams.compile:
             if not any(shutil.which(c) for c in (os.environ.get("CXX"), "g++", "clang++") if c):
                 raise UserError("--model.compile true needs a C++ compiler (g++ or clang++, or $CXX) on the PATH; "
@@ -404,10 +409,7 @@ class LitMDM(LightningModule):
             arch = self.architecture
             config = replace(config, block_diffusion=True, block_size=arch.block_size,
                              image_block_rows=arch.image_block_rows)
-        self.build(config, pipe.vocab)  # no codebook argument: the folder's is in its weights
-        self.model.load_state_dict(pipe.model.state_dict())
-        if self.ema is not None:  # the average starts at the loaded weights, not at build()'s random ones
-            self.ema = EMA(self.model, self.hparams.ema_decay)
+        self.build(config, pipe.vocab, state=pipe.model.state_dict())  # the folder's codebook is in its weights
         self.hparams["config"] = asdict(config)  # what was built, logged
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
