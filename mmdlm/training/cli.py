@@ -29,6 +29,7 @@ from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningCLI
 
 from mmdlm.errors import UserError
+from mmdlm.processor import TEXT_TOKENIZER_DIR
 from mmdlm.training.callbacks import stable_checkpoints
 
 
@@ -46,6 +47,15 @@ def check_ckpt_path(ckpt_path: str | None) -> None:
                         f"--trainer.default_root_dir)")
 
 
+def model_text_tokenizer(init_from: str | None) -> str | None:
+    """The text tokenizer of a `--model.init_from` folder: an mmdlm model folder's `text_tokenizer/`, else the
+    folder itself (a transformers folder's `tokenizer.json`); None without a folder."""
+    if not init_from:
+        return None
+    folder = Path(init_from)
+    return str(folder / TEXT_TOKENIZER_DIR) if (folder / TEXT_TOKENIZER_DIR).is_dir() else str(folder)
+
+
 class MMDLMCLI(LightningCLI):
     """`LightningCLI` whose run folder is named once, by `trainer.default_root_dir`: checkpoints go to
     `<root>/checkpoints` (`stable_checkpoints`), TensorBoard logs to `<root>/tb` when the config names no logger,
@@ -60,6 +70,9 @@ class MMDLMCLI(LightningCLI):
         init = config.model.get("init_args") if isinstance(config.model, Namespace) else None
         if init is not None and "export_dir" in init and init.export_dir is None:
             init.export_dir = os.path.join(root, "model")
+        data = config.data.get("init_args") if isinstance(config.data, Namespace) else None
+        if data is not None and "text_tokenizer" in data and data.text_tokenizer is None and init is not None:
+            data.text_tokenizer = model_text_tokenizer(init.get("init_from"))
 
     def instantiate_trainer(self, **kwargs) -> Trainer:  # noqa: ANN003
         trainer = super().instantiate_trainer(**kwargs)

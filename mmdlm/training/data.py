@@ -31,6 +31,7 @@ from mmdlm.data import (
     expand_shards,
     record_pipeline,
 )
+from mmdlm.errors import UserError
 from mmdlm.processor import MMDLMProcessor
 from mmdlm.sequence import DEFAULT_TASK_WEIGHTS, Batch, Layout, SequenceBuilder, Task, collate
 from mmdlm.training.callbacks import SkippedSamplesMonitor
@@ -204,7 +205,9 @@ class MDMDataModule(ShardDataModule):
     Args:
         train_shards: glob / brace pattern of the training shards (pre-tokenized `npy` codes or images).
         val_shards: the same for validation.
-        text_tokenizer: a saved text tokenizer folder, a HF `tokenizer.json`, or `open_clip`.
+        text_tokenizer: a saved text tokenizer folder, a HF `tokenizer.json` (or a folder holding one), or
+            `open_clip`; null: the `--model.init_from` folder's own (the training CLI fills it in: an mmdlm model
+            folder's `text_tokenizer/`, a transformers folder's `tokenizer.json`).
         vq: a VQ tokenizer folder (diffusers `VQModel` format) from `train.py fit --config vq-*.yaml`.
         task_weights: how often each task is drawn, by `Task` name (lower case); default `DEFAULT_TASK_WEIGHTS`.
         layout: fixed lengths of the text regions.
@@ -222,7 +225,7 @@ class MDMDataModule(ShardDataModule):
         self,
         train_shards: str,
         val_shards: str | None = None,
-        text_tokenizer: str = "runs/quickstart/text_tokenizer",
+        text_tokenizer: str | None = "runs/quickstart/text_tokenizer",
         vq: str = "runs/quickstart/vq",
         task_weights: dict[str, float] | None = None,
         layout: Layout | None = None,
@@ -243,6 +246,9 @@ class MDMDataModule(ShardDataModule):
                          resampled=resampled, epoch_length=epoch_length, seed=seed,
                          load_images=False, load_codes=True,  # images are decoded only where codes are missing
                          max_bad_in_a_row=max_bad_in_a_row)
+        if text_tokenizer is None:
+            raise UserError("--data.text_tokenizer is null and there is no --model.init_from folder to take one "
+                            "from: name a text tokenizer")
         self.processor = MMDLMProcessor.from_paths(text_tokenizer, vq, layout)  # what the model is built from
         self.task_weights = (dict(DEFAULT_TASK_WEIGHTS) if task_weights is None
                              else {Task[name.upper()]: w for name, w in task_weights.items()})
