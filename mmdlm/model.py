@@ -16,16 +16,23 @@ What the founding measurements (BENCHMARKS.md, last section) asked for, on top o
   so codes that look alike also get alike logits.
 
 The model is not conditioned on the diffusion time t (MDLM/LLaDA show it is not needed).
+
+The fields that let a transformers causal LM be loaded exactly (`mmdlm.hf_import`: Llama, Qwen2, Qwen3) default
+to the plain recipe: grouped-query attention (`n_kv_head`, Ainslie et al. 2023), an explicit head size and MLP
+width, biases on q/k/v (Qwen2) and scaled RoPE frequencies (`rope_scaling`: linear, Llama 3).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -83,12 +90,25 @@ class ModelConfig:
     codebook_dim: int = 0  # e: VQ code vector size; 0 turns the codebook projection off
     norm_eps: float = 1e-5  # RMSNorm epsilon (LLaMA)
     init_std: float = 0.02  # nanoGPT / GPT-2 initialisation
+    # what an imported transformers causal LM needs (`mmdlm.hf_import`); the defaults are the plain recipe
+    n_kv_head: int = 0  # key/value heads, shared by groups of query heads (GQA); 0 = n_head (one per query head)
+    head_size: int = 0  # dimension of one head; 0 = n_embd // n_head (Qwen3 sets it apart from the width)
+    attn_bias: bool = False  # biases on q, k and v (Qwen2); the output projection has none
+    mlp_hidden_size: int = 0  # SwiGLU hidden width; 0 = from mlp_ratio (`mlp_hidden`)
+    rope_scaling: dict[str, Any] | None = None  # transformers' RoPE scaling, e.g. {"rope_type": "llama3",
+    #   "factor": 8.0, ...}; None = plain RoPE. Types: those of ROPE_SCALING
 
     def __post_init__(self) -> None:
-        if self.n_embd % self.n_head:
+        if self.head_size < 0 or self.n_kv_head < 0 or self.mlp_hidden_size < 0:
+            raise ValueError(f"head_size, n_kv_head and mlp_hidden_size must be >= 0, got {self.head_size}, "
+                             f"{self.n_kv_head}, {self.mlp_hidden_size}")
+        if self.head_size == 0 and self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
-        if (self.n_embd // self.n_head) % 2:
+        if self.head_dim % 2:
             raise ValueError("RoPE needs an even head dimension")
+        if self.n_head % self.kv_heads:
+            raise ValueError(f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}")
+        rope_type(self.rope_scaling)  # ValueError for a type not in ROPE_SCALING
         self.image_grid = tuple(self.image_grid)  # YAML / json give lists
         if self.image_tokens == 0 and self.image_grid != (0, 0):
             self.image_tokens = self.image_grid[0] * self.image_grid[1]
@@ -129,10 +149,17 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.n_embd // self.n_head
+        return self.head_size or self.n_embd // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads (`n_kv_head`, or one per query head)."""
+        return self.n_kv_head or self.n_head
 
     @property
     def mlp_hidden(self) -> int:
+        if self.mlp_hidden_size:
+            return self.mlp_hidden_size
         hidden = int(2 * self.mlp_ratio * self.n_embd / 3)
         return 32 * math.ceil(hidden / 32)  # a multiple of 32 for matmul efficiency
 
@@ -141,8 +168,9 @@ class ModelConfig:
 class KVCache:
     """Keys and values of the positions decoded so far, for AR decoding.
 
-    `k[i]`, `v[i]`: Float[B, H, max_len, D] of layer i; `pad`: Bool[B, max_len] (True = that cached
-    position is not attended to); `length`: how many positions are filled.
+    `k[i]`, `v[i]`: Float[B, KV, max_len, D] of layer i (KV: the key/value heads, `ModelConfig.kv_heads`);
+    `pad`: Bool[B, max_len] (True = that cached position is not attended to); `length`: how many positions are
+    filled.
     """
 
     k: list[torch.Tensor]
@@ -180,9 +208,49 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
 
 
-def rope_tables(max_len: int, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin: Float[max_len, head_dim / 2] for rotary embeddings (Su et al. 2021)."""
+def _linear_rope(inv_freq: torch.Tensor, p: dict[str, Any]) -> torch.Tensor:
+    """Position interpolation (Chen et al. 2023): every frequency divided by `factor`."""
+    return inv_freq / p["factor"]
+
+
+def _llama3_rope(inv_freq: torch.Tensor, p: dict[str, Any]) -> torch.Tensor:
+    """Llama 3.1's scaling: wavelengths longer than original_max_position_embeddings / low_freq_factor divided
+    by `factor`, shorter than ... / high_freq_factor kept, the ones between interpolated (transformers'
+    `_compute_llama3_parameters`, the same arithmetic)."""
+    factor, low, high = p["factor"], p["low_freq_factor"], p["high_freq_factor"]
+    old_len = p["original_max_position_embeddings"]
+    low_wavelen, high_wavelen = old_len / low, old_len / high
+    wavelen = 2 * math.pi / inv_freq  # (D/2,)
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)  # (D/2,)
+    smooth = (old_len / wavelen - low) / (high - low)  # (D/2,)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled  # (D/2,)
+    medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)  # (D/2,)
+    return torch.where(medium, smoothed, scaled)
+
+
+# RoPE frequency scalings by transformers' `rope_type` name: inverse frequencies, parameters -> scaled ones
+ROPE_SCALING: dict[str, Callable[[torch.Tensor, dict[str, Any]], torch.Tensor]] = {
+    "default": lambda inv_freq, p: inv_freq,
+    "linear": _linear_rope,
+    "llama3": _llama3_rope,
+}
+
+
+def rope_type(scaling: dict[str, Any] | None) -> str:
+    """The RoPE type a `rope_scaling` dict names ("default" for None; transformers 4 spelled the key "type");
+    ValueError for one ROPE_SCALING does not hold."""
+    name = "default" if scaling is None else scaling.get("rope_type", scaling.get("type", "default"))
+    if name not in ROPE_SCALING:
+        raise ValueError(f"RoPE type {name!r} is not supported (supported: {', '.join(ROPE_SCALING)})")
+    return name
+
+
+def rope_tables(max_len: int, head_dim: int, base: float,
+                scaling: dict[str, Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin: Float[max_len, head_dim / 2] for rotary embeddings (Su et al. 2021), frequencies scaled as
+    `scaling` says (`ROPE_SCALING`)."""
     inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2).float() / head_dim)  # (D/2,)
+    inv_freq = ROPE_SCALING[rope_type(scaling)](inv_freq, scaling or {})  # (D/2,)
     angles = torch.outer(torch.arange(max_len).float(), inv_freq)  # (L, D/2)
     return angles.cos(), angles.sin()
 
@@ -204,9 +272,10 @@ def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.n_head, self.head_dim = cfg.n_head, cfg.head_dim
-        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=False)
-        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_dim
+        H, KV, D = self.n_head, self.n_kv_head, self.head_dim
+        self.qkv = nn.Linear(cfg.n_embd, (H + 2 * KV) * D, bias=cfg.attn_bias)  # q, k, v in one matmul
+        self.proj = nn.Linear(H * D, cfg.n_embd, bias=False)
         self.proj.residual = True  # scaled init (GPT-2): see Transformer._init_weights
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
@@ -215,22 +284,24 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, rot: torch.Tensor, mask: torch.Tensor | None,
                 is_causal: bool, kv: tuple[torch.Tensor, torch.Tensor] | None = None,
                 start: int = 0) -> torch.Tensor:
-        B, T, C = x.shape
-        H, D = self.n_head, self.head_dim
-        q, k, v = self.qkv(x).split(C, dim=-1)  # (B, T, C) each
+        B, T, _ = x.shape
+        H, KV, D = self.n_head, self.n_kv_head, self.head_dim
+        q, k, v = self.qkv(x).split([H * D, KV * D, KV * D], dim=-1)  # (B, T, H*D), (B, T, KV*D) x 2
         q = self.q_norm(q.view(B, T, H, D)).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_norm(k.view(B, T, H, D)).transpose(1, 2)  # (B, H, T, D)
-        v = v.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_norm(k.view(B, T, KV, D)).transpose(1, 2)  # (B, KV, T, D)
+        v = v.view(B, T, KV, D).transpose(1, 2)  # (B, KV, T, D)
         q, k = apply_rope(q, rot), apply_rope(k, rot)
         if kv is not None:  # append to the cache, attend to everything cached so far
-            k_cache, v_cache = kv  # (B, H, max_len, D)
+            k_cache, v_cache = kv  # (B, KV, max_len, D)
             k_cache[:, :, start : start + T] = k
             v_cache[:, :, start : start + T] = v
-            k, v = k_cache[:, :, : start + T], v_cache[:, :, : start + T]  # (B, H, S, D)
+            k, v = k_cache[:, :, : start + T], v_cache[:, :, : start + T]  # (B, KV, S, D)
+        if KV != H:  # grouped-query attention: query head h reads key/value head h // (H / KV)
+            k, v = k.repeat_interleave(H // KV, dim=1), v.repeat_interleave(H // KV, dim=1)  # (B, H, S, D)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                            dropout_p=self.dropout if self.training else 0.0)  # (B, H, T, D)
-        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
-        return self.proj(y)
+        y = y.transpose(1, 2).reshape(B, T, H * D)  # (B, T, H*D)
+        return self.proj(y)  # (B, T, C)
 
 
 class SwiGLU(nn.Module):
@@ -334,11 +405,14 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.lm_head = None if cfg.tie_head else nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        cos, sin = rope_tables(cfg.max_seq_len, cfg.head_dim, cfg.rope_base)
+        cos, sin = rope_tables(cfg.max_seq_len, cfg.head_dim, cfg.rope_base, cfg.rope_scaling)
         self.register_buffer("rope_cos", cos, persistent=False)  # (L, D/2)
         self.register_buffer("rope_sin", sin, persistent=False)  # (L, D/2)
         self._compiled_blocks: tuple[nn.Module, ...] = ()  # `compile_for_training`; a tuple: not submodules
         self._tables: tuple[tuple, torch.Tensor, torch.Tensor] | None = None  # `tables` without autograd
+        # recompute each block's activations in the backward pass instead of keeping them (training forwards
+        # with autograd only): memory for time, for models too large to train otherwise; same gradients
+        self.activation_checkpointing = False
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -431,7 +505,7 @@ class Transformer(nn.Module):
             raise ValueError(f"cache max_len={max_len} exceeds max_seq_len={cfg.max_seq_len}")
         ref = self.tok_emb.weight
         device, dtype = device or ref.device, dtype or ref.dtype
-        shape = (batch_size, cfg.n_head, max_len, cfg.head_dim)
+        shape = (batch_size, cfg.kv_heads, max_len, cfg.head_dim)
         return KVCache(
             k=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)],
             v=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)],
@@ -563,10 +637,14 @@ class Transformer(nn.Module):
             mask, is_causal = two_stream_mask(att, att_clean, key_pad), False  # (B, 1, T+C, T+C)
         else:
             mask, is_causal = self._attention_mask(key_pad, start, T, ids.device, causal, prefix, att)
-        train_graph = self._compiled_blocks and self.training and torch.is_grad_enabled() and cache is None
-        for i, layer in enumerate(self._compiled_blocks if train_graph else self.blocks):
+        training = self.training and torch.is_grad_enabled() and cache is None
+        recompute = training and self.activation_checkpointing
+        for i, layer in enumerate(self._compiled_blocks if training and self._compiled_blocks else self.blocks):
             kv = (cache.k[i], cache.v[i]) if cache is not None else None
-            x = layer(x, rot, mask, is_causal, kv, start)
+            if recompute:
+                x = checkpoint(layer, x, rot, mask, is_causal, kv, start, use_reentrant=False)
+            else:
+                x = layer(x, rot, mask, is_causal, kv, start)
         if two_streams:
             x = x[:, :T]  # (B, T, C): the noisy copy is the one scored
         if cfg.shift_logits and not causal:  # position i reads the hidden state of i - 1
@@ -591,7 +669,8 @@ class Transformer(nn.Module):
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
         """Training FLOPs per token (forward + backward), for MFU, as in PaLM (Chowdhery et al. 2022,
-        appendix B) and nanoGPT: 6 * N + 12 * n_layer * n_embd * T.
+        appendix B) and nanoGPT: 6 * N + 12 * n_layer * d * T, d the attention width (n_head * head_dim: n_embd
+        unless `head_size` sets it apart).
 
         N counts the parameters that do a matmul per token: the blocks and the output head (V x d,
         tied or not); embedding lookups do no FLOPs. The second term is attention scores and
@@ -602,4 +681,4 @@ class Transformer(nn.Module):
         cfg = self.config
         T = seq_len or cfg.max_seq_len
         n = sum(p.numel() for p in self.blocks.parameters()) + cfg.vocab_size * cfg.n_embd
-        return 6.0 * n + 12.0 * cfg.n_layer * cfg.n_embd * T
+        return 6.0 * n + 12.0 * cfg.n_layer * cfg.n_head * cfg.head_dim * T

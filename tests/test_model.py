@@ -273,3 +273,41 @@ def test_inference_keeps_the_tables_until_a_weight_they_come_from_changes() -> N
             change()
             out = model(ids, pad, image_index)
         assert torch.equal(out, fresh()), change
+
+
+def test_grouped_query_heads_explicit_sizes_and_biases_decode_as_the_full_forward() -> None:
+    """n_kv_head, head_size, attn_bias and mlp_hidden_size (what imported causal LMs need): the shapes they name,
+    a KV cache of the key/value heads only, cached decoding equal to the full forward."""
+    model = make(causal=True, n_kv_head=1, head_size=24, attn_bias=True, mlp_hidden_size=40)
+    attn = model.blocks[0].attn
+    assert attn.qkv.weight.shape == ((2 + 2 * 1) * 24, 32) and attn.qkv.bias.shape == (96,)
+    assert attn.proj.weight.shape == (32, 2 * 24) and attn.proj.bias is None
+    assert model.blocks[0].mlp.fc.weight.shape == (80, 32)
+    torch.nn.init.normal_(attn.qkv.bias)  # built at zero: make them count
+    ids, pad, image_index = example(B=3, T=16)
+    full = model(ids, pad, image_index)
+    cache = model.new_cache(3, 20)
+    assert cache.k[0].shape == (3, 1, 20, 24)
+    with torch.no_grad():
+        out = [model(ids[:, a:b], pad[:, a:b], image_index[:, a:b], cache=cache)
+               for a, b in [(0, 6), *[(i, i + 1) for i in range(6, 16)]]]
+    torch.testing.assert_close(torch.cat(out, dim=1), full, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="multiple of n_kv_head"):
+        ModelConfig(n_head=4, n_kv_head=3)
+    with pytest.raises(ValueError, match="RoPE type 'yarn'"):
+        ModelConfig(rope_scaling={"rope_type": "yarn", "factor": 4.0})
+    assert ModelConfig(n_embd=30, n_head=4, head_size=8).head_dim == 8  # 30 / 4 is no head size: none is needed
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_activation_checkpointing_gives_the_same_gradients(dropout: float) -> None:
+    grads = []
+    for checkpointing in (False, True):
+        model = make(dropout=dropout).train()
+        model.activation_checkpointing = checkpointing
+        ids, pad, image_index = example()
+        torch.manual_seed(5)  # the same dropout masks (checkpoint replays the RNG state in the recompute)
+        model(ids, pad, image_index).logsumexp(-1).mean().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, atol=1e-7, rtol=1e-6, msg=name)

@@ -144,7 +144,10 @@ class LitMDM(LightningModule):
             if either asks); a causal folder with `config.causal` false is adapted to masked diffusion
             (`shift_logits`, as Dream / DiffuLLaMA), and with `config.block_diffusion` to block diffusion with
             this run's block sizes (SDAR, Fast-dLLM v2). The optimizer, schedule and step count start fresh; the
-            data's tokenizers must be the folder's (checked, `UserError` if not).
+            data's tokenizers must be the folder's (checked, `UserError` if not). A transformers causal-LM folder
+            (Llama, Qwen2, Qwen3; `mmdlm.hf_import`) works too, as an AR folder: its weights exactly, the image
+            rows and embeddings new, this run's `codebook_embeddings`; the data's text tokenizer must be its
+            tokenizer.json (`--data.text_tokenizer DIR`).
         max_seq_len: the model's longest sequence, when the data's is longer than the layout's templates
             (interleaved documents: an edit is ~150 tokens); the larger of the two is built, and a model loaded
             with `init_from` grows to it (RoPE positions extend; not with learned `mask_positions`).
@@ -384,33 +387,74 @@ class LitMDM(LightningModule):
 
     def init_from_folder(self, folder: str | Path, data: MMDLMProcessor) -> None:
         """Build the model from a model folder's config and weights (fine-tuning): the folder's architecture,
-        this run's dropout, EMA restarted from the loaded weights. The data's tokenizers must be the folder's."""
+        this run's dropout, EMA restarted from the loaded weights. The data's tokenizers must be the folder's.
+        A transformers causal-LM folder (Llama, Qwen2, Qwen3: `mmdlm.hf_import`) is an AR model folder whose
+        image rows and image embeddings start as built (`_causal_lm_start`)."""
+        from mmdlm.hf_import import is_transformers_folder
         from mmdlm.pipeline import MMDLMPipeline
 
-        try:
-            pipe = MMDLMPipeline.from_pretrained(folder, device="cpu")
-        except (OSError, ValueError) as err:  # no such folder, not a model folder, damaged weights
-            raise UserError(f"--model.init_from {str(folder)!r} cannot be loaded: {err}") from err
-        problem = incompatibility(pipe, data)
-        if problem:
-            raise UserError(f"--model.init_from {str(folder)!r} does not fit this data: {problem} (train on the "
-                            f"folder's own tokenizers: --data.text_tokenizer {Path(folder) / 'text_tokenizer'} "
-                            f"--data.vq {Path(folder) / 'vq'})")
-        prefix_attention = pipe.model.config.prefix_attention or self.architecture.prefix_attention
-        longest = max(pipe.model.config.max_seq_len, self.hparams.max_seq_len or 0)
-        if longest > pipe.model.config.max_seq_len and pipe.model.config.mask_positions:
-            raise UserError(f"--model.max_seq_len {longest} exceeds the --model.init_from folder's "
-                            f"{pipe.model.config.max_seq_len}, whose learned mask positions cannot grow")
-        config = replace(pipe.model.config, dropout=self.architecture.dropout, prefix_attention=prefix_attention,
-                         max_seq_len=longest)  # RoPE positions extend to any length
+        if is_transformers_folder(folder):
+            (config, state), vocab = self._causal_lm_start(folder, data), data.vocab
+        else:
+            try:
+                pipe = MMDLMPipeline.from_pretrained(folder, device="cpu")
+            except (OSError, ValueError) as err:  # no such folder, not a model folder, damaged weights
+                raise UserError(f"--model.init_from {str(folder)!r} cannot be loaded: {err}") from err
+            problem = incompatibility(pipe, data)
+            if problem:
+                raise UserError(f"--model.init_from {str(folder)!r} does not fit this data: {problem} (train on "
+                                f"the folder's own tokenizers: --data.text_tokenizer "
+                                f"{Path(folder) / 'text_tokenizer'} --data.vq {Path(folder) / 'vq'})")
+            prefix_attention = pipe.model.config.prefix_attention or self.architecture.prefix_attention
+            longest = max(pipe.model.config.max_seq_len, self.hparams.max_seq_len or 0)
+            if longest > pipe.model.config.max_seq_len and pipe.model.config.mask_positions:
+                raise UserError(f"--model.max_seq_len {longest} exceeds the --model.init_from folder's "
+                                f"{pipe.model.config.max_seq_len}, whose learned mask positions cannot grow")
+            config = replace(pipe.model.config, dropout=self.architecture.dropout,
+                             prefix_attention=prefix_attention, max_seq_len=longest)  # RoPE extends to any length
+            vocab, state = pipe.vocab, pipe.model.state_dict()  # the folder's codebook is in its weights
         if config.causal and not self.architecture.causal:  # adapt an AR checkpoint to masked diffusion (Dream)
             config = replace(config, causal=False, shift_logits=True)
         if self.architecture.block_diffusion:  # adapt it to block diffusion: this run's blocks
             arch = self.architecture
             config = replace(config, block_diffusion=True, block_size=arch.block_size,
                              image_block_rows=arch.image_block_rows)
-        self.build(config, pipe.vocab, state=pipe.model.state_dict())  # the folder's codebook is in its weights
+        self.build(config, vocab, state=state)
         self.hparams["config"] = asdict(config)  # what was built, logged
+
+    def _causal_lm_start(self, folder: str | Path, data: MMDLMProcessor) -> tuple[ModelConfig, dict]:
+        """(config, state dict) of a transformers causal-LM folder on this data: its architecture, causal, with the
+        data's run-time fields, this run's dropout and prefix attention; its weights mapped exactly
+        (`mmdlm.hf_import.transformer_state`), the rest as built (the data's codebook set)."""
+        from mmdlm.hf_import import read_causal_lm, transformer_state
+        from mmdlm.text_tokenizer import BPETokenizer
+
+        where = f"--model.init_from {str(folder)!r}"
+        try:
+            fields, weights, tokenizer = read_causal_lm(folder)
+        except UserError as err:
+            raise UserError(f"{where} cannot be loaded: {err}") from err
+        if tokenizer is None:
+            raise UserError(f"{where} has no tokenizer.json, so what its token ids mean is unknown (save the "
+                            "model's tokenizer into the folder and pass it as --data.text_tokenizer)")
+        try:
+            theirs = _text_vocabulary(BPETokenizer.from_file(tokenizer))
+        except ValueError as err:  # a tokenizer.json the tokenizers library cannot read
+            raise UserError(f"{where} cannot be loaded: {err}") from err
+        if theirs != _text_vocabulary(data.tokenizer):
+            raise UserError(f"{where} does not fit this data: the data's text tokenizer maps tokens to other ids "
+                            f"than the folder's tokenizer.json (pass --data.text_tokenizer {folder})")
+        hp, vocab = self.hparams, data.vocab
+        codebook = data.code_features() if hp.codebook_embeddings else None
+        config = ModelConfig(**fields | dict(dropout=self.architecture.dropout,
+                                             prefix_attention=self.architecture.prefix_attention),
+                             vocab_size=vocab.size, max_seq_len=max(data.max_seq_len, hp.max_seq_len or 0),
+                             mask_id=vocab.mask, image_grid=data.image_grid, codebook_size=vocab.codebook_size,
+                             image_offset=vocab.image_offset, codebook_dim=0 if codebook is None else codebook.shape[1])
+        try:
+            return config, transformer_state(weights, config, vocab.text_size, codebook)
+        except UserError as err:
+            raise UserError(f"{where} cannot be loaded: {err}") from err
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if self.model is None:  # loading outside of fit: rebuild from the stored config
