@@ -163,6 +163,7 @@ EDITS = [BASE, "edits.yaml"]
     [BASE], ["grpo-shapes.yaml"], ["vq-shapes.yaml"],  # the bases
     [BASE, "ar.yaml"], [BASE, "gpu.yaml"], [BASE, "ar.yaml", "gpu.yaml"],  # the AR twin, one GPU
     [BASE, "block.yaml"], [BASE, "block.yaml", "gpu.yaml"],  # block diffusion
+    [BASE, "lora.yaml"],  # LoRA fine-tuning
     EDITS, [*EDITS, "ar.yaml"], [*EDITS, "edits-wc.yaml"], [*EDITS, "edits-wc.yaml", "ar.yaml"],  # editing stages
     [*EDITS, "edits-wc.yaml", "edits-pairs.yaml"], [*EDITS, "edits-wc.yaml", "edits-pairs.yaml", "ar.yaml"],
 ])
@@ -184,6 +185,8 @@ def test_the_shipped_configs_parse(configs: list[str], capsys) -> None:
         assert "causal: true" in printed and "ar_rows: 0.0" in printed and "task_balanced: false" in printed
     if "gpu.yaml" in configs:
         assert "n_layer: 12" in printed and "precision: bf16-mixed" in printed
+    if "lora.yaml" in configs:
+        assert "lora_rank: 8" in printed and "- attn.qkv" in printed and "lr: 0.001" in printed
     if "block.yaml" in configs:
         assert "block_diffusion: true" in printed and "block_size: 8" in printed and "image_block_rows: 4" in printed
 

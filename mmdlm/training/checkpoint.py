@@ -1,5 +1,8 @@
 """Lightning checkpoints of `LitMDM`: read safely, turned into a model folder (`mmdlm.folder`).
 
+A LoRA run's checkpoint (`LitMDM(lora_rank=...)`, `mmdlm.lora`) is exported with its adapters merged into the
+base weights, so every model folder holds plain weights.
+
 A checkpoint is read with `torch.load(..., weights_only=True)`: tensors and plain Python values only, so a
 crafted `.ckpt` cannot run code; one that names any other Python object is refused with one sentence.
 """
@@ -15,6 +18,7 @@ from typing import Any
 import torch
 
 from mmdlm.folder import CONFIG_FILE, write_model_folder
+from mmdlm.lora import add_lora, merge_lora
 from mmdlm.model import ModelConfig, Transformer
 from mmdlm.processor import MMDLMProcessor
 from mmdlm.sequence import Layout
@@ -52,7 +56,8 @@ def load_checkpoint(ckpt: str | Path) -> dict[str, Any]:
 
 
 def export_checkpoint(ckpt: str | Path, out_dir: str | Path, use_ema: bool = True) -> Path:
-    """Export a Lightning checkpoint of `mmdlm.training.LitMDM` (EMA weights when present)."""
+    """Export a Lightning checkpoint of `mmdlm.training.LitMDM` (EMA weights when present; a LoRA run's adapters
+    merged into the base weights)."""
     state = load_checkpoint(ckpt)
     meta = state.get("mmdlm")
     if not isinstance(meta, dict):
@@ -62,10 +67,16 @@ def export_checkpoint(ckpt: str | Path, out_dir: str | Path, use_ema: bool = Tru
         if isinstance(config.get("image_grid"), list):
             config["image_grid"] = tuple(config["image_grid"])
         model = Transformer(ModelConfig(**config))
+        hp = state.get("hyper_parameters", {})
+        lora_rank = hp.get("lora_rank", 0)  # checkpoints from before LoRA have none
+        if lora_rank > 0:  # the adapters the run trained, so its keys load; merged below
+            add_lora(model, lora_rank, hp["lora_alpha"], hp["lora_targets"])
         weights = {k.removeprefix("model."): v for k, v in state["state_dict"].items() if k.startswith("model.")}
         if use_ema and "ema" in state:
             weights.update(state["ema"])
         model.load_state_dict(weights)
+        if lora_rank > 0:
+            merge_lora(model)
         vocab, layout = Vocab(**meta["vocab"]), Layout(**meta["layout"])
         text_tokenizer, vq = meta["text_tokenizer"], meta["vq"]
     except KeyError as err:

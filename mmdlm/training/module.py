@@ -1,8 +1,9 @@
 """The Lightning module of the masked-diffusion model and its autoregressive twin (thin: logic lives elsewhere).
 
 - `LitMDM`: AdamW with warmup + cosine, EMA weights swapped in for validation and export, per-task loss,
-  ELBO NLL and tokens/s logged to TensorBoard, a few samples shown at each validation, and an export of
-  a self-contained model folder (`MMDLMPipeline.from_pretrained`) at the end of fit.
+  ELBO NLL and tokens/s logged to TensorBoard, a few samples shown at each validation, LoRA fine-tuning
+  (`lora_rank`, `mmdlm.lora`), and an export of a self-contained model folder (`MMDLMPipeline.from_pretrained`;
+  LoRA adapters merged in) at the end of fit.
 
     python train.py fit --config configs/mdm-shapes.yaml
 """
@@ -20,10 +21,12 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_info
 
 from mmdlm.blocks import model_blocks
 from mmdlm.diffusion import ImageSchedule, LossOutput, Weighting, ar_loss, cond_dropout, masked_diffusion_loss
 from mmdlm.errors import UserError
+from mmdlm.lora import DEFAULT_TARGETS, add_lora, lora_report, merged_copy
 from mmdlm.model import ModelConfig, Transformer
 from mmdlm.processor import MMDLMProcessor
 from mmdlm.sequence import Batch, Task
@@ -74,13 +77,18 @@ def incompatibility(pipe: Any, data: MMDLMProcessor) -> str | None:
 class EMA:
     """Exponential moving average of a module's floating-point parameters (swapped in for eval/export).
 
+    With `trainable_only` it shadows only the parameters that require grad (LoRA's adapters and the modules
+    trained beside them): frozen weights equal their average.
+
     Kept over Lightning's `EMAWeightAveraging`: that callback's average starts after the first step (ours at
     the initial weights), and it ignores the `checkpoint["ema"]` of our checkpoints on resume (BENCHMARKS.md,
     `benchmarks/library_equivalence.py`)."""
 
-    def __init__(self, module: torch.nn.Module, decay: float) -> None:
+    def __init__(self, module: torch.nn.Module, decay: float, trainable_only: bool = False) -> None:
         self.decay = decay
-        self.shadow = {k: v.detach().clone() for k, v in module.state_dict().items() if v.dtype.is_floating_point}
+        state = module.state_dict()
+        keys = [n for n, p in module.named_parameters() if p.requires_grad] if trainable_only else list(state)
+        self.shadow = {k: state[k].detach().clone() for k in keys if state[k].dtype.is_floating_point}
 
     @torch.no_grad()
     def update(self, module: torch.nn.Module) -> None:
@@ -156,6 +164,16 @@ class LitMDM(LightningModule):
         compile: `torch.compile` the transformer's blocks for the training forward (`compile_for_training`;
             sampling and validation stay eager); parameter names and checkpoints are unchanged. Needs a C++
             compiler (g++).
+        lora_rank: LoRA fine-tuning (`mmdlm.lora`, peft; Hu et al. 2021) when above 0: the starting weights
+            (usually `init_from`'s) stay frozen and rank-r adapters on `lora_targets` train, with `lora_train`'s
+            modules; the EMA averages only what trains; the exported model folder holds the adapters merged into
+            plain weights. 0 = off (every weight trains). `configs/lora.yaml`.
+        lora_alpha: the adapters' scale: each adapted layer adds (alpha / rank) B A x to its output.
+        lora_targets: the layers to adapt, as module-name suffixes of the blocks' Linear layers (`attn.qkv`,
+            `attn.proj`, `mlp.fc`, `mlp.proj`; `blocks.0.mlp.fc` names one layer).
+        lora_dropout: dropout on the adapters' input (training only).
+        lora_train: modules trained fully beside the adapters (module-name suffixes), e.g. `tok_emb`, `lm_head`
+            (an untied head) or `norm`.
     """
 
     def __init__(
@@ -183,6 +201,11 @@ class LitMDM(LightningModule):
         samples_at_val: int = 4,
         seed: int = 0,
         compile: bool = False,
+        lora_rank: int = 0,
+        lora_alpha: float = 16.0,
+        lora_targets: tuple[str, ...] = DEFAULT_TARGETS,
+        lora_dropout: float = 0.0,
+        lora_train: tuple[str, ...] = (),
     ) -> None:
         super().__init__()
         if isinstance(config, dict):  # from a checkpoint's hyper-parameters
@@ -240,8 +263,12 @@ class LitMDM(LightningModule):
     def build(self, config: ModelConfig, vocab: Vocab, codebook: torch.Tensor | None = None,
               state: dict[str, torch.Tensor] | None = None) -> None:
         """Build the transformer for `config` and `vocab`: its codebook, or a full `state` dict (weights to start
-        from), then compilation, the objectives and the EMA (which starts at the built weights)."""
+        from), then the LoRA adapters (`lora_rank`), compilation, the objectives and the EMA (which starts at the
+        built weights). With LoRA the model's state dict has peft's keys, so a checkpoint of a LoRA run loads into
+        a module built here."""
         self.config, self.vocab = config, vocab
+        if self.hparams.lora_rank < 0:
+            raise UserError(f"--model.lora_rank must be 0 (no LoRA) or a positive rank, got {self.hparams.lora_rank}")
         if self.hparams.ar_rows > 0 and (config.causal or not config.shift_logits):
             raise UserError("--model.ar_rows trains a masked-diffusion model on the AR objective too: it needs "
                             "--model.config.causal false and --model.config.shift_logits true (one head for both "
@@ -251,6 +278,9 @@ class LitMDM(LightningModule):
             self.model.set_codebook(codebook)
         if state is not None:
             self.model.load_state_dict(state)
+        if self.hparams.lora_rank > 0:  # after the starting weights: adapters start at zero on top of them
+            hp = self.hparams
+            add_lora(self.model, hp.lora_rank, hp.lora_alpha, hp.lora_targets, hp.lora_dropout, hp.lora_train)
         if self.hparams.compile:
             if not any(shutil.which(c) for c in (os.environ.get("CXX"), "g++", "clang++") if c):
                 raise UserError("--model.compile true needs a C++ compiler (g++ or clang++, or $CXX) on the PATH; "
@@ -270,7 +300,7 @@ class LitMDM(LightningModule):
         self.train_objective = (self.objective if config.causal else partial(
             self.objective, paired=hp.paired_masks, t_ranges=t_ranges, corrupt=hp.corrupt))
         if self.hparams.ema_decay > 0:
-            self.ema = EMA(self.model, self.hparams.ema_decay)
+            self.ema = EMA(self.model, self.hparams.ema_decay, trainable_only=hp.lora_rank > 0)
 
     def forward(self, batch: Batch) -> torch.Tensor:
         return self.model(batch.ids, pad=batch.pad, image_index=batch.image_index, prefix=batch.prefix)
@@ -362,8 +392,9 @@ class LitMDM(LightningModule):
     # ---- optimisation ------------------------------------------------------------------------------
     def configure_optimizers(self) -> dict:
         hp = self.hparams
-        decay = [p for n, p in self.model.named_parameters() if p.dim() >= 2 and "emb" not in n]
-        no_decay = [p for n, p in self.model.named_parameters() if not (p.dim() >= 2 and "emb" not in n)]
+        trained = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]  # all but LoRA's frozen base
+        decay = [p for n, p in trained if p.dim() >= 2 and "emb" not in n]
+        no_decay = [p for n, p in trained if not (p.dim() >= 2 and "emb" not in n)]
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=hp.lr, betas=(0.9, 0.95), fused=False,
@@ -375,6 +406,10 @@ class LitMDM(LightningModule):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_fit_start(self) -> None:
+        if self.hparams.lora_rank > 0:  # what trains, once, on the console
+            rank_zero_info(lora_report(self.model))
 
     # ---- checkpoints and export --------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -469,8 +504,9 @@ class LitMDM(LightningModule):
 
             if self.ema is not None:
                 self.ema.swap(self.model)
-            try:
-                write_model_folder(self.model, self.trainer.datamodule.processor, self.hparams.export_dir)
+            try:  # LoRA: the adapters merged into a copy, so the folder holds plain weights; ours keep them
+                model = merged_copy(self.model) if self.hparams.lora_rank > 0 else self.model
+                write_model_folder(model, self.trainer.datamodule.processor, self.hparams.export_dir)
             finally:
                 if self.ema is not None:
                     self.ema.swap(self.model)
