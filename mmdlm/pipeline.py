@@ -1,10 +1,10 @@
 """`MMDLMPipeline`: processor (text + image tokenizer) + transformer + scheduler, with one method per task.
 
 diffusers-style: the pipeline holds its components (the `MMDLMProcessor` turns inputs into ids and ids
-back into text and images), `from_pretrained(DIR)` loads a folder written by `mmdlm.commands.export` (or
-`save_pretrained`: both through `mmdlm.commands.export.write_model_folder`), and every task lays out a sequence with
-a masked target region (`mmdlm.sequence`) and hands it to the scheduler the model was trained for
-(`mmdlm.sampling`): masked diffusion, or left to right with a KV cache for the AR twin. Each task has a
+back into text and images), `from_pretrained(DIR)` loads a model folder (`mmdlm.folder`: written at the end of
+training, by `mmdlm export` or by `save_pretrained`, all through `mmdlm.folder.write_model_folder`), and every task
+lays out a sequence with a masked target region (`mmdlm.sequence`) and hands it to the scheduler the model was
+trained for (`mmdlm.sampling`): masked diffusion, or left to right with a KV cache for the AR twin. Each task has a
 default `SamplerConfig` (`DEFAULT_SAMPLERS`); a call passes another (`sampler=`) and/or overrides some of its
 fields by name.
 

@@ -3,10 +3,10 @@
 Hugging Face's processors (`transformers.ProcessorMixin`: a tokenizer and an image processor with one
 `save_pretrained` / `from_pretrained`) are the model for it: everything that turns user input into ids and
 ids back into text and images, saved and loaded as one. The DataModule builds one from its `--data.*` paths
-(`from_paths`), the pipeline loads one from a model folder (`from_pretrained`), and `mmdlm.commands.export` writes it
-into a model folder (`save_pretrained`: `text_tokenizer/` and `vq/`; config.json and the weights are
-`mmdlm.commands.export.write_model_folder`'s). The model reads what it needs at build time from it: the vocabulary,
-the longest sequence (`max_seq_len`), the image grid and the codebook features (`code_features`).
+(`from_paths`), the pipeline loads one from a model folder (`from_pretrained`), and
+`mmdlm.folder.write_model_folder` writes it into a model folder (`save_pretrained`: `text_tokenizer/` and `vq/`;
+config.json and the weights are the folder writer's). The model reads what it needs at build time from it: the
+vocabulary, the longest sequence (`max_seq_len`), the image grid and the codebook features (`code_features`).
 
     processor = MMDLMProcessor.from_pretrained("runs/quickstart/model")
     codes = processor.encode_images([image])                     # Long[1, h, w]
