@@ -172,8 +172,9 @@ class LitMDM(LightningModule):
         lora_targets: the layers to adapt, as module-name suffixes of the blocks' Linear layers (`attn.qkv`,
             `attn.proj`, `mlp.fc`, `mlp.proj`; `blocks.0.mlp.fc` names one layer).
         lora_dropout: dropout on the adapters' input (training only).
-        lora_train: modules trained fully beside the adapters (module-name suffixes), e.g. `tok_emb`, `lm_head`
-            (an untied head) or `norm`.
+        lora_train: modules trained fully beside the adapters (module-name suffixes), e.g. `norm`; from a
+            transformers LM (`mmdlm.hf_import`), whose image rows and image embeddings start untrained:
+            `[tok_emb, lm_head, modality_emb, row_emb, col_emb, code_proj]`.
     """
 
     def __init__(
