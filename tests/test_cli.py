@@ -160,7 +160,8 @@ EDITS = [BASE, "edits.yaml"]
 
 
 @pytest.mark.parametrize("configs", [
-    [BASE], ["grpo-shapes.yaml"], ["vq-shapes.yaml"],  # the bases
+    [BASE], ["grpo-shapes.yaml"], ["vq-shapes.yaml"], ["mdm-from-hf.yaml"],  # the bases
+    ["mdm-from-hf.yaml", "lora.yaml"],  # a pretrained LM, LoRA
     [BASE, "ar.yaml"], [BASE, "gpu.yaml"], [BASE, "ar.yaml", "gpu.yaml"],  # the AR twin, one GPU
     [BASE, "block.yaml"], [BASE, "block.yaml", "gpu.yaml"],  # block diffusion
     [BASE, "lora.yaml"],  # LoRA fine-tuning
@@ -187,8 +188,10 @@ def test_the_shipped_configs_parse(configs: list[str], capsys) -> None:
         assert "n_layer: 12" in printed and "precision: bf16-mixed" in printed
     if "lora.yaml" in configs:
         assert "lora_rank: 8" in printed and "- attn.qkv" in printed and "lr: 0.001" in printed
-    if "block.yaml" in configs:
+    if "block.yaml" in configs or "mdm-from-hf.yaml" in configs:
         assert "block_diffusion: true" in printed and "block_size: 8" in printed and "image_block_rows: 4" in printed
+    if configs[0] == "mdm-from-hf.yaml":  # the tokenizer is the init_from folder's; a large backbone's memory savers
+        assert "text_tokenizer: null" in printed and "activation_checkpointing: true" in printed
 
 
 def test_every_config_is_a_base_or_an_overlay_and_every_base_is_tested() -> None:

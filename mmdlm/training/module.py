@@ -164,6 +164,8 @@ class LitMDM(LightningModule):
         compile: `torch.compile` the transformer's blocks for the training forward (`compile_for_training`;
             sampling and validation stay eager); parameter names and checkpoints are unchanged. Needs a C++
             compiler (g++).
+        activation_checkpointing: recompute each block's activations in the backward pass instead of keeping them
+            (`Transformer.activation_checkpointing`): less memory for a large backbone, about a third more compute.
         lora_rank: LoRA fine-tuning (`mmdlm.lora`, peft; Hu et al. 2021) when above 0: the starting weights
             (usually `init_from`'s) stay frozen and rank-r adapters on `lora_targets` train, with `lora_train`'s
             modules; the EMA averages only what trains; the exported model folder holds the adapters merged into
@@ -202,6 +204,7 @@ class LitMDM(LightningModule):
         samples_at_val: int = 4,
         seed: int = 0,
         compile: bool = False,
+        activation_checkpointing: bool = False,
         lora_rank: int = 0,
         lora_alpha: float = 16.0,
         lora_targets: tuple[str, ...] = DEFAULT_TARGETS,
@@ -275,6 +278,7 @@ class LitMDM(LightningModule):
                             "--model.config.causal false and --model.config.shift_logits true (one head for both "
                             "objectives)")
         self.model = Transformer(config)
+        self.model.activation_checkpointing = self.hparams.activation_checkpointing
         if codebook is not None:
             self.model.set_codebook(codebook)
         if state is not None:
