@@ -176,7 +176,7 @@ class LitMDM(LightningModule):
         lora_dropout: dropout on the adapters' input (training only).
         lora_train: modules trained fully beside the adapters (module-name suffixes), e.g. `norm`; from a
             transformers LM (`mmdlm.hf_import`), whose image rows and image embeddings start untrained:
-            `[tok_emb, lm_head, modality_emb, row_emb, col_emb, code_proj]`.
+            `[tok_emb, lm_head, modality_emb, row_emb, col_emb, code_proj]` (`lm_head` only for an untied head).
     """
 
     def __init__(
