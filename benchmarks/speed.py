@@ -84,10 +84,12 @@ def before_samplers() -> dict[str, SamplerConfig]:
 
 
 def slowest_block_samplers() -> dict[str, SamplerConfig]:
-    """A block-diffusion model's slowest setting: one token per call in every block."""
+    """A block-diffusion model's slowest setting: one token per call in every block (text in the defaults' order,
+    left to right)."""
     from mmdlm.sampling import SamplerConfig
 
-    return {"vqa": SamplerConfig(steps=None), "caption": SamplerConfig(steps=None),
+    return {"vqa": SamplerConfig(steps=None, left_to_right=True),
+            "caption": SamplerConfig(steps=None, left_to_right=True),
             "t2i": SamplerConfig(steps=None, temperature=1.0, guidance_scale=2.0)}
 
 

@@ -75,7 +75,8 @@ def recording(model: Transformer) -> Recording:
 @pytest.mark.parametrize("options", [SamplerConfig(steps=2), SamplerConfig(steps=None, threshold=0.5),
                                      SamplerConfig(steps=2, temperature=1.0),
                                      SamplerConfig(steps=2, temperature=1.0, guidance_scale=2.0, guidance_steps=3),
-                                     SamplerConfig(steps=2, guidance_scale=1.0, image_guidance_scale=1.5)])
+                                     SamplerConfig(steps=2, guidance_scale=1.0, image_guidance_scale=1.5),
+                                     SamplerConfig(steps=None, threshold=0.3, left_to_right=True)])
 def test_the_cache_gives_the_recompute_s_tokens_and_logits(shift: bool, task: str, options: SamplerConfig) -> None:
     model, batch = tiny(shift), BATCHES[task]()
     runs = []
@@ -189,3 +190,30 @@ def test_rows_move_to_their_next_block_on_their_own_and_decode_as_alone() -> Non
     for r in range(len(together.ids)):
         alone = scheduler_for(model.config, VOCAB).sample(model, batch.select([r]), options)
         assert torch.equal(together.ids[r], alone.ids[0]) and int(together.row_nfe[r]) == alone.nfe
+
+
+@pytest.mark.parametrize("threshold", [None, 0.3])
+def test_left_to_right_commits_text_in_ar_order_and_images_by_confidence(threshold: float | None) -> None:
+    """With `left_to_right` a text block fills from its left: every step's new tokens are the leftmost masked ones
+    (one scheduled, then the run of sure predictions after it, up to the first doubtful one), never a token with a
+    mask to its left in the block; image bands keep the confidence order."""
+    model = tiny(shift=True)
+    options = SamplerConfig(steps=None, image_steps=2, threshold=threshold, left_to_right=True, eos_fill=False)
+    for task in ("caption", "joint"):
+        batch = BATCHES[task]()
+        out = scheduler_for(model.config, VOCAB).sample(model, batch, options, history=True)
+        text = batch.target & (batch.image_index < 0)  # (B, T)
+        for before, after in zip(out.history[:-1], out.history[1:], strict=True):
+            new = (before == VOCAB.mask) & (after != VOCAB.mask) & text  # (B, T)
+            still = (after == VOCAB.mask) & text
+            for r in range(len(batch.ids)):
+                cols = new[r].nonzero().flatten()
+                if len(cols):  # contiguous, and no mask left before them
+                    assert torch.equal(cols, torch.arange(int(cols[0]), int(cols[-1]) + 1))
+                    assert not bool(still[r, : int(cols[0])].any())
+        if threshold is None and task == "caption":  # one token per call: a text region's width in calls
+            assert out.nfe == LAYOUT.caption_len
+    plain = scheduler_for(model.config, VOCAB).sample(model, BATCHES["t2i"](), dataclasses.replace(
+        options, left_to_right=False))
+    ordered = scheduler_for(model.config, VOCAB).sample(model, BATCHES["t2i"](), options)
+    assert torch.equal(plain.ids, ordered.ids)  # images: the same decode

@@ -242,9 +242,16 @@ class BlockScheduler(Scheduler):
         for steps, rows in ((o.steps, ~image), (o.image_steps if o.image_steps is not None else o.steps, image)):
             if steps is not None:  # ceil: the block is done after `steps` steps
                 k = torch.where(rows, -(-n_masked // (steps - s.j).clamp(min=1)), k)  # (B,)
-        commit = top_k_mask(conf, k)  # (B, T)
+        text = masked & (s.modality == 0)  # (B, T)
+        ordered = text if o.left_to_right else torch.zeros_like(text)  # (B, T): committed in AR order
+        leftmost = -torch.arange(T, device=conf.device, dtype=conf.dtype).expand(B, T)  # (B, T)
+        commit = top_k_mask(torch.where(ordered, leftmost, conf), k)  # (B, T)
         if o.threshold is not None:
-            commit |= masked & (conf > o.threshold)
+            sure = masked & (conf > o.threshold)  # (B, T)
+            # AR order: only the run of sure tokens right after the scheduled ones (a parallel draft accepted up
+            # to its first doubtful token), so no token is committed before the ones to its left
+            run = (~ordered | sure | commit).long().cumprod(1).bool()  # (B, T)
+            commit |= sure & (run | ~ordered)
         s.canvas = torch.where(commit, proposal, s.canvas)
         p_chosen = torch.zeros_like(s.p_commit)
         p_chosen[where] = p

@@ -85,6 +85,8 @@ class SamplerConfig:
     #   step: the equality tests and the speed baselines
     eos_fill: bool = True  # after a row's <eos> its later text targets are <eos> (the template's fill); MDM: the
     #   masked ones of the same region, so a caption or answer ends in the step that chooses its <eos>
+    left_to_right: bool = False  # block diffusion: a step's scheduled commits are a block's leftmost masked text
+    #   tokens (its AR order) instead of its most confident ones; `threshold` still adds every prediction above it
 
     def __post_init__(self) -> None:
         if self.prefix_cache < 0:
@@ -149,13 +151,15 @@ DEFAULT_SAMPLERS: dict[str, SamplerConfig] = {
 # val scenes (BENCHMARKS.md, "Block-diffusion samplers"). Joint generation writes its caption one token per step at
 # temperature 0.7, then draws the image (a greedy caption is the same caption every time).
 BLOCK_SAMPLERS: dict[str, SamplerConfig] = {
-    "caption": SamplerConfig(steps=None, threshold=0.8),
-    "answer": SamplerConfig(steps=None, threshold=0.8),
+    "caption": SamplerConfig(steps=None, threshold=0.8, left_to_right=True),
+    "answer": SamplerConfig(steps=None, threshold=0.8, left_to_right=True),
     "text_to_image": SamplerConfig(steps=2, temperature=1.0, guidance_scale=2.0),
-    "joint": SamplerConfig(steps=None, image_steps=3, temperature=1.0, text_temperature=0.7),
+    "joint": SamplerConfig(steps=None, image_steps=3, temperature=1.0, text_temperature=0.7, threshold=0.8,
+                          left_to_right=True),
     "inpaint": SamplerConfig(steps=3, temperature=1.0),
     "infill": SamplerConfig(steps=None),
-    "document": SamplerConfig(steps=None, image_steps=3, temperature=1.0, text_temperature=0.7),
+    "document": SamplerConfig(steps=None, image_steps=3, temperature=1.0, text_temperature=0.7, threshold=0.8,
+                          left_to_right=True),
     "edit": SamplerConfig(steps=3, temperature=1.0, guidance_scale=2.0),
 }
 
