@@ -126,19 +126,24 @@ def fit_step(name: str, configs: list[str], args: argparse.Namespace, out: Path,
 
 
 ADAPTATIONS = {"block": [BASE, BLOCK], "mdm": [BASE]}  # --adapt: the second stage's configs
+# the warm start holds its peak learning rate after the warmup (no decay), and the adaptation's schedule anneals:
+# one warmup-stable-decay run over both stages (BENCHMARKS.md, "Block diffusion: how the recipe was chosen")
+WARM_START = ["--model.min_lr_ratio", "1.0"]
 
 
 def training_steps(args: argparse.Namespace, out: Path, codes: Path) -> list[Step]:
     """The model: an AR warm start adapted to block or full-sequence masked diffusion (`--ar-steps` > 0), or an MDM
     from scratch.
 
-    The warm start is the AR twin (the base recipe + `configs/ar.yaml`) trained for `--ar-steps`; the second stage
-    starts from its weights (`--model.init_from`: the AR's next-token head kept through `shift_logits`, as Dream /
-    DiffuLLaMA / SDAR adapt AR models) and trains `--mdm-steps` on the diffusion objective, half of each batch still
-    on the AR one (`--ar-rows`: the adaptation keeps more of what the AR learned). `--adapt block` (+
-    `configs/block.yaml`) makes it block diffusion: causal across blocks of 8 text tokens / 4 image rows, masked
-    diffusion inside one, an exact KV cache; `--adapt mdm` full-sequence masked diffusion. `--seed` seeds the data,
-    the weights and the masking noise.
+    The warm start is the AR twin (the base recipe + `configs/ar.yaml`) trained for `--ar-steps` at a constant
+    learning rate after its warmup (`WARM_START`; the second stage's cosine decay then anneals both, one
+    warmup-stable-decay run: the AR learns the shapes world's yes/no "exist" questions by the hand-over, which a
+    decayed AR did not). The second stage starts from its weights (`--model.init_from`: the AR's next-token head kept
+    through `shift_logits`, as Dream / DiffuLLaMA / SDAR adapt AR models) and trains `--mdm-steps` on the diffusion
+    objective, half of each batch still on the AR one (`--ar-rows`: the adaptation keeps more of what the AR
+    learned). `--adapt block` (+ `configs/block.yaml`) makes it block diffusion: causal across blocks of 8 text tokens
+    / 4 image rows, masked diffusion inside one, an exact KV cache; `--adapt mdm` full-sequence masked diffusion.
+    `--seed` seeds the data, the weights and the masking noise.
     """
     seed = ["--seed_everything", str(args.seed), "--model.seed", str(args.seed)]
     if args.ar_steps <= 0:
@@ -146,7 +151,7 @@ def training_steps(args: argparse.Namespace, out: Path, codes: Path) -> list[Ste
                          "mdm-run", "model", args.mdm_steps, seed + shlex.split(args.mdm_args))]
     return [
         fit_step("train the AR warm start", [BASE, AR], args, out, codes, "ar-run", "ar",
-                 args.ar_steps, seed + shlex.split(args.ar_args)),
+                 args.ar_steps, seed + WARM_START + shlex.split(args.ar_args)),
         fit_step(f"adapt it to {'block' if args.adapt == 'block' else 'masked'} diffusion", ADAPTATIONS[args.adapt],
                  args, out, codes, "mdm-run", "model", args.mdm_steps,
                  seed + ["--model.init_from", str(out / "ar"), "--model.ar_rows", str(args.ar_rows)]

@@ -41,6 +41,7 @@ def test_the_warm_start_plan_trains_the_ar_twin_and_adapts_its_folder(tmp_path: 
     configs = [ar[i + 1] for i, arg in enumerate(ar) if arg == "--config"]
     assert configs == ["configs/mdm-shapes.yaml", "configs/ar.yaml"] and ar[ar.index("--trainer.max_steps") + 1] == "11"
     assert ar[-2:] == ["--model.lr", "0.003"] and plan_[5].done_when == tmp_path / "qs" / "ar" / "config.json"
+    assert ar[ar.index("--model.min_lr_ratio") + 1] == "1.0"  # the warm start's rate holds; the adaptation anneals
     assert mdm[mdm.index("--config") + 1] == "configs/mdm-shapes.yaml"
     assert mdm[mdm.index("--model.init_from") + 1] == str(tmp_path / "qs" / "ar")
     assert mdm[mdm.index("--trainer.max_steps") + 1] == "7" and "--ckpt_path" not in mdm
