@@ -153,7 +153,7 @@ DEFAULT_SAMPLERS: dict[str, SamplerConfig] = {
 BLOCK_SAMPLERS: dict[str, SamplerConfig] = {
     "caption": SamplerConfig(steps=None, threshold=0.8, left_to_right=True),
     "answer": SamplerConfig(steps=None, threshold=0.8, left_to_right=True),
-    "text_to_image": SamplerConfig(steps=2, temperature=1.0, guidance_scale=2.0),
+    "text_to_image": SamplerConfig(steps=4, temperature=1.0, guidance_scale=2.0),
     "joint": SamplerConfig(steps=None, image_steps=3, temperature=1.0, text_temperature=0.7, threshold=0.8,
                           left_to_right=True),
     "inpaint": SamplerConfig(steps=3, temperature=1.0),
