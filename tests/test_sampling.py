@@ -600,6 +600,9 @@ def test_sampler_config_checks_its_values_and_the_cli_flags_map_onto_it() -> Non
     assert config == SamplerConfig(steps=6, block_length=None, temperature=0.5, threshold=0.9,
                                    self_correction=SelfCorrection(), confidence="margin")
     assert sampler_from_args(parser, parser.parse_args([]), base) == base  # absent flags keep the defaults
+    assert sampler_from_args(parser, parser.parse_args(["--no-left-to-right"]), SamplerConfig(left_to_right=True)) \
+        == SamplerConfig(left_to_right=False)
+    assert sampler_from_args(parser, parser.parse_args(["--left-to-right"]), base).left_to_right
     with pytest.raises(SystemExit):  # a bad value is a usage error naming it
         sampler_from_args(parser, parser.parse_args(["--steps", "0"]), base)
 

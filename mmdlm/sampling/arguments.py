@@ -80,6 +80,9 @@ def add_sampler_arguments(parser: argparse.ArgumentParser, task_defaults: str = 
     group.add_argument("--self-correction", dest="sampler_self_correction", action="store_true",
                        help="ReMDM-style revision: re-mask committed tokens the model no longer believes in "
                             "(at most 8 extra steps)")
+    group.add_argument("--left-to-right", dest="sampler_left_to_right", action=argparse.BooleanOptionalAction,
+                       default=None, help="block diffusion: write each text block from its left (the default for "
+                                          "text); --no-left-to-right commits by confidence")
 
 
 def sampler_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -92,6 +95,8 @@ def sampler_overrides(args: argparse.Namespace) -> dict[str, Any]:
             out[name] = None if value == NONE or one_block else value
     if getattr(args, "sampler_self_correction", False):
         out["self_correction"] = SelfCorrection()
+    if getattr(args, "sampler_left_to_right", None) is not None:
+        out["left_to_right"] = args.sampler_left_to_right
     return out
 
 
