@@ -6,6 +6,7 @@ import random
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
@@ -22,6 +23,17 @@ def shapes_texts(n: int = 300, seed: int = 0) -> list[str]:
         for qa in make_questions(objects, rng):
             texts += [qa["question"], qa["answer"]]
     return texts
+
+
+class Crash(Callback):
+    """Kill a training run (an exception) when it reaches a step: the resume tests' crash."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        if trainer.global_step == self.at:
+            raise RuntimeError("simulated crash")
 
 
 # scope "package": tests/ is no Python package, so pytest builds each of these once for the whole run

@@ -13,7 +13,8 @@ from types import SimpleNamespace
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from conftest import Crash
+from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors.torch import load_file
 
 from mmdlm.errors import UserError
@@ -154,15 +155,6 @@ def test_a_lora_fit_keeps_the_base_weights_and_exports_them_merged(tiny_model_di
     loaded = LitMDM.load_from_checkpoint(tmp_path / "ck" / "last.ckpt", map_location="cpu")
     assert loaded.model.state_dict().keys() == state.keys()
     assert all(torch.equal(v, state[k]) for k, v in loaded.model.state_dict().items())
-
-
-class Crash(Callback):
-    def __init__(self, at: int) -> None:
-        self.at = at
-
-    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
-        if trainer.global_step == self.at:
-            raise RuntimeError("simulated crash")
 
 
 def test_a_resumed_lora_run_equals_an_uninterrupted_one(tiny_model_dir, tiny_shards, tmp_path) -> None:

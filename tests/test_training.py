@@ -9,6 +9,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from conftest import Crash
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from mmdlm.model import ModelConfig
@@ -30,17 +31,6 @@ def trainer(root: Path, max_steps: int, callbacks: list | None = None) -> L.Trai
     return L.Trainer(max_steps=max_steps, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                      enable_model_summary=False, limit_val_batches=0, default_root_dir=root,
                      callbacks=callbacks or [], deterministic=True)
-
-
-class Crash(Callback):
-    """Kill the run (an exception) when it reaches a step."""
-
-    def __init__(self, at: int) -> None:
-        self.at = at
-
-    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
-        if trainer.global_step == self.at:
-            raise RuntimeError("simulated crash")
 
 
 def test_resume_after_crash_matches_uninterrupted(tiny_model_dir, tiny_shards, tmp_path) -> None:
