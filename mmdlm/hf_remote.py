@@ -25,7 +25,7 @@ import torch
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import MaskedLMOutput
 
-from mmdlm.model import ModelConfig, RMSNorm, Transformer, rope_tables
+from mmdlm.model import ModelConfig, RMSNorm, Transformer
 from mmdlm.pipeline import MMDLMPipeline
 from mmdlm.processor import MMDLMProcessor as FolderProcessor
 from mmdlm.sampling.config import SamplerConfig
@@ -57,12 +57,6 @@ class MMDLMConfig(PretrainedConfig):
     def model_config(self) -> ModelConfig:
         """The `ModelConfig` the Transformer is built from."""
         return ModelConfig(**self.model)
-
-
-def rope_buffers(config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """The Transformer's non-persistent RoPE tables (cos, sin: Float[max_seq_len, head_dim / 2]), as its
-    constructor computes them."""
-    return rope_tables(config.max_seq_len, config.head_dim, config.rope_base, config.rope_scaling)
 
 
 class MMDLMModel(PreTrainedModel):
@@ -99,7 +93,7 @@ class MMDLMModel(PreTrainedModel):
         """The Transformer's own initialisation (nanoGPT's), and its RoPE tables recomputed: transformers leaves
         non-persistent buffers uninitialised after loading on the meta device."""
         if isinstance(module, Transformer):
-            cos, sin = rope_buffers(module.config)
+            cos, sin = module.rope_buffers()
             module.rope_cos.copy_(cos)
             module.rope_sin.copy_(sin)
         elif isinstance(module, RMSNorm):

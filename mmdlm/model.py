@@ -405,7 +405,7 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.lm_head = None if cfg.tie_head else nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        cos, sin = rope_tables(cfg.max_seq_len, cfg.head_dim, cfg.rope_base, cfg.rope_scaling)
+        cos, sin = self.rope_buffers()
         self.register_buffer("rope_cos", cos, persistent=False)  # (L, D/2)
         self.register_buffer("rope_sin", sin, persistent=False)  # (L, D/2)
         self._compiled_blocks: tuple[nn.Module, ...] = ()  # `compile_for_training`; a tuple: not submodules
@@ -414,6 +414,12 @@ class Transformer(nn.Module):
         # with autograd only): memory for time, for models too large to train otherwise; same gradients
         self.activation_checkpointing = False
         self.apply(self._init_weights)
+
+    def rope_buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The RoPE tables `rope_cos`, `rope_sin` (Float[max_seq_len, head_dim / 2]) from the config: non-persistent
+        buffers, never saved, so a model built on the meta device and then loaded (transformers) recomputes them."""
+        cfg = self.config
+        return rope_tables(cfg.max_seq_len, cfg.head_dim, cfg.rope_base, cfg.rope_scaling)
 
     def _init_weights(self, module: nn.Module) -> None:
         """nanoGPT: N(0, 0.02) everywhere, residual projections scaled by 1/sqrt(2 * n_layer)."""

@@ -33,7 +33,7 @@ from mmdlm.hf_export import (
     flat_name,
     rewrite_module,
 )
-from mmdlm.hf_remote import MMDLMModel, rope_buffers
+from mmdlm.hf_remote import MMDLMModel
 from mmdlm.model import Transformer
 from mmdlm.pipeline import MMDLMPipeline
 from mmdlm.sequence import caption_sample, collate, t2i_prompt
@@ -180,7 +180,7 @@ def test_the_folder_holds_the_weights_config_and_auto_maps(exported) -> None:
 def test_the_wrapper_loads_in_process_too(exported) -> None:
     folder, hf = exported["ar"]
     model = MMDLMModel.from_pretrained(hf)
-    cos, sin = rope_buffers(model.transformer.config)
+    cos, sin = model.transformer.rope_buffers()
     assert torch.equal(model.transformer.rope_cos, cos) and torch.equal(model.transformer.rope_sin, sin)
     assert asdict(model.transformer.config) == asdict(MMDLMPipeline.from_pretrained(folder, device="cpu").model.config)
 
